@@ -1,0 +1,33 @@
+# nanoPoSE: `make test` and `make demo` build everything they need from scratch.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# a CPU wheel of torch 2.13.0 lies on the CI disk; any other pin downloads a multi-GB CUDA build
+TORCH := torch==2.13.0
+
+.PHONY: install install-dev test demo clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(VENV)/.installed: $(BIN)/python requirements.txt
+	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q -r requirements.txt
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed requirements-dev.txt
+	$(BIN)/pip install -q -r requirements-dev.txt
+	touch $@
+
+install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
+
+test: $(VENV)/.installed-dev
+	$(BIN)/python -m pytest -q tests
+
+demo: $(VENV)/.installed
+	@echo "make demo: not yet (issue 7)"
+
+clean:
+	rm -rf $(VENV) out-* data-*

@@ -1,0 +1,68 @@
+# nanoGPT's "poor man's configurator", hardened. Not a module to import: an entry script runs
+#   exec(open('configurator.py').read())
+# after defining its config globals. Then
+#   python train.py config/pose_16k.py --batch_size=4 --rope_scaling="{'rope_type': 'yarn', 'factor': 8.0}"
+# runs the config file (plain Python; it may only assign keys the script already has) and then the
+# --key=value overrides. A typo is an error that names the key (inside a config file too); a value of
+# the wrong type is an error naming key, value and expected type (int -> float is allowed, and a
+# default of None accepts anything). Helper variables in a config file start with '_'. Only rank 0 prints, so torchrun logs stay readable.
+import ast as _ast
+import builtins as _builtins  # scripts have a `compile` config key that shadows the builtin
+import os as _os
+import sys as _sys
+
+
+def _cfg_say(msg):
+    if int(_os.environ.get('RANK', '0')) == 0:
+        print(msg)
+
+
+def _cfg_fail(msg):
+    # one clear line, no traceback: this is the user's input, not our bug
+    _sys.stderr.write(f"config error: {msg}\n")
+    raise SystemExit(2)
+
+
+def _cfg_check(key, value, where):
+    """Validate one assignment against the script's defaults; returns the (possibly widened) value."""
+    if key not in globals() or key.startswith('_'):
+        _cfg_fail(f"unknown config key '{key}' ({where})")
+    default = globals()[key]
+    if default is None or value is None:
+        return value
+    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)  # --learning_rate=1 means 1.0
+    if isinstance(default, bool) != isinstance(value, bool) or not isinstance(value, type(default)):
+        _cfg_fail(f"{key}={value!r} ({where}): expected {type(default).__name__}, got {type(value).__name__}")
+    return value
+
+
+for _arg in _sys.argv[1:]:
+    if not _arg.startswith('--'):
+        # a config file: run it in a scratch namespace, then apply only what it assigned
+        if not _os.path.isfile(_arg):
+            _cfg_fail(f"config file not found: {_arg}")
+        _cfg_say(f"Overriding config with {_arg}:")
+        with open(_arg) as _f:
+            _src = _f.read()
+        _cfg_say(_src)
+        _ns = {}
+        try:
+            exec(_builtins.compile(_src, _arg, 'exec'), _ns)
+        except Exception as _e:  # a broken config file is the user's input: name it
+            _cfg_fail(f"{_arg}: {type(_e).__name__}: {_e}")
+        for _k, _v in _ns.items():
+            if _k.startswith('_') or type(_v).__name__ == 'module' or callable(_v):
+                continue  # imports, helpers and dunders of the config file are not config
+            globals()[_k] = _cfg_check(_k, _v, _arg)
+    else:
+        if '=' not in _arg:
+            _cfg_fail(f"expected --key=value, got '{_arg}'")
+        _key, _val = _arg[2:].split('=', 1)
+        if not isinstance(globals().get(_key), str):  # a str key takes the text as is (--out_dir=123)
+            try:
+                _val = _ast.literal_eval(_val)  # numbers, bools, None, lists, dicts ...
+            except (SyntaxError, ValueError):
+                pass  # ... else a plain string
+        globals()[_key] = _cfg_check(_key, _val, f"--{_key}")
+        _cfg_say(f"Overriding: {_key} = {_val!r}")
