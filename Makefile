@@ -27,7 +27,7 @@ test: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest -q tests
 
 demo: $(VENV)/.installed
-	@echo "make demo: not yet (issue 7)"
+	PY=$(BIN)/python bash demo.sh
 
 clean:
 	rm -rf $(VENV) out-* data-*
