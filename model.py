@@ -1,0 +1,528 @@
+"""
+The LLaMA family (Llama 1/2/3, Mistral, Qwen2) in plain PyTorch, for PoSE.
+
+PoSE only changes position ids, so everything here takes arbitrary (non-contiguous) position ids:
+RoPE cos/sin are computed once per forward, in fp32, from the batch's own position ids (no cached
+tables, positions up to 1M work), for every Hugging Face RoPE scaling plus the paper's `ntk` and the
+official PoSE repo's `yarn_pose`. Checkpoints load from / save to the Hugging Face directory format
+with transformers-identical logits.
+"""
+import json
+import math
+import os
+import shutil
+from dataclasses import dataclass, fields, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+try:  # flash-attn's causal kernel on CUDA bf16/fp16; SDPA everywhere else
+    from flash_attn import flash_attn_func
+except ImportError:
+    flash_attn_func = None
+
+LOSS_CHUNK = 2048  # tokens per lm_head + fp32 cross-entropy chunk (Transformer.loss_chunk)
+MAX_SHARD_SIZE = 5 * 1024**3  # bytes per safetensors shard written by save_pretrained
+ARCHS = {'LlamaForCausalLM': 'llama', 'MistralForCausalLM': 'mistral', 'Qwen2ForCausalLM': 'qwen2'}
+TOKENIZER_FILES = ('tokenizer.model', 'tokenizer.json', 'tokenizer_config.json',
+                   'special_tokens_map.json', 'generation_config.json')
+
+# -----------------------------------------------------------------------------
+# RoPE scaling: one small pure function per rope_type.
+# f(rs, d, theta, mpe, seq_len) -> (inv_freq float64 [d/2], attention_factor)
+#   rs: the rope_scaling dict, d: head_dim, theta: rope_theta, mpe: max_position_embeddings,
+#   seq_len: 0-d int64 tensor = max position id in the batch + 1 (only dynamic/longrope read it).
+
+def _inv_freq(theta, d, device):
+    return 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64, device=device) / d)
+
+def _yarn_ramp(rs, d, theta):
+    # 1 for dimensions that interpolate (long wavelengths), 0 for those that extrapolate, linear between
+    orig = rs['original_max_position_embeddings']
+    corr_dim = lambda rot: d * math.log(orig / (rot * 2 * math.pi)) / (2 * math.log(theta))
+    lo, hi = corr_dim(rs.get('beta_fast') or 32), corr_dim(rs.get('beta_slow') or 1)
+    if rs.get('truncate', True):
+        lo, hi = math.floor(lo), math.ceil(hi)
+    lo, hi = max(lo, 0), min(hi, d - 1)
+    hi = hi + 0.001 if lo == hi else hi  # avoid 0/0, as in the YaRN reference code
+    return ((torch.arange(d // 2, dtype=torch.float64) - lo) / (hi - lo)).clamp(0, 1)
+
+def _yarn_mscale(s, m=1.0):
+    return 1.0 if s <= 1 else 0.1 * m * math.log(s) + 1.0
+
+def rope_default(rs, d, theta, mpe, seq_len):
+    return _inv_freq(theta, d, seq_len.device), 1.0
+
+def rope_linear(rs, d, theta, mpe, seq_len):  # positions divided by `factor` (Position Interpolation)
+    return _inv_freq(theta, d, seq_len.device) / rs['factor'], 1.0
+
+def rope_ntk(rs, d, theta, mpe, seq_len):  # the paper's fixed NTK: base * alpha^(d/(d-2)); key `factor` (or `alpha`)
+    return _inv_freq(ntk_theta(rs, d, theta), d, seq_len.device), 1.0
+
+def ntk_theta(rs, d, theta):
+    alpha = rs['factor'] if 'factor' in rs else rs['alpha']
+    return theta * alpha ** (d / (d - 2))
+
+def rope_dynamic(rs, d, theta, mpe, seq_len):
+    # dynamic NTK, stateless: the base grows with the batch's largest position once it passes mpe
+    # (a fresh transformers model does exactly this; a used one keeps its largest length seen so far)
+    s, f = seq_len.double().clamp(min=mpe), rs['factor']
+    base = theta * (f * s / mpe - (f - 1)) ** (d / (d - 2))
+    return 1.0 / base ** (torch.arange(0, d, 2, dtype=torch.float64, device=seq_len.device) / d), 1.0
+
+def rope_yarn(rs, d, theta, mpe, seq_len):  # HF YaRN: blends frequencies, inv' = inv * ((1-g)/s + g)
+    s = rs.get('factor') or mpe / rs['original_max_position_embeddings']
+    attn = rs.get('attention_factor')
+    if attn is None:
+        m, m_all = rs.get('mscale'), rs.get('mscale_all_dim')
+        attn = _yarn_mscale(s, m) / _yarn_mscale(s, m_all) if m and m_all else _yarn_mscale(s)
+    ramp = _yarn_ramp(rs, d, theta).to(seq_len.device)
+    inv = _inv_freq(theta, d, seq_len.device)
+    return inv / s * ramp + inv * (1 - ramp), attn
+
+def yarn_pose_divisors(rs, d, theta):
+    # the official PoSE repo's "revised" YaRN blends wavelengths: inv' = inv / ((1-g)*s + g), g = 1 - ramp
+    g = 1 - _yarn_ramp(rs, d, theta)
+    return (1 - g) * rs['factor'] + g
+
+def yarn_pose_attention_factor(rs):
+    a = rs.get('attention_factor')
+    return _yarn_mscale(rs['factor']) if a is None else a
+
+def rope_yarn_pose(rs, d, theta, mpe, seq_len):
+    div = yarn_pose_divisors(rs, d, theta).to(seq_len.device)
+    return _inv_freq(theta, d, seq_len.device) / div, yarn_pose_attention_factor(rs)
+
+def rope_llama3(rs, d, theta, mpe, seq_len):
+    f, lo_f, hi_f = rs['factor'], rs['low_freq_factor'], rs['high_freq_factor']
+    orig = rs['original_max_position_embeddings']
+    inv = _inv_freq(theta, d, seq_len.device)
+    wavelen = 2 * math.pi / inv
+    out = torch.where(wavelen > orig / lo_f, inv / f, inv)  # long wavelengths: interpolate fully
+    smooth = (orig / wavelen - lo_f) / (hi_f - lo_f)
+    medium = (wavelen >= orig / hi_f) & (wavelen <= orig / lo_f)
+    return torch.where(medium, (1 - smooth) * out / f + smooth * out, out), 1.0
+
+def rope_longrope(rs, d, theta, mpe, seq_len):
+    # per-dimension divisors; the long set once the batch's largest position passes the original window
+    orig = rs['original_max_position_embeddings']
+    s = rs.get('factor') or mpe / orig
+    attn = rs.get('attention_factor')
+    if attn is None:
+        attn = 1.0 if s <= 1 else math.sqrt(1 + math.log(s) / math.log(orig))
+    dev = seq_len.device
+    short = torch.tensor(rs['short_factor'], dtype=torch.float64, device=dev)
+    long = torch.tensor(rs['long_factor'], dtype=torch.float64, device=dev)
+    return _inv_freq(theta, d, dev) / torch.where(seq_len > orig, long, short), attn
+
+ROPE_FUNCS = {'default': rope_default, 'linear': rope_linear, 'dynamic': rope_dynamic,
+              'yarn': rope_yarn, 'llama3': rope_llama3, 'longrope': rope_longrope,
+              'ntk': rope_ntk, 'yarn_pose': rope_yarn_pose}
+ROPE_REQUIRED = {'linear': ('factor',), 'dynamic': ('factor',), 'yarn': ('factor',), 'yarn_pose': ('factor',),
+                 'llama3': ('factor', 'low_freq_factor', 'high_freq_factor'),
+                 'longrope': ('short_factor', 'long_factor'), 'ntk': ()}
+ROPE_NEEDS_ORIG = ('yarn', 'llama3', 'longrope', 'yarn_pose')  # read original_max_position_embeddings
+
+
+def rope_cos_sin(args, position_ids):
+    """position_ids [T] or [B,T] int64 -> cos, sin fp32 [B|1, T, 1, head_dim], shared by all layers."""
+    rs = args.rope_scaling or {'rope_type': 'default'}
+    seq_len = position_ids.max() + 1  # 0-d tensor: no host sync
+    inv, attn = ROPE_FUNCS[rs['rope_type']](rs, args.head_dim, args.rope_theta, args.max_position_embeddings, seq_len)
+    pos = position_ids if position_ids.dim() == 2 else position_ids[None]  # [B|1, T]
+    freqs = pos[..., None].float() * inv.float()  # [B|1, T, d/2], fp32 like transformers
+    emb = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]  # [B|1, T, 1, d]
+    return emb.cos() * attn, emb.sin() * attn
+
+
+# -----------------------------------------------------------------------------
+@dataclass
+class ModelArgs:
+    dim: int = 64  # hidden_size
+    n_layers: int = 2  # num_hidden_layers
+    n_heads: int = 4  # num_attention_heads
+    n_kv_heads: int | None = None  # num_key_value_heads (GQA); None -> n_heads
+    head_dim: int | None = None  # None -> dim // n_heads
+    hidden_dim: int = 172  # intermediate_size of the SwiGLU MLP
+    vocab_size: int = 256
+    norm_eps: float = 1e-5  # rms_norm_eps
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # HF semantics, `rope_type` key; None = plain RoPE
+    max_position_embeddings: int = 2048
+    qkv_bias: bool = False  # Qwen2 has biases on q/k/v (and only there)
+    tie_word_embeddings: bool = False
+    arch: str = 'llama'  # 'llama' | 'mistral' | 'qwen2'
+    bos_token_id: int | None = 1
+    eos_token_id: int | list | None = 2
+    sliding_window: int | None = None  # Mistral: forward refuses sequences longer than this (see Attention)
+
+    def __post_init__(self):
+        self.n_kv_heads = self.n_kv_heads or self.n_heads
+        self.head_dim = self.head_dim or self.dim // self.n_heads
+        if self.arch not in ARCHS.values():
+            raise ValueError(f"arch={self.arch!r} is not supported (use one of {sorted(ARCHS.values())})")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+        if self.qkv_bias != (self.arch == 'qwen2'):
+            raise ValueError(f"qkv_bias={self.qkv_bias} does not match arch={self.arch!r} (only qwen2 has q/k/v biases)")
+        self.rope_scaling = normalize_rope_scaling(self.rope_scaling, self.head_dim, self.max_position_embeddings)
+
+    @staticmethod
+    def from_hf_config(cfg):
+        archs = cfg.get('architectures') or []
+        name = archs[0] if archs else cfg.get('model_type')
+        arch = ARCHS.get(name) or {'llama': 'llama', 'mistral': 'mistral', 'qwen2': 'qwen2'}.get(name)
+        if arch is None:
+            raise ValueError(f"unsupported architecture {name!r} (supported: {', '.join(ARCHS)})")
+        for key, ok in (('hidden_act', 'silu'), ('mlp_bias', False), ('attention_bias', False),
+                        ('use_sliding_window', False), ('partial_rotary_factor', 1.0)):
+            if cfg.get(key, ok) not in (ok, None):
+                raise ValueError(f"config key {key}={cfg[key]!r} is not supported (only {ok!r})")
+        rp = cfg.get('rope_parameters') or cfg.get('rope_scaling')  # transformers 5 / older form
+        rp = dict(rp) if rp else None
+        theta = (rp or {}).pop('rope_theta', None) or cfg.get('rope_theta', 10000.0)
+        mpe = cfg.get('max_position_embeddings', 2048)
+        if rp and rp.get('rope_type', rp.get('type')) in ROPE_NEEDS_ORIG:
+            # as transformers: a top-level original_max_position_embeddings (Phi-3 style) wins, else mpe
+            rp['original_max_position_embeddings'] = cfg.get('original_max_position_embeddings') or \
+                rp.get('original_max_position_embeddings') or mpe
+        return ModelArgs(
+            dim=cfg['hidden_size'], n_layers=cfg['num_hidden_layers'], n_heads=cfg['num_attention_heads'],
+            n_kv_heads=cfg.get('num_key_value_heads'), head_dim=cfg.get('head_dim'),
+            hidden_dim=cfg['intermediate_size'], vocab_size=cfg['vocab_size'],
+            norm_eps=cfg.get('rms_norm_eps', 1e-6), rope_theta=float(theta), rope_scaling=rp,
+            max_position_embeddings=mpe, qkv_bias=arch == 'qwen2',
+            tie_word_embeddings=cfg.get('tie_word_embeddings', False), arch=arch,
+            bos_token_id=cfg.get('bos_token_id'), eos_token_id=cfg.get('eos_token_id'),
+            sliding_window=cfg.get('sliding_window') if arch == 'mistral' else None)
+
+    def to_hf_config(self):
+        """config.json that transformers 5, older transformers and vLLM read: `rope_scaling` + top-level
+        `rope_theta`. `ntk` exports as a plain rope_theta; `yarn_pose` as a stock `longrope` config."""
+        rs, theta = self.rope_scaling, self.rope_theta
+        if rs and rs['rope_type'] == 'ntk':
+            rs, theta = None, ntk_theta(rs, self.head_dim, theta)
+        elif rs and rs['rope_type'] == 'yarn_pose':
+            div = yarn_pose_divisors(rs, self.head_dim, theta).tolist()
+            rs = {'rope_type': 'longrope', 'short_factor': div, 'long_factor': div, 'factor': float(rs['factor']),
+                  'attention_factor': float(yarn_pose_attention_factor(rs)),
+                  'original_max_position_embeddings': rs['original_max_position_embeddings']}
+        hf = {'architectures': [k for k in ARCHS if ARCHS[k] == self.arch], 'model_type': self.arch,
+              'hidden_size': self.dim, 'intermediate_size': self.hidden_dim, 'num_hidden_layers': self.n_layers,
+              'num_attention_heads': self.n_heads, 'num_key_value_heads': self.n_kv_heads, 'head_dim': self.head_dim,
+              'vocab_size': self.vocab_size, 'rms_norm_eps': self.norm_eps, 'hidden_act': 'silu',
+              'max_position_embeddings': self.max_position_embeddings, 'rope_theta': float(theta),
+              'rope_scaling': dict(rs) if rs else None, 'tie_word_embeddings': self.tie_word_embeddings,
+              'bos_token_id': self.bos_token_id, 'eos_token_id': self.eos_token_id,
+              'initializer_range': 0.02, 'attention_dropout': 0.0, 'use_cache': True}
+        if self.arch == 'llama':
+            hf.update(attention_bias=False, mlp_bias=False)
+        elif self.arch == 'mistral':
+            hf.update(sliding_window=self.sliding_window)
+        else:
+            hf.update(use_sliding_window=False, sliding_window=None, max_window_layers=self.n_layers)
+        return hf
+
+
+def normalize_rope_scaling(rs, head_dim, mpe):
+    """HF `rope_scaling`/`rope_parameters` dict -> {'rope_type': ..., ...} or None; errors name the key."""
+    if not rs:
+        return None
+    rs = {k: v for k, v in rs.items() if k not in ('type', 'rope_theta')} | \
+        {'rope_type': rs.get('rope_type', rs.get('type', 'default'))}
+    t = rs['rope_type']
+    if t == 'vanilla_ntk':  # the PoSE repo's name for the same thing
+        t = rs['rope_type'] = 'ntk'
+    if t not in ROPE_FUNCS:
+        raise ValueError(f"unknown rope_type {t!r} in rope_scaling (known: {', '.join(ROPE_FUNCS)})")
+    if t == 'default':
+        return None
+    for k in ROPE_REQUIRED[t] + (('original_max_position_embeddings',) if t == 'longrope' else ()):
+        if rs.get(k) is None and not (t == 'yarn' and k == 'factor'):
+            raise ValueError(f"rope_scaling of type {t!r} needs key {k!r} (got {sorted(rs)})")
+    if t == 'ntk' and 'factor' not in rs and 'alpha' not in rs:
+        raise ValueError("rope_scaling of type 'ntk' needs key 'factor' (or 'alpha')")
+    if t in ROPE_NEEDS_ORIG:
+        rs.setdefault('original_max_position_embeddings', mpe)
+    if t == 'longrope':
+        for k in ('short_factor', 'long_factor'):
+            if len(rs[k]) != head_dim // 2:
+                raise ValueError(f"rope_scaling {k!r} has {len(rs[k])} entries, head_dim//2 = {head_dim // 2}")
+    return rs
+
+
+# -----------------------------------------------------------------------------
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):  # normalise in fp32, scale in the model dtype (as transformers)
+        xf = x.float()
+        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+
+def apply_rope(x, cos, sin):
+    # x [B, T, H, d] in the model dtype; rotate in fp32, rotate_half convention of HF checkpoints
+    xf = x.float()
+    x1, x2 = xf.chunk(2, dim=-1)
+    return (xf * cos + torch.cat((-x2, x1), dim=-1) * sin).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, args):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.q_proj = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=args.qkv_bias)
+        self.k_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
+        self.v_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
+        self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+
+    def forward(self, x, cos, sin):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)  # [B, T, H, d]
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)  # [B, T, Hkv, d]
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)  # [B, T, Hkv, d]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+            y = flash_attn_func(q, k, v, causal=True)  # [B, T, H, d]; GQA natively
+        else:  # causal over token order (not position ids), K/V heads shared without copies
+            y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                               is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads)
+            y = y.transpose(1, 2)  # [B, T, H, d]
+        return self.o_proj(y.reshape(B, T, self.n_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, args):
+        super().__init__()
+        self.gate_proj = nn.Linear(args.dim, args.hidden_dim, bias=False)
+        self.up_proj = nn.Linear(args.dim, args.hidden_dim, bias=False)
+        self.down_proj = nn.Linear(args.hidden_dim, args.dim, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, args):
+        super().__init__()
+        self.input_layernorm = RMSNorm(args.dim, args.norm_eps)
+        self.self_attn = Attention(args)
+        self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
+        self.mlp = MLP(args)
+
+    def forward(self, x, cos, sin):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+def _ce_sum(h, weight, targets):  # one loss chunk: lm_head + fp32 cross-entropy, summed
+    return F.cross_entropy(F.linear(h, weight).float(), targets, ignore_index=-100, reduction='sum')
+
+
+def chunked_cross_entropy(h, weight, targets, chunk=LOSS_CHUNK):
+    """mean CE over targets != -100 without ever holding more than one [chunk, vocab] fp32 logits block:
+    each chunk is checkpointed, so backward recomputes its logits instead of keeping them.
+    h [N, dim], weight [V, dim], targets [N]. No valid target -> loss 0 (sum 0 / count clamped to 1)."""
+    total = h.new_zeros((), dtype=torch.float32)
+    for i in range(0, h.shape[0], chunk):
+        total = total + checkpoint(_ce_sum, h[i:i + chunk], weight, targets[i:i + chunk], use_reentrant=False)
+    return total / (targets != -100).sum().clamp(min=1)
+
+
+# -----------------------------------------------------------------------------
+class Transformer(nn.Module):
+    def __init__(self, args):
+        super().__init__()
+        self.args = args
+        self.loss_chunk = LOSS_CHUNK  # tokens per loss chunk; lower it to save memory at huge vocab
+        self.source_dir = None  # HF directory we were loaded from (tokenizer files are copied from it)
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def init_weights(self, std=0.02):
+        """From-scratch init (also after `to_empty` of a meta-device model): N(0, std), zero biases, unit norms."""
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, mean=0.0, std=std)
+                if getattr(m, 'bias', None) is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, RMSNorm):
+                nn.init.ones_(m.weight)
+
+    def forward_hidden(self, idx, position_ids=None):
+        """idx [B,T] int64 -> h [B,T,dim] after the final norm."""
+        B, T = idx.shape
+        if position_ids is None:
+            position_ids = torch.arange(T, device=idx.device)
+        if position_ids.shape[-1] != T or position_ids.dim() > 2:
+            raise ValueError(f"position_ids shape {tuple(position_ids.shape)} does not match idx shape {(B, T)}")
+        sw = self.args.sliding_window
+        if sw is not None and T > sw:
+            # HF Mistral masks keys more than sliding_window tokens back; we do not implement that, and
+            # with T <= sliding_window the mask is plainly causal, so shorter sequences match exactly.
+            raise ValueError(f"sequence length {T} > sliding_window={sw}: load with sliding_window=None "
+                             "to use full causal attention")
+        cos, sin = rope_cos_sin(self.args, position_ids.to(idx.device))  # fp32, once for all layers
+        x = self.embed_tokens(idx)  # [B, T, dim]
+        for layer in self.layers:
+            x = layer(x, cos, sin)
+        return self.norm(x)
+
+    def forward(self, idx, position_ids=None, targets=None):
+        h = self.forward_hidden(idx, position_ids)  # [B, T, dim]
+        if targets is None:
+            return self.lm_head(h), None  # [B, T, vocab] in the model dtype
+        loss = chunked_cross_entropy(h.flatten(0, 1), self.lm_head.weight, targets.flatten(), self.loss_chunk)
+        return None, loss
+
+    def flops_per_token(self, seq_len):
+        """Training FLOPs per token: 6N (N = parameters in matmuls, lm_head included, embedding lookup not)
+        + the attention term 12 * n_layers * n_heads * head_dim * seq_len (nanoGPT/PaLM convention, non-causal)."""
+        a = self.args
+        n = sum(p.numel() for p in self.parameters())
+        if not a.tie_word_embeddings:
+            n -= self.embed_tokens.weight.numel()
+        return 6.0 * n + 12.0 * a.n_layers * a.n_heads * a.head_dim * seq_len
+
+    # ---- Hugging Face checkpoints ------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path, dtype=torch.float32, device='cpu', **overrides):
+        """HF directory -> model in `dtype` on `device`. Built on the meta device, each tensor is read,
+        converted and assigned one at a time, so a 7B model never exists twice in memory.
+        overrides: ModelArgs fields (e.g. rope_scaling=..., max_position_embeddings=...)."""
+        cfg_path = os.path.join(path, 'config.json')
+        if not os.path.isfile(cfg_path):
+            raise FileNotFoundError(f"{cfg_path}: no config.json (not a Hugging Face model directory)")
+        with open(cfg_path) as f:
+            args = ModelArgs.from_hf_config(json.load(f))
+        known = {f.name for f in fields(ModelArgs)}
+        for k in overrides:
+            if k not in known:
+                raise ValueError(f"unknown model override {k!r} (ModelArgs fields: {', '.join(sorted(known))})")
+        rs = overrides.get('rope_scaling')
+        if rs and rs.get('rope_type', rs.get('type')) in ROPE_NEEDS_ORIG and 'original_max_position_embeddings' not in rs:
+            # a new scaling on top of a checkpoint is relative to the checkpoint's own window
+            overrides['rope_scaling'] = dict(rs, original_max_position_embeddings=args.max_position_embeddings)
+        args = replace(args, **overrides)
+        with torch.device('meta'):
+            model = cls(args)
+        expected = {k: v for k, v in model.state_dict().items()
+                    if not (args.tie_word_embeddings and k == 'lm_head.weight')}
+        seen = set()
+        for file in _weight_files(path):
+            for hf_name, read in _tensor_readers(file):
+                name = hf_name[len('model.'):] if hf_name.startswith('model.') else hf_name
+                if name.endswith('rotary_emb.inv_freq') or (args.tie_word_embeddings and name == 'lm_head.weight'):
+                    continue  # derived (old checkpoints store it) / tied to embed_tokens
+                if name not in expected:
+                    raise ValueError(f"{file}: unexpected tensor {hf_name!r} for a {args.arch} model with this config")
+                t = read()
+                if tuple(t.shape) != tuple(expected[name].shape):
+                    raise ValueError(f"{file}: tensor {hf_name!r} has shape {tuple(t.shape)}, "
+                                     f"config.json implies {tuple(expected[name].shape)}")
+                model.load_state_dict({name: t.to(device=device, dtype=dtype)}, strict=False, assign=True)
+                seen.add(name)
+        missing = [k for k in expected if k not in seen]
+        if missing:
+            raise ValueError(f"{path}: checkpoint is missing tensors: "
+                             + ', '.join('model.' + k if k != 'lm_head.weight' else k for k in missing[:8])
+                             + (f' (+{len(missing) - 8} more)' if len(missing) > 8 else ''))
+        if args.tie_word_embeddings:
+            model.lm_head.weight = model.embed_tokens.weight
+        model.source_dir = os.path.abspath(path)
+        return model.eval()
+
+    def save_pretrained(self, path, tokenizer_dir=None, state_dict=None, max_shard_size=MAX_SHARD_SIZE):
+        """Write an HF directory (config.json, safetensors sharded beyond max_shard_size with an index,
+        tokenizer files) to a temp dir, then rename it into place. state_dict: our-named full tensors
+        (e.g. gathered from FSDP on rank 0); default: this model's own."""
+        from safetensors.torch import save_file
+        sd = self.state_dict() if state_dict is None else state_dict
+        tensors = {('model.' + k if k != 'lm_head.weight' else k): v.detach().to('cpu').contiguous()
+                   for k, v in sd.items() if not (self.args.tie_word_embeddings and k == 'lm_head.weight')}
+        path = os.path.abspath(path)
+        tmp, old = path + '.tmp', path + '.old'
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        shards, size = [[]], 0  # greedy: start a new shard when this one would pass max_shard_size
+        for name, t in tensors.items():
+            nbytes = t.numel() * t.element_size()
+            if shards[-1] and size + nbytes > max_shard_size:
+                shards.append([])
+                size = 0
+            shards[-1].append(name)
+            size += nbytes
+        if len(shards) == 1:
+            save_file(tensors, os.path.join(tmp, 'model.safetensors'), metadata={'format': 'pt'})
+        else:
+            weight_map = {}
+            for i, names in enumerate(shards):
+                fname = f'model-{i + 1:05d}-of-{len(shards):05d}.safetensors'
+                save_file({n: tensors[n] for n in names}, os.path.join(tmp, fname), metadata={'format': 'pt'})
+                weight_map.update({n: fname for n in names})
+            total = sum(t.numel() * t.element_size() for t in tensors.values())
+            with open(os.path.join(tmp, 'model.safetensors.index.json'), 'w') as f:
+                json.dump({'metadata': {'total_size': total}, 'weight_map': weight_map}, f, indent=2)
+        cfg = self.args.to_hf_config()
+        dt = str(next(iter(tensors.values())).dtype).replace('torch.', '')
+        cfg.update(torch_dtype=dt, dtype=dt)
+        with open(os.path.join(tmp, 'config.json'), 'w') as f:
+            json.dump(cfg, f, indent=2)
+        for src in _tokenizer_files(tokenizer_dir if tokenizer_dir is not None else self.source_dir):
+            shutil.copy(src, os.path.join(tmp, os.path.basename(src)))
+        if os.path.exists(path):  # replace a previous export: old aside, new in, old removed
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(path, old)
+        os.rename(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _tokenizer_files(src):
+    if src is None:
+        return []
+    if isinstance(src, (list, tuple)):
+        return [s for s in src if os.path.basename(s) in TOKENIZER_FILES or s.endswith(('.model', '.json'))]
+    if os.path.isfile(src):
+        return [src]
+    if not os.path.isdir(src):
+        raise FileNotFoundError(f"{src}: tokenizer directory not found")
+    return [os.path.join(src, n) for n in TOKENIZER_FILES if os.path.isfile(os.path.join(src, n))]
+
+
+def _weight_files(path):
+    """The checkpoint's weight files: safetensors (single / sharded index) or pytorch_model*.bin."""
+    for index in ('model.safetensors.index.json', 'pytorch_model.bin.index.json'):
+        ipath = os.path.join(path, index)
+        if os.path.isfile(ipath):
+            with open(ipath) as f:
+                names = sorted(set(json.load(f)['weight_map'].values()))
+            for n in names:
+                if not os.path.isfile(os.path.join(path, n)):
+                    raise FileNotFoundError(f"{os.path.join(path, n)}: shard listed in {index} is missing")
+            return [os.path.join(path, n) for n in names]
+    for single in ('model.safetensors', 'pytorch_model.bin'):
+        if os.path.isfile(os.path.join(path, single)):
+            return [os.path.join(path, single)]
+    raise FileNotFoundError(f"{path}: no model.safetensors, model.safetensors.index.json or pytorch_model*.bin")
+
+
+def _tensor_readers(file):
+    """yield (name, read()) per tensor, reading one tensor at a time."""
+    if file.endswith('.safetensors'):
+        from safetensors import safe_open
+        with safe_open(file, framework='pt') as f:
+            for name in f.keys():
+                yield name, (lambda n=name: f.get_tensor(n))
+    else:  # weights_only: a .bin must not run code; mmap: no full copy in RAM
+        sd = torch.load(file, map_location='cpu', weights_only=True, mmap=True)
+        for name in list(sd):
+            yield name, (lambda n=name: sd.pop(n))
