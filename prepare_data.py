@@ -1,0 +1,604 @@
+"""
+Text corpora -> token memmap + document index, for PoSE training and evaluation.
+
+    python prepare_data.py --input=pile/*.jsonl.zst --tokenizer=meta-llama/Llama-2-7b-hf --min_tokens=2048
+    python prepare_data.py --corpus=python_stdlib --train_tokenizer=2048 --out_dir=data-demo
+
+PoSE samples its chunks inside ONE document, so documents stay whole and separate: out_dir gets
+  {split}.bin   all tokens of the split back to back (uint16 when the vocab fits, else uint32)
+  {split}.idx   int64 offsets, n_docs+1 of them: doc i = tokens[offsets[i]:offsets[i+1]]
+  meta.json     tokenizer (path, sha256, vocab, BOS/EOS ids), dtype, per-split counts, filters, sources
+for split in train / val. Everything is written under temp names and renamed at the end, meta.json
+last: a directory with meta.json is complete, an interrupted run leaves nothing that looks complete.
+train.py / eval_*.py read it with `open_split(data_dir, split)` and `read_meta(data_dir)`, and
+tokenize with `load_tokenizer(path)` -- the same loader used here.
+
+Inputs (files, directories searched recursively, or glob patterns): .jsonl / .jsonl.gz /
+.jsonl.zst (one JSON object per line, text under `text_key`), .parquet (column `text_key`),
+.txt or any other explicitly named file (the whole file is one document). Reading streams, so
+memory stays flat on a multi-GB .jsonl.zst.
+"""
+import glob
+import gzip
+import hashlib
+import io
+import json
+import multiprocessing as mp
+import os
+import sys
+import sysconfig
+import time
+from collections import deque
+
+import numpy as np
+
+# -----------------------------------------------------------------------------
+# config (nanoGPT style: python prepare_data.py [config.py] [--key=value ...])
+input = None  # files / dirs / globs: a list, or a comma-separated string (None: use `corpus`)
+corpus = ''  # an embedded corpus instead of `input`: 'python_stdlib' (this Python's stdlib .py files)
+val_input = None  # separate validation files (same forms as `input`); else `val_fraction` of `input`
+val_fraction = 0.0  # fraction of documents sent to the val split (a seeded per-document coin)
+out_dir = 'data'  # where {split}.bin / {split}.idx / meta.json go
+tokenizer = ''  # sentencepiece .model, HF tokenizer.json, or an HF model directory holding either
+train_tokenizer = 0  # >0: train a sentencepiece model of this vocab size on the inputs and use it
+tokenizer_type = 'bpe'  # for train_tokenizer: 'bpe' or 'unigram'
+tokenizer_sample_mb = 20.0  # for train_tokenizer: train on at most this many MB of (train) text
+text_key = 'text'  # the field holding the text in .jsonl / .parquet
+min_tokens = 0  # drop documents shorter than this (tokens incl. BOS/EOS; the paper keeps >= 2048)
+max_tokens = 0  # truncate documents to this many tokens (0 = no limit; official PoSE code: 5 * L_c)
+max_docs = 0  # keep at most this many documents from each input stream (0 = all)
+add_bos = True  # prepend BOS to each document when the tokenizer's model uses one (Llama does)
+add_eos = False  # append EOS to each document
+dtype = ''  # '' = uint16 when vocab_size <= 65536 else uint32; or force 'uint16' / 'uint32'
+shuffle = True  # seeded permutation of each split's documents (an extra pass over the .bin, see below)
+seed = 1337  # for val_fraction and shuffle
+num_proc = 1  # tokenizer worker processes (output order is the input order regardless)
+# -----------------------------------------------------------------------------
+config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str, list, type(None)))]
+
+PLAIN_EXTS = ('.txt',)  # picked up from directories; an explicitly named file of any extension is plain text
+JSONL_EXTS = ('.jsonl', '.jsonl.gz', '.jsonl.zst', '.jsonl.zstd')
+PARQUET_EXTS = ('.parquet',)
+TOKENIZER_FILES = ('tokenizer.model', 'tokenizer.json', 'tokenizer_config.json', 'special_tokens_map.json')
+
+
+# ----------------------------------------------------------------------------- tokenizers
+class Tokenizer:
+    """sentencepiece (.model) or HF tokenizers (tokenizer.json) behind one interface.
+    bos_id: the id prepended to a document -- None when the model's tokenizer adds no BOS (Qwen2);
+    special tokens are added here, explicitly, never by the backend."""
+
+    def __init__(self, path):
+        self.path = path
+        folder = os.path.dirname(path)
+        tcfg = _read_json_if(os.path.join(folder, 'tokenizer_config.json'))
+        if path.endswith('.json'):
+            import tokenizers
+            try:
+                self.hf = tokenizers.Tokenizer.from_file(path)
+            except Exception as e:
+                raise ValueError(f"{path}: not a tokenizers tokenizer.json ({str(e).splitlines()[0]})") from None
+            self.sp = None
+            self.vocab_size = self.hf.get_vocab_size(with_added_tokens=True)
+            mcfg = _read_json_if(os.path.join(folder, 'config.json'))
+            self.bos_id = self._special_id(tcfg, mcfg, 'bos', ('<s>', '<|begin_of_text|>', '<bos>'), path)
+            self.eos_id = self._special_id(tcfg, mcfg, 'eos', ('</s>', '<|end_of_text|>', '<|endoftext|>', '<eos>'), path)
+        else:
+            import sentencepiece as spm
+            try:
+                self.sp = spm.SentencePieceProcessor(model_file=path)
+            except Exception as e:
+                raise ValueError(f"{path}: not a sentencepiece model ({str(e).splitlines()[0]})") from None
+            self.hf = None
+            self.vocab_size = self.sp.get_piece_size()
+            self.bos_id = self.sp.bos_id() if self.sp.bos_id() >= 0 else None
+            self.eos_id = self.sp.eos_id() if self.sp.eos_id() >= 0 else None
+        if tcfg.get('add_bos_token') is False:
+            self.bos_id = None  # the model was trained without BOS
+        # what an HF export copies: the tokenizer file + its standard siblings
+        self.files = [path] + [os.path.join(folder, n) for n in TOKENIZER_FILES
+                               if os.path.join(folder, n) != path and os.path.isfile(os.path.join(folder, n))]
+
+    def _special_id(self, tcfg, mcfg, which, names, path):
+        # 1) tokenizer_config.json: what transformers uses (Qwen2 says bos_token: null -> no BOS)
+        if f'{which}_token' in tcfg:
+            tok = tcfg[f'{which}_token']
+            tok = tok.get('content') if isinstance(tok, dict) else tok
+            if tok is None:
+                return None
+            tid = self.hf.token_to_id(tok)
+            if tid is None:
+                raise ValueError(f"{path}: {which}_token {tok!r} of tokenizer_config.json is not in the vocab")
+            return tid
+        # 2) the model's config.json
+        if mcfg.get(f'{which}_token_id') is not None:
+            tid = mcfg[f'{which}_token_id']
+            return int(tid[0] if isinstance(tid, list) else tid)
+        # 3) the tokenizer itself: BOS from its post-processor template (Llama 2/3), else well-known names
+        if which == 'bos':
+            spec = json.load(open(path, encoding='utf-8')).get('post_processor') or {}
+            for proc in spec.get('processors', [spec]):
+                single = proc.get('single') or [] if proc.get('type') == 'TemplateProcessing' else []
+                if single and 'SpecialToken' in single[0]:
+                    return self.hf.token_to_id(single[0]['SpecialToken']['id'])
+        for name in names:
+            if self.hf.token_to_id(name) is not None:
+                return self.hf.token_to_id(name)
+        return None
+
+    def encode_batch(self, texts, bos=True, eos=False):
+        if self.sp is not None:
+            ids = self.sp.encode(list(texts))
+        else:
+            ids = [e.ids for e in self.hf.encode_batch_fast(list(texts), add_special_tokens=False)]
+        pre = [self.bos_id] if bos and self.bos_id is not None else []
+        post = [self.eos_id] if eos and self.eos_id is not None else []
+        return [pre + x + post for x in ids] if pre or post else ids
+
+    def encode(self, text, bos=True, eos=False):
+        return self.encode_batch([text], bos, eos)[0]
+
+    def decode(self, ids):
+        ids = [int(i) for i in ids]
+        if self.sp is not None:
+            return self.sp.decode(ids)  # control tokens (BOS/EOS) decode to ''
+        return self.hf.decode(ids, skip_special_tokens=True)
+
+
+def _read_json_if(path):
+    if not os.path.isfile(path):
+        return {}
+    try:
+        return json.load(open(path, encoding='utf-8'))
+    except ValueError as e:
+        raise ValueError(f"{path}: invalid JSON ({e})") from None
+
+
+def resolve_tokenizer(path):
+    """A tokenizer file, or the tokenizer.model / tokenizer.json inside a model directory."""
+    if not path or not os.path.exists(path):
+        raise FileNotFoundError(f"tokenizer not found: {path or '(empty path)'} (set tokenizer=PATH or train_tokenizer=VOCAB)")
+    if os.path.isdir(path):
+        for name in ('tokenizer.model', 'tokenizer.json'):  # Llama 1/2 + Mistral ship the .model; Llama 3 / Qwen2 only the .json
+            if os.path.isfile(os.path.join(path, name)):
+                return os.path.abspath(os.path.join(path, name))
+        raise FileNotFoundError(f"tokenizer not found: no tokenizer.model or tokenizer.json in {path}")
+    return os.path.abspath(path)
+
+
+def load_tokenizer(path):
+    """-> Tokenizer with .encode(text, bos=True, eos=False), .decode(ids), .bos_id, .eos_id, .vocab_size, .files"""
+    return Tokenizer(resolve_tokenizer(path))
+
+
+def sha256_file(path):
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------- reading documents
+def find_files(paths, what='input'):
+    """Expand files / directories (recursive, sorted) / globs into a sorted-per-entry list of files."""
+    if isinstance(paths, str):
+        paths = [p for p in paths.split(',') if p.strip()]
+    if not paths:
+        raise ValueError(f"no {what} given (set {what}=FILES or corpus=python_stdlib)")
+    files = []
+    for p in paths:
+        p = os.path.expanduser(p.strip())
+        matches = sorted(glob.glob(p, recursive=True)) if glob.has_magic(p) else [p] if os.path.exists(p) else []
+        if not matches:
+            raise FileNotFoundError(f"{what} not found: {p}")
+        for m in matches:
+            if os.path.isdir(m):
+                found = []
+                for d, dirs, names in os.walk(m):
+                    dirs[:] = sorted(x for x in dirs if not x.startswith('.'))
+                    found += [os.path.join(d, n) for n in sorted(names) if not n.startswith('.')
+                              and n.endswith(PLAIN_EXTS + JSONL_EXTS + PARQUET_EXTS)]
+                if not found:
+                    raise FileNotFoundError(f"no input files found in {m} (looked for {', '.join(PLAIN_EXTS + JSONL_EXTS + PARQUET_EXTS)})")
+                files += found
+            else:
+                files.append(m)
+    return files
+
+
+def corpus_files(name):
+    """An embedded corpus: real text present on every machine without a download."""
+    if name != 'python_stdlib':
+        raise ValueError(f"unknown corpus '{name}' (available: python_stdlib)")
+    root = sysconfig.get_paths()['stdlib']
+    files = []
+    for d, dirs, names in os.walk(root):
+        dirs[:] = sorted(x for x in dirs if x not in ('site-packages', 'dist-packages', '__pycache__') and not x.startswith('.'))
+        files += [os.path.join(d, n) for n in sorted(names) if n.endswith('.py')]
+    if not files:
+        raise FileNotFoundError(f"corpus python_stdlib: no .py files under {root}")
+    return files
+
+
+def _open_text(path):
+    if path.endswith('.gz'):
+        return gzip.open(path, 'rt', encoding='utf-8')
+    if path.endswith(('.zst', '.zstd')):
+        import zstandard  # streaming: the decompressed file never sits in memory
+        return io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(open(path, 'rb')), encoding='utf-8')
+    return open(path, encoding='utf-8')
+
+
+def read_documents(path, text_key='text', lenient=False):
+    """Yield the documents of one file, streaming. lenient: skip a plain file that is not UTF-8 (corpus)."""
+    if path.endswith(JSONL_EXTS):
+        lineno = 0
+        try:
+            with _open_text(path) as f:
+                for lineno, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        obj = json.loads(line)
+                    except ValueError as e:
+                        raise ValueError(f"{path}:{lineno}: invalid JSON ({e})") from None
+                    if not isinstance(obj, dict) or text_key not in obj:
+                        keys = list(obj)[:8] if isinstance(obj, dict) else type(obj).__name__
+                        raise ValueError(f"{path}:{lineno}: no text key '{text_key}' (found: {keys}; set text_key=...)")
+                    if not isinstance(obj[text_key], str):
+                        raise ValueError(f"{path}:{lineno}: '{text_key}' is {type(obj[text_key]).__name__}, not a string")
+                    yield obj[text_key]
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}:{lineno + 1}: not UTF-8 ({e.reason})") from None
+        except (OSError, EOFError) as e:  # truncated/corrupt .gz / .zst: zstandard.ZstdError is an OSError? not always
+            raise ValueError(f"{path}:{lineno + 1}: unreadable ({e})") from None
+        except Exception as e:
+            if type(e).__name__ == 'ZstdError':
+                raise ValueError(f"{path}:{lineno + 1}: unreadable zstd ({e})") from None
+            raise
+    elif path.endswith(PARQUET_EXTS):
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise ValueError(f"{path}: reading .parquet needs pyarrow (pip install pyarrow)") from None
+        try:
+            pf = pq.ParquetFile(path)
+        except Exception as e:
+            raise ValueError(f"{path}: unreadable parquet ({e})") from None
+        if text_key not in pf.schema_arrow.names:
+            raise ValueError(f"{path}: no text key '{text_key}' (columns: {pf.schema_arrow.names[:8]}; set text_key=...)")
+        for batch in pf.iter_batches(batch_size=1024, columns=[text_key]):
+            for text in batch.column(0).to_pylist():
+                yield text if text is not None else ''
+    else:
+        try:
+            with open(path, encoding='utf-8') as f:
+                text = f.read()
+        except UnicodeDecodeError as e:
+            if lenient:
+                return
+            raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        yield text
+
+
+def iter_documents(files, text_key='text', lenient=False):
+    for path in files:
+        yield from read_documents(path, text_key, lenient)
+
+
+def is_val(index, seed, fraction):
+    """Seeded per-document coin: stream-friendly, independent of num_proc and of everything else."""
+    h = hashlib.blake2b(f'{seed}:{index}'.encode(), digest_size=8).digest()
+    return int.from_bytes(h, 'little') < fraction * 2 ** 64
+
+
+# ----------------------------------------------------------------------------- tokenizing (ordered, parallel)
+_worker_tok = None
+
+
+def _init_worker(tok_path):
+    global _worker_tok
+    os.environ['TOKENIZERS_PARALLELISM'] = 'false'  # one core per worker: num_proc is the parallelism
+    _worker_tok = Tokenizer(tok_path)
+
+
+def _encode_worker(texts, bos, eos):
+    return _pack(_worker_tok.encode_batch(texts, bos, eos))
+
+
+def _pack(lists):
+    # one flat array + lengths: cheap to send between processes
+    lens = np.fromiter((len(x) for x in lists), dtype=np.int64, count=len(lists))
+    flat = np.fromiter((i for x in lists for i in x), dtype=np.int64, count=int(lens.sum()))
+    return flat, lens
+
+
+def _batches(docs, max_docs=256, max_chars=1 << 20):
+    batch, chars = [], 0
+    for text in docs:
+        batch.append(text)
+        chars += len(text)
+        if len(batch) >= max_docs or chars >= max_chars:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
+
+
+def encode_documents(docs, tok_path, num_proc=1, bos=True, eos=False):
+    """Tokenize an iterable of texts -> yields (flat int64 ids, per-doc lengths) per batch, in input
+    order. num_proc > 1: a process pool with a bounded queue (Pool.imap would read ahead without
+    limit). Also the piece bench.py times against the bare tokenizer."""
+    if num_proc <= 1:
+        tok = Tokenizer(tok_path)
+        for batch in _batches(docs):
+            yield _pack(tok.encode_batch(batch, bos, eos))
+        return
+    with mp.get_context('fork' if sys.platform == 'linux' else 'spawn').Pool(num_proc, _init_worker, (tok_path,)) as pool:
+        pending = deque()
+        for batch in _batches(docs):
+            pending.append(pool.apply_async(_encode_worker, (batch, bos, eos)))
+            if len(pending) >= 2 * num_proc:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+# ----------------------------------------------------------------------------- training a tokenizer
+def train_sentencepiece(docs, vocab_size, model_path, model_type='bpe', sample_mb=20.0):
+    """Train a Llama-style sentencepiece model (unk=0, bos=1, eos=2, byte fallback) on at most
+    sample_mb MB of `docs`, written to model_path. Normalization is off (identity, no whitespace
+    folding, no dummy prefix) so decode(encode(text)) == text for code and any text without '▁'."""
+    import sentencepiece as spm
+
+    def pieces():  # <= 4 KB pieces cut at line ends: sentencepiece skips over-long "sentences"
+        budget = int(sample_mb * 2 ** 20)
+        for text in docs:
+            buf = ''
+            for line in text.splitlines(keepends=True):
+                if buf and len(buf) + len(line) > 4000:
+                    yield buf
+                    budget -= len(buf.encode())
+                    buf = ''
+                buf += line
+            if buf:
+                yield buf
+                budget -= len(buf.encode())
+            if budget <= 0:
+                return
+
+    model = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=pieces(), model_writer=model, vocab_size=vocab_size, model_type=model_type,
+            byte_fallback=True, character_coverage=0.9995, split_digits=True,
+            normalization_rule_name='identity', remove_extra_whitespaces=False, add_dummy_prefix=False,
+            allow_whitespace_only_pieces=True, user_defined_symbols=['\n'],  # newline: a piece, not 3 bytes
+            unk_id=0, bos_id=1, eos_id=2, pad_id=-1, max_sentence_length=1 << 16,
+            input_sentence_size=1 << 20, shuffle_input_sentence=True, num_threads=min(8, os.cpu_count() or 1),
+            minloglevel=2)
+    except RuntimeError as e:
+        raise ValueError(f"train_tokenizer={vocab_size}: sentencepiece failed: {str(e).strip().splitlines()[-1]}") from None
+    with open(model_path, 'wb') as f:
+        f.write(model.getvalue())
+
+
+LLAMA_TOKENIZER_CONFIG = {  # lets transformers load a trained tokenizer.model as a LlamaTokenizer
+    'tokenizer_class': 'LlamaTokenizer', 'bos_token': '<s>', 'eos_token': '</s>', 'unk_token': '<unk>',
+    'pad_token': None, 'add_bos_token': True, 'add_eos_token': False, 'add_prefix_space': False,
+    'legacy': False, 'clean_up_tokenization_spaces': False, 'model_max_length': 1 << 30}
+
+
+# ----------------------------------------------------------------------------- the pipeline
+def _shuffle_split(bin_path, idx_path, np_dtype, rng, tmps):
+    """Permute the documents of a finished split (uniform, seeded). A stream cannot be shuffled in
+    constant memory, so this is a second pass: the offsets (8 B/doc) in memory, tokens copied from
+    a memmap in the permuted order into a new temp file, ~16 MB at a time."""
+    offsets = np.fromfile(idx_path, dtype=np.int64)
+    n = len(offsets) - 1
+    if n < 2:
+        return
+    tokens = np.memmap(bin_path, dtype=np_dtype, mode='r')
+    perm = rng.permutation(n)
+    new_offsets = np.concatenate([[0], np.cumsum(np.diff(offsets)[perm])]).astype(np.int64)
+    tmps += [bin_path + '.shuf', idx_path + '.shuf']
+    with open(bin_path + '.shuf', 'wb') as f:
+        buf, size = [], 0
+        for i in perm:
+            buf.append(tokens[offsets[i]:offsets[i + 1]])
+            size += len(buf[-1])
+            if size >= (8 << 20):
+                f.write(np.concatenate(buf).tobytes())
+                buf, size = [], 0
+        if buf:
+            f.write(np.concatenate(buf).tobytes())
+    new_offsets.tofile(idx_path + '.shuf')
+    del tokens
+    os.replace(bin_path + '.shuf', bin_path)
+    os.replace(idx_path + '.shuf', idx_path)
+
+
+def prepare(input=None, corpus='', val_input=None, val_fraction=0.0, out_dir='data', tokenizer='',
+            train_tokenizer=0, tokenizer_type='bpe', tokenizer_sample_mb=20.0, text_key='text', min_tokens=0,
+            max_tokens=0, max_docs=0, add_bos=True, add_eos=False, dtype='', shuffle=True, seed=1337,
+            num_proc=1, progress=True):
+    """Run the whole pipeline (the config keys are its arguments); returns the meta dict written."""
+    # 1) check everything we can before writing anything
+    if bool(input) == bool(corpus):
+        raise ValueError("set exactly one of input=FILES or corpus=python_stdlib")
+    files = corpus_files(corpus) if corpus else find_files(input)
+    val_files = find_files(val_input, 'val_input') if val_input else None
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction={val_fraction}: must be in [0, 1)")
+    if val_files and val_fraction:
+        raise ValueError("set val_input or val_fraction, not both")
+    if min_tokens < 0 or max_tokens < 0 or max_docs < 0 or num_proc < 1:
+        raise ValueError("min_tokens, max_tokens, max_docs must be >= 0 and num_proc >= 1")
+    if max_tokens and min_tokens > max_tokens:
+        raise ValueError(f"min_tokens={min_tokens} > max_tokens={max_tokens}: every document would be dropped")
+    if dtype not in ('', 'uint16', 'uint32'):
+        raise ValueError(f"dtype={dtype!r}: use '', 'uint16' or 'uint32'")
+    if tokenizer and train_tokenizer:
+        raise ValueError("set tokenizer=PATH or train_tokenizer=VOCAB, not both")
+    if tokenizer_type not in ('bpe', 'unigram'):
+        raise ValueError(f"tokenizer_type={tokenizer_type!r}: use 'bpe' or 'unigram'")
+    if not train_tokenizer:
+        tok_path = tok_final = resolve_tokenizer(tokenizer)
+    splits = ['train', 'val'] if (val_files or val_fraction) else ['train']
+    os.makedirs(out_dir, exist_ok=True)
+    final = {s: (os.path.join(out_dir, f'{s}.bin'), os.path.join(out_dir, f'{s}.idx')) for s in splits}
+    tmps, handles = [], []
+    try:
+        # 2) the tokenizer (trained ones are outputs too: temp names until the end)
+        if train_tokenizer:
+            tok_final = os.path.abspath(os.path.join(out_dir, 'tokenizer.model'))
+            tok_path = tok_final + '.tmp'
+            tmps += [tok_path, os.path.join(out_dir, 'tokenizer_config.json.tmp')]
+            sample = (t for i, t in enumerate(iter_documents(files, text_key, bool(corpus)))
+                      if not (val_fraction and is_val(i, seed, val_fraction)))  # never train on val docs
+            train_sentencepiece(sample, train_tokenizer, tok_path, tokenizer_type, tokenizer_sample_mb)
+            with open(tmps[-1], 'w') as f:
+                json.dump(LLAMA_TOKENIZER_CONFIG, f, indent=2)
+        tok = Tokenizer(tok_path)
+        if dtype == 'uint16' and tok.vocab_size > 2 ** 16:
+            raise ValueError(f"dtype=uint16 cannot hold vocab_size={tok.vocab_size} ({tok_final}): use dtype=uint32 or ''")
+        np_dtype = np.dtype(dtype or ('uint16' if tok.vocab_size <= 2 ** 16 else 'uint32'))
+        bos, eos = add_bos and tok.bos_id is not None, add_eos and tok.eos_id is not None
+        n_special = int(bos) + int(eos)
+
+        # 3) stream documents -> tokens -> {split}.bin.tmp / {split}.idx.tmp
+        out, stats = {}, {}
+        for s in splits:
+            tmps += [final[s][0] + '.tmp', final[s][1] + '.tmp']
+            out[s] = [open(final[s][0] + '.tmp', 'wb'), open(final[s][1] + '.tmp', 'wb'), 0]  # bin, idx, offset
+            handles += out[s][:2]
+            out[s][1].write(np.zeros(1, np.int64).tobytes())  # offsets[0] = 0
+            stats[s] = dict(docs=0, tokens=0, dropped_short=0, dropped_empty=0, truncated=0)
+        streams = [('train', files), ('val', val_files)] if val_files else [(None, files)]
+        docs_read = {}
+        for fixed_split, stream_files in streams:
+            from tqdm import tqdm
+            name = fixed_split or '+'.join(splits)
+            bar = tqdm(desc=f'tokenizing {name}', unit=' docs', disable=not progress, mininterval=0.5)
+            index, kept, n_tok, t0 = 0, 0, 0, time.time()
+            docs = iter_documents(stream_files, text_key, bool(corpus))
+            batches = encode_documents(docs, tok_path, num_proc, bos, eos)
+            for flat, lens in batches:
+                if flat.size and flat.max() >= np.iinfo(np_dtype).max + 1:
+                    raise ValueError(f"token id {flat.max()} does not fit {np_dtype} (vocab_size {tok.vocab_size})")
+                flat, ends = flat.astype(np_dtype), np.cumsum(lens)
+                for j, n in enumerate(lens.tolist()):
+                    s = fixed_split or ('val' if val_fraction and is_val(index, seed, val_fraction) else 'train')
+                    index += 1
+                    st, (fb, fi, off) = stats[s], out[s]
+                    if n <= n_special:
+                        st['dropped_empty'] += 1
+                        continue
+                    if n < min_tokens:
+                        st['dropped_short'] += 1
+                        continue
+                    if max_tokens and n > max_tokens:
+                        st['truncated'] += 1
+                        n = max_tokens  # keep the head (BOS included; EOS is cut off)
+                    fb.write(flat[ends[j] - lens[j]:ends[j] - lens[j] + n].tobytes())
+                    out[s][2] = off + n
+                    fi.write(np.int64(off + n).tobytes())
+                    st['docs'] += 1
+                    st['tokens'] += n
+                    kept += 1
+                    n_tok += n
+                    if max_docs and kept >= max_docs:
+                        break
+                bar.update(len(lens) if not (max_docs and kept >= max_docs) else j + 1)
+                bar.set_postfix_str(f'{n_tok / max(time.time() - t0, 1e-9):,.0f} tok/s', refresh=False)
+                if max_docs and kept >= max_docs:
+                    batches.close()  # stops the worker pool; the rest of the input is not read
+                    break
+            bar.close()
+            docs_read[name] = index
+        for h in handles:
+            h.close()
+        if not stats['train']['docs']:
+            raise ValueError(f"no training documents kept: {stats['train']} (check min_tokens / inputs)")
+
+        # 4) optional seeded permutation, then commit: meta.json goes away first and comes back last
+        if shuffle:
+            for k, s in enumerate(splits):
+                _shuffle_split(final[s][0] + '.tmp', final[s][1] + '.tmp', np_dtype, np.random.default_rng([seed, k]), tmps)
+        meta = dict(
+            tokenizer=tok_final, tokenizer_sha256=sha256_file(tok_path), tokenizer_files=[tok_final] + tok.files[1:] if not train_tokenizer
+            else [tok_final, os.path.join(os.path.dirname(tok_final), 'tokenizer_config.json')],
+            vocab_size=tok.vocab_size, dtype=np_dtype.name, bos_id=tok.bos_id if bos else None,
+            eos_id=tok.eos_id, add_bos=bos, add_eos=eos, splits=stats, docs_read=docs_read,
+            filters=dict(min_tokens=min_tokens, max_tokens=max_tokens, max_docs=max_docs, val_fraction=val_fraction,
+                         shuffle=shuffle, seed=seed),
+            sources=dict(corpus=corpus or None, text_key=text_key, input=[os.path.abspath(p) for p in files],
+                         val_input=[os.path.abspath(p) for p in val_files] if val_files else None),
+            trained_tokenizer=dict(vocab_size=train_tokenizer, type=tokenizer_type, sample_mb=tokenizer_sample_mb) if train_tokenizer else None,
+            created=time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()))
+        meta_path = os.path.join(out_dir, 'meta.json')
+        tmps.append(meta_path + '.tmp')
+        with open(meta_path + '.tmp', 'w') as f:
+            json.dump(meta, f, indent=1)
+        if os.path.exists(meta_path):
+            os.remove(meta_path)
+        for s in splits:
+            os.replace(final[s][0] + '.tmp', final[s][0])
+            os.replace(final[s][1] + '.tmp', final[s][1])
+        if train_tokenizer:
+            os.replace(tok_path, tok_final)
+            os.replace(tmps[1], tok_final.replace('tokenizer.model', 'tokenizer_config.json'))
+        os.replace(meta_path + '.tmp', meta_path)
+        return meta
+    except BaseException:
+        for h in handles:
+            h.close()
+        for p in tmps:
+            if os.path.exists(p):
+                os.remove(p)
+        raise
+
+
+# ----------------------------------------------------------------------------- readers for train/eval
+def read_meta(data_dir):
+    path = os.path.join(data_dir, 'meta.json')
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{data_dir}: no meta.json, not a (complete) prepared dataset: run prepare_data.py")
+    with open(path) as f:
+        return json.load(f)
+
+
+def open_split(data_dir, split):
+    """-> (tokens: np.memmap of meta['dtype'], offsets: int64 [n_docs+1]); doc i = tokens[offsets[i]:offsets[i+1]]"""
+    meta = read_meta(data_dir)
+    if split not in meta['splits']:
+        raise ValueError(f"{data_dir}: no split '{split}' (has: {', '.join(meta['splits'])})")
+    bin_path, idx_path = os.path.join(data_dir, f'{split}.bin'), os.path.join(data_dir, f'{split}.idx')
+    for p in (bin_path, idx_path):
+        if not os.path.isfile(p):
+            raise FileNotFoundError(f"{p}: missing (meta.json lists split '{split}')")
+    offsets = np.fromfile(idx_path, dtype=np.int64)
+    n_tokens = os.path.getsize(bin_path) // np.dtype(meta['dtype']).itemsize
+    if len(offsets) != meta['splits'][split]['docs'] + 1 or offsets[-1] != n_tokens:
+        raise ValueError(f"{data_dir}: {split}.idx / {split}.bin do not match meta.json (a mix of two runs?)")
+    tokens = np.memmap(bin_path, dtype=meta['dtype'], mode='r') if n_tokens else np.zeros(0, meta['dtype'])
+    return tokens, offsets
+
+
+if __name__ == '__main__':
+    exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
+    try:
+        t0 = time.time()
+        meta = prepare(**{k: globals()[k] for k in config_keys})
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted: nothing written", file=sys.stderr)
+        sys.exit(130)
+    print(f"{'split':<6} {'docs':>10} {'tokens':>14} {'mean len':>9} {'short':>8} {'empty':>7} {'truncated':>9}")
+    for s, st in meta['splits'].items():
+        print(f"{s:<6} {st['docs']:>10,} {st['tokens']:>14,} {st['tokens'] / max(st['docs'], 1):>9.0f} "
+              f"{st['dropped_short']:>8,} {st['dropped_empty']:>7,} {st['truncated']:>9,}")
+    print(f"wrote {out_dir} ({meta['dtype']}, vocab {meta['vocab_size']}, tokenizer {meta['tokenizer']}) in {time.time() - t0:.1f}s")
