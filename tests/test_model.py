@@ -89,3 +89,104 @@ def test_roundtrip_export(tmp_path):
     hf2 = AutoModelForCausalLM.from_pretrained(tmp_path / 'ours').eval()
     pos = positions('skip')
     assert (hf_logits(hf2, idx_for(pos), pos) - our_logits(model, idx_for(pos), pos)).abs().max() < TOL
+
+
+# ---- every RoPE type, both config forms, contiguous and skip-wise positions ----------------------
+ROPE_CASES = {  # name: (rope dict for transformers, max_position_embeddings)
+    'default': ({'rope_type': 'default'}, MPE),
+    'linear': ({'rope_type': 'linear', 'factor': 4.0}, MPE),
+    'dynamic': ({'rope_type': 'dynamic', 'factor': 4.0}, MPE),  # 'short' stays inside, the rest go beyond
+    'yarn': ({'rope_type': 'yarn', 'factor': 4.0, 'original_max_position_embeddings': 32}, 128),
+    'yarn_attn': ({'rope_type': 'yarn', 'factor': 4.0, 'original_max_position_embeddings': 32,
+                   'attention_factor': 1.3, 'beta_fast': 16, 'beta_slow': 2}, 128),
+    'yarn_mscale': ({'rope_type': 'yarn', 'factor': 4.0, 'original_max_position_embeddings': 32,
+                     'mscale': 1.0, 'mscale_all_dim': 0.5, 'truncate': False}, 128),
+    'llama3': ({'rope_type': 'llama3', 'factor': 8.0, 'low_freq_factor': 1.0, 'high_freq_factor': 4.0,
+                'original_max_position_embeddings': 32}, 128),
+    'longrope': ({'rope_type': 'longrope', 'original_max_position_embeddings': 32,  # short/long regimes
+                  'short_factor': [1.0, 1.1, 1.2, 1.3, 1.4, 1.5, 1.6, 1.7],
+                  'long_factor': [1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0]}, 128),
+    'longrope_attn': ({'rope_type': 'longrope', 'original_max_position_embeddings': 32, 'factor': 4.0,
+                       'attention_factor': 1.2, 'short_factor': [1.0] * 4 + [2.0] * 4,
+                       'long_factor': [1.0, 1.0, 2.0, 2.0, 4.0, 4.0, 6.0, 6.0]}, 128),
+}
+
+
+def to_rope_scaling_form(d):
+    """Rewrite a transformers-5 config.json (`rope_parameters` with rope_theta inside) in the older form:
+    `rope_scaling` with a `type` key and a top-level `rope_theta`."""
+    p = os.path.join(d, 'config.json')
+    cfg = json.load(open(p))
+    rp = cfg.pop('rope_parameters')
+    cfg['rope_theta'] = rp.pop('rope_theta')
+    rp['type'] = rp.pop('rope_type')
+    cfg['rope_scaling'] = rp
+    json.dump(cfg, open(p, 'w'))
+
+
+@pytest.mark.parametrize('case', list(ROPE_CASES))
+def test_rope_parity(tmp_path, case):
+    rope, mpe = ROPE_CASES[case]
+    hf, d = make_hf(tmp_path, rope=rope, mpe=mpe)
+    ours_new = Transformer.from_pretrained(d)
+    to_rope_scaling_form(d)
+    ours_old = Transformer.from_pretrained(d)
+    for kind in ('short', 'contig', 'skip', 'mixed'):
+        pos = positions(kind)
+        ref = hf_logits(hf, idx_for(pos), pos)
+        for model in (ours_new, ours_old):
+            assert (ref - our_logits(model, idx_for(pos), pos)).abs().max() < TOL, (case, kind)
+    # our export -> transformers loads it to our logits
+    ours_old.save_pretrained(tmp_path / 'ours')
+    cfg = json.load(open(tmp_path / 'ours' / 'config.json'))
+    assert 'rope_parameters' not in cfg and cfg['rope_theta'] == 10000.0 and cfg['max_position_embeddings'] == mpe
+    assert (cfg['rope_scaling'] or {'rope_type': 'default'})['rope_type'] == rope['rope_type']
+    hf2 = AutoModelForCausalLM.from_pretrained(tmp_path / 'ours').eval()
+    for kind in ('short', 'skip'):
+        pos = positions(kind)
+        assert (hf_logits(hf2, idx_for(pos), pos) - our_logits(ours_old, idx_for(pos), pos)).abs().max() < TOL
+
+
+def test_rope_types_are_distinguishable(tmp_path):
+    """Guard for the parity tests: different scalings give clearly different logits on these inputs."""
+    pos = positions('skip')
+    outs = {}
+    for case in ('default', 'linear', 'dynamic', 'yarn', 'yarn_attn', 'yarn_mscale', 'llama3', 'longrope'):
+        rope, mpe = ROPE_CASES[case]
+        hf, _ = make_hf(tmp_path / case, rope=rope, mpe=mpe)
+        outs[case] = hf_logits(hf, idx_for(pos), pos)
+    names = list(outs)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            assert (outs[a] - outs[b]).abs().max() > 100 * TOL, (a, b)
+
+
+# ---- architectures ----------------------------------------------------------------------------------
+@pytest.mark.parametrize('arch,kv,tie', [('llama', 4, False), ('llama', 2, True), ('mistral', 2, False),
+                                         ('qwen2', 2, False), ('qwen2', 2, True)])
+def test_arch_parity(tmp_path, arch, kv, tie):
+    rope = ROPE_CASES['yarn'][0]
+    hf, d = make_hf(tmp_path, arch=arch, kv=kv, tie=tie, rope=rope, mpe=128)
+    model = Transformer.from_pretrained(d)
+    assert model.args.arch == arch and model.args.n_kv_heads == kv and model.args.tie_word_embeddings == tie
+    if tie:
+        assert model.lm_head.weight is model.embed_tokens.weight
+    for kind in ('contig', 'mixed'):
+        pos = positions(kind)
+        assert (hf_logits(hf, idx_for(pos), pos) - our_logits(model, idx_for(pos), pos)).abs().max() < TOL
+    model.save_pretrained(tmp_path / 'ours')
+    hf2 = AutoModelForCausalLM.from_pretrained(tmp_path / 'ours').eval()
+    assert type(hf2) is type(hf)
+    pos = positions('skip')
+    assert (hf_logits(hf2, idx_for(pos), pos) - our_logits(model, idx_for(pos), pos)).abs().max() < TOL
+
+
+def test_mistral_sliding_window(tmp_path):
+    hf, d = make_hf(tmp_path, arch='mistral', sliding_window=16)
+    model = Transformer.from_pretrained(d)
+    pos = torch.cat([torch.arange(8), torch.arange(40, 48)])[None]  # T = 16 = window: plain causal
+    assert (hf_logits(hf, idx_for(pos), pos) - our_logits(model, idx_for(pos), pos)).abs().max() < TOL
+    with pytest.raises(ValueError, match='sliding_window=16'):
+        model(idx_for(positions('short')))
+    full = Transformer.from_pretrained(d, sliding_window=None)  # opting out: full causal attention
+    assert full(idx_for(positions('short')))[0].shape == (2, 24, VOCAB)
