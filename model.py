@@ -31,15 +31,17 @@ TOKENIZER_FILES = ('tokenizer.model', 'tokenizer.json', 'tokenizer_config.json',
 
 # -----------------------------------------------------------------------------
 # RoPE scaling: one small pure function per rope_type.
-# f(rs, d, theta, mpe, seq_len) -> (inv_freq float64 [d/2], attention_factor)
+# f(rs, d, theta, mpe, seq_len) -> (inv_freq fp32 [d/2], attention_factor)
 #   rs: the rope_scaling dict, d: head_dim, theta: rope_theta, mpe: max_position_embeddings,
 #   seq_len: 0-d int64 tensor = max position id in the batch + 1 (only dynamic/longrope read it).
+# All in fp32 with the same operation order as Meta's / transformers' code, so the frequencies are
+# bit-identical and logits still agree at positions ~1M (where one ulp of inv_freq is ~0.1 rad).
 
-def _inv_freq(theta, d, device):
-    return 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64, device=device) / d)
+def _pos_freqs(theta, d, device):  # theta^(2i/d), i < d/2: the wavelengths / 2pi
+    return theta ** (torch.arange(0, d, 2, device=device).float() / d)
 
-def _yarn_ramp(rs, d, theta):
-    # 1 for dimensions that interpolate (long wavelengths), 0 for those that extrapolate, linear between
+def _yarn_ramp(rs, d, theta, device):
+    # 0 for dimensions that extrapolate (short wavelengths), 1 for those that interpolate, linear between
     orig = rs['original_max_position_embeddings']
     corr_dim = lambda rot: d * math.log(orig / (rot * 2 * math.pi)) / (2 * math.log(theta))
     lo, hi = corr_dim(rs.get('beta_fast') or 32), corr_dim(rs.get('beta_slow') or 1)
@@ -47,62 +49,62 @@ def _yarn_ramp(rs, d, theta):
         lo, hi = math.floor(lo), math.ceil(hi)
     lo, hi = max(lo, 0), min(hi, d - 1)
     hi = hi + 0.001 if lo == hi else hi  # avoid 0/0, as in the YaRN reference code
-    return ((torch.arange(d // 2, dtype=torch.float64) - lo) / (hi - lo)).clamp(0, 1)
+    return ((torch.arange(d // 2, dtype=torch.float32) - lo) / (hi - lo)).clamp(0, 1).to(device)
 
 def _yarn_mscale(s, m=1.0):
     return 1.0 if s <= 1 else 0.1 * m * math.log(s) + 1.0
 
 def rope_default(rs, d, theta, mpe, seq_len):
-    return _inv_freq(theta, d, seq_len.device), 1.0
+    return 1.0 / _pos_freqs(theta, d, seq_len.device), 1.0
 
 def rope_linear(rs, d, theta, mpe, seq_len):  # positions divided by `factor` (Position Interpolation)
-    return _inv_freq(theta, d, seq_len.device) / rs['factor'], 1.0
+    return 1.0 / _pos_freqs(theta, d, seq_len.device) / rs['factor'], 1.0
 
-def rope_ntk(rs, d, theta, mpe, seq_len):  # the paper's fixed NTK: base * alpha^(d/(d-2)); key `factor` (or `alpha`)
-    return _inv_freq(ntk_theta(rs, d, theta), d, seq_len.device), 1.0
-
-def ntk_theta(rs, d, theta):
+def ntk_theta(rs, d, theta):  # the paper's fixed NTK: base * alpha^(d/(d-2)); key `factor` (or `alpha`)
     alpha = rs['factor'] if 'factor' in rs else rs['alpha']
     return theta * alpha ** (d / (d - 2))
+
+def rope_ntk(rs, d, theta, mpe, seq_len):
+    return 1.0 / _pos_freqs(ntk_theta(rs, d, theta), d, seq_len.device), 1.0
 
 def rope_dynamic(rs, d, theta, mpe, seq_len):
     # dynamic NTK, stateless: the base grows with the batch's largest position once it passes mpe
     # (a fresh transformers model does exactly this; a used one keeps its largest length seen so far)
-    s, f = seq_len.double().clamp(min=mpe), rs['factor']
-    base = theta * (f * s / mpe - (f - 1)) ** (d / (d - 2))
-    return 1.0 / base ** (torch.arange(0, d, 2, dtype=torch.float64, device=seq_len.device) / d), 1.0
+    f = rs['factor']
+    base = theta * (f * seq_len.clamp(min=mpe) / mpe - (f - 1)) ** (d / (d - 2))  # fp32 0-d tensor
+    return 1.0 / base ** (torch.arange(0, d, 2, device=seq_len.device).float() / d), 1.0
 
-def rope_yarn(rs, d, theta, mpe, seq_len):  # HF YaRN: blends frequencies, inv' = inv * ((1-g)/s + g)
+def rope_yarn(rs, d, theta, mpe, seq_len):  # HF YaRN blends frequencies: inv' = inv * ((1-g)/s + g)
     s = rs.get('factor') or mpe / rs['original_max_position_embeddings']
     attn = rs.get('attention_factor')
     if attn is None:
         m, m_all = rs.get('mscale'), rs.get('mscale_all_dim')
         attn = _yarn_mscale(s, m) / _yarn_mscale(s, m_all) if m and m_all else _yarn_mscale(s)
-    ramp = _yarn_ramp(rs, d, theta).to(seq_len.device)
-    inv = _inv_freq(theta, d, seq_len.device)
-    return inv / s * ramp + inv * (1 - ramp), attn
+    pf = _pos_freqs(theta, d, seq_len.device)
+    g = 1 - _yarn_ramp(rs, d, theta, seq_len.device)  # extrapolation weight
+    return 1.0 / (s * pf) * (1 - g) + 1.0 / pf * g, attn
 
-def yarn_pose_divisors(rs, d, theta):
-    # the official PoSE repo's "revised" YaRN blends wavelengths: inv' = inv / ((1-g)*s + g), g = 1 - ramp
-    g = 1 - _yarn_ramp(rs, d, theta)
+def yarn_pose_divisors(rs, d, theta, device='cpu'):
+    # the official PoSE repo's "revised" YaRN blends wavelengths: inv' = inv / ((1-g)*s + g)
+    g = 1 - _yarn_ramp(rs, d, theta, device)  # extrapolation weight
     return (1 - g) * rs['factor'] + g
 
-def yarn_pose_attention_factor(rs):
+def yarn_pose_attention_factor(rs):  # the repo's mscale = 0.1 ln(s) + 1 unless attention_factor is given
     a = rs.get('attention_factor')
     return _yarn_mscale(rs['factor']) if a is None else a
 
 def rope_yarn_pose(rs, d, theta, mpe, seq_len):
-    div = yarn_pose_divisors(rs, d, theta).to(seq_len.device)
-    return _inv_freq(theta, d, seq_len.device) / div, yarn_pose_attention_factor(rs)
+    div = yarn_pose_divisors(rs, d, theta, seq_len.device)
+    return 1.0 / _pos_freqs(theta, d, seq_len.device) / div, yarn_pose_attention_factor(rs)
 
 def rope_llama3(rs, d, theta, mpe, seq_len):
     f, lo_f, hi_f = rs['factor'], rs['low_freq_factor'], rs['high_freq_factor']
     orig = rs['original_max_position_embeddings']
-    inv = _inv_freq(theta, d, seq_len.device)
+    inv = 1.0 / _pos_freqs(theta, d, seq_len.device)
     wavelen = 2 * math.pi / inv
     out = torch.where(wavelen > orig / lo_f, inv / f, inv)  # long wavelengths: interpolate fully
     smooth = (orig / wavelen - lo_f) / (hi_f - lo_f)
-    medium = (wavelen >= orig / hi_f) & (wavelen <= orig / lo_f)
+    medium = ~(wavelen < orig / hi_f) * ~(wavelen > orig / lo_f)
     return torch.where(medium, (1 - smooth) * out / f + smooth * out, out), 1.0
 
 def rope_longrope(rs, d, theta, mpe, seq_len):
@@ -113,9 +115,9 @@ def rope_longrope(rs, d, theta, mpe, seq_len):
     if attn is None:
         attn = 1.0 if s <= 1 else math.sqrt(1 + math.log(s) / math.log(orig))
     dev = seq_len.device
-    short = torch.tensor(rs['short_factor'], dtype=torch.float64, device=dev)
-    long = torch.tensor(rs['long_factor'], dtype=torch.float64, device=dev)
-    return _inv_freq(theta, d, dev) / torch.where(seq_len > orig, long, short), attn
+    short = torch.tensor(rs['short_factor'], dtype=torch.float32, device=dev)
+    long = torch.tensor(rs['long_factor'], dtype=torch.float32, device=dev)
+    return 1.0 / (torch.where(seq_len > orig, long, short) * _pos_freqs(theta, d, dev)), attn
 
 ROPE_FUNCS = {'default': rope_default, 'linear': rope_linear, 'dynamic': rope_dynamic,
               'yarn': rope_yarn, 'llama3': rope_llama3, 'longrope': rope_longrope,
@@ -132,7 +134,7 @@ def rope_cos_sin(args, position_ids):
     seq_len = position_ids.max() + 1  # 0-d tensor: no host sync
     inv, attn = ROPE_FUNCS[rs['rope_type']](rs, args.head_dim, args.rope_theta, args.max_position_embeddings, seq_len)
     pos = position_ids if position_ids.dim() == 2 else position_ids[None]  # [B|1, T]
-    freqs = pos[..., None].float() * inv.float()  # [B|1, T, d/2], fp32 like transformers
+    freqs = pos[..., None].float() * inv  # [B|1, T, d/2], fp32 like transformers
     emb = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]  # [B|1, T, 1, d]
     return emb.cos() * attn, emb.sin() * attn
 
@@ -180,9 +182,12 @@ class ModelArgs:
                         ('use_sliding_window', False), ('partial_rotary_factor', 1.0)):
             if cfg.get(key, ok) not in (ok, None):
                 raise ValueError(f"config key {key}={cfg[key]!r} is not supported (only {ok!r})")
-        rp = cfg.get('rope_parameters') or cfg.get('rope_scaling')  # transformers 5 / older form
+        # older `rope_scaling` (+ top-level rope_theta) or transformers 5 `rope_parameters` (rope_theta inside);
+        # given both, transformers 5 uses rope_scaling, and so do we
+        rp = cfg.get('rope_scaling') or cfg.get('rope_parameters')
         rp = dict(rp) if rp else None
-        theta = (rp or {}).pop('rope_theta', None) or cfg.get('rope_theta', 10000.0)
+        theta = (rp or {}).pop('rope_theta', None) or cfg.get('rope_theta') or \
+            (cfg.get('rope_parameters') or {}).get('rope_theta') or 10000.0
         mpe = cfg.get('max_position_embeddings', 2048)
         if rp and rp.get('rope_type', rp.get('type')) in ROPE_NEEDS_ORIG:
             # as transformers: a top-level original_max_position_embeddings (Phi-3 style) wins, else mpe
@@ -230,6 +235,8 @@ def normalize_rope_scaling(rs, head_dim, mpe):
     """HF `rope_scaling`/`rope_parameters` dict -> {'rope_type': ..., ...} or None; errors name the key."""
     if not rs:
         return None
+    if any(isinstance(v, dict) for v in rs.values()):
+        raise ValueError(f"per-layer-type rope parameters {sorted(rs)} are not supported")
     rs = {k: v for k, v in rs.items() if k not in ('type', 'rope_theta')} | \
         {'rope_type': rs.get('rope_type', rs.get('type', 'default'))}
     t = rs['rope_type']
@@ -240,7 +247,7 @@ def normalize_rope_scaling(rs, head_dim, mpe):
     if t == 'default':
         return None
     for k in ROPE_REQUIRED[t] + (('original_max_position_embeddings',) if t == 'longrope' else ()):
-        if rs.get(k) is None and not (t == 'yarn' and k == 'factor'):
+        if rs.get(k) is None and not (t == 'yarn' and k == 'factor'):  # yarn: factor = mpe / original
             raise ValueError(f"rope_scaling of type {t!r} needs key {k!r} (got {sorted(rs)})")
     if t == 'ntk' and 'factor' not in rs and 'alpha' not in rs:
         raise ValueError("rope_scaling of type 'ntk' needs key 'factor' (or 'alpha')")
@@ -446,9 +453,15 @@ class Transformer(nn.Module):
         tokenizer files) to a temp dir, then rename it into place. state_dict: our-named full tensors
         (e.g. gathered from FSDP on rank 0); default: this model's own."""
         from safetensors.torch import save_file
+        own = {k for k in self.state_dict() if not (self.args.tie_word_embeddings and k == 'lm_head.weight')}
         sd = self.state_dict() if state_dict is None else state_dict
-        tensors = {('model.' + k if k != 'lm_head.weight' else k): v.detach().to('cpu').contiguous()
-                   for k, v in sd.items() if not (self.args.tie_word_embeddings and k == 'lm_head.weight')}
+        # keys as wrapped blocks may name them (torch.compile / checkpoint_wrapper prefixes)
+        sd = {k.replace('_orig_mod.', '').replace('_checkpoint_wrapped_module.', ''): v for k, v in sd.items()}
+        sd = {k: v for k, v in sd.items() if k in own or k != 'lm_head.weight'}  # tied: lm_head is embed_tokens
+        if set(sd) != own:
+            raise ValueError(f"save_pretrained: state_dict does not match the model: missing {sorted(own - set(sd))[:5]}"
+                             f", unexpected {sorted(set(sd) - own)[:5]}")
+        tensors = {('model.' + k if k != 'lm_head.weight' else k): v.detach().to('cpu').contiguous() for k, v in sd.items()}
         path = os.path.abspath(path)
         tmp, old = path + '.tmp', path + '.old'
         shutil.rmtree(tmp, ignore_errors=True)

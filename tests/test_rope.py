@@ -1,0 +1,112 @@
+"""RoPE beyond what transformers has: the paper's fixed NTK and the official PoSE repo's YaRN variant
+(checked against their formulas written out here, and through their stock-HF exports), positions up to
+1M, and stateless dynamic NTK."""
+import json
+import math
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from model import Transformer, rope_yarn, rope_yarn_pose
+from test_model import HEAD_DIM, ROPE_CASES, TOL, hf_logits, idx_for, make_hf, our_logits, positions
+
+
+def pose_repo_inv_freq(theta, d, s, orig, beta_fast=32, beta_slow=1):
+    """The PoSE repo's `revised_yarn`, one dimension at a time: wavelengths are blended,
+    inv'_i = inv_i / ((1 - g_i) * s + g_i), g_i = 1 - ramp_i the extrapolation weight."""
+    def corr_dim(rot):
+        return d * math.log(orig / (rot * 2 * math.pi)) / (2 * math.log(theta))
+    low, high = max(math.floor(corr_dim(beta_fast)), 0), min(math.ceil(corr_dim(beta_slow)), d - 1)
+    if low == high:
+        high += 0.001
+    out = []
+    for i in range(d // 2):
+        ramp = min(max((i - low) / (high - low), 0.0), 1.0)
+        g = 1.0 - ramp
+        out.append((1.0 / theta ** (2 * i / d)) / ((1 - g) * s + g))
+    return out
+
+
+def test_yarn_pose_formula():
+    for theta, d, s, orig in ((10000.0, 16, 8.0, 256), (10000.0, 128, 32.0, 2048), (500000.0, 128, 16.0, 8192)):
+        rs = {'rope_type': 'yarn_pose', 'factor': s, 'original_max_position_embeddings': orig}
+        ours, attn = rope_yarn_pose(rs, d, theta, orig, torch.tensor(10))
+        ref = torch.tensor(pose_repo_inv_freq(theta, d, s, orig), dtype=torch.float64)
+        assert torch.allclose(ours.double(), ref, rtol=1e-6, atol=0), (theta, d, s, orig)
+        assert attn == 0.1 * math.log(s) + 1.0
+        # ...and it is not HF's YaRN (which blends frequencies): they part in the ramp dimensions
+        hf_yarn, _ = rope_yarn(dict(rs, rope_type='yarn'), d, theta, orig, torch.tensor(10))
+        assert (hf_yarn.double() / ref - 1).abs().max() > 1e-2
+
+
+def test_yarn_pose_logits_and_export(tmp_path):
+    """yarn_pose == a stock transformers `longrope` model whose per-dimension divisors come from the
+    formula above (short = long) with an explicit attention_factor; our export writes exactly that."""
+    s, orig, theta = 8.0, 256, 10000.0
+    inv = pose_repo_inv_freq(theta, HEAD_DIM, s, orig)
+    div = [(1.0 / theta ** (2 * i / HEAD_DIM)) / inv[i] for i in range(HEAD_DIM // 2)]
+    rope = {'rope_type': 'longrope', 'short_factor': div, 'long_factor': div, 'factor': s,
+            'attention_factor': 0.1 * math.log(s) + 1.0, 'original_max_position_embeddings': orig}
+    hf, d = make_hf(tmp_path, rope=rope, mpe=orig * 8)
+    model = Transformer.from_pretrained(d, rope_scaling={'rope_type': 'yarn_pose', 'factor': s,
+                                                         'original_max_position_embeddings': orig})
+    assert model.args.rope_scaling['rope_type'] == 'yarn_pose'
+    for kind in ('contig', 'mixed'):
+        pos = positions(kind)
+        assert (hf_logits(hf, idx_for(pos), pos) - our_logits(model, idx_for(pos), pos)).abs().max() < TOL
+    model.save_pretrained(tmp_path / 'ours')
+    cfg = json.load(open(tmp_path / 'ours' / 'config.json'))
+    rs = cfg['rope_scaling']
+    assert rs['rope_type'] == 'longrope' and rs['short_factor'] == rs['long_factor']
+    assert max(abs(a - b) for a, b in zip(rs['short_factor'], div)) < 1e-6
+    assert abs(rs['attention_factor'] - (0.1 * math.log(s) + 1.0)) < 1e-12
+    hf2 = AutoModelForCausalLM.from_pretrained(tmp_path / 'ours').eval()
+    pos = positions('skip')
+    assert (hf_logits(hf2, idx_for(pos), pos) - our_logits(model, idx_for(pos), pos)).abs().max() < TOL
+
+
+def test_ntk_logits_and_export(tmp_path):
+    """ntk with alpha == plain RoPE with base theta * alpha^(d/(d-2)) (the paper's formula), via either key."""
+    alpha, theta = 4.0, 10000.0
+    hf, d = make_hf(tmp_path, theta=theta * alpha ** (HEAD_DIM / (HEAD_DIM - 2)))
+    for key in ('factor', 'alpha'):
+        model = Transformer.from_pretrained(d, rope_theta=theta, rope_scaling={'rope_type': 'ntk', key: alpha})
+        for kind in ('contig', 'skip'):
+            pos = positions(kind)
+            assert (hf_logits(hf, idx_for(pos), pos) - our_logits(model, idx_for(pos), pos)).abs().max() < TOL
+    plain = Transformer.from_pretrained(d, rope_theta=theta)  # guard: the base change matters here
+    pos = positions('skip')
+    assert (hf_logits(hf, idx_for(pos), pos) - our_logits(plain, idx_for(pos), pos)).abs().max() > 100 * TOL
+    model.save_pretrained(tmp_path / 'ours')
+    cfg = json.load(open(tmp_path / 'ours' / 'config.json'))
+    assert cfg['rope_scaling'] is None
+    assert math.isclose(cfg['rope_theta'], theta * alpha ** (HEAD_DIM / (HEAD_DIM - 2)), rel_tol=1e-12)
+    hf2 = AutoModelForCausalLM.from_pretrained(tmp_path / 'ours').eval()
+    assert (hf_logits(hf2, idx_for(pos), pos) - our_logits(model, idx_for(pos), pos)).abs().max() < TOL
+
+
+def test_positions_up_to_1m(tmp_path):
+    """Skip-wise ids reaching 1M: same logits as transformers (bit-identical frequencies), every type."""
+    pos = torch.cat([torch.arange(16), torch.arange(1_000_000 - 32, 1_000_000)])[None]
+    for case in ('default', 'dynamic', 'yarn', 'llama3', 'longrope'):
+        rope, mpe = ROPE_CASES[case]
+        hf, d = make_hf(tmp_path / case, rope=rope, mpe=mpe)
+        model = Transformer.from_pretrained(d)
+        out = our_logits(model, idx_for(pos), pos)
+        assert torch.isfinite(out).all()
+        assert (hf_logits(hf, idx_for(pos), pos) - out).abs().max() < TOL, case
+
+
+def test_dynamic_is_stateless(tmp_path):
+    """A long batch then a shorter one: each equals a fresh transformers model on that batch (a used
+    transformers model would keep the long batch's base)."""
+    rope, mpe = ROPE_CASES['dynamic']
+    hf, d = make_hf(tmp_path, rope=rope, mpe=mpe)
+    model = Transformer.from_pretrained(d)
+    long, shorter = positions('skip'), positions('contig')  # max 107, then max 47 (both beyond 32)
+    our_logits(model, idx_for(long), long)
+    assert (hf_logits(hf, idx_for(shorter), shorter) - our_logits(model, idx_for(shorter), shorter)).abs().max() < TOL
+    with torch.no_grad():  # guard: transformers' stateful update really differs here
+        hf(idx_for(long), position_ids=long)
+        stale = hf(idx_for(shorter), position_ids=shorter).logits
+    assert (stale - our_logits(model, idx_for(shorter), shorter)).abs().max() > 100 * TOL
