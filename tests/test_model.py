@@ -190,3 +190,89 @@ def test_mistral_sliding_window(tmp_path):
         model(idx_for(positions('short')))
     full = Transformer.from_pretrained(d, sliding_window=None)  # opting out: full causal attention
     assert full(idx_for(positions('short')))[0].shape == (2, 24, VOCAB)
+
+
+# ---- chunked loss -----------------------------------------------------------------------------------
+def test_chunked_loss_equals_cross_entropy():
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(50, 16, generator=g, requires_grad=True)
+    w = torch.randn(40, 16, generator=g, requires_grad=True)
+    t = torch.randint(0, 40, (50,), generator=g)
+    t[::3] = -100
+    loss = chunked_cross_entropy(h, w, t, chunk=7)  # 7 does not divide 50
+    gh, gw = torch.autograd.grad(loss, (h, w))
+    ref = F.cross_entropy(h @ w.T, t, ignore_index=-100)
+    rh, rw = torch.autograd.grad(ref, (h, w))
+    assert torch.allclose(loss, ref, atol=1e-6) and torch.allclose(gh, rh, atol=1e-6) and torch.allclose(gw, rw, atol=1e-6)
+    # no valid target: a finite zero loss and zero gradients, not NaN
+    empty = chunked_cross_entropy(h, w, torch.full((50,), -100), chunk=7)
+    assert empty.item() == 0.0 and torch.autograd.grad(empty, h)[0].abs().max() == 0
+
+
+def test_chunked_loss_keeps_no_logits_for_backward():
+    """Tensors saved for backward while the loss runs: none may be a [chunk, vocab] logits block."""
+    N, V, chunk = 64, 40, 8
+    h = torch.randn(N, 16, requires_grad=True)
+    w = torch.randn(V, 16, requires_grad=True)
+    t = torch.randint(0, V, (N,))
+    def saved_shapes(fn):
+        shapes = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda x: shapes.append(tuple(x.shape)) or x, lambda x: x):
+            out = fn()
+        return out, shapes
+    loss, ours = saved_shapes(lambda: chunked_cross_entropy(h, w, t, chunk=chunk))
+    assert ours and not any(s[-1:] == (V,) for s in ours), ours  # only the inputs h, w, targets (+ scalars)
+    _, plain = saved_shapes(lambda: F.cross_entropy((h @ w.T).float(), t))  # guard: plain CE saves logits
+    assert (N, V) in plain
+    loss.backward()
+    assert h.grad is not None and torch.isfinite(h.grad).all()
+
+
+def test_model_loss_matches_plain_cross_entropy():
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=96, vocab_size=VOCAB))
+    model.init_weights()
+    model.loss_chunk = 5
+    pos = positions('mixed')
+    idx = idx_for(pos)
+    targets = torch.roll(idx, -1, dims=1)
+    targets[:, -1] = -100
+    targets[0, :7] = -100
+    logits, loss = model(idx, pos, targets)
+    assert logits is None
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    full, none = model(idx, pos)
+    assert none is None and full.shape == (2, 48, VOCAB)
+    ref = F.cross_entropy(full.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+    ref_grads = torch.autograd.grad(ref, list(model.parameters()))
+    assert torch.allclose(loss, ref, atol=1e-5)
+    for g, r in zip(grads, ref_grads):
+        assert torch.allclose(g, r, atol=1e-5)
+
+
+def test_bf16_close_to_fp32(tmp_path):
+    hf, d = make_hf(tmp_path, rope=ROPE_CASES['yarn'][0], mpe=128)
+    m32, m16 = Transformer.from_pretrained(d), Transformer.from_pretrained(d, dtype=torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in m16.parameters())
+    pos = positions('mixed')
+    out16, out32 = our_logits(m16, idx_for(pos), pos), our_logits(m32, idx_for(pos), pos)
+    assert out16.dtype == torch.bfloat16
+    # these sharp random weights amplify rounding: judge against transformers' own bf16 error
+    ref16 = hf_logits(copy.deepcopy(hf).to(torch.bfloat16), idx_for(pos), pos).float()
+    ref32 = hf_logits(hf, idx_for(pos), pos)
+    err, hf_err = (out16.float() - out32).abs().mean(), (ref16 - ref32).abs().mean()
+    assert err < 0.05 * out32.abs().mean() and err <= 1.25 * hf_err, (err, hf_err)
+    _, loss = m16(idx_for(pos), pos, torch.roll(idx_for(pos), -1, 1))
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    m16.save_pretrained(tmp_path / 'bf16')
+    cfg = json.load(open(tmp_path / 'bf16' / 'config.json'))
+    assert cfg['torch_dtype'] == cfg['dtype'] == 'bfloat16'
+
+
+def test_flops_per_token():
+    a = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=96, vocab_size=VOCAB)
+    per_layer = 64 * 64 * 2 + 64 * 32 * 2 + 3 * 64 * 96 + 2 * 64  # q, o, k, v, MLP, two norms
+    n = 2 * per_layer + 64 + VOCAB * 64  # + final norm + lm_head (the embedding lookup costs no FLOPs)
+    with torch.device('meta'):
+        model = Transformer(a)
+    assert model.flops_per_token(1024) == 6 * n + 12 * 2 * 4 * 16 * 1024
