@@ -1,0 +1,161 @@
+"""Checkpoint I/O: sharded safetensors, pytorch_model*.bin, overrides, tokenizer files, atomic export,
+and bad inputs that must end in one clear error naming the file / tensor / key."""
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+
+from model import Transformer
+from test_model import ROPE_CASES, TOL, hf_logits, idx_for, make_hf, our_logits, positions
+
+
+def assert_parity(hf, model, kinds=('skip',)):
+    for kind in kinds:
+        pos = positions(kind)
+        assert (hf_logits(hf, idx_for(pos), pos) - our_logits(model, idx_for(pos), pos)).abs().max() < TOL
+
+
+def test_sharded_safetensors_roundtrip(tmp_path):
+    hf, d = make_hf(tmp_path, tie=True)
+    model = Transformer.from_pretrained(d)
+    model.save_pretrained(tmp_path / 'sharded', max_shard_size=20_000)  # forces several shards
+    files = sorted(os.listdir(tmp_path / 'sharded'))
+    shards = [f for f in files if f.endswith('.safetensors')]
+    assert len(shards) > 2 and 'model.safetensors.index.json' in files and 'model.safetensors' not in files
+    index = json.load(open(tmp_path / 'sharded' / 'model.safetensors.index.json'))
+    assert set(index['weight_map'].values()) == set(shards) and 'lm_head.weight' not in index['weight_map']
+    assert not any(f.endswith(('.tmp', '.old')) for f in os.listdir(tmp_path))
+    assert_parity(hf, Transformer.from_pretrained(tmp_path / 'sharded'))
+    assert_parity(AutoModelForCausalLM.from_pretrained(tmp_path / 'sharded').eval(), model)
+
+
+def test_pytorch_bin_single_and_sharded(tmp_path):
+    hf, d = make_hf(tmp_path, arch='qwen2')
+    sd = hf.state_dict()
+    single, sharded = tmp_path / 'bin1', tmp_path / 'bin2'
+    for out in (single, sharded):
+        os.makedirs(out)
+        shutil.copy(os.path.join(d, 'config.json'), out)
+    sd_old = dict(sd, **{'model.layers.0.self_attn.rotary_emb.inv_freq': torch.ones(8)})  # old checkpoints had it
+    torch.save(sd_old, single / 'pytorch_model.bin')
+    names = list(sd)
+    parts = {'pytorch_model-00001-of-00002.bin': names[:10], 'pytorch_model-00002-of-00002.bin': names[10:]}
+    for fname, keys in parts.items():
+        torch.save({k: sd[k] for k in keys}, sharded / fname)
+    json.dump({'weight_map': {k: f for f, keys in parts.items() for k in keys}},
+              open(sharded / 'pytorch_model.bin.index.json', 'w'))
+    assert_parity(hf, Transformer.from_pretrained(single))
+    assert_parity(hf, Transformer.from_pretrained(sharded))
+
+
+def test_rope_override_on_checkpoint(tmp_path):
+    """Overriding rope_scaling + max_position_embeddings on a plain checkpoint == transformers with that
+    config; original_max_position_embeddings defaults to the checkpoint's own window (32)."""
+    _, d = make_hf(tmp_path)
+    model = Transformer.from_pretrained(d, rope_scaling={'rope_type': 'yarn', 'factor': 4.0},
+                                        max_position_embeddings=128)
+    assert model.args.rope_scaling['original_max_position_embeddings'] == 32
+    ref_dir = tmp_path / 'ref'
+    shutil.copytree(d, ref_dir)
+    cfg = json.load(open(ref_dir / 'config.json'))
+    cfg['rope_parameters'] = dict(ROPE_CASES['yarn'][0], rope_theta=10000.0)
+    cfg['max_position_embeddings'] = 128
+    json.dump(cfg, open(ref_dir / 'config.json', 'w'))
+    assert_parity(AutoModelForCausalLM.from_pretrained(ref_dir).eval(), model, kinds=('contig', 'skip'))
+    model.save_pretrained(tmp_path / 'ours')
+    out = json.load(open(tmp_path / 'ours' / 'config.json'))
+    assert out['max_position_embeddings'] == 128 and out['rope_scaling']['original_max_position_embeddings'] == 32
+
+
+def test_tokenizer_files_and_overwrite(tmp_path):
+    _, d = make_hf(tmp_path)
+    for name in ('tokenizer.model', 'tokenizer_config.json'):
+        open(os.path.join(d, name), 'w').write(name)
+    model = Transformer.from_pretrained(d)
+    out = tmp_path / 'out'
+    model.save_pretrained(out)  # from the directory the model came from
+    assert open(out / 'tokenizer.model').read() == 'tokenizer.model' and (out / 'tokenizer_config.json').exists()
+    tok = tmp_path / 'tok'
+    os.makedirs(tok)
+    open(tok / 'tokenizer.json', 'w').write('{}')
+    model.save_pretrained(out, tokenizer_dir=str(tok))  # overwrites the previous export as a whole
+    assert sorted(os.listdir(out)) == ['config.json', 'model.safetensors', 'tokenizer.json']
+    assert sorted(os.listdir(tmp_path)) == sorted(['hf_llama', 'out', 'tok'])  # no temp dirs left
+
+
+# ---- bad inputs ---------------------------------------------------------------------------------------
+def edit_weights(d, fn):
+    p = os.path.join(d, 'model.safetensors')
+    sd = load_file(p)
+    fn(sd)
+    save_file(sd, p, metadata={'format': 'pt'})
+
+
+def edit_config(d, fn):
+    p = os.path.join(d, 'config.json')
+    cfg = json.load(open(p))
+    fn(cfg)
+    json.dump(cfg, open(p, 'w'))
+
+
+def test_bad_inputs(tmp_path):
+    _, d = make_hf(tmp_path)
+    bad = lambda name: shutil.copytree(d, tmp_path / name) and str(tmp_path / name)
+
+    with pytest.raises(FileNotFoundError, match='config.json'):
+        Transformer.from_pretrained(tmp_path / 'nowhere')
+    p = bad('gpt2')
+    edit_config(p, lambda c: c.update(architectures=['GPT2LMHeadModel'], model_type='gpt2'))
+    with pytest.raises(ValueError, match='GPT2LMHeadModel'):
+        Transformer.from_pretrained(p)
+    p = bad('missing')
+    edit_weights(p, lambda sd: sd.pop('model.layers.1.mlp.up_proj.weight'))
+    with pytest.raises(ValueError, match=r'missing.*model\.layers\.1\.mlp\.up_proj\.weight'):
+        Transformer.from_pretrained(p)
+    p = bad('extra')
+    edit_weights(p, lambda sd: sd.update({'model.layers.0.self_attn.q_norm.weight': torch.ones(16)}))
+    with pytest.raises(ValueError, match=r'unexpected.*model\.layers\.0\.self_attn\.q_norm\.weight'):
+        Transformer.from_pretrained(p)
+    p = bad('shape')
+    edit_weights(p, lambda sd: sd.update({'model.norm.weight': torch.ones(63)}))
+    with pytest.raises(ValueError, match=r"model\.norm\.weight.*\(63,\).*\(64,\)"):
+        Transformer.from_pretrained(p)
+    p = bad('rope')
+    edit_config(p, lambda c: c.update(rope_parameters={'rope_type': 'su-perb', 'factor': 2.0}))
+    with pytest.raises(ValueError, match='su-perb'):
+        Transformer.from_pretrained(p)
+    with pytest.raises(ValueError, match="'linear' needs key 'factor'"):
+        Transformer.from_pretrained(d, rope_scaling={'rope_type': 'linear', 'factr': 2.0})
+    with pytest.raises(ValueError, match="short_factor"):
+        Transformer.from_pretrained(d, rope_scaling={'rope_type': 'longrope', 'short_factor': [1.0] * 3,
+                                                     'long_factor': [1.0] * 8})
+    with pytest.raises(ValueError, match='max_seq_len'):
+        Transformer.from_pretrained(d, max_seq_len=4096)
+    p = bad('noweights')
+    os.remove(os.path.join(p, 'model.safetensors'))
+    with pytest.raises(FileNotFoundError, match='model.safetensors'):
+        Transformer.from_pretrained(p)
+    p = bad('act')
+    edit_config(p, lambda c: c.update(hidden_act='gelu'))
+    with pytest.raises(ValueError, match='hidden_act'):
+        Transformer.from_pretrained(p)
+
+
+def test_save_given_state_dict_from_meta_model(tmp_path):
+    """train.py's export: a meta-device model (only .args) writes a gathered state dict, whose keys may
+    carry torch.compile / checkpoint_wrapper prefixes; a state dict that does not fit is refused."""
+    hf, d = make_hf(tmp_path, tie=True)
+    model = Transformer.from_pretrained(d)
+    sd = {k.replace('layers.0.', 'layers.0._orig_mod.'): v.clone() for k, v in model.state_dict().items()}
+    with torch.device('meta'):
+        export = Transformer(model.args)
+    export.save_pretrained(tmp_path / 'out', state_dict=sd)
+    assert_parity(AutoModelForCausalLM.from_pretrained(tmp_path / 'out').eval(), model)
+    sd.pop('norm.weight')
+    with pytest.raises(ValueError, match='norm.weight'):
+        export.save_pretrained(tmp_path / 'out2', state_dict=sd)
+    assert not os.path.exists(tmp_path / 'out2')
