@@ -314,12 +314,15 @@ def _pack(lists):
     return flat, lens
 
 
-def _batches(docs, max_docs=256, max_chars=1 << 20):
+BATCH_DOCS, BATCH_CHARS = 256, 1 << 20  # a unit of work for one tokenizer call / worker
+
+
+def _batches(docs):
     batch, chars = [], 0
     for text in docs:
         batch.append(text)
         chars += len(text)
-        if len(batch) >= max_docs or chars >= max_chars:
+        if len(batch) >= BATCH_DOCS or chars >= BATCH_CHARS:
             yield batch
             batch, chars = [], 0
     if batch:
@@ -352,7 +355,15 @@ def train_sentencepiece(docs, vocab_size, model_path, model_type='bpe', sample_m
     folding, no dummy prefix) so decode(encode(text)) == text for code and any text without '▁'."""
     import sentencepiece as spm
 
+    failed = []  # an error inside the iterator would reach us as sentencepiece's RuntimeError: keep it
+
     def pieces():  # <= 4 KB pieces cut at line ends: sentencepiece skips over-long "sentences"
+        try:
+            yield from _pieces()
+        except BaseException as e:
+            failed.append(e)
+
+    def _pieces():
         budget = int(sample_mb * 2 ** 20)
         for text in docs:
             buf = ''
@@ -374,12 +385,16 @@ def train_sentencepiece(docs, vocab_size, model_path, model_type='bpe', sample_m
             sentence_iterator=pieces(), model_writer=model, vocab_size=vocab_size, model_type=model_type,
             byte_fallback=True, character_coverage=0.9995, split_digits=True,
             normalization_rule_name='identity', remove_extra_whitespaces=False, add_dummy_prefix=False,
-            allow_whitespace_only_pieces=True, user_defined_symbols=['\n'],  # newline: a piece, not 3 bytes
+            allow_whitespace_only_pieces=True, user_defined_symbols=['\n'],  # newline: always its own piece
             unk_id=0, bos_id=1, eos_id=2, pad_id=-1, max_sentence_length=1 << 16,
             input_sentence_size=1 << 20, shuffle_input_sentence=True, num_threads=min(8, os.cpu_count() or 1),
             minloglevel=2)
     except RuntimeError as e:
+        if failed:
+            raise failed[0] from None
         raise ValueError(f"train_tokenizer={vocab_size}: sentencepiece failed: {str(e).strip().splitlines()[-1]}") from None
+    if failed:
+        raise failed[0]
     with open(model_path, 'wb') as f:
         f.write(model.getvalue())
 
@@ -481,6 +496,7 @@ def prepare(input=None, corpus='', val_input=None, val_fraction=0.0, out_dir='da
             from tqdm import tqdm
             name = fixed_split or '+'.join(splits)
             bar = tqdm(desc=f'tokenizing {name}', unit=' docs', disable=not progress, mininterval=0.5)
+            handles.append(bar)  # closed on error too, so the error line is the last thing on stderr
             index, kept, n_tok, t0 = 0, 0, 0, time.time()
             docs = iter_documents(stream_files, text_key, bool(corpus))
             batches = encode_documents(docs, tok_path, num_proc, bos, eos)
