@@ -331,8 +331,8 @@ def save_checkpoint(it):
         with open(latest_path + '.tmp', 'w') as f:
             f.write(name + '\n')
         os.replace(latest_path + '.tmp', latest_path)
-        for d in os.listdir(out_dir):
-            if re.fullmatch(r'ckpt-\d+', d) and d != name:
+        for d in os.listdir(out_dir):  # older checkpoints, and the leftovers of crashed saves
+            if re.fullmatch(r'ckpt-\d+(\.tmp)?', d) and d != name:
                 shutil.rmtree(os.path.join(out_dir, d))
     barrier()
 
@@ -383,7 +383,14 @@ peak = peak_flops or (next((f for n, f in PEAK_FLOPS if n in torch.cuda.get_devi
                       if device_type == 'cuda' else 0.0)
 if master:
     os.makedirs(out_dir, exist_ok=True)
-    log_file = open(os.path.join(out_dir, 'log.jsonl'), 'a' if init_from == 'resume' else 'w')
+    log_path = os.path.join(out_dir, 'log.jsonl')
+    if init_from == 'resume' and os.path.exists(log_path):  # drop what the interrupted run logged after the
+        with open(log_path) as f:                            # checkpoint (and a line cut by the kill)
+            lines = [l for l in f if l.endswith('\n') and json.loads(l)['iter'] <= iter_num]
+        with open(log_path + '.tmp', 'w') as f:
+            f.writelines(lines)
+        os.replace(log_path + '.tmp', log_path)
+    log_file = open(log_path, 'a' if init_from == 'resume' else 'w')
     print(f'{n_params / 1e6:.2f}M parameters, world size {world_size}, {tokens_per_iter:,} tokens per step, '
           f'method={method} train_len={train_len} target_len={target_len} rope_scaling={margs.rope_scaling}')
     if wandb_log:
@@ -409,14 +416,14 @@ try:
             loss_sum += loss.detach().float()
         train_loss = mean_over_ranks(loss_sum / gradient_accumulation_steps)
         if not math.isfinite(train_loss):  # before the optimizer step: the weights and checkpoints stay good
-            fail(f'loss is {train_loss} at iter {iter_num}: stopping; the last good checkpoint is '
+            fail(f'loss is {train_loss} at iter {iter_num + 1}: stopping before the update; the last good checkpoint is '
                  f"{open(latest_path).read().strip() if os.path.exists(latest_path) else 'none'} in {out_dir}", 1)
         grad_norm = None
         if grad_clip > 0:
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
             grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, 'full_tensor') else grad_norm).item()
             if not math.isfinite(grad_norm):
-                fail(f'grad norm is {grad_norm} at iter {iter_num}: stopping before the update', 1)
+                fail(f'grad norm is {grad_norm} at iter {iter_num + 1}: stopping before the update', 1)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if device_type == 'cuda':
