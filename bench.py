@@ -1,0 +1,443 @@
+"""
+Benchmarks: what PoSE costs next to full-length fine-tuning (the paper's Fig. 3), training throughput and
+MFU, eval throughput against transformers, sampler speed and data-preparation speed.
+
+    python bench.py                                   # every CPU section on a tiny model (a few minutes)
+    python bench.py --only=fig3 --train_len=128        # Fig. 3 only: L_t = L_c x {1,2,...,64}
+    python bench.py --only=train --dtype=bfloat16 --compile=True --batch_size=16 --seq_len=256
+    python bench.py --preset=gpu_1b --only=train       # CUDA only: ~1B-shaped model, MFU at 2k
+    python bench.py --preset=gpu_7b --only=evalmem     # CUDA only: peak memory of a 128k-token eval window, 7B shape
+    python bench.py --preset=gpu_1b --only=fig3        # CUDA only: Fig. 3 at 2k x {1..64} (full-length OOMs: recorded)
+
+Sections (`only`, comma-separated):
+  fig3     one training step (fwd + bwd + AdamW) of PoSE (train_len tokens, position ids up to L_t) and of
+           full-length fine-tuning (L_t tokens) for L_t = train_len * factors, on the same model, in one run.
+           Memory: on CUDA torch.cuda.max_memory_allocated (everything). On CPU there is no allocator peak
+           to read, so we count what a step must hold, exactly: the bytes of every tensor autograd saves for
+           backward (unique storages, parameters excluded, via saved_tensors_hooks) = activation memory,
+           plus parameters + gradients + the two AdamW moments. Transient buffers are not included.
+  train    tokens/s and MFU of training steps at (batch_size, seq_len). MFU = model.flops_per_token(seq_len)
+           * tokens/s / peak; peak = the datasheet bf16 peak of the GPU, or on CPU the measured peak of a
+           large matmul on this machine (so a CPU MFU means "fraction of what torch.mm reaches here").
+  eval     sliding-window perplexity throughput: eval_ppl.sliding_window_nll (our model, chunked loss) vs
+           transformers' LlamaForCausalLM on the same checkpoint (tokens/s and ratio; same NLL checked).
+  sampler  sample_positions.draws_per_second for pose / randpos at 2k->16k and 2k->128k.
+  prepare  prepare_data.prepare() on stdlib text with a given tokenizer vs the bare tokenizer's encode.
+  evalmem  (CUDA) peak memory of one eval_len-token forward with the chunked loss (no [T, vocab] logits).
+Results: printed tables + one JSON (`out`, written atomically) + the Fig. 3 plot (`plot`, needs matplotlib).
+"""
+import json
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+
+from model import ModelArgs, Transformer
+import sample_positions
+
+# -----------------------------------------------------------------------------
+only = 'fig3,train,eval,sampler,prepare'  # sections to run: fig3 | train | eval | sampler | prepare | evalmem
+preset = ''  # '' = the shape below | 'gpu_1b' (TinyLlama-1.1B shape) | 'gpu_7b' (Llama-2-7B shape); CUDA only
+device = 'cuda' if torch.cuda.is_available() else 'cpu'  # 'cpu' | 'cuda'
+dtype = 'float32'  # compute dtype: 'float32' | 'bfloat16' (autocast over fp32 weights, as train.py)
+compile = False  # torch.compile each block (as train.py)
+activation_checkpointing = False  # recompute each block in backward (as train.py)
+threads = 0  # torch.set_num_threads (0 = torch's default)
+seed = 1337  # random tokens, positions and init
+# model shape (ModelArgs fields; the demo's tiny LLaMA by default)
+dim = 256  # hidden size
+n_layers = 4  # blocks
+n_heads = 4  # attention heads
+n_kv_heads = 4  # KV heads (GQA when < n_heads)
+hidden_dim = 768  # SwiGLU intermediate size
+vocab_size = 2048  # vocabulary
+# fig3
+train_len = 128  # L_c: PoSE's (fixed) training length
+factors = [1, 2, 4, 8, 16, 32, 64]  # L_t = train_len * factor
+fig3_batch = 1  # examples per step in the sweep
+# train throughput
+batch_size = 8  # examples per step
+seq_len = 256  # tokens per example
+# eval throughput / memory
+eval_len = 1024  # window length (evalmem: the window whose peak memory is measured)
+eval_tokens = 8192  # tokens scored per model in the eval section
+# timing
+warmup = 2  # untimed steps first (allocator, compile)
+iters = 5  # timed steps; the median is reported
+sampler_seconds = 1.0  # wall time per sampler measurement
+prepare_mb = 4.0  # MB of stdlib text for the prepare section
+out = 'out-bench/bench.json'  # results JSON
+plot = 'out-bench/fig3.png'  # Fig. 3 plot ('' = none)
+# -----------------------------------------------------------------------------
+exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
+# -----------------------------------------------------------------------------
+
+PRESETS = {  # GPU-only shapes of the issue: they need a real accelerator to mean anything
+    'gpu_1b': dict(dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, hidden_dim=5632, vocab_size=32000,
+                   batch_size=4, seq_len=2048, train_len=2048, dtype='bfloat16', compile=True),
+    'gpu_7b': dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, hidden_dim=11008, vocab_size=32000,
+                   eval_len=131072, dtype='bfloat16', train_len=2048),
+}
+# bf16 dense peak FLOP/s per GPU (datasheet), first substring match on the device name
+PEAK_FLOPS = [('H200', 989e12), ('H100 PCIe', 756e12), ('H100', 989e12), ('H800', 989e12), ('B200', 2250e12),
+              ('A100', 312e12), ('A10G', 70e12), ('L40S', 362e12), ('L4', 121e12), ('4090', 165e12), ('V100', 125e12)]
+
+
+def fail(msg):
+    print(f'error: {msg}', file=sys.stderr)
+    sys.exit(2)
+
+
+if preset:
+    if preset not in PRESETS:
+        fail(f"preset='{preset}': expected '' or one of {sorted(PRESETS)}")
+    if not torch.cuda.is_available():
+        fail(f"preset='{preset}' is a GPU shape: it needs CUDA (none here); run the CPU sections without --preset")
+    globals().update({k: v for k, v in PRESETS[preset].items() if not any(a.startswith(f'--{k}=') for a in sys.argv)})
+sections = [s.strip() for s in only.split(',') if s.strip()]
+for s in sections:
+    if s not in ('fig3', 'train', 'eval', 'sampler', 'prepare', 'evalmem'):
+        fail(f"only: unknown section '{s}' (fig3, train, eval, sampler, prepare, evalmem)")
+if device.startswith('cuda') and not torch.cuda.is_available():
+    fail(f"device='{device}' but CUDA is not available")
+if dtype not in ('float32', 'bfloat16'):
+    fail(f"dtype='{dtype}': expected 'float32' or 'bfloat16'")
+if threads:
+    torch.set_num_threads(threads)
+cuda = device.startswith('cuda')
+autocast = torch.autocast('cuda' if cuda else 'cpu', dtype=torch.bfloat16) if dtype == 'bfloat16' else nullcontext()
+results = {'config': {k: globals()[k] for k in ('preset', 'device', 'dtype', 'compile', 'activation_checkpointing',
+                                                'threads', 'seed', 'dim', 'n_layers', 'n_heads', 'n_kv_heads',
+                                                'hidden_dim', 'vocab_size')},
+           'machine': {'torch': torch.__version__, 'cpu_threads': torch.get_num_threads(), 'nproc': os.cpu_count(),
+                       'gpu': torch.cuda.get_device_name() if cuda else None}}
+
+
+def write_json_atomic(path, obj):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + '.tmp', 'w') as f:
+        json.dump(obj, f, indent=1)
+    os.replace(path + '.tmp', path)
+
+
+def sync():
+    if cuda:
+        torch.cuda.synchronize()
+
+
+def build_model(max_len):
+    args = ModelArgs(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads, hidden_dim=hidden_dim,
+                     vocab_size=vocab_size, max_position_embeddings=max_len, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    with torch.device(device):  # a 7B shape is built on the GPU directly (no fp32 CPU copy)
+        model = Transformer(args)
+        model.init_weights()
+    if activation_checkpointing or compile:
+        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+        for i, block in enumerate(model.layers):
+            if activation_checkpointing:
+                block = checkpoint_wrapper(block, preserve_rng_state=False)
+            if compile:
+                block = torch.compile(block)
+            model.layers[i] = block
+    return model
+
+
+def make_optimizer(model):
+    return torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda)
+
+
+def saved_activation_bytes(fn, params):
+    """Run fn() (a forward) and return (its result, bytes of the tensors autograd saved for backward):
+    unique storages only (a view and its base count once), parameters excluded (they exist anyway)."""
+    param_ptrs = {p.untyped_storage().data_ptr() for p in params}
+    storages = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in param_ptrs and s.data_ptr() != 0:
+            storages[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        res = fn()
+    return res, sum(storages.values())
+
+
+def train_step(model, opt, x, y, pos, count_saved=False):
+    """One fwd + bwd + AdamW step; returns (seconds, saved activation bytes or None)."""
+    sync()
+    t0 = time.perf_counter()
+    with autocast:
+        if count_saved:
+            (_, loss), saved = saved_activation_bytes(lambda: model(x, position_ids=pos, targets=y), model.parameters())
+        else:
+            (_, loss), saved = model(x, position_ids=pos, targets=y), None
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    sync()
+    return time.perf_counter() - t0, saved
+
+
+def static_bytes(model):
+    """Parameters + gradients + AdamW exp_avg and exp_avg_sq (all fp32): what any training step holds."""
+    return 4 * sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def matmul_peak_flops():
+    """Peak FLOP/s of this device: the datasheet bf16 figure for known GPUs, else a measured large matmul."""
+    if cuda:
+        name = torch.cuda.get_device_name()
+        for key, flops in PEAK_FLOPS:
+            if key in name:
+                return flops, f'datasheet bf16 ({name})'
+    n = 4096 if cuda else 1024
+    dt = torch.bfloat16 if dtype == 'bfloat16' else torch.float32
+    a, b = torch.randn(n, n, device=device, dtype=dt), torch.randn(n, n, device=device, dtype=dt)
+    for _ in range(2):
+        a @ b
+    sync()
+    reps, t0 = 10, time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync()
+    return 2 * n ** 3 * reps / (time.perf_counter() - t0), f'measured {n}x{n} {dtype} matmul on {device}'
+
+
+def human(nbytes):
+    return f'{nbytes / 2 ** 20:,.1f} MiB'
+
+
+# ----------------------------------------------------------------------------- fig3: PoSE vs full-length cost
+def bench_fig3():
+    rng = np.random.default_rng(seed)
+    lengths = [train_len * f for f in factors]
+    model = build_model(max(lengths))
+    opt = make_optimizer(model)
+    rows = []
+    print(f"\n== fig3: training step, PoSE (L_c={train_len}) vs full-length, batch {fig3_batch}, {dtype}, {device}")
+    print(f"{'L_t':>8} {'method':>6} {'tokens':>7} {'step s':>8} {'memory':>12}  memory measured")
+    for f, target in zip(factors, lengths):
+        for method in ('pose', 'full'):
+            T = train_len if method == 'pose' else target
+
+            def batch():
+                x = torch.from_numpy(rng.integers(0, vocab_size, (fig3_batch, T))).to(device)
+                if method == 'pose':  # fresh skip offsets every step, as in training
+                    p = np.stack([sample_positions.SAMPLERS['pose'](target, train_len, target, rng)[1]
+                                  for _ in range(fig3_batch)])
+                    return x, x, torch.from_numpy(p).to(device)
+                return x, x, None
+            row = {'target_len': target, 'factor': f, 'method': method, 'tokens': T}
+            try:
+                for _ in range(warmup):
+                    train_step(model, opt, *batch())
+                if cuda:
+                    torch.cuda.reset_peak_memory_stats()
+                times, saved = [], None
+                for i in range(iters):
+                    dt, s = train_step(model, opt, *batch(), count_saved=not cuda and i == 0)
+                    times.append(dt)
+                    saved = s if s is not None else saved
+                row['step_s'] = statistics.median(times)
+                if cuda:
+                    row['memory_bytes'] = torch.cuda.max_memory_allocated()
+                    row['memory_what'] = 'torch.cuda.max_memory_allocated'
+                else:
+                    row['activation_bytes'] = saved
+                    row['static_bytes'] = static_bytes(model)
+                    row['memory_bytes'] = saved + row['static_bytes']
+                    row['memory_what'] = 'saved-for-backward + params/grads/AdamW'
+            except torch.cuda.OutOfMemoryError:
+                row.update(step_s=None, memory_bytes=None, oom=True)
+                opt.zero_grad(set_to_none=True)
+                torch.cuda.empty_cache()
+            rows.append(row)
+            mem = human(row['memory_bytes']) if row['memory_bytes'] is not None else 'OOM'
+            step = f"{row['step_s']:.3f}" if row['step_s'] is not None else 'OOM'
+            print(f"{target:>8} {method:>6} {T:>7} {step:>8} {mem:>12}  {row.get('memory_what', '')}", flush=True)
+    pose = [r for r in rows if r['method'] == 'pose' and r['step_s'] is not None]
+    summary = {}
+    if pose:
+        t = [r['step_s'] for r in pose]
+        m = [r['memory_bytes'] for r in pose]
+        summary = {'pose_time_spread': (max(t) - min(t)) / min(t), 'pose_memory_spread': (max(m) - min(m)) / min(m)}
+        print(f"PoSE spread over L_t: step time {100 * summary['pose_time_spread']:.1f}% (max-min)/min, "
+              f"memory {100 * summary['pose_memory_spread']:.2f}% (goal: flat within 2%)")
+    results['fig3'] = {'train_len': train_len, 'batch': fig3_batch, 'rows': rows, **summary}
+    if plot:
+        plot_fig3(rows)
+
+
+def plot_fig3(rows):
+    try:
+        import matplotlib
+        matplotlib.use('Agg')
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print('note: matplotlib not installed, no Fig. 3 plot (pip install matplotlib)')
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for method, style in (('full', 'o-'), ('pose', 's-')):
+        rs = [r for r in rows if r['method'] == method and r['step_s'] is not None]
+        x = [r['target_len'] for r in rs]
+        axes[0].plot(x, [r['memory_bytes'] / 2 ** 30 for r in rs], style, label='Full-length' if method == 'full' else 'PoSE')
+        axes[1].plot(x, [r['step_s'] for r in rs], style, label='Full-length' if method == 'full' else 'PoSE')
+    for ax, title in zip(axes, ('memory (GiB)', 'time per step (s)')):
+        ax.set_xscale('log', base=2)
+        ax.set_xlabel('target length L_t (tokens)')
+        ax.set_title(title)
+        ax.legend()
+    fig.suptitle(f'Training cost vs target length (L_c = {train_len}, {device}, {dtype})')
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(plot)), exist_ok=True)
+    fig.savefig(plot + '.tmp.png', dpi=120)
+    os.replace(plot + '.tmp.png', plot)
+    print(f'wrote {plot}')
+
+
+# ----------------------------------------------------------------------------- train throughput / MFU
+def bench_train():
+    model = build_model(seq_len)
+    opt = make_optimizer(model)
+    x = torch.randint(0, vocab_size, (batch_size, seq_len), device=device)
+    for _ in range(warmup):
+        train_step(model, opt, x, x, None)
+    times = [train_step(model, opt, x, x, None)[0] for _ in range(iters)]
+    dt = statistics.median(times)
+    tok_s = batch_size * seq_len / dt
+    fpt = model.flops_per_token(seq_len)
+    peak, peak_what = matmul_peak_flops()
+    n_params = sum(p.numel() for p in model.parameters())
+    r = {'params': n_params, 'batch_size': batch_size, 'seq_len': seq_len, 'step_s': dt, 'tokens_per_s': tok_s,
+         'flops_per_token': fpt, 'peak_flops': peak, 'peak_what': peak_what, 'mfu': fpt * tok_s / peak}
+    results['train'] = r
+    print(f"\n== train: {n_params / 1e6:.2f}M params, batch {batch_size} x {seq_len}, {dtype}, compile={compile}, "
+          f"{device}: {dt:.3f} s/step, {tok_s:,.0f} tokens/s, MFU {100 * r['mfu']:.1f}% "
+          f"(peak {peak / 1e12:.2f} TFLOP/s, {peak_what})")
+
+
+# ----------------------------------------------------------------------------- eval throughput vs transformers
+def bench_eval():
+    try:
+        import transformers
+    except ImportError:
+        print('\n== eval: skipped: transformers is not installed (a dev dependency: pip install -r requirements-dev.txt)')
+        results['eval'] = {'skipped': 'transformers not installed'}
+        return
+    from eval_ppl import load_model, sliding_window_nll
+    with tempfile.TemporaryDirectory() as tmp:
+        build_model(eval_len).save_pretrained(tmp)
+        ours = load_model(tmp, dtype=dtype, device=device)
+        ref = transformers.AutoModelForCausalLM.from_pretrained(
+            tmp, dtype=torch.bfloat16 if dtype == 'bfloat16' else torch.float32, attn_implementation='sdpa').to(device).eval()
+    doc = np.random.default_rng(seed).integers(0, vocab_size, eval_tokens)
+
+    @torch.inference_mode()
+    def ref_nll(tokens):  # the same disjoint windows, scored with transformers' full logits
+        nll, n = 0.0, 0
+        t = torch.as_tensor(tokens, device=device)
+        for b in range(0, len(t) - 1, eval_len):
+            w = t[b:b + eval_len + 1]
+            logits = ref(input_ids=w[None, :-1]).logits[0].float()
+            nll += torch.nn.functional.cross_entropy(logits, w[1:], reduction='sum').item()
+            n += len(w) - 1
+        return nll, n
+
+    def timed(fn):
+        fn(doc[:eval_len + 1])  # warmup
+        sync()
+        t0 = time.perf_counter()
+        nll, n = fn(doc)
+        sync()
+        return nll / n, n / (time.perf_counter() - t0)
+
+    nll_ours, tps_ours = timed(lambda d: sliding_window_nll(ours, d, eval_len, device=device))
+    nll_ref, tps_ref = timed(ref_nll)
+    r = {'eval_len': eval_len, 'tokens': eval_tokens, 'ours_tokens_per_s': tps_ours, 'hf_tokens_per_s': tps_ref,
+         'ratio': tps_ours / tps_ref, 'nll_ours': nll_ours, 'nll_hf': nll_ref, 'transformers': transformers.__version__}
+    results['eval'] = r
+    print(f"\n== eval: window {eval_len}, {eval_tokens} tokens, {dtype}, {device}: eval_ppl {tps_ours:,.0f} tok/s, "
+          f"transformers {tps_ref:,.0f} tok/s, ratio {r['ratio']:.2f}x (goal >= 1.0); "
+          f"mean NLL {nll_ours:.5f} vs {nll_ref:.5f}")
+
+
+def bench_evalmem():
+    if not cuda:
+        fail('evalmem measures CUDA peak memory: it needs a GPU (try --preset=gpu_7b on one)')
+    model = build_model(eval_len).to(torch.bfloat16 if dtype == 'bfloat16' else torch.float32).eval()
+    x = torch.randint(0, vocab_size, (1, eval_len), device=device)
+    torch.cuda.reset_peak_memory_stats()
+    sync()
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        _, loss = model(x, targets=x)
+    sync()
+    r = {'eval_len': eval_len, 'peak_bytes': torch.cuda.max_memory_allocated(), 'seconds': time.perf_counter() - t0,
+         'weights_bytes': sum(p.numel() * p.element_size() for p in model.parameters())}
+    results['evalmem'] = r
+    print(f"\n== evalmem: one {eval_len}-token window, {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B params, "
+          f"{dtype}: peak {r['peak_bytes'] / 1e9:.1f} GB (weights {r['weights_bytes'] / 1e9:.1f} GB), "
+          f"{r['seconds']:.1f} s (goal <= 30 GB)")
+
+
+# ----------------------------------------------------------------------------- sampler and prepare_data speed
+def bench_sampler():
+    rows = []
+    print('\n== sampler: draws/s on one core (goal >= 20k)')
+    for method in ('pose', 'randpos'):
+        for lc, lt in ((2048, 16384), (2048, 131072)):
+            d = sample_positions.draws_per_second(method, lc, lt, seconds=sampler_seconds)
+            rows.append({'method': method, 'train_len': lc, 'target_len': lt, 'draws_per_s': d})
+            print(f"{method:>8} {lc}->{lt}: {d:,.0f} draws/s")
+    results['sampler'] = rows
+
+
+def bench_prepare():
+    import prepare_data
+    files = prepare_data.corpus_files('python_stdlib')
+    texts, size = [], 0
+    for f in files:  # the first prepare_mb MB of the stdlib, as whole files
+        t = open(f, encoding='utf-8', errors='replace').read()
+        texts.append(t)
+        size += len(t.encode())
+        if size >= prepare_mb * 2 ** 20:
+            break
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, 'docs.jsonl')
+        with open(src, 'w') as fh:
+            for t in texts:
+                fh.write(json.dumps({'text': t}) + '\n')
+        tok_path = os.path.join(tmp, 'tok.model')
+        prepare_data.train_sentencepiece(iter(texts), 1024, tok_path, sample_mb=1.0)
+        tok = prepare_data.load_tokenizer(tok_path)
+        t0 = time.perf_counter()
+        n_bare = sum(len(tok.encode(t, bos=True)) for t in texts)
+        bare = time.perf_counter() - t0
+        row = {'mb': size / 2 ** 20, 'tokens': n_bare, 'bare_s': bare}
+        print(f"\n== prepare: {size / 2 ** 20:.1f} MB, {n_bare:,} tokens; bare tokenizer {n_bare / bare:,.0f} tok/s")
+        for num_proc in (1, 2):
+            t0 = time.perf_counter()
+            prepare_data.prepare(input=src, out_dir=os.path.join(tmp, f'out{num_proc}'), tokenizer=tok_path,
+                                 shuffle=False, num_proc=num_proc, progress=False)
+            dt = time.perf_counter() - t0
+            row[f'prepare_s_proc{num_proc}'] = dt
+            print(f"prepare_data num_proc={num_proc}: {n_bare / dt:,.0f} tok/s, overhead vs bare "
+                  f"{100 * (dt / bare - 1):+.0f}% (goal <= +10% single process)")
+    results['prepare'] = row
+
+
+SECTIONS = {'fig3': bench_fig3, 'train': bench_train, 'eval': bench_eval, 'sampler': bench_sampler,
+            'prepare': bench_prepare, 'evalmem': bench_evalmem}
+print(f"bench: {', '.join(sections)} on {device} ({torch.get_num_threads()} threads), {dtype}")
+for s in sections:
+    SECTIONS[s]()
+    write_json_atomic(out, results)  # after every section: a crash later keeps what was measured
+print(f'wrote {out}')
