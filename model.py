@@ -122,8 +122,8 @@ def rope_longrope(rs, d, theta, mpe, seq_len):
 ROPE_FUNCS = {'default': rope_default, 'linear': rope_linear, 'dynamic': rope_dynamic,
               'yarn': rope_yarn, 'llama3': rope_llama3, 'longrope': rope_longrope,
               'ntk': rope_ntk, 'yarn_pose': rope_yarn_pose}
-ROPE_REQUIRED = {'linear': ('factor',), 'dynamic': ('factor',), 'yarn': ('factor',), 'yarn_pose': ('factor',),
-                 'llama3': ('factor', 'low_freq_factor', 'high_freq_factor'),
+ROPE_REQUIRED = {'linear': ('factor',), 'dynamic': ('factor',), 'yarn': (), 'yarn_pose': ('factor',),
+                 'llama3': ('factor', 'low_freq_factor', 'high_freq_factor'),  # yarn: factor = mpe / original
                  'longrope': ('short_factor', 'long_factor'), 'ntk': ()}
 ROPE_NEEDS_ORIG = ('yarn', 'llama3', 'longrope', 'yarn_pose')  # read original_max_position_embeddings
 
@@ -246,8 +246,8 @@ def normalize_rope_scaling(rs, head_dim, mpe):
         raise ValueError(f"unknown rope_type {t!r} in rope_scaling (known: {', '.join(ROPE_FUNCS)})")
     if t == 'default':
         return None
-    for k in ROPE_REQUIRED[t] + (('original_max_position_embeddings',) if t == 'longrope' else ()):
-        if rs.get(k) is None and not (t == 'yarn' and k == 'factor'):  # yarn: factor = mpe / original
+    for k in ROPE_REQUIRED[t]:
+        if rs.get(k) is None:
             raise ValueError(f"rope_scaling of type {t!r} needs key {k!r} (got {sorted(rs)})")
     if t == 'ntk' and 'factor' not in rs and 'alpha' not in rs:
         raise ValueError("rope_scaling of type 'ntk' needs key 'factor' (or 'alpha')")
@@ -370,7 +370,8 @@ class Transformer(nn.Module):
         B, T = idx.shape
         if position_ids is None:
             position_ids = torch.arange(T, device=idx.device)
-        if position_ids.shape[-1] != T or position_ids.dim() > 2:
+        if position_ids.dim() > 2 or position_ids.shape[-1] != T or \
+                (position_ids.dim() == 2 and position_ids.shape[0] not in (1, B)):
             raise ValueError(f"position_ids shape {tuple(position_ids.shape)} does not match idx shape {(B, T)}")
         sw = self.args.sliding_window
         if sw is not None and T > sw:
@@ -468,23 +469,19 @@ class Transformer(nn.Module):
         os.makedirs(tmp)
         shards, size = [[]], 0  # greedy: start a new shard when this one would pass max_shard_size
         for name, t in tensors.items():
-            nbytes = t.numel() * t.element_size()
-            if shards[-1] and size + nbytes > max_shard_size:
-                shards.append([])
-                size = 0
+            if shards[-1] and size + t.nbytes > max_shard_size:
+                shards, size = shards + [[]], 0
             shards[-1].append(name)
-            size += nbytes
-        if len(shards) == 1:
-            save_file(tensors, os.path.join(tmp, 'model.safetensors'), metadata={'format': 'pt'})
-        else:
-            weight_map = {}
-            for i, names in enumerate(shards):
-                fname = f'model-{i + 1:05d}-of-{len(shards):05d}.safetensors'
-                save_file({n: tensors[n] for n in names}, os.path.join(tmp, fname), metadata={'format': 'pt'})
-                weight_map.update({n: fname for n in names})
-            total = sum(t.numel() * t.element_size() for t in tensors.values())
+            size += t.nbytes
+        fnames = ['model.safetensors'] if len(shards) == 1 else \
+            [f'model-{i + 1:05d}-of-{len(shards):05d}.safetensors' for i in range(len(shards))]
+        for fname, names in zip(fnames, shards):
+            save_file({n: tensors[n] for n in names}, os.path.join(tmp, fname), metadata={'format': 'pt'})
+        if len(shards) > 1:
+            index = {'metadata': {'total_size': sum(t.nbytes for t in tensors.values())},
+                     'weight_map': {n: f for f, names in zip(fnames, shards) for n in names}}
             with open(os.path.join(tmp, 'model.safetensors.index.json'), 'w') as f:
-                json.dump({'metadata': {'total_size': total}, 'weight_map': weight_map}, f, indent=2)
+                json.dump(index, f, indent=2)
         cfg = self.args.to_hf_config()
         dt = str(next(iter(tensors.values())).dtype).replace('torch.', '')
         cfg.update(torch_dtype=dt, dtype=dt)
@@ -499,11 +496,9 @@ class Transformer(nn.Module):
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _tokenizer_files(src):
-    if src is None:
-        return []
-    if isinstance(src, (list, tuple)):
-        return [s for s in src if os.path.basename(s) in TOKENIZER_FILES or s.endswith(('.model', '.json'))]
+def _tokenizer_files(src):  # a directory (its known tokenizer files), one file, or a list of files
+    if src is None or isinstance(src, (list, tuple)):
+        return list(src or [])
     if os.path.isfile(src):
         return [src]
     if not os.path.isdir(src):
@@ -535,7 +530,10 @@ def _tensor_readers(file):
         with safe_open(file, framework='pt') as f:
             for name in f.keys():
                 yield name, (lambda n=name: f.get_tensor(n))
-    else:  # weights_only: a .bin must not run code; mmap: no full copy in RAM
-        sd = torch.load(file, map_location='cpu', weights_only=True, mmap=True)
+    else:  # weights_only: a .bin must not run code; mmap (zip-format files): no full copy in RAM
+        try:
+            sd = torch.load(file, map_location='cpu', weights_only=True, mmap=True)
+        except RuntimeError:  # legacy (pre-zip) format cannot be memory-mapped
+            sd = torch.load(file, map_location='cpu', weights_only=True)
         for name in list(sd):
             yield name, (lambda n=name: sd.pop(n))

@@ -5,9 +5,10 @@ import json
 import math
 
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from model import Transformer, rope_yarn, rope_yarn_pose
+from model import ROPE_FUNCS, Transformer, normalize_rope_scaling, rope_yarn, rope_yarn_pose
 from test_model import HEAD_DIM, ROPE_CASES, TOL, hf_logits, idx_for, make_hf, our_logits, positions
 
 
@@ -110,3 +111,29 @@ def test_dynamic_is_stateless(tmp_path):
         hf(idx_for(long), position_ids=long)
         stale = hf(idx_for(shorter), position_ids=shorter).logits
     assert (stale - our_logits(model, idx_for(shorter), shorter)).abs().max() > 100 * TOL
+
+
+def test_inv_freq_bit_identical_to_transformers():
+    """Real-size heads (d=128): our frequencies and attention factors equal transformers' own RoPE init
+    functions bit for bit, for every type and both sides of the original window (what makes 1M work)."""
+    g = torch.Generator().manual_seed(0)
+    short, long = (1 + torch.rand(64, generator=g)).tolist(), (1 + 7 * torch.rand(64, generator=g)).tolist()
+    cases = [({'rope_type': 'linear', 'factor': 8.0}, 4096),
+             ({'rope_type': 'dynamic', 'factor': 2.0}, 4096),
+             ({'rope_type': 'yarn', 'factor': 16.0, 'original_max_position_embeddings': 4096}, 65536),
+             ({'rope_type': 'yarn', 'factor': 40.0, 'original_max_position_embeddings': 4096, 'beta_fast': 24,
+               'mscale': 0.707, 'mscale_all_dim': 0.707, 'truncate': False}, 163840),
+             ({'rope_type': 'llama3', 'factor': 8.0, 'low_freq_factor': 1.0, 'high_freq_factor': 4.0,
+               'original_max_position_embeddings': 8192}, 131072),
+             ({'rope_type': 'longrope', 'short_factor': short, 'long_factor': long,
+               'original_max_position_embeddings': 4096}, 131072)]
+    for theta in (10000.0, 500000.0):
+        for rope, mpe in cases:
+            cfg = LlamaConfig(hidden_size=4096, num_attention_heads=32, max_position_embeddings=mpe,
+                              rope_parameters=dict(rope, rope_theta=theta))
+            rs = normalize_rope_scaling(rope, 128, mpe)
+            for seq_len in (100, mpe + 1, 1_000_000):
+                seq = torch.tensor(seq_len) if rope['rope_type'] == 'dynamic' else seq_len
+                ref, ref_attn = ROPE_INIT_FUNCTIONS[rope['rope_type']](cfg, 'cpu', seq_len=seq)
+                ours, attn = ROPE_FUNCS[rs['rope_type']](rs, 128, theta, mpe, torch.tensor(seq_len))
+                assert torch.equal(ours, ref) and attn == ref_attn, (rope['rope_type'], theta, seq_len)
