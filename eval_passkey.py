@@ -1,0 +1,251 @@
+"""
+Passkey retrieval over prompt lengths (x depths) (PoSE paper §4.3, Fig. 2; Mohtashami & Jaggi 2023).
+
+    python eval_passkey.py --model=out/pose-16k --lengths="[2048,4096,8192,16384]" --num_trials=50
+    python eval_passkey.py --model=ckpt/llama-7b --rope_scaling="{'rope_type':'linear','factor':8.0}"  # PI-only
+    python eval_passkey.py --model=out/pose-16k --depths="[0.0,0.25,0.5,0.75,1.0]" --plot=passkey.png
+
+The prompt (paper Fig. 2a), its five parts joined by newlines:
+    There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. I will
+    quiz you about the important information there.
+    The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ...  (filler)
+    The pass key is 71432. Remember it. 71432 is the pass key.
+    The grass is green. The sky is blue. ...                                                        (filler)
+    What is the pass key? The pass key is
+The filler is the five sentences repeated, counted in sentences (joined by spaces), so that a prompt
+hits a token length closely: for a requested length we binary-search the number of filler sentences
+n so that BOS + prompt + " " + key is at most `length` tokens and within 1% of it. Depth d puts
+round(d * n) filler sentences before the key line and the rest after it (both parts start with "The
+grass is green."); the JSON records the realised depth (sentences before / n). Keys are random
+5-digit numbers (the paper; its script drew 1..50000), depth uniform in [0, 1] per trial (the paper)
+or a grid (`depths`).
+
+Scoring without generation: the answer tokens are those the tokenizer gives for prompt + " " + key
+after the prompt's own tokens. One forward over prompt + answer (teacher forcing); the trial passes iff
+the argmax at every position that predicts an answer token is that token -- exactly when greedy
+decoding would write the key (it sees the same prefixes until its first wrong token). Only those few
+positions go through lm_head, so no KV cache and no [T, vocab] logits are needed, even at 128k.
+The paper's script generated 10 tokens and compared the first number in the text; a greedy output
+that is the key's tokens passes both.
+"""
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+from eval_ppl import length_warnings, load_model, write_json_atomic
+
+TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
+        "I will quiz you about the important information there.")
+FILLER = ["The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.", "There and back again."]
+KEY_LINE = "The pass key is {key}. Remember it. {key} is the pass key."
+QUESTION = "What is the pass key? The pass key is"
+
+# -----------------------------------------------------------------------------
+# reusable pieces (tests and bench.py import these)
+
+
+def filler_text(n):
+    """The first n sentences of the filler repeated forever."""
+    return ' '.join(FILLER[i % len(FILLER)] for i in range(n))
+
+
+def make_passkey_prompt(n_filler, key, depth):
+    """(prompt text ending in 'The pass key is', n_before): round(depth * n_filler) sentences before the key."""
+    if not 0.0 <= depth <= 1.0:
+        raise ValueError(f"depth must be in [0, 1], got {depth}")
+    n_before = int(round(depth * n_filler))
+    lines = [TASK, filler_text(n_before), KEY_LINE.format(key=key), filler_text(n_filler - n_before), QUESTION]
+    return '\n'.join(lines), n_before
+
+
+def encode_trial(tok, n_filler, key, depth):
+    """(ids of BOS + prompt + answer, n_prompt, n_before): ids[n_prompt:] are the answer (the key's tokens)."""
+    text, n_before = make_passkey_prompt(n_filler, key, depth)
+    prompt = tok.encode(text, bos=True, eos=False)
+    full = tok.encode(text + ' ' + key, bos=True, eos=False)
+    p = 0  # the answer starts where the two encodings part (a tokenizer may re-split the last prompt token)
+    while p < min(len(prompt), len(full)) and prompt[p] == full[p]:
+        p += 1
+    if p == len(full):
+        raise ValueError(f"tokenizer lost the key {key!r}: prompt + key encodes to the prompt's tokens")
+    return full, p, n_before
+
+
+def build_passkey_prompt(tok, length, key, depth, hint=None):
+    """Largest filler count n with len(BOS + prompt + answer) <= length; must be within 1% of length.
+    Returns (ids, n_prompt, n_filler, n_before). `hint`: an n that was right for this length before."""
+    def size(n):
+        return len(encode_trial(tok, n, key, depth)[0])
+    if size(0) > length:
+        raise ValueError(f"length {length} is shorter than the passkey prompt without filler ({size(0)} tokens)")
+    if hint is not None and size(max(hint - 8, 0)) <= length:
+        lo, hi = max(hint - 8, 0), hint + 8  # a different key changes the count by a few tokens only
+    else:
+        lo, hi = 0, 16
+    while size(hi) <= length:  # grow the bracket: size(lo) <= length < size(hi)
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:  # the token count grows with n
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if size(mid) <= length else (lo, mid)
+    ids, p, n_before = encode_trial(tok, lo, key, depth)
+    if length - len(ids) > 0.01 * length:
+        raise ValueError(f"cannot build a passkey prompt within 1% of length {length}: "
+                         f"got {len(ids)} tokens (one filler sentence is too coarse at this length)")
+    return ids, p, lo, n_before
+
+
+@torch.inference_mode()
+def score_passkey(model, ids, n_prompt, device='cpu'):
+    """Teacher-forced greedy check of the answer ids[n_prompt:]: (passed, predicted ids)."""
+    idx = torch.tensor(ids[:-1], dtype=torch.long, device=device)[None]  # the last answer token is never an input
+    h = model.forward_hidden(idx)  # [1, T-1, dim], after the final norm
+    logits = model.lm_head(h[:, n_prompt - 1:])  # [1, k, vocab]: only the k positions that predict the answer
+    pred = logits.float().argmax(-1)[0].tolist()
+    return pred == list(ids[n_prompt:]), pred
+
+
+def make_trials(lengths, num_trials, depths, seed):
+    """[(length, depth, key)]: num_trials per length (x depth); random depth when depths is None (the paper)."""
+    trials = []
+    for L in lengths:
+        rng = np.random.default_rng([seed, L])  # per length: adding a length leaves the others' trials alone
+        for d in (depths if depths is not None else [None]):
+            for _ in range(num_trials):
+                key = str(int(rng.integers(10000, 100000)))  # 5 digits
+                trials.append((L, float(rng.random()) if d is None else float(d), key))
+    return trials
+
+
+def accuracy_table(trials, lengths, depths):
+    """{row label: {length: accuracy or None}}; rows: the depth grid (requested depths) or, for random
+    depths, ten bins of the realised depth; then 'all'."""
+    rows, key = {}, 'depth' if depths is None else 'depth_requested'
+    for lo, hi, label in depth_bins_for(depths):
+        rows[label] = {}
+        for L in lengths:
+            hits = [t['pass'] for t in trials if t['length'] == L and lo <= t[key] <= hi]
+            rows[label][L] = sum(hits) / len(hits) if hits else None
+    rows['all'] = {}
+    for L in lengths:
+        hits = [t['pass'] for t in trials if t['length'] == L]
+        rows['all'][L] = sum(hits) / len(hits) if hits else None
+    return rows
+
+
+def depth_bins_for(depths):
+    if depths is not None:  # a grid: one row per depth (the bins are the grid points)
+        return [(d, d, f"{d:.2f}") for d in depths]
+    return [(i / 10, (i + 1) / 10 - (1e-12 if i < 9 else 0), f"{i / 10:.1f}-{(i + 1) / 10:.1f}") for i in range(10)]
+
+
+def format_table(rows, lengths):
+    w = max(len(r) for r in rows)
+    lines = [f"{'depth':<{w}} " + ' '.join(f"{L:>7}" for L in lengths)]
+    for label, accs in rows.items():
+        lines.append(f"{label:<{w}} " + ' '.join(f"{'-':>7}" if accs[L] is None else f"{accs[L]:>7.2f}" for L in lengths))
+    return '\n'.join(lines)
+
+
+def plot_heatmap(rows, lengths, path, title=''):
+    """Accuracy heatmap: depth rows x length columns, written atomically."""
+    import matplotlib  # lazy: only --plot needs it
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    labels = [r for r in rows if r != 'all']
+    grid = np.array([[np.nan if rows[r][L] is None else rows[r][L] for L in lengths] for r in labels])
+    fig, ax = plt.subplots(figsize=(1.0 + 0.8 * len(lengths), 1.0 + 0.4 * len(labels)))
+    im = ax.imshow(grid, vmin=0, vmax=1, cmap='RdYlGn', aspect='auto')
+    for i in range(len(labels)):
+        for j in range(len(lengths)):
+            if not np.isnan(grid[i, j]):
+                ax.text(j, i, f"{grid[i, j]:.2f}", ha='center', va='center', fontsize=7)
+    ax.set_xticks(range(len(lengths)), [str(L) for L in lengths], rotation=45)
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_xlabel('prompt length (tokens)')
+    ax.set_ylabel('depth of the key')
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=ax, label='accuracy')
+    fig.tight_layout()
+    tmp = path + '.tmp'
+    fig.savefig(tmp, format=os.path.splitext(path)[1].lstrip('.') or 'png', dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+# -----------------------------------------------------------------------------
+# config (python eval_passkey.py [config.py] [--key=value ...])
+model = ''  # HF-format model dir (ours or a stock Llama/Mistral/Qwen2)
+rope_scaling = None  # None = the checkpoint's own; a dict (HF semantics) overrides it, e.g. the paper's PI-only baseline
+max_position_embeddings = None  # None = the checkpoint's own; else an override (also what the length warning checks)
+tokenizer = None  # None = the model dir's tokenizer (tokenizer.model or tokenizer.json)
+lengths = [2048, 4096, 8192, 16384, 32768]  # prompt lengths in tokens (BOS + prompt + key, within 1%)
+num_trials = 50  # trials per length (x depth); the paper: 50
+depths = None  # None = a random depth per trial (the paper); a list of fractions in [0, 1] = a length x depth grid
+seed = 1337  # keys and depths
+device = 'cuda' if torch.cuda.is_available() else 'cpu'
+dtype = 'auto'  # 'auto' = bfloat16 on CUDA, float32 on CPU; or 'float32' / 'bfloat16' / 'float16'
+out = ''  # JSON results path ('' = out/passkey-<model>.json)
+plot = ''  # heatmap PNG path ('' = none)
+
+
+def main():
+    import prepare_data  # after the config: a bad key fails before the heavy imports
+    from tqdm import tqdm
+
+    if not model:
+        raise ValueError("--model=<HF model dir> is required")
+    if not os.path.isfile(os.path.join(model, 'config.json')):
+        raise FileNotFoundError(f"model dir not found or has no config.json: {model}")
+    if not lengths or any(not isinstance(L, int) or L < 1 for L in lengths):
+        raise ValueError(f"lengths must be a list of positive ints, got {lengths!r}")
+    if depths is not None and any(not 0 <= d <= 1 for d in depths):
+        raise ValueError(f"depths must be fractions in [0, 1], got {depths!r}")
+    if num_trials < 1:
+        raise ValueError(f"num_trials must be >= 1, got {num_trials}")
+    tok = prepare_data.load_tokenizer(tokenizer or model)
+    net = load_model(model, rope_scaling, max_position_embeddings, dtype, device)
+    for w in length_warnings(lengths, net.args.max_position_embeddings):
+        print(w)
+
+    trials, hints, t0 = [], {}, time.time()
+    for L, depth, key in tqdm(make_trials(lengths, num_trials, depths, seed), desc='passkey'):
+        ids, p, n_filler, n_before = build_passkey_prompt(tok, L, key, depth, hints.get(L))
+        hints[L] = n_filler
+        ok, pred = score_passkey(net, ids, p, device)
+        trials.append({'length': L, 'tokens': len(ids), 'depth_requested': depth,
+                       'depth': n_before / n_filler if n_filler else 0.0, 'n_filler': n_filler, 'key': key,
+                       'answer_ids': list(ids[p:]), 'pred_ids': pred, 'pred': tok.decode(pred), 'pass': ok})
+    dt = time.time() - t0
+
+    rows = accuracy_table(trials, lengths, depths)
+    result = {
+        'model': os.path.abspath(model),
+        'rope_scaling': rope_scaling if rope_scaling is not None else net.args.rope_scaling,
+        'rope_scaling_override': rope_scaling is not None,
+        'max_position_embeddings': net.args.max_position_embeddings,
+        'tokenizer': tok.files,
+        'settings': {'lengths': lengths, 'num_trials': num_trials, 'depths': depths, 'seed': seed,
+                     'dtype': str(next(net.parameters()).dtype), 'device': device},
+        'accuracy': {str(L): rows['all'][L] for L in lengths},
+        'accuracy_by_depth': {r: {str(L): a for L, a in accs.items()} for r, accs in rows.items() if r != 'all'},
+        'seconds': dt, 'trials': trials,
+    }
+    path = out or os.path.join('out', f"passkey-{os.path.basename(os.path.normpath(model))}.json")
+    write_json_atomic(path, result)
+    print(format_table(rows, lengths))
+    print(f"wrote {path}")
+    if plot:
+        plot_heatmap(rows, lengths, plot, title=os.path.basename(os.path.normpath(model)))
+        print(f"wrote {plot}")
+
+
+if __name__ == '__main__':
+    exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as e:
+        sys.stderr.write(f"error: {e}\n")
+        sys.exit(2)

@@ -1,0 +1,320 @@
+"""eval_ppl.py and eval_passkey.py against independent references: transformers' own Llama on the same
+tiny random checkpoint (perplexity by a token-by-token brute force, greedy decoding step by step), the
+paper's prompt template written out by hand, and a real (sentencepiece) tokenizer trained here."""
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import eval_passkey  # noqa: E402
+import eval_ppl  # noqa: E402
+import prepare_data  # noqa: E402
+from model import Transformer  # noqa: E402
+
+FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
+        "I will quiz you about the important information there.")
+ENGLISH = """It was a bright cold day in April, and the clocks were striking thirteen.
+The quick brown fox jumps over the lazy dog while the farmer sleeps under the old oak tree.
+Call me Ishmael. Some years ago, never mind how long precisely, I thought I would sail about a little.
+In a hole in the ground there lived a hobbit, not a nasty dirty wet hole filled with worms.
+What is the pass key? The pass key is a number that you must remember until the end of the text.
+Remember it well, because I will ask you about it, and you will answer with the number only.
+Numbers such as 12345, 67890, 24680 and 13579 appear in reports, tables and long documents.
+There is an important info hidden inside a lot of irrelevant text, find it and memorize them.
+"""
+MAX_POS = 256
+
+
+def hf_llama(tmp, name, vocab, rope_scaling=None, seed=0):
+    """A tiny random transformers Llama saved as an HF dir (weights large enough that context matters)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=MAX_POS,
+                      rope_theta=10000.0, rope_scaling=rope_scaling, initializer_range=0.15,
+                      tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(seed)
+    hf = LlamaForCausalLM(cfg).eval()
+    path = str(tmp / name)
+    hf.save_pretrained(path)
+    return path, hf
+
+
+@pytest.fixture(scope='module', autouse=True)
+def one_thread():
+    # tiny models on 2 shared cores: a second intra-op thread only adds contention (50x slower here)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope='module')
+def env(tmp_path_factory):
+    import sentencepiece as spm
+    tmp = tmp_path_factory.mktemp('eval')
+    lines = ENGLISH.splitlines() + [FILLER, TASK] * 3
+    buf = io.BytesIO()  # a Llama-style sentencepiece model: unk 0, bos 1, eos 2, digits split, byte fallback
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=buf, vocab_size=400,
+                                   model_type='bpe', split_digits=True, byte_fallback=True, unk_id=0,
+                                   bos_id=1, eos_id=2, pad_id=-1, hard_vocab_limit=False, minloglevel=2)
+    sp = spm.SentencePieceProcessor(model_proto=buf.getvalue())
+    vocab = sp.get_piece_size()
+    plain, hf = hf_llama(tmp, 'llama', vocab)
+    (tmp / 'llama' / 'tokenizer.model').write_bytes(buf.getvalue())
+    from transformers import LlamaForCausalLM
+    lin = {'rope_type': 'linear', 'factor': 2.0}
+    scaled, hf_scaled = hf_llama(tmp, 'llama_linear', vocab, rope_scaling=lin)
+    hf_scaled.load_state_dict(hf.state_dict())  # the same weights, a linear-scaled RoPE in config.json
+    hf_scaled.save_pretrained(scaled)
+    hf_scaled = LlamaForCausalLM.from_pretrained(scaled).eval()
+    # a prepared split in the documented format: docs start with BOS like prepare_data writes them
+    rng = np.random.default_rng(0)
+    lens = [40, 333, 100, 412, 300, 700]
+    docs = [np.concatenate([[1], rng.integers(3, vocab, n - 1)]) for n in lens]
+    data = tmp / 'data'
+    data.mkdir()
+    np.concatenate(docs).astype(np.uint16).tofile(data / 'val.bin')
+    np.concatenate([[0], np.cumsum(lens)]).astype(np.int64).tofile(data / 'val.idx')
+    meta = {'tokenizer': str(tmp / 'llama' / 'tokenizer.model'), 'tokenizer_sha256': '', 'vocab_size': vocab,
+            'dtype': 'uint16', 'bos_id': 1, 'eos_id': 2, 'splits': {'val': {'docs': len(lens), 'tokens': sum(lens)}}}
+    (data / 'meta.json').write_text(json.dumps(meta))
+    return dict(tmp=tmp, plain=plain, scaled=scaled, hf=hf, hf_scaled=hf_scaled, data=str(data), docs=docs,
+                tok=prepare_data.load_tokenizer(plain), ours=Transformer.from_pretrained(plain),
+                ours_scaled=Transformer.from_pretrained(scaled), lin=lin)
+
+
+@torch.no_grad()
+def hf_nll(hf, doc, L, stride, mode, add_bos, bos=1):
+    """Brute force, token by token: doc[j] is scored by the first window (starts 0, s, 2s, ..., the last
+    pulled back to end at the text's end; only the first in 'truncate') whose input holds the token that
+    predicts it (the BOS predicts doc[b]); its log-prob comes from transformers' full logits of that window."""
+    n, nbos = len(doc), int(add_bos)
+    n_doc, stride = L - nbos, stride or L
+    starts = []
+    for k in range(n + 1):
+        b = min(k * stride, max(n - n_doc, 0))
+        starts.append(b)
+        if b + n_doc >= n:
+            break
+    starts = starts[:1] if mode == 'truncate' else starts
+    logp, total, count = {}, 0.0, 0
+    for j in range(1 - nbos, n):
+        hits = [b for b in starts if b - nbos <= j - 1 < b + n_doc]
+        if not hits:
+            continue
+        b = hits[0]
+        if b not in logp:
+            ids = torch.tensor(([bos] if nbos else []) + [int(t) for t in doc[b:b + n_doc]])[None]
+            logp[b] = torch.log_softmax(hf(ids).logits[0].double(), -1)
+        total -= logp[b][j - 1 - b + nbos, int(doc[j])].item()
+        count += 1
+    return total, count
+
+
+def test_window_spans_by_hand():
+    # n=10, L=4, stride 2: inputs doc[0:4], [2:6], [4:8], [6:10]; each scores what the last did not
+    assert eval_ppl.window_spans(10, 4, 2) == [(0, 1, 5), (2, 5, 7), (4, 7, 9), (6, 9, 10)]
+    # BOS + 3 doc tokens per window; the BOS predicts doc[b], so doc[0] is scored too
+    assert eval_ppl.window_spans(10, 4, 2, add_bos=True) == [(0, 0, 4), (2, 4, 6), (4, 6, 8), (6, 8, 10)]
+    # disjoint; the last window is pulled back to doc[6:10] and scores only doc[9]
+    assert eval_ppl.window_spans(10, 4) == [(0, 1, 5), (4, 5, 9), (6, 9, 10)]
+    assert eval_ppl.window_spans(10, 4, 1, mode='truncate') == [(0, 1, 5)]
+    assert eval_ppl.window_spans(3, 8) == [(0, 1, 3)]  # a document shorter than the window
+    with pytest.raises(ValueError, match='stride'):
+        eval_ppl.window_spans(10, 4, 5)  # would leave doc tokens no window predicts
+
+
+@pytest.mark.parametrize('L,stride,mode,add_bos,which', [
+    (64, 24, 'sliding', False, 'plain'),   # overlapping windows
+    (48, 20, 'sliding', True, 'plain'),    # overlap, BOS per window, stride not dividing anything
+    (64, None, 'sliding', True, 'plain'),  # disjoint
+    (64, None, 'truncate', False, 'plain'),
+    (100, 30, 'sliding', True, 'scaled'),  # the checkpoint's own rope_scaling
+    (100, 30, 'sliding', True, 'override'),  # rope_scaling override on the unscaled weights (PI-only)
+])
+def test_ppl_matches_transformers(env, L, stride, mode, add_bos, which):
+    if which == 'override':
+        ours = eval_ppl.load_model(env['plain'], rope_scaling=env['lin'])
+    else:
+        ours = env['ours_scaled'] if which == 'scaled' else env['ours']
+    hf = env['hf'] if which == 'plain' else env['hf_scaled']
+    docs = [d[1:] for d in env['docs'][1:4]]  # 332, 99 (< L for some cases), 411 tokens
+    ours_sum, ours_n, ref_sum, ref_n = 0.0, 0, 0.0, 0
+    for d in docs:
+        s, c = eval_ppl.sliding_window_nll(ours, d, L, stride, mode, add_bos, bos_id=1)
+        rs, rc = hf_nll(hf, d, L, stride, mode, add_bos)
+        assert c == rc
+        ours_sum, ours_n, ref_sum, ref_n = ours_sum + s, ours_n + c, ref_sum + rs, ref_n + rc
+    if mode == 'sliding':  # every token once (doc[0] only when a BOS predicts it)
+        assert ours_n == sum(len(d) - 1 + add_bos for d in docs)
+    assert np.exp(ours_sum / ours_n) == pytest.approx(np.exp(ref_sum / ref_n), rel=1e-4)
+    assert ours_sum == pytest.approx(ref_sum, rel=1e-4)
+
+
+def test_select_docs_and_length_warnings():
+    lens = [10, 500, 20, 800, 600, 30]
+    ids = eval_ppl.select_docs(lens, 500, 2, seed=3)
+    assert len(ids) == 2 and all(lens[i] >= 500 for i in ids) and ids == sorted(ids)
+    assert ids == eval_ppl.select_docs(lens, 500, 2, seed=3)
+    assert eval_ppl.select_docs(lens, 500, None, seed=3) == [1, 3, 4]
+    with pytest.raises(ValueError, match=r'>= 1000 tokens \(the longest has 800\)'):
+        eval_ppl.select_docs(lens, 1000, 2, seed=3)
+    w = eval_ppl.length_warnings([128, 256, 512], 256)
+    assert len(w) == 1 and '512' in w[0] and '256' in w[0]
+
+
+def test_prompt_template():
+    text, n_before = eval_passkey.make_passkey_prompt(7, '40213', 0.4)  # round(2.8) = 3 sentences before
+    assert n_before == 3
+    assert text == (TASK + "\nThe grass is green. The sky is blue. The sun is yellow.\n"
+                    "The pass key is 40213. Remember it. 40213 is the pass key.\n"
+                    "The grass is green. The sky is blue. The sun is yellow. Here we go.\n"
+                    "What is the pass key? The pass key is")
+    text, _ = eval_passkey.make_passkey_prompt(12, '1', 0.0)
+    lines = text.split('\n')
+    assert lines[1] == '' and lines[3] == FILLER + ' ' + FILLER + ' The grass is green. The sky is blue.'
+
+
+@pytest.mark.parametrize('length', [1000, 2500, 6000])
+def test_prompt_length_and_depth(env, length):
+    tok = env['tok']
+    for key, depth in [('12345', 0.0), ('98760', 0.37), ('55555', 1.0)]:
+        ids, p, n, n_before = eval_passkey.build_passkey_prompt(tok, length, key, depth)
+        assert 0.99 * length <= len(ids) <= length
+        text, _ = eval_passkey.make_passkey_prompt(n, key, depth)
+        assert ids == tok.encode(text + ' ' + key, bos=True)  # BOS + prompt + " key"
+        assert ids[:p] == tok.encode(text, bos=True) and tok.decode(ids[p:]).strip() == key
+        before = text.split('\n')[1]
+        assert before.count('.') == n_before == round(depth * n)  # sentences of filler before the key line
+        # the key line sits at `depth` of the filler, measured in tokens too
+        key_at = len(tok.encode(text[:text.index('The pass key is')], bos=True))
+        filler_tokens = len(ids) - len(tok.encode(TASK + '\n\nThe pass key is 12345. Remember it. 12345 is the '
+                                                  'pass key.\n\nWhat is the pass key? The pass key is 12345', bos=True))
+        assert abs((key_at - len(tok.encode(TASK, bos=True))) / filler_tokens - depth) < 0.02
+    with pytest.raises(ValueError, match='within 1%'):
+        eval_passkey.build_passkey_prompt(tok, 150, '12345', 0.5)  # a sentence is > 1% of 150 tokens
+    with pytest.raises(ValueError, match='shorter than the passkey prompt'):
+        eval_passkey.build_passkey_prompt(tok, 20, '12345', 0.5)
+
+
+@torch.no_grad()
+def greedy(hf, prompt, k):
+    """Step-by-step greedy decoding with transformers, full recompute each step (no cache)."""
+    ids = list(prompt)
+    for _ in range(k):
+        ids.append(int(hf(torch.tensor(ids)[None]).logits[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+def test_passkey_score_equals_greedy_decoding(env):
+    tok, hf, ours = env['tok'], env['hf'], env['ours']
+    n_pass = n_fail = 0
+    for key, depth, n in [('12345', 0.1, 6), ('80808', 0.5, 9), ('31415', 0.9, 4), ('27182', 0.0, 7)]:
+        ids, p, _ = eval_passkey.encode_trial(tok, n, key, depth)
+        ok, pred = eval_passkey.score_passkey(ours, ids, p)
+        ref = greedy(hf, ids[:p], len(ids) - p)
+        assert ok == (ref == ids[p:])
+        first_bad = next((i for i, (a, b) in enumerate(zip(ref, ids[p:])) if a != b), len(ref))
+        assert pred[:first_bad + 1] == ref[:first_bad + 1]  # greedy's own tokens up to its first miss
+        n_fail += not ok
+        # a trial that must pass: the "key" is what greedy decoding writes after this prompt
+        ids2 = ids[:p] + ref
+        ok2, pred2 = eval_passkey.score_passkey(ours, ids2, p)
+        assert ok2 and pred2 == ref
+        n_pass += ok2
+    assert n_pass == 4 and n_fail == 4  # a random model does not know the key
+
+
+def run(*args):
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
+
+
+def run_main(monkeypatch, module, **config):
+    """The script's main() in this process with its config globals set (no torch import per run)."""
+    for k, v in config.items():
+        assert hasattr(module, k), k
+        monkeypatch.setattr(module, k, v)
+    module.main()
+
+
+def test_eval_ppl_cli(env):
+    tmp = env['tmp']
+    out, png = str(tmp / 'ppl.json'), str(tmp / 'ppl.png')
+    proc = run('eval_ppl.py', f"--model={env['plain']}", f"--data_dir={env['data']}", '--lengths=[50,300]',
+               '--stride=40', '--num_docs=2', '--doc_tokens=0', '--device=cpu', f'--out={out}', f'--plot={png}')
+    assert proc.returncode == 0, proc.stderr
+    assert 'warning: length 300 > max_position_embeddings 256' in proc.stdout
+    r = json.load(open(out))
+    assert len(r['doc_ids']) == 2 and all(len(env['docs'][i]) > 300 for i in r['doc_ids'])
+    for L in (50, 300):
+        ref_sum, ref_n = 0.0, 0
+        for i in r['doc_ids']:
+            s, c = hf_nll(env['hf'], env['docs'][i][1:], L, 40, 'sliding', True)  # leading BOS dropped
+            ref_sum, ref_n = ref_sum + s, ref_n + c
+        assert r['tokens'][str(L)] == ref_n
+        assert r['ppl'][str(L)] == pytest.approx(np.exp(ref_sum / ref_n), rel=1e-4)
+    assert open(png, 'rb').read(8) == b'\x89PNG\r\n\x1a\n'
+
+
+def test_eval_ppl_raw_input_and_plot_only(env, monkeypatch, capsys):
+    tmp = env['tmp']
+    (tmp / 'raw').mkdir()
+    (tmp / 'raw' / 'a.txt').write_text(ENGLISH * 3)
+    (tmp / 'raw' / 'b.txt').write_text(FILLER)  # too short for the window: not chosen
+    out = str(tmp / 'ppl_raw.json')
+    run_main(monkeypatch, eval_ppl, model=env['plain'], input=str(tmp / 'raw' / '*.txt'), lengths=[200],
+             add_bos=False, device='cpu', out=out)
+    doc = env['tok'].encode(ENGLISH * 3, bos=False)[:200]  # doc_tokens=None: cut to max(lengths)
+    s, c = hf_nll(env['hf'], doc, 200, None, 'sliding', False)
+    r = json.load(open(out))
+    assert r['data']['input'] == [str(tmp / 'raw' / 'a.txt')]
+    assert r['ppl']['200'] == pytest.approx(np.exp(s / c), rel=1e-4) and r['tokens']['200'] == 199
+    # overlay two result files in one plot, no model
+    json.dump(dict(r, label='other', ppl={'64': 3.0, '200': 2.5}), open(tmp / 'other.json', 'w'))
+    png = str(tmp / 'both.png')
+    monkeypatch.setattr(eval_ppl, 'input', None)
+    run_main(monkeypatch, eval_ppl, model='', plot_inputs=[out, str(tmp / 'other.json')], plot=png)
+    assert 'other' in capsys.readouterr().out and open(png, 'rb').read(8) == b'\x89PNG\r\n\x1a\n'
+
+
+def test_eval_passkey_cli(env):
+    out, png = str(env['tmp'] / 'pk.json'), str(env['tmp'] / 'pk.png')
+    proc = run('eval_passkey.py', f"--model={env['plain']}", '--lengths=[1000,2000]', '--num_trials=1',
+               '--depths=[0.0,0.5,1.0]', '--device=cpu', f'--out={out}', f'--plot={png}')
+    assert proc.returncode == 0, proc.stderr
+    assert 'warning: length 1000 > max_position_embeddings 256' in proc.stdout
+    r = json.load(open(out))
+    assert len(r['trials']) == 2 * 3 * 1
+    for t in r['trials']:
+        assert 0.99 * t['length'] <= t['tokens'] <= t['length'] and len(t['key']) == 5
+        assert t['pass'] == (t['pred_ids'] == t['answer_ids'])
+    for L in ('1000', '2000'):
+        hits = [t['pass'] for t in r['trials'] if str(t['length']) == L]
+        assert r['accuracy'][L] == sum(hits) / len(hits)
+    assert open(png, 'rb').read(8) == b'\x89PNG\r\n\x1a\n'
+
+
+def test_bad_input(env, tmp_path, monkeypatch):
+    missing = str(tmp_path / 'no_such_model')
+    proc = run('eval_ppl.py', f'--model={missing}', f"--data_dir={env['data']}", '--device=cpu')
+    assert proc.returncode == 2 and proc.stderr.strip().count('\n') == 0
+    assert proc.stderr.startswith('error:') and missing in proc.stderr
+    out = str(tmp_path / 'x.json')
+    with pytest.raises(ValueError, match=r'no document has >= 5000 tokens \(the longest has 699\)'):
+        run_main(monkeypatch, eval_ppl, model=env['plain'], data_dir=env['data'], lengths=[5000], out=out)
+    assert not os.path.exists(out)
+    with pytest.raises(FileNotFoundError, match='no_such_model'):
+        run_main(monkeypatch, eval_passkey, model=missing)
+    with pytest.raises(ValueError, match='length 20 is shorter than the passkey prompt'):
+        run_main(monkeypatch, eval_passkey, model=env['plain'], lengths=[20], num_trials=1, device='cpu', out=out)
+    assert not os.path.exists(out)
