@@ -168,7 +168,8 @@ class ModelArgs:
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
         if self.qkv_bias != (self.arch == 'qwen2'):
-            raise ValueError(f"qkv_bias={self.qkv_bias} does not match arch={self.arch!r} (only qwen2 has q/k/v biases)")
+            raise ValueError(f"qkv_bias={self.qkv_bias} does not match arch={self.arch!r} "
+                             "(only qwen2 has q/k/v biases)")
         self.rope_scaling = normalize_rope_scaling(self.rope_scaling, self.head_dim, self.max_position_embeddings)
 
     @staticmethod
@@ -273,10 +274,9 @@ class RMSNorm(nn.Module):
 
 
 def apply_rope(x, cos, sin):
-    # x [B, T, H, d] in the model dtype; rotate in fp32, rotate_half convention of HF checkpoints
-    xf = x.float()
-    x1, x2 = xf.chunk(2, dim=-1)
-    return (xf * cos + torch.cat((-x2, x1), dim=-1) * sin).to(x.dtype)
+    # x [B, T, H, d]; the rotate_half convention of HF checkpoints (first half / second half pairs)
+    x1, x2 = x.chunk(2, dim=-1)
+    return (x * cos + torch.cat((-x2, x1), dim=-1) * sin).to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -379,8 +379,10 @@ class Transformer(nn.Module):
             # with T <= sliding_window the mask is plainly causal, so shorter sequences match exactly.
             raise ValueError(f"sequence length {T} > sliding_window={sw}: load with sliding_window=None "
                              "to use full causal attention")
-        cos, sin = rope_cos_sin(self.args, position_ids.to(idx.device))  # fp32, once for all layers
         x = self.embed_tokens(idx)  # [B, T, dim]
+        # angles and cos/sin in fp32, once for all layers; then in the model dtype, as transformers
+        # (no [T, H, d] fp32 copies of q and k at 128k tokens; under autocast they stay fp32)
+        cos, sin = (t.to(x.dtype) for t in rope_cos_sin(self.args, position_ids.to(idx.device)))
         for layer in self.layers:
             x = layer(x, cos, sin)
         return self.norm(x)
@@ -417,7 +419,8 @@ class Transformer(nn.Module):
             if k not in known:
                 raise ValueError(f"unknown model override {k!r} (ModelArgs fields: {', '.join(sorted(known))})")
         rs = overrides.get('rope_scaling')
-        if rs and rs.get('rope_type', rs.get('type')) in ROPE_NEEDS_ORIG and 'original_max_position_embeddings' not in rs:
+        if rs and rs.get('rope_type', rs.get('type')) in ROPE_NEEDS_ORIG \
+                and 'original_max_position_embeddings' not in rs:
             # a new scaling on top of a checkpoint is relative to the checkpoint's own window
             overrides['rope_scaling'] = dict(rs, original_max_position_embeddings=args.max_position_embeddings)
         args = replace(args, **overrides)
@@ -460,9 +463,10 @@ class Transformer(nn.Module):
         sd = {k.replace('_orig_mod.', '').replace('_checkpoint_wrapped_module.', ''): v for k, v in sd.items()}
         sd = {k: v for k, v in sd.items() if k in own or k != 'lm_head.weight'}  # tied: lm_head is embed_tokens
         if set(sd) != own:
-            raise ValueError(f"save_pretrained: state_dict does not match the model: missing {sorted(own - set(sd))[:5]}"
-                             f", unexpected {sorted(set(sd) - own)[:5]}")
-        tensors = {('model.' + k if k != 'lm_head.weight' else k): v.detach().to('cpu').contiguous() for k, v in sd.items()}
+            raise ValueError(f"save_pretrained: state_dict does not match the model: "
+                             f"missing {sorted(own - set(sd))[:5]}, unexpected {sorted(set(sd) - own)[:5]}")
+        tensors = {('model.' + k if k != 'lm_head.weight' else k): v.detach().to('cpu').contiguous()
+                   for k, v in sd.items()}
         path = os.path.abspath(path)
         tmp, old = path + '.tmp', path + '.old'
         shutil.rmtree(tmp, ignore_errors=True)
