@@ -22,6 +22,7 @@ import glob
 import gzip
 import hashlib
 import io
+import itertools
 import json
 import multiprocessing as mp
 import os
@@ -128,7 +129,7 @@ class Tokenizer:
 
     def encode_batch(self, texts, bos=True, eos=False):
         if self.sp is not None:
-            ids = self.sp.encode(list(texts))
+            ids = self.sp.encode(list(texts), num_threads=1)  # one core per process: num_proc is the knob
         else:
             ids = [e.ids for e in self.hf.encode_batch_fast(list(texts), add_special_tokens=False)]
         pre = [self.bos_id] if bos and self.bos_id is not None else []
@@ -310,7 +311,7 @@ def _encode_worker(texts, bos, eos):
 def _pack(lists):
     # one flat array + lengths: cheap to send between processes
     lens = np.fromiter((len(x) for x in lists), dtype=np.int64, count=len(lists))
-    flat = np.fromiter((i for x in lists for i in x), dtype=np.int64, count=int(lens.sum()))
+    flat = np.fromiter(itertools.chain.from_iterable(lists), dtype=np.int64, count=int(lens.sum()))  # C loop, ~0.1 us/token
     return flat, lens
 
 
@@ -347,6 +348,15 @@ def encode_documents(docs, tok_path, num_proc=1, bos=True, eos=False):
         while pending:
             yield pending.popleft().get()
 
+
+
+def count_tokens(docs, tok_path, num_proc=1, bos=True, eos=False):
+    """-> (n_docs, n_tokens): the pipeline's tokenizing path without the writing; bench.py times it
+    against the bare tokenizer (load_tokenizer(path).encode_batch(docs)) on the same texts."""
+    n_docs = n_tokens = 0
+    for flat, lens in encode_documents(docs, tok_path, num_proc, bos, eos):
+        n_docs, n_tokens = n_docs + len(lens), n_tokens + len(flat)
+    return n_docs, n_tokens
 
 # ----------------------------------------------------------------------------- training a tokenizer
 def train_sentencepiece(docs, vocab_size, model_path, model_type='bpe', sample_mb=20.0):
