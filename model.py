@@ -176,7 +176,8 @@ class ModelArgs:
     def from_hf_config(cfg):
         archs = cfg.get('architectures') or []
         name = archs[0] if archs else cfg.get('model_type')
-        arch = ARCHS.get(name) or {'llama': 'llama', 'mistral': 'mistral', 'qwen2': 'qwen2'}.get(name)
+        arch = ARCHS.get(name) or {'LLaMAForCausalLM': 'llama', 'llama': 'llama', 'mistral': 'mistral',
+                                   'qwen2': 'qwen2'}.get(name)  # very old Llama configs / no architectures
         if arch is None:
             raise ValueError(f"unsupported architecture {name!r} (supported: {', '.join(ARCHS)})")
         for key, ok in (('hidden_act', 'silu'), ('mlp_bias', False), ('attention_bias', False),
@@ -223,6 +224,8 @@ class ModelArgs:
               'rope_scaling': dict(rs) if rs else None, 'tie_word_embeddings': self.tie_word_embeddings,
               'bos_token_id': self.bos_token_id, 'eos_token_id': self.eos_token_id,
               'initializer_range': 0.02, 'attention_dropout': 0.0, 'use_cache': True}
+        if rs and rs['rope_type'] == 'longrope':  # transformers 4.4x reads it here (5.x: same value wins)
+            hf['original_max_position_embeddings'] = rs['original_max_position_embeddings']
         if self.arch == 'llama':
             hf.update(attention_bias=False, mlp_bias=False)
         elif self.arch == 'mistral':

@@ -59,6 +59,7 @@ def test_yarn_pose_logits_and_export(tmp_path):
     cfg = json.load(open(tmp_path / 'ours' / 'config.json'))
     rs = cfg['rope_scaling']
     assert rs['rope_type'] == 'longrope' and rs['short_factor'] == rs['long_factor']
+    assert cfg['original_max_position_embeddings'] == orig  # where transformers 4.4x looks for it
     assert max(abs(a - b) for a, b in zip(rs['short_factor'], div)) < 1e-6
     assert abs(rs['attention_factor'] - (0.1 * math.log(s) + 1.0)) < 1e-12
     hf2 = AutoModelForCausalLM.from_pretrained(tmp_path / 'ours').eval()
