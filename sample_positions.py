@@ -14,8 +14,8 @@ start at st_i = l_0 + ... + l_{i-1}. With u_0 = v_0 = 0 and, for i >= 1,
     content offsets  v_i ~ U{v_{i-1} .. L_x - L_c}         (L_x = doc_len)
 chunk i is trained at positions  u_i + st_i .. u_i + st_i + l_i - 1   (Eq. 4)
 and holds the tokens             x[v_i + st_i : v_i + st_i + l_i]      (Eq. 5).
-Because st_i + k is just the token's index j in the example, position_ids[j] = u_{c(j)} + j and
-token_idx[j] = v_{c(j)} + j, where c(j) is j's chunk: two np.repeat's, no loop over tokens.
+st_i + k is the token's index j in the example, so both arrays start as arange(L_c) and each chunk
+adds its u_i (or v_i) to its own slice: one numpy op per chunk, no Python loop over tokens.
 Choices the paper leaves open, settled here:
   - chunk lengths (chunking='paper', default): a uniformly random composition of L_c into N
     positive parts, i.e. N-1 distinct cut points drawn uniformly from 1 .. L_c-1, sorted. For
@@ -65,7 +65,8 @@ def _check_lengths(doc_len, train_len, target_len):
 
 
 def chunk_lengths(train_len, num_chunks, rng, chunking='paper'):
-    """l_0 .. l_{N-1}: N positive chunk lengths summing to L_c (§3.2, the split before Eq. 3)."""
+    """[l_0 .. l_{N-1}]: N positive chunk lengths summing to L_c (§3.2, the split before Eq. 3), as
+    a list of ints (tiny; Python ints keep a draw well under 50 us)."""
     L, N = train_len, num_chunks
     if not 1 <= N <= L:
         raise ValueError(f"num_chunks={N} must be in [1, train_len={L}]")
@@ -73,7 +74,7 @@ def chunk_lengths(train_len, num_chunks, rng, chunking='paper'):
         if N != 2:
             raise ValueError(f"chunking='official' has exactly 2 chunks, got num_chunks={N}")
         l0 = int(rng.integers(1, (L + 1) // 2 + 1))
-        return np.array([l0, L - l0], dtype=np.int64)
+        return [l0, L - l0]
     if chunking != 'paper':
         raise ValueError(f"chunking={chunking!r}: expected 'paper' or 'official'")
     k = N - 1  # cut points, distinct, uniform among the (L-1 choose k) subsets of 1..L-1
@@ -88,16 +89,16 @@ def chunk_lengths(train_len, num_chunks, rng, chunking='paper'):
         cuts = sorted(cuts)
     else:
         cuts = np.sort(rng.choice(np.arange(1, L), size=k, replace=False)).tolist()
-    return np.array([b - a for a, b in zip([0] + cuts, cuts + [L])], dtype=np.int64)
+    return [b - a for a, b in zip([0] + cuts, cuts + [L])]
 
 
 def monotone_offsets(n, high, rng):
     """w_0 = 0 and w_i ~ U{w_{i-1} .. high} for i = 1 .. n-1: the skip offsets u_i of Eq. 4
-    (high = L_t - L_c) and the content offsets v_i of Eq. 5 (high = L_x - L_c)."""
+    (high = L_t - L_c) and the content offsets v_i of Eq. 5 (high = L_x - L_c). A list of ints."""
     w = [0]
     for _ in range(n - 1):  # sequential by definition; n = N is small
         w.append(int(rng.integers(w[-1], high + 1)))
-    return np.array(w, dtype=np.int64)
+    return w
 
 
 def pose(doc_len, train_len, target_len, rng, num_chunks=2, content='uniform', chunking='paper'):
@@ -110,12 +111,18 @@ def pose(doc_len, train_len, target_len, rng, num_chunks=2, content='uniform', c
     if content == 'uniform':
         v = monotone_offsets(len(l), doc_len - train_len, rng)       # [N] v_i, Eq. 5
     elif content == 'zero':
-        v = np.zeros_like(u)
+        v = [0] * len(l)
     else:  # 'aligned': v_i = u_i, clamped so that the last chunk still ends inside the document
-        v = np.minimum(u, doc_len - train_len)
-    j = np.arange(train_len, dtype=np.int64)  # j = st_i + k for the k-th token of chunk i
-    position_ids = np.repeat(u, l) + j       # [L_c] u_i + st_i + k   (Eq. 4)
-    token_idx = np.repeat(v, l) + j          # [L_c] v_i + st_i + k   (Eq. 5)
+        v = [min(u_i, doc_len - train_len) for u_i in u]
+    position_ids = np.arange(train_len, dtype=np.int64)  # [L_c] st_i + k for the k-th token of chunk i
+    token_idx = np.arange(train_len, dtype=np.int64)     # [L_c]
+    st = 0
+    for l_i, u_i, v_i in zip(l, u, v):  # chunk c_i holds the example's tokens st_i .. st_i + l_i - 1
+        if u_i:
+            position_ids[st:st + l_i] += u_i  # u_i + st_i + k   (Eq. 4)
+        if v_i:
+            token_idx[st:st + l_i] += v_i     # x[v_i + st_i + k] (Eq. 5)
+        st += l_i
     return token_idx, position_ids
 
 
@@ -234,12 +241,14 @@ def examples_to_cover(p, confidence=0.99):
 
 
 def draws_per_second(sampler, train_len, target_len, seconds=1.0, *, doc_len=None, seed=0, **options):
-    """Measured sampler speed on this core: draws completed in `seconds` of wall clock / seconds."""
+    """Measured sampler speed on one core: draws per CPU second of this process, run for `seconds`
+    of CPU time (a sampler is single-threaded; CPU time keeps other jobs on a shared machine
+    from deflating the figure)."""
     fn = SAMPLERS[sampler] if isinstance(sampler, str) else sampler
     doc_len = target_len if doc_len is None else doc_len
     rng = np.random.default_rng(seed)
-    n, t0 = 0, time.perf_counter()
-    while (elapsed := time.perf_counter() - t0) < seconds:
+    n, t0 = 0, time.process_time()
+    while (elapsed := time.process_time() - t0) < seconds:
         fn(doc_len, train_len, target_len, rng, **options)
         n += 1
     return n / elapsed
@@ -260,7 +269,7 @@ def plot_coverage(curves, train_len, target_len, path):
     ax.axvline(train_len, color='gray', linestyle=':', linewidth=1)
     ax.set(xlabel='relative distance', ylabel='coverage probability (one example)',
            title=f'Relative-distance coverage, {train_len} -> {target_len}', ylim=(-0.02, 1.02), xlim=(0, target_len))
-    ax.legend()
+    ax.legend(loc='center right')
     fig.tight_layout()
     root, ext = os.path.splitext(path)
     tmp = f"{root}.tmp{ext or '.png'}"
