@@ -1,7 +1,7 @@
 """
 Text corpora -> token memmap + document index, for PoSE training and evaluation.
 
-    python prepare_data.py --input=pile/*.jsonl.zst --tokenizer=meta-llama/Llama-2-7b-hf --min_tokens=2048
+    python prepare_data.py --input=pile/*.jsonl.zst --tokenizer=/models/Llama-2-7b-hf --min_tokens=2048
     python prepare_data.py --corpus=python_stdlib --train_tokenizer=2048 --out_dir=data-demo
 
 PoSE samples its chunks inside ONE document, so documents stay whole and separate: out_dir gets
@@ -32,6 +32,7 @@ import time
 from collections import deque
 
 import numpy as np
+from tqdm import tqdm
 
 # -----------------------------------------------------------------------------
 # config (nanoGPT style: python prepare_data.py [config.py] [--key=value ...])
@@ -131,7 +132,8 @@ class Tokenizer:
         if self.sp is not None:
             ids = self.sp.encode(list(texts), num_threads=1)  # one core per process: num_proc is the knob
         else:
-            ids = [e.ids for e in self.hf.encode_batch_fast(list(texts), add_special_tokens=False)]
+            encode = getattr(self.hf, 'encode_batch_fast', self.hf.encode_batch)  # _fast: tokenizers >= 0.21, no offsets
+            ids = [e.ids for e in encode(list(texts), add_special_tokens=False)]
         pre = [self.bos_id] if bos and self.bos_id is not None else []
         post = [self.eos_id] if eos and self.eos_id is not None else []
         return [pre + x + post for x in ids] if pre or post else ids
@@ -243,7 +245,7 @@ def read_documents(path, text_key='text', lenient=False):
                     try:
                         obj = json.loads(line)
                     except ValueError as e:
-                        raise ValueError(f"{path}:{lineno}: invalid JSON ({e})") from None
+                        raise ValueError(f"{path}:{lineno}: invalid JSON ({getattr(e, 'msg', e)})") from None
                     if not isinstance(obj, dict) or text_key not in obj:
                         keys = list(obj)[:8] if isinstance(obj, dict) else type(obj).__name__
                         raise ValueError(f"{path}:{lineno}: no text key '{text_key}' (found: {keys}; set text_key=...)")
@@ -252,12 +254,10 @@ def read_documents(path, text_key='text', lenient=False):
                     yield obj[text_key]
         except UnicodeDecodeError as e:
             raise ValueError(f"{path}:{lineno + 1}: not UTF-8 ({e.reason})") from None
-        except (OSError, EOFError) as e:  # truncated/corrupt .gz / .zst: zstandard.ZstdError is an OSError? not always
-            raise ValueError(f"{path}:{lineno + 1}: unreadable ({e})") from None
-        except Exception as e:
-            if type(e).__name__ == 'ZstdError':
-                raise ValueError(f"{path}:{lineno + 1}: unreadable zstd ({e})") from None
+        except ValueError:
             raise
+        except Exception as e:  # truncated / corrupt .gz or .zst: OSError, EOFError, zstandard.ZstdError
+            raise ValueError(f"{path}:{lineno + 1}: unreadable ({type(e).__name__}: {e})") from None
     elif path.endswith(PARQUET_EXTS):
         try:
             import pyarrow.parquet as pq
@@ -503,7 +503,6 @@ def prepare(input=None, corpus='', val_input=None, val_fraction=0.0, out_dir='da
         streams = [('train', files), ('val', val_files)] if val_files else [(None, files)]
         docs_read = {}
         for fixed_split, stream_files in streams:
-            from tqdm import tqdm
             name = fixed_split or '+'.join(splits)
             bar = tqdm(desc=f'tokenizing {name}', unit=' docs', disable=not progress, mininterval=0.5)
             handles.append(bar)  # closed on error too, so the error line is the last thing on stderr
@@ -553,8 +552,7 @@ def prepare(input=None, corpus='', val_input=None, val_fraction=0.0, out_dir='da
             for k, s in enumerate(splits):
                 _shuffle_split(final[s][0] + '.tmp', final[s][1] + '.tmp', np_dtype, np.random.default_rng([seed, k]), tmps)
         meta = dict(
-            tokenizer=tok_final, tokenizer_sha256=sha256_file(tok_path), tokenizer_files=[tok_final] + tok.files[1:] if not train_tokenizer
-            else [tok_final, os.path.join(os.path.dirname(tok_final), 'tokenizer_config.json')],
+            tokenizer=tok_final, tokenizer_sha256=sha256_file(tok_path),
             vocab_size=tok.vocab_size, dtype=np_dtype.name, bos_id=tok.bos_id if bos else None,
             eos_id=tok.eos_id, add_bos=bos, add_eos=eos, splits=stats, docs_read=docs_read,
             filters=dict(min_tokens=min_tokens, max_tokens=max_tokens, max_docs=max_docs, val_fraction=val_fraction,
@@ -567,8 +565,9 @@ def prepare(input=None, corpus='', val_input=None, val_fraction=0.0, out_dir='da
         tmps.append(meta_path + '.tmp')
         with open(meta_path + '.tmp', 'w') as f:
             json.dump(meta, f, indent=1)
-        if os.path.exists(meta_path):
-            os.remove(meta_path)
+        for stale in [meta_path] + [os.path.join(out_dir, f'val.{x}') for x in ('bin', 'idx') if 'val' not in splits]:
+            if os.path.exists(stale):
+                os.remove(stale)
         for s in splits:
             os.replace(final[s][0] + '.tmp', final[s][0])
             os.replace(final[s][1] + '.tmp', final[s][1])
