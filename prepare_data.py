@@ -419,7 +419,7 @@ LLAMA_TOKENIZER_CONFIG = {  # lets transformers load a trained tokenizer.model a
 def _shuffle_split(bin_path, idx_path, np_dtype, rng, tmps):
     """Permute the documents of a finished split (uniform, seeded). A stream cannot be shuffled in
     constant memory, so this is a second pass: the offsets (8 B/doc) in memory, tokens copied from
-    a memmap in the permuted order into a new temp file, ~16 MB at a time."""
+    a memmap in the permuted order into a new temp file."""
     offsets = np.fromfile(idx_path, dtype=np.int64)
     n = len(offsets) - 1
     if n < 2:
@@ -428,16 +428,9 @@ def _shuffle_split(bin_path, idx_path, np_dtype, rng, tmps):
     perm = rng.permutation(n)
     new_offsets = np.concatenate([[0], np.cumsum(np.diff(offsets)[perm])]).astype(np.int64)
     tmps += [bin_path + '.shuf', idx_path + '.shuf']
-    with open(bin_path + '.shuf', 'wb') as f:
-        buf, size = [], 0
+    with open(bin_path + '.shuf', 'wb', buffering=16 << 20) as f:
         for i in perm:
-            buf.append(tokens[offsets[i]:offsets[i + 1]])
-            size += len(buf[-1])
-            if size >= (8 << 20):
-                f.write(np.concatenate(buf).tobytes())
-                buf, size = [], 0
-        if buf:
-            f.write(np.concatenate(buf).tobytes())
+            f.write(tokens[offsets[i]:offsets[i + 1]].tobytes())
     new_offsets.tofile(idx_path + '.shuf')
     del tokens
     os.replace(bin_path + '.shuf', bin_path)
@@ -454,20 +447,16 @@ def prepare(input=None, corpus='', val_input=None, val_fraction=0.0, out_dir='da
         raise ValueError("set exactly one of input=FILES or corpus=python_stdlib")
     files = corpus_files(corpus) if corpus else find_files(input)
     val_files = find_files(val_input, 'val_input') if val_input else None
-    if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"val_fraction={val_fraction}: must be in [0, 1)")
-    if val_files and val_fraction:
-        raise ValueError("set val_input or val_fraction, not both")
-    if min_tokens < 0 or max_tokens < 0 or max_docs < 0 or num_proc < 1:
-        raise ValueError("min_tokens, max_tokens, max_docs must be >= 0 and num_proc >= 1")
-    if max_tokens and min_tokens > max_tokens:
-        raise ValueError(f"min_tokens={min_tokens} > max_tokens={max_tokens}: every document would be dropped")
-    if dtype not in ('', 'uint16', 'uint32'):
-        raise ValueError(f"dtype={dtype!r}: use '', 'uint16' or 'uint32'")
-    if tokenizer and train_tokenizer:
-        raise ValueError("set tokenizer=PATH or train_tokenizer=VOCAB, not both")
-    if tokenizer_type not in ('bpe', 'unigram'):
-        raise ValueError(f"tokenizer_type={tokenizer_type!r}: use 'bpe' or 'unigram'")
+    for bad, msg in [(not 0.0 <= val_fraction < 1.0, f"val_fraction={val_fraction}: must be in [0, 1)"),
+                     (val_files and val_fraction, "set val_input or val_fraction, not both"),
+                     (min(min_tokens, max_tokens, max_docs) < 0, "min_tokens, max_tokens, max_docs must be >= 0"),
+                     (num_proc < 1, f"num_proc={num_proc}: must be >= 1"),
+                     (max_tokens and min_tokens > max_tokens, f"min_tokens={min_tokens} > max_tokens={max_tokens}"),
+                     (dtype not in ('', 'uint16', 'uint32'), f"dtype={dtype!r}: use '', 'uint16' or 'uint32'"),
+                     (tokenizer and train_tokenizer, "set tokenizer=PATH or train_tokenizer=VOCAB, not both"),
+                     (tokenizer_type not in ('bpe', 'unigram'), f"tokenizer_type={tokenizer_type!r}: use 'bpe' or 'unigram'")]:
+        if bad:
+            raise ValueError(msg)
     if not train_tokenizer:
         tok_path = tok_final = resolve_tokenizer(tokenizer)
     splits = ['train', 'val'] if (val_files or val_fraction) else ['train']
@@ -510,32 +499,28 @@ def prepare(input=None, corpus='', val_input=None, val_fraction=0.0, out_dir='da
             docs = iter_documents(stream_files, text_key, bool(corpus))
             batches = encode_documents(docs, tok_path, num_proc, bos, eos)
             for flat, lens in batches:
-                if flat.size and flat.max() >= np.iinfo(np_dtype).max + 1:
+                if flat.size and flat.max() > np.iinfo(np_dtype).max:
                     raise ValueError(f"token id {flat.max()} does not fit {np_dtype} (vocab_size {tok.vocab_size})")
-                flat, ends = flat.astype(np_dtype), np.cumsum(lens)
+                flat, starts = flat.astype(np_dtype), np.cumsum(lens) - lens
                 for j, n in enumerate(lens.tolist()):
                     s = fixed_split or ('val' if val_fraction and is_val(index, seed, val_fraction) else 'train')
                     index += 1
-                    st, (fb, fi, off) = stats[s], out[s]
-                    if n <= n_special:
-                        st['dropped_empty'] += 1
-                        continue
-                    if n < min_tokens:
-                        st['dropped_short'] += 1
+                    drop = 'dropped_empty' if n <= n_special else 'dropped_short' if n < min_tokens else None
+                    if drop:
+                        stats[s][drop] += 1
                         continue
                     if max_tokens and n > max_tokens:
-                        st['truncated'] += 1
+                        stats[s]['truncated'] += 1
                         n = max_tokens  # keep the head (BOS included; EOS is cut off)
-                    fb.write(flat[ends[j] - lens[j]:ends[j] - lens[j] + n].tobytes())
+                    fb, fi, off = out[s]
+                    fb.write(flat[starts[j]:starts[j] + n].tobytes())
+                    fi.write(np.int64(off + n).tobytes())  # offsets[i + 1]
                     out[s][2] = off + n
-                    fi.write(np.int64(off + n).tobytes())
-                    st['docs'] += 1
-                    st['tokens'] += n
-                    kept += 1
-                    n_tok += n
+                    stats[s]['docs'], stats[s]['tokens'] = stats[s]['docs'] + 1, stats[s]['tokens'] + n
+                    kept, n_tok = kept + 1, n_tok + n
                     if max_docs and kept >= max_docs:
                         break
-                bar.update(len(lens) if not (max_docs and kept >= max_docs) else j + 1)
+                bar.update(j + 1)
                 bar.set_postfix_str(f'{n_tok / max(time.time() - t0, 1e-9):,.0f} tok/s', refresh=False)
                 if max_docs and kept >= max_docs:
                     batches.close()  # stops the worker pool; the rest of the input is not read
