@@ -52,13 +52,22 @@ def data(tmp_path_factory):
     return make_data(str(tmp_path_factory.mktemp('data')))
 
 
-def train(*args, nproc=1, check=True):
+def start(*args, nproc=1):
     cmd = [sys.executable, 'train.py'] if nproc == 1 else \
         [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}', 'train.py']
-    proc = subprocess.run(cmd + list(args), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    return subprocess.Popen(cmd + list(args), cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def finish(proc, check=True):
+    proc.stdout, proc.stderr = proc.communicate(timeout=300)
     if check:
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return proc
+
+
+def train(*args, nproc=1, check=True):
+    return finish(start(*args, nproc=nproc), check)
 
 
 def read_log(out_dir):
@@ -76,8 +85,9 @@ def test_two_processes_give_the_one_process_losses(tmp_path, data):
     """FSDP2 over 2 gloo processes (batch 2 each, grad accumulation 2, activation checkpointing) trains on the
     same global batch as 1 process with batch 4: the same losses and weights up to float rounding."""
     common = TINY + [f'--data_dir={data}', '--max_iters=4', '--eval_interval=2', '--gradient_accumulation_steps=2']
-    train(*common, '--batch_size=4', f'--out_dir={tmp_path / "one"}')
-    train(*common, '--batch_size=2', '--activation_checkpointing=True', f'--out_dir={tmp_path / "two"}', nproc=2)
+    one = start(*common, '--batch_size=4', f'--out_dir={tmp_path / "one"}')  # both at once: 2 cores
+    two = start(*common, '--batch_size=2', '--activation_checkpointing=True', f'--out_dir={tmp_path / "two"}', nproc=2)
+    finish(one), finish(two)
     one, two = read_log(tmp_path / 'one'), read_log(tmp_path / 'two')
     assert sorted(one) == sorted(two) and len(one) == 4 + 3
     for k in one:
@@ -94,7 +104,7 @@ def test_kill_and_resume_is_bitwise(tmp_path, data):
     the losses, the log and the exported weights are exactly those of the uninterrupted run."""
     common = TINY + [f'--data_dir={data}', '--max_iters=8', '--save_interval=2', '--eval_interval=4']
     a, b = tmp_path / 'a', tmp_path / 'b'
-    train(*common, f'--out_dir={a}')
+    uninterrupted = start(*common, f'--out_dir={a}')  # runs beside the one we kill
     with open(tmp_path / 'b.err', 'w') as err:
         proc = subprocess.Popen([sys.executable, 'train.py', *common, f'--out_dir={b}'], cwd=ROOT, env=ENV,
                                 stdout=subprocess.DEVNULL, stderr=err)
@@ -110,6 +120,7 @@ def test_kill_and_resume_is_bitwise(tmp_path, data):
     (b / 'ckpt-99.tmp').mkdir(exist_ok=True)  # the debris of a crashed save must not matter
     (b / 'ckpt-99.tmp' / '__0_0.distcp').write_bytes(b'garbage')
     train(*common, f'--out_dir={b}', '--init_from=resume')
+    finish(uninterrupted)
     assert read_log(a) == read_log(b)  # every train and val loss, bit for bit
     wa, wb = load_file(a / 'hf/model.safetensors'), load_file(b / 'hf/model.safetensors')
     assert all(torch.equal(wa[k], wb[k]) for k in wa) and wa.keys() == wb.keys()
@@ -210,24 +221,29 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, data):
     assert state['iter'] == bad_iter - 1
 
 
-@pytest.mark.parametrize('args, needles', [
+BAD_CONFIGS = [  # (overrides, what the one error line must name)
     (['--batchsize=2'], ['batchsize']),
     (['--target_len=32'], ['target_len=32', 'train_len=64']),
     (['--method=fancy'], ["method='fancy'", 'pose']),
     (['--num_chunks=0'], ['num_chunks=0']),
     (['--content=middle'], ["'middle'"]),
     (['--method=full'], ["method='full'", 'train_len']),
-    (['--train_len=400', '--target_len=800'], ['no document is long enough', 'train', '401']),
+    (['--train_len=400', '--target_len=800'], ['no document is long enough', 'train', '401', 'longest has ']),
     (['--init_from=/no/such/model'], ['/no/such/model']),
     (['--init_from=resume'], ['resume', 'no checkpoint']),
-])
-def test_bad_config_is_one_clear_line(tmp_path, data, args, needles):
-    proc = train(*TINY, f'--data_dir={data}', f'--out_dir={tmp_path / "o"}', *args, check=False)
-    assert proc.returncode == 2, proc.stdout[-1000:] + proc.stderr[-2000:]
-    lines = [l for l in proc.stderr.splitlines() if l.strip()]
-    assert len(lines) == 1 and 'error' in lines[0], proc.stderr
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
-    if '--train_len=400' in args:  # names the data, and the longest document there is
-        longest = np.diff(np.fromfile(os.path.join(data, 'train.idx'), dtype=np.int64)).max()
-        assert data in lines[0] and f'longest has {longest}' in lines[0]
+]
+
+
+def test_bad_config_is_one_clear_line(tmp_path, data):
+    longest = np.diff(np.fromfile(os.path.join(data, 'train.idx'), dtype=np.int64)).max()
+    BAD_CONFIGS[6][1].extend([data, f'longest has {longest}'])  # names the data and its longest document
+    for i in range(0, len(BAD_CONFIGS), 2):  # two at a time: 2 cores
+        procs = [(args, needles, start(*TINY, f'--data_dir={data}', f'--out_dir={tmp_path / "o"}', *args))
+                 for args, needles in BAD_CONFIGS[i:i + 2]]
+        for args, needles, proc in procs:
+            finish(proc, check=False)
+            assert proc.returncode == 2, (args, proc.stdout[-1000:] + proc.stderr[-2000:])
+            lines = [l for l in proc.stderr.splitlines() if l.strip()]
+            assert len(lines) == 1 and 'error' in lines[0], (args, proc.stderr)
+            for n in needles:
+                assert n in lines[0], (args, n, lines[0])
