@@ -23,7 +23,8 @@ try:  # flash-attn's causal kernel on CUDA bf16/fp16; SDPA everywhere else
 except ImportError:
     flash_attn_func = None
 
-LOSS_CHUNK = 2048  # tokens per lm_head + fp32 cross-entropy chunk (Transformer.loss_chunk)
+LOSS_CHUNK = 1024  # tokens per lm_head + fp32 cross-entropy chunk (Transformer.loss_chunk); the
+# loss peaks at ~4 [chunk, vocab] fp32 blocks whatever T is (0.5 GB each at chunk 1024, vocab 128k)
 MAX_SHARD_SIZE = 5 * 1024**3  # bytes per safetensors shard written by save_pretrained
 ARCHS = {'LlamaForCausalLM': 'llama', 'MistralForCausalLM': 'mistral', 'Qwen2ForCausalLM': 'qwen2'}
 TOKENIZER_FILES = ('tokenizer.model', 'tokenizer.json', 'tokenizer_config.json',
