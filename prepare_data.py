@@ -44,7 +44,7 @@ out_dir = 'data'  # where {split}.bin / {split}.idx / meta.json go
 tokenizer = ''  # sentencepiece .model, HF tokenizer.json, or an HF model directory holding either
 train_tokenizer = 0  # >0: train a sentencepiece model of this vocab size on the inputs and use it
 tokenizer_type = 'bpe'  # for train_tokenizer: 'bpe' or 'unigram'
-tokenizer_sample_mb = 20.0  # for train_tokenizer: train on at most this many MB of (train) text
+tokenizer_sample_mb = 20.0  # for train_tokenizer: train on the first this-many MB of the train documents
 text_key = 'text'  # the field holding the text in .jsonl / .parquet
 min_tokens = 0  # drop documents shorter than this (tokens incl. BOS/EOS; the paper keeps >= 2048)
 max_tokens = 0  # truncate documents to this many tokens (0 = no limit; official PoSE code: 5 * L_c)
@@ -418,21 +418,21 @@ LLAMA_TOKENIZER_CONFIG = {  # lets transformers load a trained tokenizer.model a
 # ----------------------------------------------------------------------------- the pipeline
 def _shuffle_split(bin_path, idx_path, np_dtype, rng, tmps):
     """Permute the documents of a finished split (uniform, seeded). A stream cannot be shuffled in
-    constant memory, so this is a second pass: the offsets (8 B/doc) in memory, tokens copied from
-    a memmap in the permuted order into a new temp file."""
+    constant memory, so this is a second pass: the offsets (8 B/doc) in memory, each document's
+    tokens read (seek + read: no memmap pages piling up in RSS) in the permuted order into a new file."""
     offsets = np.fromfile(idx_path, dtype=np.int64)
     n = len(offsets) - 1
     if n < 2:
         return
-    tokens = np.memmap(bin_path, dtype=np_dtype, mode='r')
     perm = rng.permutation(n)
     new_offsets = np.concatenate([[0], np.cumsum(np.diff(offsets)[perm])]).astype(np.int64)
     tmps += [bin_path + '.shuf', idx_path + '.shuf']
-    with open(bin_path + '.shuf', 'wb', buffering=16 << 20) as f:
-        for i in perm:
-            f.write(tokens[offsets[i]:offsets[i + 1]].tobytes())
+    starts, sizes = offsets[:-1] * np_dtype.itemsize, np.diff(offsets) * np_dtype.itemsize
+    with open(bin_path, 'rb') as src, open(bin_path + '.shuf', 'wb', buffering=16 << 20) as f:
+        for i in perm.tolist():
+            src.seek(starts[i])
+            f.write(src.read(sizes[i]))
     new_offsets.tofile(idx_path + '.shuf')
-    del tokens
     os.replace(bin_path + '.shuf', bin_path)
     os.replace(idx_path + '.shuf', idx_path)
 
