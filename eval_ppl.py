@@ -29,6 +29,7 @@ import time
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 # -----------------------------------------------------------------------------
 # reusable pieces (tests and bench.py import these)
@@ -58,9 +59,10 @@ def window_spans(n, window, stride=None, mode='sliding', add_bos=False):
 
 @torch.inference_mode()
 def sliding_window_nll(model, tokens, window, stride=None, mode='sliding', add_bos=False, bos_id=None,
-                       device='cpu', pbar=None):
+                       device='cpu', pbar=None, chunk=1024):
     """(sum of NLL in nats, number of scored tokens) of one document (1-D int array) under `model`.
-    Uses model(idx, targets=...), whose chunked loss never holds [T, vocab] fp32 logits."""
+    Only the scored positions go through lm_head, `chunk` rows at a time in fp32: no [T, vocab] logits,
+    and with overlapping windows (stride < window) most of lm_head's work is skipped."""
     if mode not in ('sliding', 'truncate'):
         raise ValueError(f"mode must be 'sliding' or 'truncate', got {mode!r}")
     if add_bos and bos_id is None:
@@ -72,11 +74,13 @@ def sliding_window_nll(model, tokens, window, stride=None, mode='sliding', add_b
         ctx = doc[b:b + window - nbos]
         if nbos:
             ctx = torch.cat([torch.tensor([bos_id]), ctx])
-        targets = torch.full_like(ctx, -100)
+        h = model.forward_hidden(ctx[None].to(device))[0]  # [T, dim], after the final norm
         # doc token j is predicted at input position j - 1 - b + nbos
-        targets[first - 1 - b + nbos:end - 1 - b + nbos] = doc[first:end]
-        _, loss = model(ctx[None].to(device), targets=targets[None].to(device))  # mean over scored
-        nll += loss.double().item() * (end - first)
+        h = h[first - 1 - b + nbos:end - 1 - b + nbos]  # [end - first, dim]: the scored positions only
+        targets = doc[first:end].to(device)
+        for i in range(0, end - first, chunk):
+            logits = model.lm_head(h[i:i + chunk]).float()  # [<=chunk, vocab]
+            nll += F.cross_entropy(logits, targets[i:i + chunk], reduction='sum').double().item()
         count += end - first
         if pbar is not None:
             pbar.update(1)
