@@ -31,15 +31,10 @@ import warnings
 from contextlib import nullcontext
 
 import numpy as np
-import torch
-import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
-                                                     set_state_dict)
 
-from model import ModelArgs, Transformer
-from prepare_data import open_split, read_meta
 import sample_positions  # SAMPLERS (a module, so the configurator cannot mistake it for a config key)
+from prepare_data import open_split, read_meta
+# torch and model.py are imported below, after the config and the data are checked: a typo fails in a blink
 
 # -----------------------------------------------------------------------------
 # default config values; a config file or --key=value overrides them (configurator.py)
@@ -70,8 +65,8 @@ beta1 = 0.9  # AdamW beta1
 beta2 = 0.999  # AdamW beta2
 grad_clip = 1.0  # clip the global grad norm to this (0 = off)
 # system
-device = 'cuda' if torch.cuda.is_available() else 'cpu'  # 'cpu' | 'cuda' (under torchrun: cuda:LOCAL_RANK)
-dtype = 'bfloat16' if torch.cuda.is_available() else 'float32'  # 'float32' | 'bfloat16' (fp32 master weights, bf16 compute)
+device = ''  # 'cpu' | 'cuda' (under torchrun: cuda:LOCAL_RANK) | '' = cuda when available, else cpu
+dtype = ''  # 'float32' | 'bfloat16' (fp32 master weights, bf16 compute) | '' = bfloat16 on cuda, else float32
 compile = True  # torch.compile each block
 activation_checkpointing = True  # recompute each block's activations in backward
 # eval, logging, checkpoints
@@ -102,7 +97,7 @@ ddp = 'RANK' in os.environ and 'WORLD_SIZE' in os.environ  # launched by torchru
 rank, world_size = int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
 local_rank = int(os.environ.get('LOCAL_RANK', 0))
 master = rank == 0
-model = optimizer = sd = x = y = pos = loss = None  # module-level references that cleanup() drops
+model = optimizer = sd = x = y = pos = loss = dist = None  # module-level references that cleanup() drops
 
 
 def cleanup():
@@ -111,7 +106,7 @@ def cleanup():
     global model, optimizer, sd, x, y, pos, loss
     model = optimizer = sd = x = y = pos = loss = None
     gc.collect()
-    if dist.is_initialized():
+    if dist is not None and dist.is_initialized():
         dist.destroy_process_group()
 
 
@@ -129,13 +124,10 @@ def barrier():
 
 
 # ---------------------------------------------------------------- validate the config before any heavy work
-device_type = 'cuda' if device.startswith('cuda') else 'cpu'
-if device_type == 'cuda' and not torch.cuda.is_available():
-    fail(f"device='{device}' but CUDA is not available (use --device=cpu)")
-if dtype not in ('float32', 'bfloat16'):
-    fail(f"dtype='{dtype}': expected 'float32' or 'bfloat16' (fp16 would need a grad scaler)")
-if dtype == 'bfloat16' and device_type == 'cuda' and not torch.cuda.is_bf16_supported():
-    fail("dtype='bfloat16' is not supported on this GPU (e.g. V100): use --dtype=float32")
+if device not in ('', 'cpu') and not device.startswith('cuda'):
+    fail(f"device='{device}': expected 'cpu', 'cuda' or '' (auto)")
+if dtype not in ('', 'float32', 'bfloat16'):
+    fail(f"dtype='{dtype}': expected 'float32', 'bfloat16' or '' (auto) (fp16 would need a grad scaler)")
 if method not in sample_positions.SAMPLERS:
     fail(f"method='{method}': expected one of {sorted(sample_positions.SAMPLERS)}")
 if target_len < train_len:
@@ -144,6 +136,8 @@ if method == 'full' and train_len != target_len:
     fail(f"method='full' trains on target_len-token inputs: set train_len = target_len (got {train_len} and {target_len})")
 if method == 'pose' and not 1 <= num_chunks <= train_len:
     fail(f'num_chunks={num_chunks}: expected 1 <= num_chunks <= train_len={train_len}')
+if method == 'pose' and content not in ('uniform', 'zero', 'aligned'):
+    fail(f"content='{content}': expected 'uniform', 'zero' or 'aligned'")
 if lr_schedule not in ('linear', 'cosine', 'constant'):
     fail(f"lr_schedule='{lr_schedule}': expected 'linear', 'cosine' or 'constant'")
 if min(batch_size, gradient_accumulation_steps, train_len, log_interval) < 1 or max_iters < 0:
@@ -155,17 +149,6 @@ if init_from not in ('scratch', 'resume') and not os.path.isfile(os.path.join(in
 latest_path = os.path.join(out_dir, 'latest')
 if init_from == 'resume' and not os.path.isfile(latest_path):
     fail(f"init_from='resume': no checkpoint in out_dir='{out_dir}' ({latest_path} missing)")
-
-if ddp:
-    if device_type == 'cuda':
-        device = f'cuda:{local_rank}'
-        torch.cuda.set_device(device)
-    dist.init_process_group('nccl' if device_type == 'cuda' else 'gloo',
-                            device_id=torch.device(device) if device_type == 'cuda' else None)
-torch.manual_seed(seed)
-if device_type == 'cuda':
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
 
 # ---------------------------------------------------------------- data
 sampler_options = {'num_chunks': num_chunks, 'content': content, 'chunking': chunking} if method == 'pose' else {}
@@ -210,9 +193,37 @@ try:
     data = {'train': load_split('train')}
     if eval_interval > 0:
         data['val'] = load_split('val')
-    get_batch('train', 0, 0)  # a dry run: the sampler rejects bad options (content, num_chunks) here
+    # a dry run: the sampler rejects bad options here
+    sample_positions.SAMPLERS[method](train_len, train_len, target_len, np.random.default_rng(0), **sampler_options)
 except (FileNotFoundError, ValueError, TypeError) as e:
     fail(str(e))
+
+import torch  # noqa: E402  (see the imports at the top)
+import torch.distributed as dist  # noqa: E402
+import torch.distributed.checkpoint as dcp  # noqa: E402
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,  # noqa: E402
+                                                     get_state_dict, set_state_dict)
+
+from model import ModelArgs, Transformer  # noqa: E402
+
+device = device or ('cuda' if torch.cuda.is_available() else 'cpu')
+device_type = 'cuda' if device.startswith('cuda') else 'cpu'
+dtype = dtype or ('bfloat16' if device_type == 'cuda' else 'float32')
+config.update(device=device, dtype=dtype)
+if device_type == 'cuda' and not torch.cuda.is_available():
+    fail(f"device='{device}' but CUDA is not available (use --device=cpu)")
+if dtype == 'bfloat16' and device_type == 'cuda' and not torch.cuda.is_bf16_supported():
+    fail("dtype='bfloat16' is not supported on this GPU (e.g. V100): use --dtype=float32")
+if ddp:
+    if device_type == 'cuda':
+        device = f'cuda:{local_rank}'
+        torch.cuda.set_device(device)
+    dist.init_process_group('nccl' if device_type == 'cuda' else 'gloo',
+                            device_id=torch.device(device) if device_type == 'cuda' else None)
+torch.manual_seed(seed)
+if device_type == 'cuda':
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
 
 # ---------------------------------------------------------------- model
 def original_window(cfg):

@@ -1,6 +1,7 @@
 """train.py end to end on CPU: torchrun (2 processes, gloo, FSDP2) == one process for the same global batch;
 kill + resume == uninterrupted, bitwise; the training loss and the HF export agree with transformers on the
 documented batches; PoSE lowers the loss; bad configs stop with one line."""
+import ast
 import json
 import os
 import signal
@@ -231,6 +232,7 @@ BAD_CONFIGS = [  # (overrides, what the one error line must name)
     (['--train_len=400', '--target_len=800'], ['no document is long enough', 'train', '401', 'longest has ']),
     (['--init_from=/no/such/model'], ['/no/such/model']),
     (['--init_from=resume'], ['resume', 'no checkpoint']),
+    (['config/pose_yarn_128k.py'], ["init_from='checkpoints/llama-7b'"]),  # a paper config, through configurator.py
 ]
 
 
@@ -247,3 +249,43 @@ def test_bad_config_is_one_clear_line(tmp_path, data):
             assert len(lines) == 1 and 'error' in lines[0], (args, proc.stderr)
             for n in needles:
                 assert n in lines[0], (args, n, lines[0])
+
+
+PAPER = {  # config: (method, train_len, target_len, rope_type) -- PoSE §4.1, §5.2, §5.3 and the brief
+    'pose_16k': ('pose', 2048, 16384, 'linear'), 'pose_32k': ('pose', 2048, 32768, 'linear'),
+    'pose_ntk_16k': ('pose', 2048, 16384, 'ntk'), 'pose_yarn_16k': ('pose', 2048, 16384, 'yarn_pose'),
+    'pose_yarn_128k': ('pose', 2048, 131072, 'yarn_pose'), 'full_16k': ('full', 16384, 16384, 'linear'),
+    'randpos_16k': ('randpos', 2048, 16384, 'linear'), 'pose_llama2_4k_16k': ('pose', 4096, 16384, 'linear'),
+    'pose_llama3_8k_64k': ('pose', 8192, 65536, 'llama3'),
+}
+
+
+def test_configs_set_only_train_keys_and_follow_the_paper(monkeypatch):
+    """Every config (as configurator.py runs it) assigns only train.py keys; the paper configs carry the
+    paper's recipe: 1,000 steps, lr 2e-5 linear with 10 warmup steps, AdamW, global batch 64 on 8 GPUs."""
+    monkeypatch.chdir(ROOT)
+    tree = ast.parse(open('train.py').read())
+    keys = set()
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):
+            if node.targets[0].id == 'config_keys':
+                break
+            keys.add(node.targets[0].id)
+    assert {'init_from', 'rope_scaling', 'gradient_accumulation_steps', 'activation_checkpointing'} <= keys
+    names = sorted(f[:-3] for f in os.listdir('config') if f.endswith('.py') and not f.startswith('demo_'))
+    assert set(PAPER) | {'tiny_scratch', 'tiny_pose'} <= set(names)
+    for name in names:
+        ns = {}
+        exec(compile(open(f'config/{name}.py').read(), name, 'exec'), ns)
+        cfg = {k: v for k, v in ns.items() if not k.startswith('_') and not callable(v) and type(v).__name__ != 'module'}
+        assert set(cfg) <= keys, (name, set(cfg) - keys)
+        assert cfg['target_len'] >= cfg['train_len'], name
+        if name in PAPER:
+            method, train_len, target_len, rope_type = PAPER[name]
+            assert (cfg['method'], cfg['train_len'], cfg['target_len'], cfg['rope_scaling']['rope_type']) == \
+                (method, train_len, target_len, rope_type), name
+            assert 'factor' not in cfg['rope_scaling']  # derived: target_len / the checkpoint's window
+            assert cfg['init_from'].startswith('checkpoints/'), name
+            assert (cfg['max_iters'], cfg['learning_rate'], cfg['warmup_iters'], cfg['lr_schedule']) == \
+                (1000, 2e-5, 10, 'linear'), name
+            assert cfg['batch_size'] * cfg['gradient_accumulation_steps'] * 8 == 64, name
