@@ -20,7 +20,6 @@ stride=None makes the windows disjoint; mode='truncate' keeps only the first win
 By default each document is cut to max(lengths) tokens (doc_tokens), as the paper's script does: then
 every window length scores the very same tokens and the columns of the table are comparable.
 """
-import glob
 import json
 import math
 import os
@@ -190,7 +189,8 @@ rope_scaling = None  # None = the checkpoint's own; a dict (HF semantics) overri
 max_position_embeddings = None  # None = the checkpoint's own; else an override (also what the length warning checks)
 data_dir = ''  # a prepare_data.py output dir ...
 split = 'val'  # ... and its split
-input = None  # ... or raw text instead: a file, a glob or a list of files, one document per file (model dir's tokenizer)
+input = None  # ... or raw text: files/dirs/globs (a list or comma-separated); a .txt is one document, .jsonl/.parquet one per record
+text_key = 'text'  # the text field of .jsonl / .parquet input
 tokenizer = None  # tokenizer for `input` (None = the model dir's)
 lengths = [2048, 4096, 8192, 16384]  # evaluation window lengths L (the table's columns)
 stride = None  # window start advances by this many tokens (paper: 1024; 16384 at 128k); None = disjoint windows
@@ -246,21 +246,17 @@ def main():
         docs = [np.asarray(tokens[offsets[i]:offsets[i + 1]]) for i in ids]
         data_info = {'data_dir': os.path.abspath(data_dir), 'split': split, 'tokenizer': meta.get('tokenizer')}
     else:
-        files = []
-        for p in ([input] if isinstance(input, str) else list(input)):
-            hits = sorted(glob.glob(p))
-            if not hits:
-                raise FileNotFoundError(f"input file not found: {p}")
-            files += hits
+        files = prepare_data.find_files(input)  # files, dirs, globs (comma-separated or a list)
         tok = prepare_data.load_tokenizer(tokenizer or model)
         bos_id = tok.bos_id
-        all_docs = []
+        all_docs, where = [], []  # .txt/.md: one document per file; .jsonl(.gz/.zst)/.parquet: one per record
         for p in files:
-            with open(p, encoding='utf-8') as f:
-                all_docs.append(np.asarray(tok.encode(f.read(), bos=False, eos=False), dtype=np.int64))
+            for k, text in enumerate(prepare_data.read_documents(p, text_key)):
+                all_docs.append(np.asarray(tok.encode(text, bos=False, eos=False), dtype=np.int64))
+                where.append([os.path.abspath(p), k])
         ids = select_docs([len(d) for d in all_docs], min_len, num_docs, seed)
         docs = [all_docs[i] for i in ids]
-        data_info = {'input': [os.path.abspath(files[i]) for i in ids], 'tokenizer': tok.files}
+        data_info = {'input': files, 'docs': [where[i] for i in ids], 'tokenizer': tok.files}
     docs = [d[1:] if bos_id is not None and len(d) and d[0] == bos_id else d for d in docs]
     docs = [d[:n_keep] if n_keep else d for d in docs]
 

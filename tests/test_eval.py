@@ -271,14 +271,18 @@ def test_eval_ppl_raw_input_and_plot_only(env, monkeypatch, capsys):
     (tmp / 'raw').mkdir()
     (tmp / 'raw' / 'a.txt').write_text(ENGLISH * 3)
     (tmp / 'raw' / 'b.txt').write_text(FILLER)  # too short for the window: not chosen
+    (tmp / 'raw' / 'c.jsonl').write_text(json.dumps({'text': FILLER}) + '\n' + json.dumps({'text': ENGLISH * 2}) + '\n')
     out = str(tmp / 'ppl_raw.json')
-    run_main(monkeypatch, eval_ppl, model=env['plain'], input=str(tmp / 'raw' / '*.txt'), lengths=[200],
+    run_main(monkeypatch, eval_ppl, model=env['plain'], input=str(tmp / 'raw' / '*'), lengths=[200],
              add_bos=False, device='cpu', out=out)
-    doc = env['tok'].encode(ENGLISH * 3, bos=False)[:200]  # doc_tokens=None: cut to max(lengths)
-    s, c = hf_nll(env['hf'], doc, 200, None, 'sliding', False)
+    ref_sum, ref_n = 0.0, 0
+    for text in (ENGLISH * 3, ENGLISH * 2):
+        doc = env['tok'].encode(text, bos=False)[:200]  # doc_tokens=None: cut to max(lengths)
+        s, c = hf_nll(env['hf'], doc, 200, None, 'sliding', False)
+        ref_sum, ref_n = ref_sum + s, ref_n + c
     r = json.load(open(out))
-    assert r['data']['input'] == [str(tmp / 'raw' / 'a.txt')]
-    assert r['ppl']['200'] == pytest.approx(np.exp(s / c), rel=1e-4) and r['tokens']['200'] == 199
+    assert r['data']['docs'] == [[str(tmp / 'raw' / 'a.txt'), 0], [str(tmp / 'raw' / 'c.jsonl'), 1]]
+    assert r['ppl']['200'] == pytest.approx(np.exp(ref_sum / ref_n), rel=1e-4) and r['tokens']['200'] == 2 * 199
     # overlay two result files in one plot, no model
     json.dump(dict(r, label='other', ppl={'64': 3.0, '200': 2.5}), open(tmp / 'other.json', 'w'))
     png = str(tmp / 'both.png')
