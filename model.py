@@ -222,7 +222,8 @@ class ModelArgs:
               'num_attention_heads': self.n_heads, 'num_key_value_heads': self.n_kv_heads, 'head_dim': self.head_dim,
               'vocab_size': self.vocab_size, 'rms_norm_eps': self.norm_eps, 'hidden_act': 'silu',
               'max_position_embeddings': self.max_position_embeddings, 'rope_theta': float(theta),
-              'rope_scaling': dict(rs) if rs else None, 'tie_word_embeddings': self.tie_word_embeddings,
+              'rope_scaling': dict(rs, type=rs['rope_type']) if rs else None,  # `type`: transformers < 4.42
+              'tie_word_embeddings': self.tie_word_embeddings,
               'bos_token_id': self.bos_token_id, 'eos_token_id': self.eos_token_id,
               'initializer_range': 0.02, 'attention_dropout': 0.0, 'use_cache': True}
         if rs and rs['rope_type'] == 'longrope':  # transformers 4.4x reads it here (5.x: same value wins)
