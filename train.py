@@ -227,11 +227,17 @@ if device_type == 'cuda':
 
 # ---------------------------------------------------------------- model
 def original_window(cfg):
-    """The window the checkpoint was pretrained with. A Llama-3 style config that already carries a
-    rope_scaling names it original_max_position_embeddings; a new scaling replaces (does not compose with)
-    the old one, and every HF factor is relative to that original window."""
-    rs = cfg.get('rope_scaling') or cfg.get('rope_parameters') or {}
-    return rs.get('original_max_position_embeddings') or cfg['max_position_embeddings']
+    """The window the checkpoint was pretrained with (HF config.json or ModelArgs fields). A new scaling
+    replaces, not composes with, the checkpoint's own, and every HF factor is relative to this window:
+    a Llama-3 / YaRN style scaling names it original_max_position_embeddings; a linear one (e.g. our own
+    export: max_position_embeddings = L_t, factor = L_t / L_c) covers max_position_embeddings / factor;
+    otherwise it is max_position_embeddings."""
+    rs, mpe = cfg.get('rope_scaling') or cfg.get('rope_parameters') or {}, cfg['max_position_embeddings']
+    if rs.get('original_max_position_embeddings'):
+        return rs['original_max_position_embeddings']
+    if rs.get('rope_type', rs.get('type')) == 'linear' and rs.get('factor'):
+        return round(mpe / rs['factor'])
+    return mpe
 
 
 def resolve_rope_scaling(orig):

@@ -195,6 +195,11 @@ def test_fine_tune_hf_model_matches_transformers(tmp_path, data):
     assert cfg['max_position_embeddings'] == 256
     assert cfg['rope_scaling']['rope_type'] == 'linear' and cfg['rope_scaling']['factor'] == 8.0  # 256 / 32
     assert open(out / 'hf/tokenizer.json').read() == open(os.path.join(base, 'tokenizer.json')).read()
+    # extending the export further: the factor stays relative to the base window (512 / 32), not to 256
+    train(f'--init_from={out / "hf"}', f'--data_dir={data}', f'--out_dir={tmp_path / "again"}', '--max_iters=0',
+          '--eval_interval=0', '--train_len=32', '--target_len=512', '--device=cpu', '--dtype=float32')
+    cfg = json.load(open(tmp_path / 'again/hf/config.json'))
+    assert cfg['max_position_embeddings'] == 512 and cfg['rope_scaling']['factor'] == 16.0
 
 
 def test_pose_lowers_the_loss(tmp_path, data):
