@@ -12,11 +12,12 @@ The prompt (paper Fig. 2a), its five parts joined by newlines:
     The pass key is 71432. Remember it. 71432 is the pass key.
     The grass is green. The sky is blue. ...                                                        (filler)
     What is the pass key? The pass key is
-The filler is the five sentences repeated, counted in sentences (joined by spaces), so that a prompt
-hits a token length closely: for a requested length we binary-search the number of filler sentences
-n so that BOS + prompt + " " + key is at most `length` tokens and within 1% of it. Depth d puts
-round(d * n) filler sentences before the key line and the rest after it (both parts start with "The
-grass is green."); the JSON records the realised depth (sentences before / n). Keys are random
+The filler is the five sentences repeated, counted in words (the first n words of the endless
+repetition, so it may stop mid-sentence, as Mohtashami & Jaggi's character cut does) so that a prompt
+hits a token length closely: for a requested length we binary-search the number of filler words n so
+that BOS + prompt + " " + key is at most `length` tokens and within 1% of it. Depth d puts round(d * n)
+filler words before the key line and the rest after it (both parts start with "The grass is green.");
+the JSON records the realised depth (words before / n). Keys are random
 5-digit numbers (the paper; its script drew 1..50000), depth uniform in [0, 1] per trial (the paper)
 or a grid (`depths`).
 
@@ -39,7 +40,8 @@ from eval_ppl import length_warnings, load_model, write_json_atomic
 
 TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
         "I will quiz you about the important information there.")
-FILLER = ["The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.", "There and back again."]
+FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+FILLER_WORDS = FILLER.split()  # the unit of filler: a word (~1.5 tokens), fine enough for 1% at ~1k tokens
 KEY_LINE = "The pass key is {key}. Remember it. {key} is the pass key."
 QUESTION = "What is the pass key? The pass key is"
 
@@ -48,12 +50,12 @@ QUESTION = "What is the pass key? The pass key is"
 
 
 def filler_text(n):
-    """The first n sentences of the filler repeated forever."""
-    return ' '.join(FILLER[i % len(FILLER)] for i in range(n))
+    """The first n words of the filler repeated forever."""
+    return ' '.join(FILLER_WORDS[i % len(FILLER_WORDS)] for i in range(n))
 
 
 def make_passkey_prompt(n_filler, key, depth):
-    """(prompt text ending in 'The pass key is', n_before): round(depth * n_filler) sentences before the key."""
+    """(prompt text ending in 'The pass key is', n_before): round(depth * n_filler) filler words before the key."""
     if not 0.0 <= depth <= 1.0:
         raise ValueError(f"depth must be in [0, 1], got {depth}")
     n_before = int(round(depth * n_filler))
@@ -93,7 +95,7 @@ def build_passkey_prompt(tok, length, key, depth, hint=None):
     ids, p, n_before = encode_trial(tok, lo, key, depth)
     if length - len(ids) > 0.01 * length:
         raise ValueError(f"cannot build a passkey prompt within 1% of length {length}: "
-                         f"got {len(ids)} tokens (one filler sentence is too coarse at this length)")
+                         f"got {len(ids)} tokens (one filler word is too coarse at this length)")
     return ids, p, lo, n_before
 
 

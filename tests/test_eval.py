@@ -173,18 +173,18 @@ def test_select_docs_and_length_warnings():
 
 
 def test_prompt_template():
-    text, n_before = eval_passkey.make_passkey_prompt(7, '40213', 0.4)  # round(2.8) = 3 sentences before
-    assert n_before == 3
-    assert text == (TASK + "\nThe grass is green. The sky is blue. The sun is yellow.\n"
+    text, n_before = eval_passkey.make_passkey_prompt(17, '40213', 0.4)  # round(6.8) = 7 words before
+    assert n_before == 7
+    assert text == (TASK + "\nThe grass is green. The sky is\n"
                     "The pass key is 40213. Remember it. 40213 is the pass key.\n"
-                    "The grass is green. The sky is blue. The sun is yellow. Here we go.\n"
+                    "The grass is green. The sky is blue. The sun\n"
                     "What is the pass key? The pass key is")
-    text, _ = eval_passkey.make_passkey_prompt(12, '1', 0.0)
+    text, _ = eval_passkey.make_passkey_prompt(42, '1', 0.0)  # 19 words a repetition
     lines = text.split('\n')
-    assert lines[1] == '' and lines[3] == FILLER + ' ' + FILLER + ' The grass is green. The sky is blue.'
+    assert lines[1] == '' and lines[3] == FILLER + ' ' + FILLER + ' The grass is green.'
 
 
-@pytest.mark.parametrize('length', [1000, 2500, 6000])
+@pytest.mark.parametrize('length', [400, 1000, 6000])
 def test_prompt_length_and_depth(env, length):
     tok = env['tok']
     for key, depth in [('12345', 0.0), ('98760', 0.37), ('55555', 1.0)]:
@@ -194,14 +194,28 @@ def test_prompt_length_and_depth(env, length):
         assert ids == tok.encode(text + ' ' + key, bos=True)  # BOS + prompt + " key"
         assert ids[:p] == tok.encode(text, bos=True) and tok.decode(ids[p:]).strip() == key
         before = text.split('\n')[1]
-        assert before.count('.') == n_before == round(depth * n)  # sentences of filler before the key line
+        assert len(before.split()) == n_before == round(depth * n)  # filler words before the key line
         # the key line sits at `depth` of the filler, measured in tokens too
         key_at = len(tok.encode(text[:text.index('The pass key is')], bos=True))
         filler_tokens = len(ids) - len(tok.encode(TASK + '\n\nThe pass key is 12345. Remember it. 12345 is the '
                                                   'pass key.\n\nWhat is the pass key? The pass key is 12345', bos=True))
         assert abs((key_at - len(tok.encode(TASK, bos=True))) / filler_tokens - depth) < 0.02
-    with pytest.raises(ValueError, match='within 1%'):
-        eval_passkey.build_passkey_prompt(tok, 150, '12345', 0.5)  # a sentence is > 1% of 150 tokens
+
+
+def test_prompt_within_one_percent_or_error(env):
+    """Short lengths: an error exactly when no filler count lands in [0.99 L, L] (brute force over n)."""
+    tok, n_err = env['tok'], 0
+    base = len(eval_passkey.encode_trial(tok, 0, '24680', 0.3)[0])
+    for L in range(base, base + 90, 3):
+        sizes = [len(eval_passkey.encode_trial(tok, n, '24680', 0.3)[0]) for n in range(L - base + 1)]
+        possible = any(0.99 * L <= x <= L for x in sizes)
+        try:
+            ids = eval_passkey.build_passkey_prompt(tok, L, '24680', 0.3)[0]
+            assert possible and 0.99 * L <= len(ids) <= L
+        except ValueError as e:
+            assert not possible and 'within 1%' in str(e)
+            n_err += 1
+    assert 0 < n_err < 30
     with pytest.raises(ValueError, match='shorter than the passkey prompt'):
         eval_passkey.build_passkey_prompt(tok, 20, '12345', 0.5)
 
