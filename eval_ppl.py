@@ -153,12 +153,20 @@ def plot_results(results, path):
     import matplotlib  # lazy: only --plot needs it
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
     fig, ax = plt.subplots(figsize=(6, 4))
     for r in results:
         xs = sorted(int(L) for L in r['ppl'])
         ax.plot(xs, [r['ppl'][str(L)] for L in xs], marker='o', label=r['label'])
     ax.set_xscale('log', base=2)
     ax.set_yscale('log')
+    ticks = sorted({int(L) for r in results for L in r['ppl']})
+    ax.set_xticks(ticks, [f"{L // 1024}k" if L % 1024 == 0 else str(L) for L in ticks])
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter('%g'))
+    lo, hi = ax.get_ylim()
+    if hi / lo < 10:  # within one decade only minor ticks fall inside: label them
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter('%g'))
     ax.set_xlabel('evaluation window (tokens)')
     ax.set_ylabel('perplexity')
     ax.grid(True, which='both', alpha=0.3)
