@@ -339,14 +339,26 @@ def encode_documents(docs, tok_path, num_proc=1, bos=True, eos=False):
         for batch in _batches(docs):
             yield _pack(tok.encode_batch(batch, bos, eos))
         return
-    with mp.get_context('fork' if sys.platform == 'linux' else 'spawn').Pool(num_proc, _init_worker, (tok_path,)) as pool:
-        pending = deque()
+    pool = mp.get_context('fork' if sys.platform == 'linux' else 'spawn').Pool(num_proc, _init_worker, (tok_path,))
+    pending = deque()
+    try:
         for batch in _batches(docs):
             pending.append(pool.apply_async(_encode_worker, (batch, bos, eos)))
             if len(pending) >= 2 * num_proc:
                 yield pending.popleft().get()
         while pending:
             yield pending.popleft().get()
+        pool.close()
+    except BaseException as e:  # incl. GeneratorExit: the caller stopped early (max_docs) or failed
+        if isinstance(e, KeyboardInterrupt):
+            pool.terminate()
+        else:  # let the (<= 2 * num_proc) in-flight batches finish: Pool.terminate() can hang for good
+            for r in pending:  # while a large task is half-written into a worker's pipe
+                r.wait()
+            pool.close()
+        raise
+    finally:
+        pool.join()
 
 
 
