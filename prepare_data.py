@@ -26,6 +26,7 @@ import itertools
 import json
 import multiprocessing as mp
 import os
+import signal
 import sys
 import sysconfig
 import time
@@ -300,6 +301,7 @@ _worker_tok = None
 
 def _init_worker(tok_path):
     global _worker_tok
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the main process, which stops us cleanly
     os.environ['TOKENIZERS_PARALLELISM'] = 'false'  # one core per worker: num_proc is the parallelism
     _worker_tok = Tokenizer(tok_path)
 
@@ -349,13 +351,10 @@ def encode_documents(docs, tok_path, num_proc=1, bos=True, eos=False):
         while pending:
             yield pending.popleft().get()
         pool.close()
-    except BaseException as e:  # incl. GeneratorExit: the caller stopped early (max_docs) or failed
-        if isinstance(e, KeyboardInterrupt):
-            pool.terminate()
-        else:  # let the (<= 2 * num_proc) in-flight batches finish: Pool.terminate() can hang for good
-            for r in pending:  # while a large task is half-written into a worker's pipe
-                r.wait()
-            pool.close()
+    except BaseException:  # incl. GeneratorExit (the caller stopped early: max_docs) and Ctrl-C
+        for r in pending:  # let the <= 2 * num_proc in-flight batches finish: Pool.terminate() can
+            r.wait()  # hang for good while a large task is half-written into a worker's pipe
+        pool.close()
         raise
     finally:
         pool.join()
