@@ -202,7 +202,7 @@ import torch  # noqa: E402  (see the imports at the top)
 import torch.distributed as dist  # noqa: E402
 import torch.distributed.checkpoint as dcp  # noqa: E402
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,  # noqa: E402
-                                                     get_state_dict, set_state_dict)
+                                                     get_state_dict, set_model_state_dict, set_state_dict)
 
 from model import ModelArgs, Transformer  # noqa: E402
 
@@ -248,6 +248,7 @@ def resolve_rope_scaling(orig):
     return rs
 
 
+full_sd = None  # init_from an HF dir under torchrun: rank 0's full state dict, scattered after fully_shard
 iter_num, tokenizer_src = 0, None  # tokenizer_src: what the export copies tokenizer files from (a dir or a file list)
 try:
     if init_from == 'resume':
@@ -277,8 +278,12 @@ try:
         overrides = {'max_position_embeddings': target_len}
         if rope_scaling is not None:
             overrides['rope_scaling'] = resolve_rope_scaling(original_window(hf_config))
-        # fp32 master weights: FSDP2 / autocast compute in bf16, AdamW updates in fp32
-        model = Transformer.from_pretrained(init_from, dtype=torch.float32, **overrides)
+        # fp32 master weights: FSDP2 / autocast compute in bf16, AdamW updates in fp32. Under torchrun only
+        # rank 0 keeps the weights (one CPU copy per node, not one per GPU: 28 GB each for a 7B); the other
+        # ranks check the checkpoint on the meta device and get their shards after fully_shard, below.
+        model = Transformer.from_pretrained(init_from, dtype=torch.float32,
+                                            device='cpu' if master or not ddp else 'meta', **overrides)
+        full_sd = model.state_dict() if ddp else None  # rank 0's full weights, broadcast shard by shard
         model.train()
         margs = model.args
         tokenizer_src = os.path.abspath(init_from)
@@ -305,10 +310,17 @@ if ddp:  # FSDP2: each block is its own shard group (all-gathered just in time),
     mp_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
         if dtype == 'bfloat16' else MixedPrecisionPolicy()
     for block in model.layers:
-        block.to(device)  # one unsharded fp32 block on the GPU at a time
+        if full_sd is None:
+            block.to(device)  # one unsharded fp32 block on the GPU at a time
         fully_shard(block, mesh=mesh, mp_policy=mp_policy)
-    model.to(device)  # embeddings, final norm, lm_head, buffers
+    if full_sd is None:
+        model.to(device)  # embeddings, final norm, lm_head
     fully_shard(model, mesh=mesh, mp_policy=mp_policy)
+    if full_sd is not None:  # init_from an HF dir: allocate the local shards, then rank 0 scatters the weights
+        model.to_empty(device=device)
+        set_model_state_dict(model, full_sd if master else {},
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        full_sd = None
     autocast = nullcontext()
 else:
     model.to(device)

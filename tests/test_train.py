@@ -184,6 +184,17 @@ def test_fine_tune_hf_model_matches_transformers(tmp_path, data):
           '--eval_interval=3', '--learning_rate=1e-2', '--warmup_iters=0', '--device=cpu', '--dtype=float32',
           '--compile=False', '--activation_checkpointing=False', '--gradient_accumulation_steps=1', *[f'--{k}={v}' for k, v in run.items()])
     log = read_log(out)
+    # under torchrun only rank 0 reads the weights and scatters them after fully_shard: same run, same numbers
+    two = tmp_path / 'two'
+    train(f'--init_from={base}', f'--data_dir={data}', f'--out_dir={two}', '--method=pose', '--max_iters=3',
+          '--eval_interval=3', '--learning_rate=1e-2', '--warmup_iters=0', '--device=cpu', '--dtype=float32',
+          '--compile=False', '--activation_checkpointing=False', '--gradient_accumulation_steps=1',
+          *[f'--{k}={v}' for k, v in dict(run, batch_size=1).items()], nproc=2)
+    log2 = read_log(two)
+    assert log.keys() == log2.keys() and all(abs(log[k] - log2[k]) < 1e-5 for k in log), (log, log2)
+    w1, w2 = load_file(out / 'hf/model.safetensors'), load_file(two / 'hf/model.safetensors')
+    for k in w1:
+        torch.testing.assert_close(w1[k], w2[k], rtol=0, atol=1e-5)
     scaled = dict(rope_parameters={'rope_type': 'linear', 'factor': 8.0, 'rope_theta': 10000.0},
                   max_position_embeddings=256)
     before, plain = hf_val_loss(base, data, **run, **scaled), hf_val_loss(base, data, **run)
