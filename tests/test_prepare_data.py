@@ -295,6 +295,11 @@ def test_cli_embedded_corpus_and_error_exit(tmp_path):
     sources = {open(p, encoding='utf-8').read() for p in meta['sources']['input'][:40]}
     kept = split_docs(out, 'train') + split_docs(out, 'val')
     assert len(kept) == 12 and all(tok.decode(d) in sources and d[0] == 1 for d in kept)  # whole stdlib files
+    # the trained tokenizer + its tokenizer_config.json load in transformers (what an HF export carries)
+    from transformers import AutoTokenizer
+    hf = AutoTokenizer.from_pretrained(out)
+    for text in DOCS[:6] + ['def f(x):\n    return x  # 123\n', 'The pass key is 48213. Remember it.']:
+        assert hf(text)['input_ids'] == tok.encode(text), text
     bad = tmp_path / 'bad.jsonl.gz'
     with gzip.open(bad, 'wt') as f:
         f.write('{"text": "a"}\n{"text": 1\n')
