@@ -37,6 +37,16 @@ def _cfg_check(key, value, where):
     return value
 
 
+if any(_a in ('-h', '--help') for _a in _sys.argv[1:]):
+    # the config keys are the script's module-level assignments: show them with their comments
+    _cfg_say(f"usage: python {_sys.argv[0]} [config/file.py ...] [--key=value ...]\nkeys (default  # meaning):")
+    with open(_sys.argv[0]) as _f:
+        for _line in _f:
+            _k = _line.split('=', 1)[0].strip()
+            if not _line[:1].isspace() and ' = ' in _line and _k.isidentifier() and not _k.isupper() and _k in globals():
+                _cfg_say('  ' + _line.rstrip())
+    raise SystemExit(0)
+
 for _arg in _sys.argv[1:]:
     if not _arg.startswith('--'):
         # a config file: run it in a scratch namespace, then apply only what it assigned
