@@ -49,7 +49,7 @@ for m in original pi randpos full pose; do
     pi)       args=(--model=$O/original/hf --rope_scaling="$PI" --max_position_embeddings=1024) ;;
     *)        args=(--model=$O/$m/hf) ;;
   esac
-  $PY eval_ppl.py "${args[@]}" --data_dir=$D/short --split=val --lengths="[128,256,512,1024]" --num_docs=30 \
+  $PY eval_ppl.py "${args[@]}" --data_dir=$D/short --split=val --lengths="[128,256,512,1024]" --num_docs=20 \
       --device=cpu --out=$O/ppl-$m.json
   $PY eval_passkey.py "${args[@]}" --lengths="[$PK]" --num_trials=$TRIALS --seed=7 --device=cpu --out=$O/passkey-$m.json
 done

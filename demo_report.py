@@ -35,7 +35,8 @@ val_fraction = 0.1  # stdlib files held out for the perplexity evaluation (seede
 python_mb = 8.0  # at most this many MB of stdlib source (test suites left out; a random subset of files)
 tok_sample_docs = 150  # stdlib files in the tokenizer sample ...
 tok_passkey_per_doc = 3  # ... each followed by this many passkey prompts (so the filler gets its own tokens)
-passkey_share = 0.3  # fraction of the drawable training documents that are passkey prompts
+passkey_share = 0.5  # fraction of the drawable training documents that are passkey prompts
+copy_share = 0.0  # fraction that are copy drills: 12 random 5-digit numbers, repeated (induction warm-up)
 seed = 1337  # file split, keys, depths
 out_dir = 'out-demo'  # eval JSONs (report stage) ...
 methods = 'original,pi,randpos,full,pose'  # ... rows: out_dir/{ppl,passkey}-{method}.json
@@ -118,13 +119,19 @@ def stage_passkey():
     rng = np.random.default_rng([seed, 1])
     for name, L in (('passkey_short', train_len + 1), ('passkey_long', target_len + 1)):
         n_python = int((lens >= L).sum())  # the python documents a run at this length can draw
-        n = int(round(passkey_share / (1 - passkey_share) * n_python))
+        n = int(round(passkey_share / (1 - passkey_share - copy_share) * n_python))
+        n_copy = int(round(copy_share / (1 - passkey_share - copy_share) * n_python))
         hints = {}
         docs = [exact_passkey_doc(tok, L, rng, hints) for _ in range(n)]
         assert all(len(tok.encode(d, bos=True)) == L for d in docs[:5])
+        for _ in range(n_copy):  # the same numbers over and over: the next one is always a copy of 12 back
+            nums = ' '.join(str(int(k)) for k in rng.integers(10000, 100000, 12))
+            reps = 2 + L // 60  # 12 numbers are ~72 tokens: enough repeats for a window of L tokens
+            docs.append(' '.join([nums] * reps))
         write_jsonl_atomic(os.path.join(src_dir, f'{name}.jsonl'), docs)
-        print(f'{name}: {n} passkey documents of {L} tokens next to {n_python} python documents of >= {L} tokens '
-              f'({100 * n / (n + n_python):.0f}% of what a run at this length draws)')
+        print(f'{name}: {n} passkey documents of {L} tokens + {n_copy} copy drills next to {n_python} python '
+              f'documents of >= {L} tokens ({100 * n / (n + n_copy + n_python):.0f}% + '
+              f'{100 * n_copy / (n + n_copy + n_python):.0f}% of what a run at this length draws)')
     lengths = passkey_eval_lengths(tok, rng)
     with open(os.path.join(src_dir, 'passkey_lengths.txt'), 'w') as f:
         f.write(','.join(map(str, lengths)) + '\n')
