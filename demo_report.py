@@ -168,6 +168,12 @@ def stage_report():
                 with open(p) as f:
                     r = json.load(f)
                 row[kind] = r['ppl'] if kind == 'ppl' else r['accuracy']
+                if kind == 'passkey':  # partial credit, to see a near miss: mean fraction of key tokens right
+                    row['digits'] = {}
+                    for L in r['accuracy']:
+                        ts = [t for t in r['trials'] if str(t['length']) == L]
+                        row['digits'][L] = float(np.mean([np.mean([a == b for a, b in zip(t['answer_ids'], t['pred_ids'])])
+                                                          for t in ts])) if ts else None
                 row[kind + '_trials'] = r.get('settings', {}).get('num_trials')
                 (lengths if kind == 'ppl' else pk_lengths).update(int(L) for L in row[kind])
         log = os.path.join(out_dir, m, 'log.jsonl')
@@ -193,6 +199,10 @@ def stage_report():
               f"{'method':<{w}}" + ''.join(f'{L:>9}' for L in pk_lengths)]
     for r in rows:
         lines.append(f"{r['label']:<{w}}" + ''.join(cell(r.get('passkey', {}).get(str(L)), '.2f') for L in pk_lengths))
+    lines += ['', 'Passkey, partial credit: mean fraction of the key\'s tokens predicted right (not in the paper):',
+              f"{'method':<{w}}" + ''.join(f'{L:>9}' for L in pk_lengths)]
+    for r in rows:
+        lines.append(f"{r['label']:<{w}}" + ''.join(cell(r.get('digits', {}).get(str(L)), '.2f') for L in pk_lengths))
     table = '\n'.join(lines)
     print(table)
     os.makedirs(out_dir, exist_ok=True)
