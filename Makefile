@@ -26,7 +26,7 @@ install-dev: $(VENV)/.installed-dev
 test: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest -q tests
 
-demo: $(VENV)/.installed
+demo: $(VENV)/.installed-dev  # matplotlib for the plots
 	PY=$(BIN)/python bash demo.sh
 
 clean:
