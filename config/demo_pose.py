@@ -1,6 +1,6 @@
 # make demo, step 2: extend the Original 8x, L_c = 128 -> L_t = 1024, with PoSE: 128-token inputs in 2 chunks
 # whose position ids get random skip offsets up to L_t, linear interpolation (factor 1024 / 128 = 8).
-# Same data mix as pretraining (data-demo/short). The baselines (demo_randpos.py, demo_full.py) share
+# Same data mix as pretraining (data-demo/short). The baselines (demo_randpos.py, demo_full.py) exec this file:
 # every setting below except method / train_len / data: same steps, batch and learning rate.
 #   python train.py config/demo_pose.py
 init_from = 'out-demo/original/hf'
