@@ -21,15 +21,20 @@ the JSON records the realised depth (words before / n). Keys are random
 5-digit numbers (the paper; its script drew 1..50000), depth uniform in [0, 1] per trial (the paper)
 or a grid (`depths`).
 
-Scoring without generation: the answer tokens are those the tokenizer gives for prompt + " " + key
-after the prompt's own tokens. One forward over prompt + answer (teacher forcing); the trial passes iff
-the argmax at every position that predicts an answer token is that token -- exactly when greedy
-decoding would write the key (it sees the same prefixes until its first wrong token). Only those few
-positions go through lm_head, so no KV cache and no [T, vocab] logits are needed, even at 128k.
-The paper's script generated 10 tokens and compared the first number in the text; a greedy output
-that is the key's tokens passes both.
+Scoring = the official script's (dwzhu-pku/PoSE src/eval_passkey.py): greedy generation of up to 10 new
+tokens after BOS + prompt, the output decoded, and the trial passes iff int(first `\\d+` of it) == key --
+so "12345." and "is: 12345" and "\\n12345" pass for key 12345, "123456" and "1234" fail. We compute exactly
+that without a KV cache: one forward over prompt + the key's tokens, and lm_head only at the positions
+that predict the key and the token after it (which shows whether the number ends). Greedy decoding
+sees the same prefixes as long as its argmax agrees with those tokens, so the argmaxes up to the
+first disagreement are greedy's own output; at a disagreement (e.g. a leading ":" or newline) we keep
+greedy's token and run another forward with a new guess. A trial stops as soon as its verdict is fixed,
+so most trials take one forward, none more than max_new_tokens. The tests check this against plain
+greedy decoding + the regex. `pred_ids` (the teacher-forced argmax on the key's tokens) is kept for
+partial credit.
 """
 import os
+import re
 import sys
 import time
 
@@ -44,6 +49,7 @@ FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. Th
 FILLER_WORDS = FILLER.split()  # the unit of filler: a word (~1.5 tokens), fine enough for 1% at ~1k tokens
 KEY_LINE = "The pass key is {key}. Remember it. {key} is the pass key."
 QUESTION = "What is the pass key? The pass key is"
+ANSWER_RE = re.compile(r'\d+')  # the official script's answer: the first number in the generated text
 
 # -----------------------------------------------------------------------------
 # reusable pieces (tests and bench.py import these)
@@ -99,14 +105,55 @@ def build_passkey_prompt(tok, length, key, depth, hint=None):
     return ids, p, lo, n_before
 
 
+def answer_state(text, key, done):
+    """The official script's verdict on a greedy output `text`: True/False, or None while more tokens could
+    change it. Official: int(first `\\d+` of the output) == key (no number: fail). done: no more tokens come."""
+    m = ANSWER_RE.search(text)
+    if m is None:
+        return False if done else None
+    # the number has ended at the first non-digit after it; a trailing U+FFFD may be the first bytes of
+    # a multi-byte character that completes to a (Unicode) digit, so it does not end the number yet
+    if done or (m.end() < len(text) and text[m.end()] != '\ufffd'):
+        return int(m.group()) == int(key)
+    v = int(m.group())  # digits so far; int() ignores leading zeros, as the official comparison does
+    return None if str(int(key)).startswith(str(v) if v else '') else False
+
+
+def speculate(gen, guess, decode):
+    """Tokens greedy decoding is expected to write after `gen`: the rest of the answer (the key's tokens).
+    Only speed depends on this guess: every token kept is the model's own argmax."""
+    if gen == guess[:len(gen)]:
+        return guess[len(gen):]
+    digits = [i for i, t in enumerate(guess) if any(c.isdigit() for c in decode([t]))]
+    dg = guess[digits[0]:] if digits else []  # the key's tokens without the leading space piece
+    for m in range(len(dg), -1, -1):  # gen ends with the key's first m tokens: the rest follows
+        if m == 0 or gen[-m:] == dg[:m]:
+            return dg[m:]
+
+
 @torch.inference_mode()
-def score_passkey(model, ids, n_prompt, device='cpu'):
-    """Teacher-forced greedy check of the answer ids[n_prompt:]: (passed, predicted ids)."""
-    idx = torch.tensor(ids[:-1], dtype=torch.long, device=device)[None]  # the last answer token is never an input
-    h = model.forward_hidden(idx)  # [1, T-1, dim], after the final norm
-    logits = model.lm_head(h[:, n_prompt - 1:])  # [1, k, vocab]: only the k positions that predict the answer
-    pred = logits.float().argmax(-1)[0].tolist()
-    return pred == list(ids[n_prompt:]), pred
+def greedy_passkey(model, prompt, guess, key, decode, max_new_tokens=10, eos_id=None, device='cpu'):
+    """Greedy decoding after `prompt` (ids) judged like the official script (first number == key), without a
+    KV cache: each forward runs prompt + confirmed tokens + a guessed continuation (the key, then one more
+    position that shows whether the number ends) and keeps the model's argmax up to the first miss, so one
+    forward usually decides a trial and each one adds at least one generated token. Stops once the verdict
+    is fixed, at EOS, or after max_new_tokens (what the official script's generate(max_new_tokens=10) sees).
+    Returns (passed, generated ids, teacher-forced argmax at the guess's positions, forwards run)."""
+    gen, tf_pred, n_fwd = [], None, 0
+    while True:
+        spec = speculate(gen, guess, decode)
+        ids = torch.tensor(list(prompt) + gen + spec, dtype=torch.long, device=device)[None]
+        h = model.forward_hidden(ids)[0, len(prompt) + len(gen) - 1:]  # positions predicting gen's next tokens
+        pred = model.lm_head(h).float().argmax(-1).tolist()  # [len(spec) + 1]: no [T, vocab] logits
+        n_fwd += 1
+        tf_pred = pred[:len(guess)] if tf_pred is None else tf_pred
+        for j, t in enumerate(pred):
+            gen.append(t)
+            state = answer_state(decode(gen), key, done=t == eos_id or len(gen) >= max_new_tokens)
+            if state is not None:
+                return state, gen, tf_pred, n_fwd
+            if j == len(spec) or t != spec[j]:  # the guess is wrong from here: its later argmaxes mean nothing
+                break
 
 
 def make_trials(lengths, num_trials, depths, seed):
@@ -189,6 +236,7 @@ depths = None  # None = a random depth per trial (the paper); a list of fraction
 seed = 1337  # keys and depths
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 dtype = 'auto'  # 'auto' = bfloat16 on CUDA, float32 on CPU; or 'float32' / 'bfloat16' / 'float16'
+max_new_tokens = 10  # greedy tokens a trial may generate (the official script: 10); decided trials stop early
 out = ''  # JSON results path ('' = out/passkey-<model>.json)
 plot = ''  # heatmap PNG path ('' = none)
 
@@ -216,10 +264,14 @@ def main():
     for L, depth, key in tqdm(make_trials(lengths, num_trials, depths, seed), desc='passkey'):
         ids, p, n_filler, n_before = build_passkey_prompt(tok, L, key, depth, hints.get(L))
         hints[L] = n_filler
-        ok, pred = score_passkey(net, ids, p, device)
+        prompt = tok.encode(make_passkey_prompt(n_filler, key, depth)[0], bos=True)  # what generation sees
+        guess = ids[len(prompt):] if ids[:len(prompt)] == prompt else ids[p:]
+        ok, gen, tf_pred, n_fwd = greedy_passkey(net, prompt, guess, key, tok.decode, max_new_tokens,
+                                                 tok.eos_id, device)
         trials.append({'length': L, 'tokens': len(ids), 'depth_requested': depth,
                        'depth': n_before / n_filler if n_filler else 0.0, 'n_filler': n_filler, 'key': key,
-                       'answer_ids': list(ids[p:]), 'pred_ids': pred, 'pred': tok.decode(pred), 'pass': ok})
+                       'answer_ids': list(ids[p:]), 'pred_ids': tf_pred[:len(ids) - p], 'output_ids': gen,
+                       'output': tok.decode(gen), 'forwards': n_fwd, 'pass': ok})
     dt = time.time() - t0
 
     rows = accuracy_table(trials, lengths, depths)

@@ -4,13 +4,16 @@ paper's prompt template written out by hand, and a real (sentencepiece) tokenize
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -221,31 +224,94 @@ def test_prompt_within_one_percent_or_error(env):
 
 
 @torch.no_grad()
-def greedy(hf, prompt, k):
-    """Step-by-step greedy decoding with transformers, full recompute each step (no cache)."""
+def official_verdict(next_token, prompt, key, tok, max_new_tokens=10):
+    """The official script, written out plainly: greedy generation of up to max_new_tokens (stopping at
+    EOS), the output decoded, int(first \\d+) == key, no number = fail. next_token(ids) -> the argmax."""
     ids = list(prompt)
-    for _ in range(k):
-        ids.append(int(hf(torch.tensor(ids)[None]).logits[0, -1].argmax()))
-    return ids[len(prompt):]
+    for _ in range(max_new_tokens):
+        ids.append(next_token(ids))
+        if ids[-1] == tok.eos_id:
+            break
+    out = tok.decode(ids[len(prompt):])
+    m = re.search(r'\d+', out)
+    return m is not None and int(m.group()) == int(key), ids[len(prompt):]
 
 
-def test_passkey_score_equals_greedy_decoding(env):
+def scripted_model(prompt, script, vocab, other):
+    """A causal LM (our forward_hidden / lm_head interface) whose greedy continuation of `prompt` is `script`
+    then `other` forever; off the script it predicts `other`. The prediction at position i reads ids[:i+1] only."""
+    def next_token(prefix):
+        k = len(prefix) - len(prompt)
+        on_script = k >= 0 and prefix[:len(prompt)] == list(prompt) and prefix[len(prompt):] == script[:k]
+        return script[k] if on_script and k < len(script) else other
+
+    def forward_hidden(idx):
+        ids = idx[0].tolist()
+        return F.one_hot(torch.tensor([next_token(ids[:i + 1]) for i in range(len(ids))]), vocab)[None].float()
+    return SimpleNamespace(forward_hidden=forward_hidden, lm_head=lambda h: h), next_token
+
+
+@pytest.mark.parametrize('output,passes', [
+    ('12345.', True),        # the key, then the number ends
+    ('123456', False),       # the key's digits then one more: the number is 123456
+    ('1234', False),         # stops short
+    (' is: 12345', True),    # text before the number: the regex skips it
+    ('\n12345\n', True),     # a newline first
+    ('012345 is', True),     # int() drops leading zeros
+    ('12 345', False),       # a space splits the number: the first one is 12
+    ('abc def ghi jkl mno', False),  # no number in the budget
+    ('x x x x x x x x 12345', False),  # the key only after max_new_tokens
+])
+def test_passkey_official_semantics(env, output, passes):
+    """greedy_passkey == plain greedy generation + the official regex, on scripted outputs."""
+    tok, key = env['tok'], '12345'
+    ids, p, _ = eval_passkey.encode_trial(tok, 5, key, 0.5)
+    prompt, guess = ids[:p], ids[p:]
+    other = tok.encode(' the', bos=False)[-1]
+    for script in (tok.encode(output, bos=False), tok.encode(output, bos=False) + [tok.eos_id]):
+        net, next_token = scripted_model(prompt, script, env['ours'].args.vocab_size, other)
+        ref, ref_gen = official_verdict(next_token, prompt, key, tok)
+        ok, gen, _, n_fwd = eval_passkey.greedy_passkey(net, prompt, guess, key, tok.decode, eos_id=tok.eos_id)
+        assert ok == ref == passes, (output, tok.decode(ref_gen))
+        assert gen == ref_gen[:len(gen)]  # the same greedy tokens, stopped once the verdict is fixed
+        assert n_fwd <= len(gen)
+    if output == '12345.':
+        assert n_fwd == 1  # the key and one more position: a single forward
+
+
+def test_passkey_equals_greedy_decoding(env):
+    """Our model + greedy_passkey vs transformers, token by token with full recompute, + the official regex:
+    the same verdict and the same tokens, for keys greedy does write (pass) and keys it does not (fail)."""
     tok, hf, ours = env['tok'], env['hf'], env['ours']
+    next_token = lambda ids: int(hf(torch.tensor(ids)[None]).logits[0, -1].argmax())  # noqa: E731
     n_pass = n_fail = 0
     for key, depth, n in [('12345', 0.1, 6), ('80808', 0.5, 9), ('31415', 0.9, 4), ('27182', 0.0, 7)]:
         ids, p, _ = eval_passkey.encode_trial(tok, n, key, depth)
-        ok, pred = eval_passkey.score_passkey(ours, ids, p)
-        ref = greedy(hf, ids[:p], len(ids) - p)
-        assert ok == (ref == ids[p:])
-        first_bad = next((i for i, (a, b) in enumerate(zip(ref, ids[p:])) if a != b), len(ref))
-        assert pred[:first_bad + 1] == ref[:first_bad + 1]  # greedy's own tokens up to its first miss
+        prompt = ids[:p]
+        ref_ok, ref_gen = official_verdict(next_token, prompt, key, tok)
+        ok, gen, tf_pred, _ = eval_passkey.greedy_passkey(ours, prompt, ids[p:], key, tok.decode, eos_id=tok.eos_id)
+        assert ok == ref_ok and gen == ref_gen[:len(gen)]
+        assert tf_pred[0] == ref_gen[0]  # the teacher-forced first prediction is greedy's first token
         n_fail += not ok
-        # a trial that must pass: the "key" is what greedy decoding writes after this prompt
-        ids2 = ids[:p] + ref
-        ok2, pred2 = eval_passkey.score_passkey(ours, ids2, p)
-        assert ok2 and pred2 == ref
-        n_pass += ok2
-    assert n_pass == 4 and n_fail == 4  # a random model does not know the key
+        # the key = the first number greedy writes (when it writes one): a trial that must pass
+        digits = [t for t in ref_gen if tok.decode([t]).strip().isdigit()]
+        if digits:
+            key2 = re.search(r'\d+', tok.decode(ref_gen)).group()
+            ok2, gen2, _, _ = eval_passkey.greedy_passkey(ours, prompt, ids[p:], key2, tok.decode, eos_id=tok.eos_id)
+            assert ok2 == official_verdict(next_token, prompt, key2, tok)[0] and gen2 == ref_gen[:len(gen2)]
+            n_pass += ok2
+    assert n_fail == 4 and n_pass >= 1, n_pass  # a random model does not know the key
+
+
+def test_accuracy_by_depth_bins():
+    """Random depths: ten bins [0, .1), [.1, .2), ..., [.9, 1.0] of the realised depth, worked out by hand."""
+    trials = [{'length': 100, 'depth': d, 'pass': ok} for d, ok in
+              [(0.0, True), (0.05, False), (0.1, True), (0.55, True), (0.999, False), (1.0, True)]]
+    rows = eval_passkey.accuracy_table(trials, [100, 200], None)
+    assert list(rows) == [f'{i / 10:.1f}-{(i + 1) / 10:.1f}' for i in range(10)] + ['all']
+    assert rows['0.0-0.1'][100] == 0.5 and rows['0.1-0.2'][100] == 1.0 and rows['0.5-0.6'][100] == 1.0
+    assert rows['0.9-1.0'][100] == 0.5 and rows['0.3-0.4'][100] is None and rows['all'][100] == 4 / 6
+    assert all(rows[r][200] is None for r in rows)
 
 
 def run(*args):
@@ -313,12 +379,19 @@ def test_eval_passkey_cli(env):
     assert 'warning: length 1000 > max_position_embeddings 256' in proc.stdout
     r = json.load(open(out))
     assert len(r['trials']) == 2 * 3 * 1
+    tok, hf = env['tok'], env['hf']
+    next_token = lambda ids: int(hf(torch.tensor(ids)[None]).logits[0, -1].argmax())  # noqa: E731
     for t in r['trials']:
         assert 0.99 * t['length'] <= t['tokens'] <= t['length'] and len(t['key']) == 5
-        assert t['pass'] == (t['pred_ids'] == t['answer_ids'])
+        text, _ = eval_passkey.make_passkey_prompt(t['n_filler'], t['key'], t['depth_requested'])
+        ok, gen = official_verdict(next_token, tok.encode(text, bos=True), t['key'], tok)
+        assert t['pass'] == ok and t['output_ids'] == gen[:len(t['output_ids'])]
     for L in ('1000', '2000'):
         hits = [t['pass'] for t in r['trials'] if str(t['length']) == L]
         assert r['accuracy'][L] == sum(hits) / len(hits)
+        for d in (0.0, 0.5, 1.0):  # one row per requested depth
+            hits = [t['pass'] for t in r['trials'] if str(t['length']) == L and t['depth_requested'] == d]
+            assert r['accuracy_by_depth'][f'{d:.2f}'][L] == sum(hits) / len(hits)
     assert open(png, 'rb').read(8) == b'\x89PNG\r\n\x1a\n'
 
 
