@@ -50,8 +50,8 @@ for m in original pi randpos full pose; do
     *)        args=(--model=$O/$m/hf) ;;
   esac
   $PY eval_ppl.py "${args[@]}" --data_dir=$D/short --split=val --lengths="[128,256,512,1024]" --num_docs=20 \
-      --device=cpu --out=$O/ppl-$m.json
-  $PY eval_passkey.py "${args[@]}" --lengths="[$PK]" --num_trials=$TRIALS --seed=7 --device=cpu --out=$O/passkey-$m.json
+      --device=cpu --out=$O/ppl-$m.json --overwrite=True
+  $PY eval_passkey.py "${args[@]}" --lengths="[$PK]" --num_trials=$TRIALS --seed=7 --device=cpu --out=$O/passkey-$m.json --overwrite=True
 done
 
 step "5/5 report"

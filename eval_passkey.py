@@ -41,7 +41,7 @@ import time
 import numpy as np
 import torch
 
-from eval_ppl import length_warnings, load_model, write_json_atomic
+from eval_ppl import check_out, default_out, length_warnings, load_model, model_name, write_json_atomic
 
 TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
         "I will quiz you about the important information there.")
@@ -237,7 +237,8 @@ seed = 1337  # keys and depths
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 dtype = 'auto'  # 'auto' = bfloat16 on CUDA, float32 on CPU; or 'float32' / 'bfloat16' / 'float16'
 max_new_tokens = 10  # greedy tokens a trial may generate (the official script: 10); decided trials stop early
-out = ''  # JSON results path ('' = out/passkey-<model>.json)
+out = ''  # JSON results path ('' = out/passkey-<model>[-<rope override>].json)
+overwrite = False  # replace an existing `out` (else: refuse before evaluating)
 plot = ''  # heatmap PNG path ('' = none)
 
 
@@ -255,6 +256,9 @@ def main():
         raise ValueError(f"depths must be fractions in [0, 1], got {depths!r}")
     if num_trials < 1:
         raise ValueError(f"num_trials must be >= 1, got {num_trials}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    path = check_out(out or default_out('passkey', model, rope_scaling), overwrite)
     tok = prepare_data.load_tokenizer(tokenizer or model)
     net = load_model(model, rope_scaling, max_position_embeddings, dtype, device)
     for w in length_warnings(lengths, net.args.max_position_embeddings):
@@ -282,17 +286,17 @@ def main():
         'max_position_embeddings': net.args.max_position_embeddings,
         'tokenizer': tok.files,
         'settings': {'lengths': lengths, 'num_trials': num_trials, 'depths': depths, 'seed': seed,
-                     'dtype': str(next(net.parameters()).dtype), 'device': device},
+                     'max_new_tokens': max_new_tokens, 'scoring': 'official: greedy, int(first \\d+) == key',
+                     'dtype': dtype, 'torch_dtype': str(next(net.parameters()).dtype), 'device': device},
         'accuracy': {str(L): rows['all'][L] for L in lengths},
         'accuracy_by_depth': {r: {str(L): a for L, a in accs.items()} for r, accs in rows.items() if r != 'all'},
         'seconds': dt, 'trials': trials,
     }
-    path = out or os.path.join('out', f"passkey-{os.path.basename(os.path.normpath(model))}.json")
     write_json_atomic(path, result)
     print(format_table(rows, lengths))
     print(f"wrote {path}")
     if plot:
-        plot_heatmap(rows, lengths, plot, title=os.path.basename(os.path.normpath(model)))
+        plot_heatmap(rows, lengths, plot, title=model_name(model))
         print(f"wrote {plot}")
 
 

@@ -2,23 +2,28 @@
 Sliding-window perplexity at several window lengths (PoSE paper §4.2, Tables 1/2/6; Press et al. 2021).
 
     python eval_ppl.py --model=out/pose-16k --data_dir=data/govreport --split=val \
-        --lengths="[2048,4096,8192,16384]" --stride=1024 --out=out/ppl-pose16k.json
+        --protocol=paper_table1 --lengths="[2048,4096,8192,16384]"
     # the paper's PI-only baseline: the original weights with a scaling override
     python eval_ppl.py --model=ckpt/llama-7b --rope_scaling="{'rope_type':'linear','factor':8.0}" ...
     # overlay several result files in one plot, no evaluation
     python eval_ppl.py --plot=ppl.png --plot_inputs="['a.json','b.json']"
 
+Protocols (`protocol`, one key; PROTOCOLS below): which documents (min length, how many, random or the
+first ones), how much of each is scored, stride, windows, BOS and dtype. `paper_table1` / `paper_table2`
+follow the paper's text (4.2, 5.3) and, where it is silent, the authors' code; `official` / `official_pg19`
+are the authors' script/run_eval_ppl.sh; `nanopose` (default) is this repo's quick rule. Any setting given
+on the command line replaces the protocol's; the JSON records the protocol, every setting, which ones were
+overridden and the document ids, and they are printed under the table.
+
 Windows. For a window length L, window k starts at b = k*stride in the document and holds L input
-tokens ([BOS] + L-1 document tokens when add_bos, the paper's script, else L document tokens).
-Every input position predicts the next document token (the BOS predicts doc[b]), so a window makes
-L predictions. A window scores only the document tokens no earlier window scored (the rest of its
-targets are -100): the first window scores all of its predictions, later ones only the tokens past
-the previous window's end. The last window is right-aligned to the end of the text, so every window
-has exactly L tokens of input. Each scored token is scored exactly once, so
+tokens ([BOS] + L-1 document tokens when add_bos, else L document tokens). Every input position predicts
+the next document token (the BOS predicts doc[b]). A window scores only the document tokens no earlier
+window scored (the rest of its targets are -100), so each scored token is scored exactly once and
 ppl = exp(sum of NLL / number of scored tokens), summed over all windows of all documents.
-stride=None makes the windows disjoint; mode='truncate' keeps only the first window of each document.
-By default each document is cut to max(lengths) tokens (doc_tokens), as the paper's script does: then
-every window length scores the very same tokens and the columns of the table are comparable.
+windows='aligned' (ours): the last window is right-aligned to the end of the text (every window is full)
+and a window also scores the token after its input. windows='official' (the authors' compute_perplexity,
+used by the paper's numbers): the last window may be short and a window scores only tokens inside its
+input. stride 0 = disjoint windows; mode='truncate' keeps only the first window of each document.
 """
 import json
 import math
@@ -34,13 +39,21 @@ import torch.nn.functional as F
 # reusable pieces (tests and bench.py import these)
 
 
-def window_spans(n, window, stride=None, mode='sliding', add_bos=False):
+def window_spans(n, window, stride=None, mode='sliding', add_bos=False, windows='aligned'):
     """Windows over a document of n tokens: list of (b, first, end).
-    Input = ([BOS] if add_bos) + doc[b : b + window - add_bos]; it scores doc tokens first..end-1."""
+    Input = ([BOS] if add_bos) + doc[b : b + window - add_bos]; it scores doc tokens first..end-1.
+    windows='aligned' (ours): the last window is right-aligned (always full) and every window also scores
+    the token after its input (its last logits). 'official' (the authors' compute_perplexity): windows at
+    0, s, 2s, ... until one reaches the end (the last may be short), each scoring only the tokens its own
+    input holds past the previous window's end; mode='truncate' there = the doc cut to one window's input."""
     nbos = int(bool(add_bos))
     n_doc = window - nbos  # document tokens per window
     if n_doc < 1:
         raise ValueError(f"window {window} is too short")
+    if windows not in ('aligned', 'official'):
+        raise ValueError(f"windows must be 'aligned' or 'official', got {windows!r}")
+    if windows == 'official':
+        return official_spans(n, n_doc, stride, mode, nbos)
     stride = window if stride is None else stride  # None: windows whose scored tokens are disjoint
     if not 1 <= stride <= window:  # a larger stride would leave tokens no window can predict
         raise ValueError(f"stride must be in [1, window={window}], got {stride}")
@@ -56,9 +69,27 @@ def window_spans(n, window, stride=None, mode='sliding', add_bos=False):
     return spans
 
 
+def official_spans(n, n_doc, stride, mode, nbos):
+    # dwzhu-pku/PoSE src/eval_ppl.py: end = min(b + n_doc, n); the window's labels are its last
+    # end - prev_end input tokens (the BOS, when the window holds it, predicts doc[0])
+    if mode == 'truncate':  # x[0:max_tokenized_len], step = max_tokenized_len: one window
+        n, stride = min(n, n_doc), n_doc
+    stride = n_doc if stride is None else stride
+    if not 1 <= stride <= n_doc:  # a larger step would count unscored tokens in the official code
+        raise ValueError(f"stride must be in [1, {n_doc}] (the window's document tokens), got {stride}")
+    spans, prev = [], 1 - nbos
+    for b in range(0, n, stride):
+        end = min(b + n_doc, n)
+        spans.append((b, prev, end))
+        prev = end
+        if end == n:
+            break
+    return spans
+
+
 @torch.inference_mode()
 def sliding_window_nll(model, tokens, window, stride=None, mode='sliding', add_bos=False, bos_id=None,
-                       device='cpu', pbar=None, chunk=1024):
+                       device='cpu', pbar=None, chunk=1024, windows='aligned'):
     """(sum of NLL in nats, number of scored tokens) of one document (1-D int array) under `model`.
     Only the scored positions go through lm_head, `chunk` rows at a time in fp32: no [T, vocab] logits,
     and with overlapping windows (stride < window) most of lm_head's work is skipped."""
@@ -69,7 +100,7 @@ def sliding_window_nll(model, tokens, window, stride=None, mode='sliding', add_b
     nbos = int(bool(add_bos))
     doc = torch.as_tensor(np.asarray(tokens, dtype=np.int64))
     nll, count = 0.0, 0
-    for b, first, end in window_spans(len(doc), window, stride, mode, add_bos):
+    for b, first, end in window_spans(len(doc), window, stride, mode, add_bos, windows):
         ctx = doc[b:b + window - nbos]
         if nbos:
             ctx = torch.cat([torch.tensor([bos_id]), ctx])
@@ -103,16 +134,18 @@ def load_model(path, rope_scaling=None, max_position_embeddings=None, dtype='aut
     return Transformer.from_pretrained(path, dtype=pt_dtype, device=device, **overrides).eval()
 
 
-def select_docs(doc_lens, min_len, num_docs, seed):
-    """Indices of `num_docs` documents with >= min_len tokens, drawn with `seed`, in index order."""
+def select_docs(doc_lens, min_len, num_docs, seed, draw='random'):
+    """Indices of `num_docs` documents with >= min_len tokens (num_docs None or 0: all), in index order:
+    drawn with `seed` (draw='random', the paper) or the first ones (draw='first', the authors' script)."""
     doc_lens = np.asarray(doc_lens)
     ok = np.flatnonzero(doc_lens >= min_len)
     if len(ok) == 0:
         longest = int(doc_lens.max()) if len(doc_lens) else 0
         raise ValueError(f"no document has >= {min_len} tokens (the longest has {longest}); "
                          f"lower lengths/min_doc_len or use longer documents")
-    if num_docs is not None and num_docs < len(ok):
-        ok = np.sort(np.random.default_rng(seed).choice(ok, size=num_docs, replace=False))
+    if num_docs and num_docs < len(ok):
+        ok = ok[:num_docs] if draw == 'first' else \
+            np.sort(np.random.default_rng(seed).choice(ok, size=num_docs, replace=False))
     return [int(i) for i in ok]
 
 
@@ -141,11 +174,35 @@ def format_table(results):
     return '\n'.join(lines)
 
 
+def model_name(model_dir):
+    """A model's short name: its directory's, or for train.py's export `<run>/hf` (every export is named hf)
+    and checkpoint dirs such as `<run>/checkpoint-1000` the run's name first."""
+    parts = os.path.normpath(os.path.abspath(model_dir)).split(os.sep)
+    name = parts[-1]
+    if name == 'hf' or name.startswith(('checkpoint', 'ckpt')):
+        name = parts[-2] if name == 'hf' else f"{parts[-2]}-{name}"
+    return name
+
+
 def result_label(model_dir, rope_scaling):
-    label = os.path.basename(os.path.normpath(model_dir))
+    label = model_name(model_dir)
     if rope_scaling:
         label += f" +{rope_scaling.get('rope_type', rope_scaling.get('type'))}x{rope_scaling.get('factor', '')}"
     return label
+
+
+def default_out(kind, model_dir, rope_scaling, protocol=None):
+    """out/<kind>-<model>[-<rope override>][-<protocol>].json: one name per model, scaling override and protocol."""
+    name = result_label(model_dir, rope_scaling).replace(' +', '-')
+    name = ''.join(c if c.isalnum() or c in '-_.' else '_' for c in name)
+    return os.path.join('out', f"{kind}-{name}{'-' + protocol if protocol else ''}.json")
+
+
+def check_out(path, overwrite):
+    """Refuse (before any work) to replace an existing result unless overwrite=True."""
+    if os.path.exists(path) and not overwrite:
+        raise ValueError(f"{path} exists: pass --overwrite=True to replace it, or --out=<another path>")
+    return path
 
 
 def plot_results(results, path):
@@ -191,6 +248,72 @@ def load_result(path):
 
 
 # -----------------------------------------------------------------------------
+# Named protocols: which documents, which tokens, which windows, which dtype (`protocol`). A setting
+# left at None below takes the protocol's value; the JSON records the protocol and every value used.
+# windows='official': the authors' compute_perplexity (see window_spans); 'aligned': ours.
+PROTOCOLS = {
+    'nanopose': dict(  # this repo's quick default, not the paper's
+        about="docs >= max(lengths) tokens cut to max(lengths) (every column scores the same tokens), "
+              "num_docs drawn at random, disjoint right-aligned windows",
+        lengths=[2048, 4096, 8192, 16384], min_doc_len='max_len', doc_tokens='max_len', draw='random',
+        num_docs=50, stride=0, mode='sliding', windows='aligned', add_bos=True, dtype='auto'),
+    'paper_table1': dict(
+        about="paper 4.2, Table 1 (GovReport, Proof-pile): 50 random docs of more than 32,768 tokens, sliding "
+              "windows with stride 1,024, 2k..32k; docs cut to 32,767 tokens and fp16 as the authors' code "
+              "(the paper does not say)",
+        lengths=[2048, 4096, 8192, 16384, 32768], min_doc_len=32769, doc_tokens=32767, draw='random',
+        num_docs=50, stride=1024, mode='sliding', windows='official', add_bos=True, dtype='float16'),
+    'paper_table2': dict(
+        about="paper 5.3, Table 2 (PG-19, Books3): 20 random books of more than 128k tokens, stride 16,384, "
+              "32k..128k; books cut to 131,071 tokens and fp16 as the authors' code",
+        lengths=[32768, 65536, 98304, 131072], min_doc_len=131073, doc_tokens=131071, draw='random',
+        num_docs=20, stride=16384, mode='sliding', windows='official', add_bos=True, dtype='float16'),
+    'official': dict(
+        about="the authors' script/run_eval_ppl.sh (GovReport): the first 50 docs in data order with >= 32,767 "
+              "tokens, cut to 32,767; --truncate: one window per doc (BOS + its first L-1 tokens); fp16",
+        lengths=[1024 * k for k in range(1, 17)], min_doc_len=32767, doc_tokens=32767, draw='first',
+        num_docs=50, stride=0, mode='truncate', windows='official', add_bos=True, dtype='float16'),
+    'official_pg19': dict(
+        about="the authors' script/run_eval_ppl.sh (PG-19): the first 20 books with >= 131,071 tokens, cut to "
+              "131,071, sliding step 16,384, 32k/64k/96k; fp16",
+        lengths=[32768, 65536, 98304], min_doc_len=131071, doc_tokens=131071, draw='first',
+        num_docs=20, stride=16384, mode='sliding', windows='official', add_bos=True, dtype='float16'),
+}
+SETTING_KEYS = ('lengths', 'min_doc_len', 'doc_tokens', 'draw', 'num_docs', 'stride', 'mode', 'windows',
+                'add_bos', 'dtype')
+
+
+def resolve_protocol(name, overrides):
+    """{setting: value} of protocol `name` with the non-None `overrides` applied; bad values name the key."""
+    if name not in PROTOCOLS:
+        raise ValueError(f"protocol={name!r} is unknown (known: {', '.join(PROTOCOLS)})")
+    st = {k: PROTOCOLS[name][k] for k in SETTING_KEYS}
+    st.update({k: v for k, v in overrides.items() if v is not None})
+    L = st['lengths']
+    if not L or not isinstance(L, list) or any(not isinstance(x, int) or isinstance(x, bool) or x < 2 for x in L):
+        raise ValueError(f"lengths must be a list of ints >= 2, got {L!r}")
+    for k in ('min_doc_len', 'doc_tokens'):
+        st[k] = max(L) if st[k] == 'max_len' else st[k]
+    for k in ('min_doc_len', 'doc_tokens', 'num_docs', 'stride'):  # 0: doc_tokens all, num_docs all, disjoint
+        if not isinstance(st[k], int) or isinstance(st[k], bool) or st[k] < 0:
+            raise ValueError(f"{k} must be an int >= 0, got {st[k]!r}")
+    for k, ok in (('draw', ('random', 'first')), ('mode', ('sliding', 'truncate')), ('windows', ('aligned', 'official')),
+                  ('add_bos', (True, False)), ('dtype', ('auto', 'float32', 'bfloat16', 'float16'))):
+        if st[k] not in ok:
+            raise ValueError(f"{k} must be one of {', '.join(map(str, ok))}; got {st[k]!r}")
+    return st
+
+
+def format_settings(r):
+    """The lines printed under a table: protocol, every setting, the documents."""
+    st, ids = r['settings'], r.get('doc_ids', [])
+    lines = [f"protocol {r.get('protocol', '?')}: {PROTOCOLS.get(r.get('protocol'), {}).get('about', '')}",
+             'settings: ' + ', '.join(f"{k}={st[k]}" for k in st if k != 'lengths'),
+             f"documents ({len(ids)}): {ids}"]
+    return '\n'.join(lines)
+
+
+# -----------------------------------------------------------------------------
 # config (python eval_ppl.py [config.py] [--key=value ...])
 model = ''  # HF-format model dir (ours or a stock Llama/Mistral/Qwen2); '' with plot_inputs = only plot
 rope_scaling = None  # None = the checkpoint's own; a dict (HF semantics) overrides it, e.g. the paper's PI-only baseline
@@ -200,48 +323,28 @@ split = 'val'  # ... and its split
 input = None  # ... or raw text: files/dirs/globs (a list or comma-separated); a .txt is one document, .jsonl/.parquet one per record
 text_key = 'text'  # the text field of .jsonl / .parquet input
 tokenizer = None  # tokenizer for `input` (None = the model dir's)
-lengths = [2048, 4096, 8192, 16384]  # evaluation window lengths L (the table's columns)
-stride = None  # window start advances by this many tokens (paper: 1024; 16384 at 128k); None = disjoint windows
-mode = 'sliding'  # 'sliding' or 'truncate' (score only the first window of each document)
-add_bos = True  # prepend BOS to every window (the paper's script); a leading BOS of a document is always dropped first
-num_docs = 50  # documents drawn with `seed` among those >= min_doc_len tokens (paper: 50); None = all
-min_doc_len = None  # None = max(lengths)
-doc_tokens = None  # score the first doc_tokens tokens of each doc: None = max(lengths) (same tokens at every L), 0 = all
-seed = 1337  # document selection
+protocol = 'nanopose'  # nanopose | paper_table1 | paper_table2 | official | official_pg19 (PROTOCOLS); None below = its value
+lengths = None  # evaluation window lengths L (the table's columns)
+stride = None  # window start advances by this many tokens (paper: 1024; 16384 at 128k); 0 = disjoint windows
+mode = None  # 'sliding' or 'truncate' (score only the first window of each document)
+windows = None  # 'aligned' (ours: full right-aligned windows) or 'official' (the authors' compute_perplexity)
+add_bos = None  # prepend BOS to every window (paper, official); a leading BOS of a document is always dropped first
+num_docs = None  # documents used (paper: 50; 20 at 128k); 0 = all
+draw = None  # 'random' (with `seed`, the paper) or 'first' (in data order, the authors' script)
+min_doc_len = None  # only documents with at least this many tokens (BOS not counted)
+doc_tokens = None  # score the first doc_tokens tokens of each doc; 0 = all
+seed = 1337  # document selection (draw='random')
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
-dtype = 'auto'  # 'auto' = bfloat16 on CUDA, float32 on CPU; or 'float32' / 'bfloat16' / 'float16'
-out = ''  # JSON results path ('' = out/ppl-<model>.json)
+dtype = None  # 'auto' = bfloat16 on CUDA, float32 on CPU; or 'float32' / 'bfloat16' / 'float16' (the authors')
+out = ''  # JSON results path ('' = out/ppl-<model>[-<rope override>]-<protocol>.json)
+overwrite = False  # replace an existing `out` (else: refuse before evaluating)
 plot = ''  # PNG path: ppl vs length of this run and of plot_inputs
 plot_inputs = []  # more result JSON files to overlay in the plot
 
 
-def main():
-    if plot_inputs and not model:  # only overlay existing results
-        results = [load_result(p) for p in plot_inputs]
-        print(format_table(results))
-        if not plot:
-            raise ValueError("plot_inputs given without --plot=<png path>")
-        plot_results(results, plot)
-        print(f"wrote {plot}")
-        return
-    import prepare_data  # after the config: a bad key fails before the heavy imports
-    from tqdm import tqdm
-
-    if not model:
-        raise ValueError("--model=<HF model dir> is required")
-    if not os.path.isfile(os.path.join(model, 'config.json')):  # before reading any data
-        raise FileNotFoundError(f"model dir not found or has no config.json: {model}")
-    if not lengths or any(not isinstance(L, int) or L < 2 for L in lengths):
-        raise ValueError(f"lengths must be a list of ints >= 2, got {lengths!r}")
-    if mode not in ('sliding', 'truncate'):
-        raise ValueError(f"mode must be 'sliding' or 'truncate', got {mode!r}")
-    if bool(data_dir) == bool(input):
-        raise ValueError("give exactly one of --data_dir (a prepared split) or --input (raw text files)")
-    max_len = max(lengths)
-    min_len = max_len if min_doc_len is None else min_doc_len
-    n_keep = max_len if doc_tokens is None else doc_tokens
-
-    # data: a list of documents (int arrays), only the chosen ones read from disk
+def load_docs(st):
+    """(documents as int arrays cut to doc_tokens, their ids, data description, bos_id) for settings st."""
+    import prepare_data
     if data_dir:
         tokens, offsets = prepare_data.open_split(data_dir, split)
         meta = prepare_data.read_meta(data_dir)
@@ -250,7 +353,7 @@ def main():
         if bos_id is not None:  # a leading BOS is not text (add_bos decides about BOS): don't count it
             nonempty = doc_lens > 0
             doc_lens[nonempty] -= np.asarray(tokens[offsets[:-1][nonempty]]) == bos_id
-        ids = select_docs(doc_lens, min_len, num_docs, seed)
+        ids = select_docs(doc_lens, st['min_doc_len'], st['num_docs'], seed, st['draw'])
         docs = [np.asarray(tokens[offsets[i]:offsets[i + 1]]) for i in ids]
         data_info = {'data_dir': os.path.abspath(data_dir), 'split': split, 'tokenizer': meta.get('tokenizer')}
     else:
@@ -262,50 +365,78 @@ def main():
             for k, text in enumerate(prepare_data.read_documents(p, text_key)):
                 all_docs.append(np.asarray(tok.encode(text, bos=False, eos=False), dtype=np.int64))
                 where.append([os.path.abspath(p), k])
-        ids = select_docs([len(d) for d in all_docs], min_len, num_docs, seed)
+        ids = select_docs([len(d) for d in all_docs], st['min_doc_len'], st['num_docs'], seed, st['draw'])
         docs = [all_docs[i] for i in ids]
         data_info = {'input': files, 'docs': [where[i] for i in ids], 'tokenizer': tok.files}
     docs = [d[1:] if bos_id is not None and len(d) and d[0] == bos_id else d for d in docs]
-    docs = [d[:n_keep] if n_keep else d for d in docs]
+    docs = [d[:st['doc_tokens']] if st['doc_tokens'] else d for d in docs]
+    return docs, ids, data_info, bos_id
 
-    # model
-    net = load_model(model, rope_scaling, max_position_embeddings, dtype, device)
-    use_bos = add_bos and bos_id is not None
-    if add_bos and not use_bos:  # e.g. Qwen2: its tokenizer prepends nothing, so neither do we
-        print("note: the tokenizer has no BOS token: windows start with document text (add_bos ignored)")
-    for w in length_warnings(lengths, net.args.max_position_embeddings):
-        print(w)
 
-    # evaluate
+def evaluate(net, docs, st, use_bos, bos_id):
+    """Per window length: ppl, NLL sum, scored tokens, input tokens/s (dicts keyed by str(L))."""
+    from tqdm import tqdm
     ppl, nll, counts, tps = {}, {}, {}, {}
-    for L in lengths:
-        n_windows = sum(len(window_spans(len(d), L, stride, mode, use_bos)) for d in docs)
+    stride_ = st['stride'] or None
+    for L in st['lengths']:
+        spans = [window_spans(len(d), L, stride_, st['mode'], use_bos, st['windows']) for d in docs]
         total, n, t0 = 0.0, 0, time.time()
-        with tqdm(total=n_windows, desc=f"L={L}", leave=False) as bar:
+        with tqdm(total=sum(map(len, spans)), desc=f"L={L}", leave=False) as bar:
             for d in docs:
-                s, c = sliding_window_nll(net, d, L, stride, mode, use_bos, bos_id, device, bar)
+                s, c = sliding_window_nll(net, d, L, stride_, st['mode'], use_bos, bos_id, device, bar,
+                                          windows=st['windows'])
                 total, n = total + s, n + c
         dt = time.time() - t0
         ppl[str(L)], nll[str(L)], counts[str(L)] = math.exp(total / n), total, n
-        n_in = sum(min(L, len(d) + int(use_bos) - b) for d in docs
-                   for b, _, _ in window_spans(len(d), L, stride, mode, use_bos))  # input tokens run
+        n_in = sum(min(L, len(d) + int(use_bos) - b) for d, sp in zip(docs, spans) for b, _, _ in sp)
         tps[str(L)] = n_in / dt
-        print(f"L={L}: ppl {ppl[str(L)]:.4f} over {n} tokens, {n_windows} windows, {tps[str(L)]:.0f} input tok/s")
+        print(f"L={L}: ppl {ppl[str(L)]:.4f} over {n} tokens, {sum(map(len, spans))} windows, "
+              f"{tps[str(L)]:.0f} input tok/s")
+    return ppl, nll, counts, tps
+
+
+def main():
+    if plot_inputs and not model:  # only overlay existing results
+        results = [load_result(p) for p in plot_inputs]
+        print(format_table(results))
+        if not plot:
+            raise ValueError("plot_inputs given without --plot=<png path>")
+        plot_results(results, plot)
+        print(f"wrote {plot}")
+        return
+    if not model:
+        raise ValueError("--model=<HF model dir> is required")
+    if not os.path.isfile(os.path.join(model, 'config.json')):  # before reading any data
+        raise FileNotFoundError(f"model dir not found or has no config.json: {model}")
+    if bool(data_dir) == bool(input):
+        raise ValueError("give exactly one of --data_dir (a prepared split) or --input (raw text files)")
+    given = {k: globals()[k] for k in SETTING_KEYS}
+    st = resolve_protocol(protocol, given)
+    path = check_out(out or default_out('ppl', model, rope_scaling, protocol), overwrite)
+    docs, ids, data_info, bos_id = load_docs(st)
+
+    net = load_model(model, rope_scaling, max_position_embeddings, st['dtype'], device)
+    use_bos = st['add_bos'] and bos_id is not None
+    if st['add_bos'] and not use_bos:  # e.g. Qwen2: its tokenizer prepends nothing, so neither do we
+        print("note: the tokenizer has no BOS token: windows start with document text (add_bos ignored)")
+    for w in length_warnings(st['lengths'], net.args.max_position_embeddings):
+        print(w)
+    ppl, nll, counts, tps = evaluate(net, docs, st, use_bos, bos_id)
 
     result = {
         'label': result_label(model, rope_scaling), 'model': os.path.abspath(model),
         'rope_scaling': rope_scaling if rope_scaling is not None else net.args.rope_scaling,
         'rope_scaling_override': rope_scaling is not None,
         'max_position_embeddings': net.args.max_position_embeddings,
-        'data': data_info,
-        'settings': {'lengths': lengths, 'stride': stride, 'mode': mode, 'add_bos': use_bos, 'num_docs': num_docs,
-                     'min_doc_len': min_len, 'doc_tokens': n_keep, 'seed': seed, 'dtype': str(next(net.parameters()).dtype), 'device': device},
+        'data': data_info, 'protocol': protocol,
+        'overridden': sorted(k for k, v in given.items() if v is not None),  # settings not the protocol's
+        'settings': dict(st, add_bos=use_bos, seed=seed, device=device, torch_dtype=str(next(net.parameters()).dtype)),
         'ppl': ppl, 'nll': nll, 'tokens': counts, 'tokens_per_s': tps,
         'doc_ids': ids, 'doc_lens': [int(len(d)) for d in docs],
     }
-    path = out or os.path.join('out', f"ppl-{os.path.basename(os.path.normpath(model))}.json")
     write_json_atomic(path, result)
     print(format_table([result]))
+    print(format_settings(result))
     print(f"wrote {path}")
     if plot:
         results = [result] + [load_result(p) for p in plot_inputs]

@@ -163,12 +163,110 @@ def test_ppl_matches_transformers(env, L, stride, mode, add_bos, which):
     assert ours_sum == pytest.approx(ref_sum, rel=1e-4)
 
 
+@torch.no_grad()
+def official_ppl(hf, docs, L, step, truncate, bos=1):
+    """dwzhu-pku/PoSE src/eval_ppl.py compute_perplexity (add_start_token=True), transcribed: transformers'
+    own loss on labels masked to the window's last trg_len tokens, times trg_len."""
+    max_tok = L - 1
+    if truncate:
+        docs, step = [d[:max_tok] for d in docs], max_tok
+    total, count = 0.0, 0
+    for d in docs:
+        labels = torch.tensor(np.asarray(d, dtype=np.int64))[None]
+        n, prev = labels.size(1), 0
+        for begin in range(0, n, step):
+            end = min(begin + max_tok, n)
+            trg = end - prev
+            inp = torch.cat([torch.tensor([[bos]]), labels[:, begin:end]], 1)
+            tgt = inp.clone()
+            tgt[:, :-trg] = -100
+            total += hf(inp, labels=tgt).loss.double().item() * trg
+            count += trg
+            prev = end
+            if end == n:
+                break
+    return total, count
+
+
+@pytest.mark.parametrize('L,stride,mode', [(64, 24, 'sliding'), (48, 47, 'sliding'), (64, None, 'sliding'),
+                                           (48, None, 'truncate'), (300, 40, 'sliding')])
+def test_official_windows_match_the_authors_code(env, L, stride, mode):
+    docs = [d[1:] for d in env['docs'][1:5]]  # 332, 99, 411, 299 tokens: short last windows too
+    ours_sum, ours_n = 0.0, 0
+    for d in docs:
+        s, c = eval_ppl.sliding_window_nll(env['ours'], d, L, stride, mode, True, bos_id=1, windows='official')
+        ours_sum, ours_n = ours_sum + s, ours_n + c
+    ref_sum, ref_n = official_ppl(env['hf'], docs, L, stride or L - 1, mode == 'truncate')
+    assert ours_n == ref_n and ours_sum == pytest.approx(ref_sum, rel=1e-4)
+    if mode == 'truncate':
+        assert ours_n == (L - 1) * len([d for d in docs if len(d) >= L - 1]) + sum(len(d) for d in docs if len(d) < L - 1)
+
+
+def test_protocols_cli(env, tmp_path):
+    """--protocol=official with window lengths the tiny data allows: the first docs in data order, the
+    authors' windows, every setting recorded and printed; ppl = the authors' code on those docs."""
+    out = str(tmp_path / 'official.json')
+    proc = run('eval_ppl.py', f"--model={env['plain']}", f"--data_dir={env['data']}", '--protocol=official',
+               '--lengths=[32,64]', '--min_doc_len=299', '--doc_tokens=299', '--num_docs=2', '--dtype=float32',
+               '--device=cpu', f'--out={out}')
+    assert proc.returncode == 0, proc.stderr
+    r = json.load(open(out))
+    lens = [len(d) - 1 for d in env['docs']]  # 39, 332, 99, 411, 299, 699 without the leading BOS
+    assert r['doc_ids'] == [1, 3]  # the first two with >= 299 tokens, not a random draw
+    assert r['protocol'] == 'official' and r['overridden'] == ['doc_tokens', 'dtype', 'lengths', 'min_doc_len', 'num_docs']
+    st = r['settings']
+    assert (st['mode'], st['windows'], st['draw'], st['stride'], st['add_bos']) == ('truncate', 'official', 'first', 0, True)
+    assert 'protocol official:' in proc.stdout and 'documents (2): [1, 3]' in proc.stdout and 'windows=official' in proc.stdout
+    for L in (32, 64):
+        ref_sum, ref_n = official_ppl(env['hf'], [env['docs'][i][1:300] for i in (1, 3)], L, None, True)
+        assert r['tokens'][str(L)] == ref_n == 2 * (L - 1)
+        assert r['ppl'][str(L)] == pytest.approx(np.exp(ref_sum / ref_n), rel=1e-4)
+    assert lens[1] >= 299 and lens[3] >= 299 and lens[2] < 299
+
+
+def test_protocols_resolve():
+    st = eval_ppl.resolve_protocol('paper_table1', {'lengths': None})
+    assert (st['min_doc_len'], st['num_docs'], st['stride'], st['draw']) == (32769, 50, 1024, 'random')
+    st = eval_ppl.resolve_protocol('nanopose', {'lengths': [128, 1024], 'stride': 64})
+    assert (st['min_doc_len'], st['doc_tokens'], st['stride']) == (1024, 1024, 64)
+    with pytest.raises(ValueError, match="protocol='table1' is unknown"):
+        eval_ppl.resolve_protocol('table1', {})
+    with pytest.raises(ValueError, match="draw must be one of random, first; got 'last'"):
+        eval_ppl.resolve_protocol('official', {'draw': 'last'})
+
+
+def test_default_names_unique_and_no_overwrite(env, tmp_path):
+    """Two train.py exports (both named hf) get two result files; a third run refuses, --overwrite replaces."""
+    for run_dir in ('run-a', 'run-b'):
+        shutil.copytree(env['plain'], tmp_path / run_dir / 'hf')
+    names = {eval_ppl.default_out('ppl', str(tmp_path / r / 'hf'), None, 'nanopose') for r in ('run-a', 'run-b')}
+    assert names == {os.path.join('out', 'ppl-run-a-nanopose.json'), os.path.join('out', 'ppl-run-b-nanopose.json')}
+    assert eval_ppl.default_out('passkey', str(tmp_path / 'run-a' / 'hf'), env['lin']) == \
+        os.path.join('out', 'passkey-run-a-linearx2.0.json')  # PI-only next to the original: another file
+    args = ['eval_passkey.py', f"--model={tmp_path / 'run-a' / 'hf'}", '--lengths=[300]', '--num_trials=1', '--device=cpu']
+    env_cwd = dict(os.environ, OMP_NUM_THREADS='1')
+    first = subprocess.run([sys.executable, os.path.join(ROOT, args[0]), *args[1:]], cwd=tmp_path,
+                           capture_output=True, text=True, timeout=120, env=env_cwd)
+    assert first.returncode == 0, first.stderr
+    path = tmp_path / 'out' / 'passkey-run-a.json'
+    before = path.read_bytes()
+    again = subprocess.run([sys.executable, os.path.join(ROOT, args[0]), *args[1:]], cwd=tmp_path,
+                           capture_output=True, text=True, timeout=120, env=env_cwd)
+    assert again.returncode == 2 and again.stderr.strip().count('\n') == 0
+    assert 'exists' in again.stderr and 'overwrite' in again.stderr and path.read_bytes() == before
+    forced = subprocess.run([sys.executable, os.path.join(ROOT, args[0]), *args[1:], '--overwrite=True', '--seed=5'],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env_cwd)
+    assert forced.returncode == 0, forced.stderr
+    assert json.loads(path.read_text())['settings']['seed'] == 5
+
+
 def test_select_docs_and_length_warnings():
     lens = [10, 500, 20, 800, 600, 30]
     ids = eval_ppl.select_docs(lens, 500, 2, seed=3)
     assert len(ids) == 2 and all(lens[i] >= 500 for i in ids) and ids == sorted(ids)
     assert ids == eval_ppl.select_docs(lens, 500, 2, seed=3)
     assert eval_ppl.select_docs(lens, 500, None, seed=3) == [1, 3, 4]
+    assert eval_ppl.select_docs(lens, 500, 2, seed=3, draw='first') == [1, 3]
     with pytest.raises(ValueError, match=r'>= 1000 tokens \(the longest has 800\)'):
         eval_ppl.select_docs(lens, 1000, 2, seed=3)
     w = eval_ppl.length_warnings([128, 256, 512], 256)
