@@ -10,6 +10,7 @@ with transformers-identical logits.
 import json
 import math
 import os
+import pickle
 import shutil
 from dataclasses import dataclass, fields, replace
 
@@ -17,6 +18,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+import rope_config
+from errors import UserError
 
 try:  # flash-attn's causal kernel on CUDA bf16/fp16; SDPA everywhere else
     from flash_attn import flash_attn_func
@@ -123,10 +127,8 @@ def rope_longrope(rs, d, theta, mpe, seq_len):
 ROPE_FUNCS = {'default': rope_default, 'linear': rope_linear, 'dynamic': rope_dynamic,
               'yarn': rope_yarn, 'llama3': rope_llama3, 'longrope': rope_longrope,
               'ntk': rope_ntk, 'yarn_pose': rope_yarn_pose}
-ROPE_REQUIRED = {'linear': ('factor',), 'dynamic': ('factor',), 'yarn': (), 'yarn_pose': ('factor',),
-                 'llama3': ('factor', 'low_freq_factor', 'high_freq_factor'),  # yarn: factor = mpe / original
-                 'longrope': ('short_factor', 'long_factor'), 'ntk': ()}
-ROPE_NEEDS_ORIG = ('yarn', 'llama3', 'longrope', 'yarn_pose')  # read original_max_position_embeddings
+assert set(ROPE_FUNCS) == set(rope_config.ROPE_TYPES)  # the types and their keys: rope_config.py
+normalize_rope_scaling = rope_config.normalize  # (the name tests and older callers use)
 
 
 def rope_cos_sin(args, position_ids):
@@ -165,37 +167,33 @@ class ModelArgs:
         self.n_kv_heads = self.n_kv_heads or self.n_heads
         self.head_dim = self.head_dim or self.dim // self.n_heads
         if self.arch not in ARCHS.values():
-            raise ValueError(f"arch={self.arch!r} is not supported (use one of {sorted(ARCHS.values())})")
+            raise UserError(f"arch={self.arch!r} is not supported (use one of {sorted(ARCHS.values())})")
         if self.n_heads % self.n_kv_heads:
-            raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+            raise UserError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
         if self.qkv_bias != (self.arch == 'qwen2'):
-            raise ValueError(f"qkv_bias={self.qkv_bias} does not match arch={self.arch!r} "
+            raise UserError(f"qkv_bias={self.qkv_bias} does not match arch={self.arch!r} "
                              "(only qwen2 has q/k/v biases)")
-        self.rope_scaling = normalize_rope_scaling(self.rope_scaling, self.head_dim, self.max_position_embeddings)
+        self.rope_scaling = rope_config.normalize(self.rope_scaling, self.head_dim, self.max_position_embeddings)
 
     @staticmethod
-    def from_hf_config(cfg):
+    def from_hf_config(cfg, where='config.json'):
+        """ModelArgs of an HF config.json dict; errors name `where` (the file) and the key."""
         archs = cfg.get('architectures') or []
         name = archs[0] if archs else cfg.get('model_type')
         arch = ARCHS.get(name) or {'LLaMAForCausalLM': 'llama', 'llama': 'llama', 'mistral': 'mistral',
                                    'qwen2': 'qwen2'}.get(name)  # very old Llama configs / no architectures
         if arch is None:
-            raise ValueError(f"unsupported architecture {name!r} (supported: {', '.join(ARCHS)})")
+            raise UserError(f"{where}: unsupported architecture {name!r} (supported: {', '.join(ARCHS)})")
         for key, ok in (('hidden_act', 'silu'), ('mlp_bias', False), ('attention_bias', False),
                         ('use_sliding_window', False), ('partial_rotary_factor', 1.0)):
             if cfg.get(key, ok) not in (ok, None):
-                raise ValueError(f"config key {key}={cfg[key]!r} is not supported (only {ok!r})")
-        # older `rope_scaling` (+ top-level rope_theta) or transformers 5 `rope_parameters` (rope_theta inside);
-        # given both, transformers 5 uses rope_scaling, and so do we
-        rp = cfg.get('rope_scaling') or cfg.get('rope_parameters')
-        rp = dict(rp) if rp else None
-        theta = (rp or {}).pop('rope_theta', None) or cfg.get('rope_theta') or \
-            (cfg.get('rope_parameters') or {}).get('rope_theta') or 10000.0
+                raise UserError(f"{where}: config key {key}={cfg[key]!r} is not supported (only {ok!r})")
+        missing = [k for k in ('hidden_size', 'num_hidden_layers', 'num_attention_heads', 'intermediate_size',
+                               'vocab_size') if not isinstance(cfg.get(k), int) or cfg[k] < 1]
+        if missing:
+            raise UserError(f"{where}: {missing[0]}={cfg.get(missing[0])!r}: expected a positive integer")
+        rp, theta = rope_config.from_hf_config(cfg, where)
         mpe = cfg.get('max_position_embeddings', 2048)
-        if rp and rp.get('rope_type', rp.get('type')) in ROPE_NEEDS_ORIG:
-            # as transformers: a top-level original_max_position_embeddings (Phi-3 style) wins, else mpe
-            rp['original_max_position_embeddings'] = cfg.get('original_max_position_embeddings') or \
-                rp.get('original_max_position_embeddings') or mpe
         return ModelArgs(
             dim=cfg['hidden_size'], n_layers=cfg['num_hidden_layers'], n_heads=cfg['num_attention_heads'],
             n_kv_heads=cfg.get('num_key_value_heads'), head_dim=cfg.get('head_dim'),
@@ -235,35 +233,6 @@ class ModelArgs:
         else:
             hf.update(use_sliding_window=False, sliding_window=None, max_window_layers=self.n_layers)
         return hf
-
-
-def normalize_rope_scaling(rs, head_dim, mpe):
-    """HF `rope_scaling`/`rope_parameters` dict -> {'rope_type': ..., ...} or None; errors name the key."""
-    if not rs:
-        return None
-    if any(isinstance(v, dict) for v in rs.values()):
-        raise ValueError(f"per-layer-type rope parameters {sorted(rs)} are not supported")
-    rs = {k: v for k, v in rs.items() if k not in ('type', 'rope_theta')} | \
-        {'rope_type': rs.get('rope_type', rs.get('type', 'default'))}
-    t = rs['rope_type']
-    if t == 'vanilla_ntk':  # the PoSE repo's name for the same thing
-        t = rs['rope_type'] = 'ntk'
-    if t not in ROPE_FUNCS:
-        raise ValueError(f"unknown rope_type {t!r} in rope_scaling (known: {', '.join(ROPE_FUNCS)})")
-    if t == 'default':
-        return None
-    for k in ROPE_REQUIRED[t]:
-        if rs.get(k) is None:
-            raise ValueError(f"rope_scaling of type {t!r} needs key {k!r} (got {sorted(rs)})")
-    if t == 'ntk' and 'factor' not in rs and 'alpha' not in rs:
-        raise ValueError("rope_scaling of type 'ntk' needs key 'factor' (or 'alpha')")
-    if t in ROPE_NEEDS_ORIG:
-        rs.setdefault('original_max_position_embeddings', mpe)
-    if t == 'longrope':
-        for k in ('short_factor', 'long_factor'):
-            if len(rs[k]) != head_dim // 2:
-                raise ValueError(f"rope_scaling {k!r} has {len(rs[k])} entries, head_dim//2 = {head_dim // 2}")
-    return rs
 
 
 # -----------------------------------------------------------------------------
@@ -382,7 +351,7 @@ class Transformer(nn.Module):
         if sw is not None and T > sw:
             # HF Mistral masks keys more than sliding_window tokens back; we do not implement that, and
             # with T <= sliding_window the mask is plainly causal, so shorter sequences match exactly.
-            raise ValueError(f"sequence length {T} > sliding_window={sw}: load with sliding_window=None "
+            raise UserError(f"sequence length {T} > sliding_window={sw}: load with sliding_window=None "
                              "to use full causal attention")
         x = self.embed_tokens(idx)  # [B, T, dim]
         # angles and cos/sin in fp32, once for all layers; then in the model dtype, as transformers
@@ -416,18 +385,18 @@ class Transformer(nn.Module):
         overrides: ModelArgs fields (e.g. rope_scaling=..., max_position_embeddings=...)."""
         cfg_path = os.path.join(path, 'config.json')
         if not os.path.isfile(cfg_path):
-            raise FileNotFoundError(f"{cfg_path}: no config.json (not a Hugging Face model directory)")
-        with open(cfg_path) as f:
-            args = ModelArgs.from_hf_config(json.load(f))
+            raise UserError(f"{cfg_path}: no config.json (not a Hugging Face model directory)")
+        args = ModelArgs.from_hf_config(read_json(cfg_path), cfg_path)
         known = {f.name for f in fields(ModelArgs)}
         for k in overrides:
             if k not in known:
-                raise ValueError(f"unknown model override {k!r} (ModelArgs fields: {', '.join(sorted(known))})")
-        rs = overrides.get('rope_scaling')
-        if rs and rs.get('rope_type', rs.get('type')) in ROPE_NEEDS_ORIG \
-                and 'original_max_position_embeddings' not in rs:
-            # a new scaling on top of a checkpoint is relative to the checkpoint's own window
-            overrides['rope_scaling'] = dict(rs, original_max_position_embeddings=args.max_position_embeddings)
+                raise UserError(f"unknown model override {k!r} (ModelArgs fields: {', '.join(sorted(known))})")
+        if overrides.get('rope_scaling') is not None:
+            # a new scaling replaces the checkpoint's own, relative to its original window; no factor:
+            # the new max_position_embeddings / that window
+            overrides['rope_scaling'] = rope_config.rescale(
+                overrides['rope_scaling'], args.rope_scaling, args.max_position_embeddings, args.head_dim,
+                overrides.get('max_position_embeddings'))
         args = replace(args, **overrides)
         with torch.device('meta'):
             model = cls(args)
@@ -440,16 +409,16 @@ class Transformer(nn.Module):
                 if name.endswith('rotary_emb.inv_freq') or (args.tie_word_embeddings and name == 'lm_head.weight'):
                     continue  # derived (old checkpoints store it) / tied to embed_tokens
                 if name not in expected:
-                    raise ValueError(f"{file}: unexpected tensor {hf_name!r} for a {args.arch} model with this config")
+                    raise UserError(f"{file}: unexpected tensor {hf_name!r} for a {args.arch} model with this config")
                 t = read()
                 if tuple(t.shape) != tuple(expected[name].shape):
-                    raise ValueError(f"{file}: tensor {hf_name!r} has shape {tuple(t.shape)}, "
+                    raise UserError(f"{file}: tensor {hf_name!r} has shape {tuple(t.shape)}, "
                                      f"config.json implies {tuple(expected[name].shape)}")
                 model.load_state_dict({name: t.to(device=device, dtype=dtype)}, strict=False, assign=True)
                 seen.add(name)
         missing = [k for k in expected if k not in seen]
         if missing:
-            raise ValueError(f"{path}: checkpoint is missing tensors: "
+            raise UserError(f"{path}: checkpoint is missing tensors: "
                              + ', '.join('model.' + k if k != 'lm_head.weight' else k for k in missing[:8])
                              + (f' (+{len(missing) - 8} more)' if len(missing) > 8 else ''))
         if args.tie_word_embeddings:
@@ -511,7 +480,7 @@ def _tokenizer_files(src):  # a directory (its known tokenizer files), one file,
     if os.path.isfile(src):
         return [src]
     if not os.path.isdir(src):
-        raise FileNotFoundError(f"{src}: tokenizer directory not found")
+        raise UserError(f"{src}: tokenizer directory not found")
     return [os.path.join(src, n) for n in TOKENIZER_FILES if os.path.isfile(os.path.join(src, n))]
 
 
@@ -520,29 +489,59 @@ def _weight_files(path):
     for index in ('model.safetensors.index.json', 'pytorch_model.bin.index.json'):
         ipath = os.path.join(path, index)
         if os.path.isfile(ipath):
-            with open(ipath) as f:
-                names = sorted(set(json.load(f)['weight_map'].values()))
+            weight_map = read_json(ipath).get('weight_map')
+            if not isinstance(weight_map, dict):
+                raise UserError(f"{ipath}: no 'weight_map' (not a checkpoint index)")
+            names = sorted(set(weight_map.values()))
             for n in names:
                 if not os.path.isfile(os.path.join(path, n)):
-                    raise FileNotFoundError(f"{os.path.join(path, n)}: shard listed in {index} is missing")
+                    raise UserError(f"{os.path.join(path, n)}: shard listed in {index} is missing")
             return [os.path.join(path, n) for n in names]
     for single in ('model.safetensors', 'pytorch_model.bin'):
         if os.path.isfile(os.path.join(path, single)):
             return [os.path.join(path, single)]
-    raise FileNotFoundError(f"{path}: no model.safetensors, model.safetensors.index.json or pytorch_model*.bin")
+    raise UserError(f"{path}: no model.safetensors, model.safetensors.index.json or pytorch_model*.bin")
+
+
+def read_json(path):
+    """A JSON object from a file the user gave us; unreadable -> one line naming the file."""
+    try:
+        with open(path, encoding='utf-8') as f:
+            obj = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: invalid JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"{path}: expected a JSON object, got {type(obj).__name__}")
+    return obj
 
 
 def _tensor_readers(file):
-    """yield (name, read()) per tensor, reading one tensor at a time."""
+    """yield (name, read()) per tensor, reading one tensor at a time. A truncated or corrupt file -> one
+    line naming it (the libraries' own errors would be tracebacks from deep inside)."""
     if file.endswith('.safetensors'):
-        from safetensors import safe_open
-        with safe_open(file, framework='pt') as f:
+        from safetensors import SafetensorError, safe_open
+
+        def get(f, name):
+            try:
+                return f.get_tensor(name)
+            except SafetensorError as e:
+                raise UserError(f"{file}: tensor {name!r} unreadable, truncated or corrupt? ({e})") from None
+        try:
+            f = safe_open(file, framework='pt')
+        except SafetensorError as e:
+            raise UserError(f"{file}: unreadable safetensors file, truncated or corrupt? ({e})") from None
+        with f:
             for name in f.keys():
-                yield name, (lambda n=name: f.get_tensor(n))
-    else:  # weights_only: a .bin must not run code; mmap (zip-format files): no full copy in RAM
+                yield name, (lambda n=name: get(f, n))
+        return
+    # weights_only: a .bin must not run code; mmap (zip-format files): no full copy in RAM
+    try:
         try:
             sd = torch.load(file, map_location='cpu', weights_only=True, mmap=True)
         except RuntimeError:  # legacy (pre-zip) format cannot be memory-mapped
             sd = torch.load(file, map_location='cpu', weights_only=True)
-        for name in list(sd):
-            yield name, (lambda n=name: sd.pop(n))
+    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as e:
+        raise UserError(f"{file}: unreadable PyTorch weights file, truncated or corrupt? "
+                        f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    for name in list(sd):
+        yield name, (lambda n=name: sd.pop(n))

@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
+from errors import UserError  # noqa: E402
 from model import Transformer
 from test_model import ROPE_CASES, TOL, hf_logits, idx_for, make_hf, our_logits, positions
 
@@ -106,7 +107,7 @@ def test_bad_inputs(tmp_path):
     _, d = make_hf(tmp_path)
     bad = lambda name: shutil.copytree(d, tmp_path / name) and str(tmp_path / name)
 
-    with pytest.raises(FileNotFoundError, match='config.json'):
+    with pytest.raises(UserError, match='config.json'):
         Transformer.from_pretrained(tmp_path / 'nowhere')
     p = bad('gpt2')
     edit_config(p, lambda c: c.update(architectures=['GPT2LMHeadModel'], model_type='gpt2'))
@@ -137,12 +138,34 @@ def test_bad_inputs(tmp_path):
         Transformer.from_pretrained(d, max_seq_len=4096)
     p = bad('noweights')
     os.remove(os.path.join(p, 'model.safetensors'))
-    with pytest.raises(FileNotFoundError, match='model.safetensors'):
+    with pytest.raises(UserError, match='model.safetensors'):
         Transformer.from_pretrained(p)
     p = bad('act')
     edit_config(p, lambda c: c.update(hidden_act='gelu'))
-    with pytest.raises(ValueError, match='hidden_act'):
+    with pytest.raises(UserError, match='hidden_act'):
         Transformer.from_pretrained(p)
+    # every user error above is a UserError (one line, exit 2 in the scripts), naming the file
+    p = bad('truncated')
+    w = os.path.join(p, 'model.safetensors')
+    open(w, 'r+b').truncate(os.path.getsize(w) // 2)
+    with pytest.raises(UserError, match=f'{w}: unreadable safetensors'):
+        Transformer.from_pretrained(p)
+    p = bad('badjson')
+    with open(os.path.join(p, 'config.json'), 'a') as f:
+        f.write('}')
+    with pytest.raises(UserError, match=f"{os.path.join(p, 'config.json')}: invalid JSON"):
+        Transformer.from_pretrained(p)
+    for rope, needle in [({'rope_type': 'linear', 'factor': -4.0}, 'factor=-4.0 must be a number >= 1'),
+                         ({'rope_type': 'linear', 'factor': 0.5}, 'factor=0.5'),
+                         ({'rope_type': 'linear', 'factor': '4'}, "factor='4'"),
+                         ('linear', "rope_scaling='linear': expected a dict")]:
+        p = bad(f'rope{len(os.listdir(tmp_path))}')
+        edit_config(p, lambda c: c.update(rope_scaling=rope, rope_parameters=None))
+        with pytest.raises(UserError, match=f"{os.path.join(p, 'config.json')}: {needle}"):
+            Transformer.from_pretrained(p)
+        if isinstance(rope, dict):  # the same as an override (the evals' rope_scaling key)
+            with pytest.raises(UserError, match=f"rope_scaling: {needle}"):
+                Transformer.from_pretrained(d, rope_scaling=rope)
 
 
 def test_save_given_state_dict_from_meta_model(tmp_path):

@@ -1,0 +1,94 @@
+"""
+One error idiom for every entry script (train.py, prepare_data.py, eval_*.py, sample_positions.py):
+
+- input that cannot be used (a file, key or value), or a machine that refuses (a full disk), is raised as
+  UserError('one line naming the culprit') where it enters; `run(main)` catches it once, prints
+  `error: ...` and exits with e.code (2; 1 for faults of the run or the machine), no traceback;
+- Ctrl-C: one line, exit 130; whoever was writing removes their temp files on the way out (`writing`);
+- anything else is a bug and keeps its traceback.
+"""
+import errno
+import os
+import shutil
+import sys
+from contextlib import contextmanager
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+class UserError(ValueError):
+    """The user's input (or the machine) stops the run: one line, no traceback. A ValueError, so library
+    callers that catch ValueError keep working."""
+
+    def __init__(self, msg, code=2):
+        super().__init__(msg)
+        self.code = code
+
+
+def is_disk_full(e):
+    """e, or what it wraps (its cause / context, a torch.distributed.checkpoint failure per rank, the
+    message of a writer in Rust such as safetensors), is a full disk."""
+    stack, seen = [e], set()
+    while stack:
+        x = stack.pop()
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, OSError) and x.errno in DISK_FULL:
+            return True
+        if 'No space left on device' in str(x) or 'os error 28' in str(x):
+            return True
+        stack += [x.__cause__, x.__context__]
+        failures = getattr(x, 'failures', None)  # dcp's CheckpointException: {rank: (exception, traceback)}
+        if isinstance(failures, dict):
+            stack += [f[0] if isinstance(f, tuple) else f for f in failures.values()]
+    return False
+
+
+def remove(path):
+    """Remove a file or a directory tree if it exists; never raises (it runs while another error unwinds)."""
+    try:
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        elif os.path.lexists(path):
+            os.remove(path)
+    except OSError:
+        pass
+
+
+@contextmanager
+def writing(path, temps=()):
+    """Wrap the writing of `path` (a file or a directory): if anything fails or Ctrl-C arrives, the temp
+    paths in `temps` (a list that may grow inside) are removed first; a full disk becomes one line naming `path`."""
+    try:
+        yield
+    except BaseException as e:
+        for p in list(temps):
+            remove(p)
+        if isinstance(e, Exception) and is_disk_full(e):
+            raise UserError(f'no space left on device writing {path}', code=1) from None
+        raise
+
+
+def say_error(msg):
+    """One line on stderr: rank 0 as is, other torchrun ranks prefixed with their rank."""
+    rank = int(os.environ.get('RANK', 0))
+    print(f"{f'[rank {rank}] ' if rank else ''}{msg}", file=sys.stderr, flush=True)
+
+
+def run(main, cleanup=None):
+    """The scripts' entry point: main(); UserError -> one line, exit e.code; Ctrl-C -> one line, exit 130;
+    anything else propagates with its traceback. cleanup() runs in every case (e.g. destroy the process group)."""
+    code = 0
+    try:
+        main()
+    except UserError as e:
+        say_error(f'error: {e}')
+        code = e.code
+    except KeyboardInterrupt:
+        say_error('interrupted (Ctrl-C): stopped, no partial results written')
+        code = 130
+    finally:
+        if cleanup is not None:
+            cleanup()
+    sys.exit(code)
