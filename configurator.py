@@ -38,13 +38,21 @@ def _cfg_check(key, value, where):
 
 
 if any(_a in ('-h', '--help') for _a in _sys.argv[1:]):
-    # the config keys are the script's module-level assignments: show them with their comments
-    _cfg_say(f"usage: python {_sys.argv[0]} [config/file.py ...] [--key=value ...]\nkeys (default  # meaning):")
+    # the config keys are the first assignments of the script's current globals above the line that runs us
+    # (module level, or inside `if __name__ == '__main__':`); show each with its comment
     with open(_sys.argv[0]) as _f:
-        for _line in _f:
-            _k = _line.split('=', 1)[0].strip()
-            if not _line[:1].isspace() and ' = ' in _line and _k.isidentifier() and not _k.isupper() and _k in globals():
-                _cfg_say('  ' + _line.rstrip())
+        _src = _f.read()
+    _lines, _shown = _src.splitlines(), set()
+    _stop = next(_i for _i, _l in enumerate(_lines, 1) if 'configurator.py' in _l and 'exec(' in _l)
+    _cfg_say(f"usage: python {_sys.argv[0]} [config/file.py ...] [--key=value ...]\nkeys (default  # meaning):")
+    _body = _ast.parse(_src).body
+    _body += [_n for _s in _body if isinstance(_s, _ast.If) for _n in _s.body]
+    for _n in sorted((_n for _n in _body if isinstance(_n, _ast.Assign) and _n.lineno < _stop), key=lambda _n: _n.lineno):
+        _k = _n.targets[0].id if isinstance(_n.targets[0], _ast.Name) else ''
+        if _k and not _k.startswith('_') and not _k.isupper() and _k != 'config_keys' and _k not in _shown \
+                and _k in globals() and type(globals()[_k]).__name__ not in ('module', 'function', 'type'):
+            _shown.add(_k)
+            _cfg_say('  ' + _lines[_n.lineno - 1].strip())
     raise SystemExit(0)
 
 for _arg in _sys.argv[1:]:

@@ -65,7 +65,7 @@ def writing(path, temps=()):
     except BaseException as e:
         for p in list(temps):
             remove(p)
-        if isinstance(e, Exception) and is_disk_full(e):
+        if not isinstance(e, (KeyboardInterrupt, SystemExit, GeneratorExit)) and is_disk_full(e):  # dcp's CheckpointException is a BaseException
             raise UserError(f'no space left on device writing {path}', code=1) from None
         raise
 
@@ -76,9 +76,10 @@ def say_error(msg):
     print(f"{f'[rank {rank}] ' if rank else ''}{msg}", file=sys.stderr, flush=True)
 
 
-def run(main, cleanup=None):
-    """The scripts' entry point: main(); UserError -> one line, exit e.code; Ctrl-C -> one line, exit 130;
-    anything else propagates with its traceback. cleanup() runs in every case (e.g. destroy the process group)."""
+def run(main, cleanup=None, interrupted='interrupted (Ctrl-C): stopped, no partial results written'):
+    """The scripts' entry point: main(); UserError -> one line, exit e.code; Ctrl-C -> the line `interrupted`,
+    exit 130; anything else propagates with its traceback. cleanup() runs in every case (e.g. to destroy the
+    process group)."""
     code = 0
     try:
         main()
@@ -86,7 +87,7 @@ def run(main, cleanup=None):
         say_error(f'error: {e}')
         code = e.code
     except KeyboardInterrupt:
-        say_error('interrupted (Ctrl-C): stopped, no partial results written')
+        say_error(interrupted)
         code = 130
     finally:
         if cleanup is not None:

@@ -35,12 +35,12 @@ partial credit.
 """
 import os
 import re
-import sys
 import time
 
 import numpy as np
 import torch
 
+from errors import UserError, run
 from eval_ppl import check_out, default_out, length_warnings, load_model, model_name, write_json_atomic
 
 TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
@@ -63,7 +63,7 @@ def filler_text(n):
 def make_passkey_prompt(n_filler, key, depth):
     """(prompt text ending in 'The pass key is', n_before): round(depth * n_filler) filler words before the key."""
     if not 0.0 <= depth <= 1.0:
-        raise ValueError(f"depth must be in [0, 1], got {depth}")
+        raise UserError(f"depth must be in [0, 1], got {depth}")
     n_before = int(round(depth * n_filler))
     lines = [TASK, filler_text(n_before), KEY_LINE.format(key=key), filler_text(n_filler - n_before), QUESTION]
     return '\n'.join(lines), n_before
@@ -78,7 +78,7 @@ def encode_trial(tok, n_filler, key, depth):
     while p < min(len(prompt), len(full)) and prompt[p] == full[p]:
         p += 1
     if p == len(full):
-        raise ValueError(f"tokenizer lost the key {key!r}: prompt + key encodes to the prompt's tokens")
+        raise UserError(f"tokenizer lost the key {key!r}: prompt + key encodes to the prompt's tokens")
     return full, p, n_before
 
 
@@ -88,7 +88,7 @@ def build_passkey_prompt(tok, length, key, depth, hint=None):
     def size(n):
         return len(encode_trial(tok, n, key, depth)[0])
     if size(0) > length:
-        raise ValueError(f"length {length} is shorter than the passkey prompt without filler ({size(0)} tokens)")
+        raise UserError(f"length {length} is shorter than the passkey prompt without filler ({size(0)} tokens)")
     if hint is not None and size(max(hint - 8, 0)) <= length:
         lo, hi = max(hint - 8, 0), hint + 8  # a different key changes the count by a few tokens only
     else:
@@ -100,7 +100,7 @@ def build_passkey_prompt(tok, length, key, depth, hint=None):
         lo, hi = (mid, hi) if size(mid) <= length else (lo, mid)
     ids, p, n_before = encode_trial(tok, lo, key, depth)
     if length - len(ids) > 0.01 * length:
-        raise ValueError(f"cannot build a passkey prompt within 1% of length {length}: "
+        raise UserError(f"cannot build a passkey prompt within 1% of length {length}: "
                          f"got {len(ids)} tokens (one filler word is too coarse at this length)")
     return ids, p, lo, n_before
 
@@ -234,6 +234,7 @@ lengths = [2048, 4096, 8192, 16384, 32768]  # prompt lengths in tokens (BOS + pr
 num_trials = 50  # trials per length (x depth); the paper: 50
 depths = None  # None = a random depth per trial (the paper); a list of fractions in [0, 1] = a length x depth grid
 seed = 1337  # keys and depths
+check_tokenizer = True  # refuse a tokenizer whose fingerprint differs from the model's own (False: skip)
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 dtype = 'auto'  # 'auto' = bfloat16 on CUDA, float32 on CPU; or 'float32' / 'bfloat16' / 'float16'
 max_new_tokens = 10  # greedy tokens a trial may generate (the official script: 10); decided trials stop early
@@ -247,19 +248,22 @@ def main():
     from tqdm import tqdm
 
     if not model:
-        raise ValueError("--model=<HF model dir> is required")
+        raise UserError("--model=<HF model dir> is required")
     if not os.path.isfile(os.path.join(model, 'config.json')):
-        raise FileNotFoundError(f"model dir not found or has no config.json: {model}")
+        raise UserError(f"model dir not found or has no config.json: {model}")
     if not lengths or any(not isinstance(L, int) or L < 1 for L in lengths):
-        raise ValueError(f"lengths must be a list of positive ints, got {lengths!r}")
+        raise UserError(f"lengths must be a list of positive ints, got {lengths!r}")
     if depths is not None and any(not 0 <= d <= 1 for d in depths):
-        raise ValueError(f"depths must be fractions in [0, 1], got {depths!r}")
+        raise UserError(f"depths must be fractions in [0, 1], got {depths!r}")
     if num_trials < 1:
-        raise ValueError(f"num_trials must be >= 1, got {num_trials}")
+        raise UserError(f"num_trials must be >= 1, got {num_trials}")
     if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        raise UserError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     path = check_out(out or default_out('passkey', model, rope_scaling), overwrite)
     tok = prepare_data.load_tokenizer(tokenizer or model)
+    if tokenizer and check_tokenizer:
+        prepare_data.check_same_tokenizer(prepare_data.sha256_file(tok.path), f"tokenizer='{tokenizer}'", model,
+                                          'check_tokenizer')
     net = load_model(model, rope_scaling, max_position_embeddings, dtype, device)
     for w in length_warnings(lengths, net.args.max_position_embeddings):
         print(w)
@@ -268,6 +272,9 @@ def main():
     for L, depth, key in tqdm(make_trials(lengths, num_trials, depths, seed), desc='passkey'):
         ids, p, n_filler, n_before = build_passkey_prompt(tok, L, key, depth, hints.get(L))
         hints[L] = n_filler
+        if max(ids) >= net.args.vocab_size:
+            raise UserError(f"the tokenizer ({tok.path}) gives token id {max(ids)} >= the model's vocab_size "
+                            f"{net.args.vocab_size}: not the model's tokenizer?")
         prompt = tok.encode(make_passkey_prompt(n_filler, key, depth)[0], bos=True)  # what generation sees
         guess = ids[len(prompt):] if ids[:len(prompt)] == prompt else ids[p:]
         ok, gen, tf_pred, n_fwd = greedy_passkey(net, prompt, guess, key, tok.decode, max_new_tokens,
@@ -302,8 +309,4 @@ def main():
 
 if __name__ == '__main__':
     exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as e:
-        sys.stderr.write(f"error: {e}\n")
-        sys.exit(2)
+    run(main)

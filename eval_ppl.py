@@ -28,12 +28,13 @@ input. stride 0 = disjoint windows; mode='truncate' keeps only the first window 
 import json
 import math
 import os
-import sys
 import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from errors import UserError, run, writing
 
 # -----------------------------------------------------------------------------
 # reusable pieces (tests and bench.py import these)
@@ -49,14 +50,14 @@ def window_spans(n, window, stride=None, mode='sliding', add_bos=False, windows=
     nbos = int(bool(add_bos))
     n_doc = window - nbos  # document tokens per window
     if n_doc < 1:
-        raise ValueError(f"window {window} is too short")
+        raise UserError(f"window {window} is too short")
     if windows not in ('aligned', 'official'):
-        raise ValueError(f"windows must be 'aligned' or 'official', got {windows!r}")
+        raise UserError(f"windows must be 'aligned' or 'official', got {windows!r}")
     if windows == 'official':
         return official_spans(n, n_doc, stride, mode, nbos)
     stride = window if stride is None else stride  # None: windows whose scored tokens are disjoint
     if not 1 <= stride <= window:  # a larger stride would leave tokens no window can predict
-        raise ValueError(f"stride must be in [1, window={window}], got {stride}")
+        raise UserError(f"stride must be in [1, window={window}], got {stride}")
     spans, scored, b = [], 1 - nbos, 0  # doc[0] has no prediction unless a BOS precedes it
     while scored < n:
         b = min(b, max(n - n_doc, 0))  # the last window is right-aligned: always a full window
@@ -76,7 +77,7 @@ def official_spans(n, n_doc, stride, mode, nbos):
         n, stride = min(n, n_doc), n_doc
     stride = n_doc if stride is None else stride
     if not 1 <= stride <= n_doc:  # a larger step would count unscored tokens in the official code
-        raise ValueError(f"stride must be in [1, {n_doc}] (the window's document tokens), got {stride}")
+        raise UserError(f"stride must be in [1, {n_doc}] (the window's document tokens), got {stride}")
     spans, prev = [], 1 - nbos
     for b in range(0, n, stride):
         end = min(b + n_doc, n)
@@ -94,9 +95,9 @@ def sliding_window_nll(model, tokens, window, stride=None, mode='sliding', add_b
     Only the scored positions go through lm_head, `chunk` rows at a time in fp32: no [T, vocab] logits,
     and with overlapping windows (stride < window) most of lm_head's work is skipped."""
     if mode not in ('sliding', 'truncate'):
-        raise ValueError(f"mode must be 'sliding' or 'truncate', got {mode!r}")
+        raise UserError(f"mode must be 'sliding' or 'truncate', got {mode!r}")
     if add_bos and bos_id is None:
-        raise ValueError("add_bos=True but the tokenizer/model has no BOS token id (set --add_bos=False)")
+        raise UserError("add_bos=True but the tokenizer/model has no BOS token id (set --add_bos=False)")
     nbos = int(bool(add_bos))
     doc = torch.as_tensor(np.asarray(tokens, dtype=np.int64))
     nll, count = 0.0, 0
@@ -121,11 +122,11 @@ def load_model(path, rope_scaling=None, max_position_embeddings=None, dtype='aut
     """Our Transformer from an HF dir, in eval mode; rope_scaling / max_position_embeddings None = the checkpoint's."""
     from model import Transformer
     if not os.path.isfile(os.path.join(path, 'config.json')):
-        raise FileNotFoundError(f"model dir not found or has no config.json: {path}")
+        raise UserError(f"model dir not found or has no config.json: {path}")
     pt_dtype = {'auto': torch.bfloat16 if 'cuda' in str(device) else torch.float32, 'float32': torch.float32,
                 'bfloat16': torch.bfloat16, 'float16': torch.float16}.get(dtype)
     if pt_dtype is None:
-        raise ValueError(f"dtype must be auto/float32/bfloat16/float16, got {dtype!r}")
+        raise UserError(f"dtype must be auto/float32/bfloat16/float16, got {dtype!r}")
     overrides = {}
     if rope_scaling is not None:
         overrides['rope_scaling'] = rope_scaling
@@ -141,7 +142,7 @@ def select_docs(doc_lens, min_len, num_docs, seed, draw='random'):
     ok = np.flatnonzero(doc_lens >= min_len)
     if len(ok) == 0:
         longest = int(doc_lens.max()) if len(doc_lens) else 0
-        raise ValueError(f"no document has >= {min_len} tokens (the longest has {longest}); "
+        raise UserError(f"no document has >= {min_len} tokens (the longest has {longest}); "
                          f"lower lengths/min_doc_len or use longer documents")
     if num_docs and num_docs < len(ok):
         ok = ok[:num_docs] if draw == 'first' else \
@@ -157,9 +158,17 @@ def length_warnings(lengths, max_position_embeddings):
 def write_json_atomic(path, obj):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + '.tmp'
-    with open(tmp, 'w') as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)  # never a half-written result
+    with writing(path, temps=[tmp]):  # a full disk or Ctrl-C: no temp file left, one line naming the path
+        with open(tmp, 'w') as f:
+            json.dump(obj, f, indent=1)
+        os.replace(tmp, path)  # never a half-written result
+
+
+def check_vocab(docs, vocab_size, what):
+    """Token ids the model has no embedding for would be an IndexError deep inside the forward."""
+    top = max((int(d.max()) for d in docs if len(d)), default=-1)
+    if top >= vocab_size:
+        raise UserError(f"{what} has token id {top} >= the model's vocab_size {vocab_size}: tokenized for another model?")
 
 
 def format_table(results):
@@ -200,8 +209,10 @@ def default_out(kind, model_dir, rope_scaling, protocol=None):
 
 def check_out(path, overwrite):
     """Refuse (before any work) to replace an existing result unless overwrite=True."""
+    if os.path.isdir(path):
+        raise UserError(f"out={path!r} is a directory: give a .json file path")
     if os.path.exists(path) and not overwrite:
-        raise ValueError(f"{path} exists: pass --overwrite=True to replace it, or --out=<another path>")
+        raise UserError(f"{path} exists: pass --overwrite=True to replace it, or --out=<another path>")
     return path
 
 
@@ -238,11 +249,11 @@ def plot_results(results, path):
 
 def load_result(path):
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"result file not found: {path}")
+        raise UserError(f"result file not found: {path}")
     with open(path) as f:
         r = json.load(f)
     if 'ppl' not in r:
-        raise ValueError(f"{path}: not an eval_ppl.py result (no 'ppl' key)")
+        raise UserError(f"{path}: not an eval_ppl.py result (no 'ppl' key)")
     r.setdefault('label', result_label(r.get('model', path), r.get('rope_scaling')))
     return r
 
@@ -286,21 +297,21 @@ SETTING_KEYS = ('lengths', 'min_doc_len', 'doc_tokens', 'draw', 'num_docs', 'str
 def resolve_protocol(name, overrides):
     """{setting: value} of protocol `name` with the non-None `overrides` applied; bad values name the key."""
     if name not in PROTOCOLS:
-        raise ValueError(f"protocol={name!r} is unknown (known: {', '.join(PROTOCOLS)})")
+        raise UserError(f"protocol={name!r} is unknown (known: {', '.join(PROTOCOLS)})")
     st = {k: PROTOCOLS[name][k] for k in SETTING_KEYS}
     st.update({k: v for k, v in overrides.items() if v is not None})
     L = st['lengths']
     if not L or not isinstance(L, list) or any(not isinstance(x, int) or isinstance(x, bool) or x < 2 for x in L):
-        raise ValueError(f"lengths must be a list of ints >= 2, got {L!r}")
+        raise UserError(f"lengths must be a list of ints >= 2, got {L!r}")
     for k in ('min_doc_len', 'doc_tokens'):
         st[k] = max(L) if st[k] == 'max_len' else st[k]
     for k in ('min_doc_len', 'doc_tokens', 'num_docs', 'stride'):  # 0: doc_tokens all, num_docs all, disjoint
         if not isinstance(st[k], int) or isinstance(st[k], bool) or st[k] < 0:
-            raise ValueError(f"{k} must be an int >= 0, got {st[k]!r}")
+            raise UserError(f"{k} must be an int >= 0, got {st[k]!r}")
     for k, ok in (('draw', ('random', 'first')), ('mode', ('sliding', 'truncate')), ('windows', ('aligned', 'official')),
                   ('add_bos', (True, False)), ('dtype', ('auto', 'float32', 'bfloat16', 'float16'))):
         if st[k] not in ok:
-            raise ValueError(f"{k} must be one of {', '.join(map(str, ok))}; got {st[k]!r}")
+            raise UserError(f"{k} must be one of {', '.join(map(str, ok))}; got {st[k]!r}")
     return st
 
 
@@ -334,6 +345,7 @@ draw = None  # 'random' (with `seed`, the paper) or 'first' (in data order, the 
 min_doc_len = None  # only documents with at least this many tokens (BOS not counted)
 doc_tokens = None  # score the first doc_tokens tokens of each doc; 0 = all
 seed = 1337  # document selection (draw='random')
+check_tokenizer = True  # refuse data (or a tokenizer) whose fingerprint differs from the model's tokenizer (False: skip)
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 dtype = None  # 'auto' = bfloat16 on CUDA, float32 on CPU; or 'float32' / 'bfloat16' / 'float16' (the authors')
 out = ''  # JSON results path ('' = out/ppl-<model>[-<rope override>]-<protocol>.json)
@@ -348,6 +360,9 @@ def load_docs(st):
     if data_dir:
         tokens, offsets = prepare_data.open_split(data_dir, split)
         meta = prepare_data.read_meta(data_dir)
+        if check_tokenizer:
+            prepare_data.check_same_tokenizer(meta.get('tokenizer_sha256'), f"data_dir='{data_dir}' (tokenized with "
+                                              f"{meta.get('tokenizer')})", model, 'check_tokenizer')
         bos_id = meta.get('bos_id')
         doc_lens = np.diff(offsets)
         if bos_id is not None:  # a leading BOS is not text (add_bos decides about BOS): don't count it
@@ -359,6 +374,9 @@ def load_docs(st):
     else:
         files = prepare_data.find_files(input)  # files, dirs, globs (comma-separated or a list)
         tok = prepare_data.load_tokenizer(tokenizer or model)
+        if tokenizer and check_tokenizer:
+            prepare_data.check_same_tokenizer(prepare_data.sha256_file(tok.path), f"tokenizer='{tokenizer}'", model,
+                                              'check_tokenizer')
         bos_id = tok.bos_id
         all_docs, where = [], []  # .txt/.md: one document per file; .jsonl(.gz/.zst)/.parquet: one per record
         for p in files:
@@ -400,22 +418,23 @@ def main():
         results = [load_result(p) for p in plot_inputs]
         print(format_table(results))
         if not plot:
-            raise ValueError("plot_inputs given without --plot=<png path>")
+            raise UserError("plot_inputs given without --plot=<png path>")
         plot_results(results, plot)
         print(f"wrote {plot}")
         return
     if not model:
-        raise ValueError("--model=<HF model dir> is required")
+        raise UserError("--model=<HF model dir> is required")
     if not os.path.isfile(os.path.join(model, 'config.json')):  # before reading any data
-        raise FileNotFoundError(f"model dir not found or has no config.json: {model}")
+        raise UserError(f"model dir not found or has no config.json: {model}")
     if bool(data_dir) == bool(input):
-        raise ValueError("give exactly one of --data_dir (a prepared split) or --input (raw text files)")
+        raise UserError("give exactly one of --data_dir (a prepared split) or --input (raw text files)")
     given = {k: globals()[k] for k in SETTING_KEYS}
     st = resolve_protocol(protocol, given)
     path = check_out(out or default_out('ppl', model, rope_scaling, protocol), overwrite)
     docs, ids, data_info, bos_id = load_docs(st)
 
     net = load_model(model, rope_scaling, max_position_embeddings, st['dtype'], device)
+    check_vocab(docs, net.args.vocab_size, f"data_dir='{data_dir}'" if data_dir else 'the tokenized input')
     use_bos = st['add_bos'] and bos_id is not None
     if st['add_bos'] and not use_bos:  # e.g. Qwen2: its tokenizer prepends nothing, so neither do we
         print("note: the tokenizer has no BOS token: windows start with document text (add_bos ignored)")
@@ -446,8 +465,4 @@ def main():
 
 if __name__ == '__main__':
     exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as e:
-        sys.stderr.write(f"error: {e}\n")
-        sys.exit(2)
+    run(main)

@@ -35,6 +35,8 @@ from collections import deque
 import numpy as np
 from tqdm import tqdm
 
+from errors import UserError, is_disk_full, remove, run
+
 # -----------------------------------------------------------------------------
 # config (nanoGPT style: python prepare_data.py [config.py] [--key=value ...])
 input = None  # files / dirs / globs: a list, or a comma-separated string (None: use `corpus`)
@@ -80,7 +82,7 @@ class Tokenizer:
             try:
                 self.hf = tokenizers.Tokenizer.from_file(path)
             except Exception as e:
-                raise ValueError(f"{path}: not a tokenizers tokenizer.json ({str(e).splitlines()[0]})") from None
+                raise UserError(f"{path}: not a tokenizers tokenizer.json ({str(e).splitlines()[0]})") from None
             self.sp = None
             self.vocab_size = self.hf.get_vocab_size(with_added_tokens=True)
             mcfg = _read_json_if(os.path.join(folder, 'config.json'))
@@ -91,7 +93,7 @@ class Tokenizer:
             try:
                 self.sp = spm.SentencePieceProcessor(model_file=path)
             except Exception as e:
-                raise ValueError(f"{path}: not a sentencepiece model ({str(e).splitlines()[0]})") from None
+                raise UserError(f"{path}: not a sentencepiece model ({str(e).splitlines()[0]})") from None
             self.hf = None
             self.vocab_size = self.sp.get_piece_size()
             self.bos_id = self.sp.bos_id() if self.sp.bos_id() >= 0 else None
@@ -111,7 +113,7 @@ class Tokenizer:
                 return None
             tid = self.hf.token_to_id(tok)
             if tid is None:
-                raise ValueError(f"{path}: {which}_token {tok!r} of tokenizer_config.json is not in the vocab")
+                raise UserError(f"{path}: {which}_token {tok!r} of tokenizer_config.json is not in the vocab")
             return tid
         # 2) the model's config.json
         if mcfg.get(f'{which}_token_id') is not None:
@@ -155,18 +157,18 @@ def _read_json_if(path):
     try:
         return json.load(open(path, encoding='utf-8'))
     except ValueError as e:
-        raise ValueError(f"{path}: invalid JSON ({e})") from None
+        raise UserError(f"{path}: invalid JSON ({e})") from None
 
 
 def resolve_tokenizer(path):
     """A tokenizer file, or the tokenizer.model / tokenizer.json inside a model directory."""
     if not path or not os.path.exists(path):
-        raise FileNotFoundError(f"tokenizer not found: {path or '(empty path)'} (set tokenizer=PATH or train_tokenizer=VOCAB)")
+        raise UserError(f"tokenizer not found: {path or '(empty path)'} (set tokenizer=PATH or train_tokenizer=VOCAB)")
     if os.path.isdir(path):
         for name in ('tokenizer.model', 'tokenizer.json'):  # Llama 1/2 + Mistral ship the .model; Llama 3 / Qwen2 only the .json
             if os.path.isfile(os.path.join(path, name)):
                 return os.path.abspath(os.path.join(path, name))
-        raise FileNotFoundError(f"tokenizer not found: no tokenizer.model or tokenizer.json in {path}")
+        raise UserError(f"tokenizer not found: no tokenizer.model or tokenizer.json in {path}")
     return os.path.abspath(path)
 
 
@@ -189,13 +191,13 @@ def find_files(paths, what='input'):
     if isinstance(paths, str):
         paths = [p for p in paths.split(',') if p.strip()]
     if not paths:
-        raise ValueError(f"no {what} given (set {what}=FILES or corpus=python_stdlib)")
+        raise UserError(f"no {what} given (set {what}=FILES or corpus=python_stdlib)")
     files = []
     for p in paths:
         p = os.path.expanduser(p.strip())
         matches = sorted(glob.glob(p, recursive=True)) if glob.has_magic(p) else [p] if os.path.exists(p) else []
         if not matches:
-            raise FileNotFoundError(f"{what} not found: {p}")
+            raise UserError(f"{what} not found: {p}")
         for m in matches:
             if os.path.isdir(m):
                 found = []
@@ -204,7 +206,7 @@ def find_files(paths, what='input'):
                     found += [os.path.join(d, n) for n in sorted(names) if not n.startswith('.')
                               and n.endswith(PLAIN_EXTS + JSONL_EXTS + PARQUET_EXTS)]
                 if not found:
-                    raise FileNotFoundError(f"no input files found in {m} (looked for {', '.join(PLAIN_EXTS + JSONL_EXTS + PARQUET_EXTS)})")
+                    raise UserError(f"no input files found in {m} (looked for {', '.join(PLAIN_EXTS + JSONL_EXTS + PARQUET_EXTS)})")
                 files += found
             else:
                 files.append(m)
@@ -214,14 +216,14 @@ def find_files(paths, what='input'):
 def corpus_files(name):
     """An embedded corpus: real text present on every machine without a download."""
     if name != 'python_stdlib':
-        raise ValueError(f"unknown corpus '{name}' (available: python_stdlib)")
+        raise UserError(f"unknown corpus '{name}' (available: python_stdlib)")
     root = sysconfig.get_paths()['stdlib']
     files = []
     for d, dirs, names in os.walk(root):
         dirs[:] = sorted(x for x in dirs if x not in ('site-packages', 'dist-packages', '__pycache__') and not x.startswith('.'))
         files += [os.path.join(d, n) for n in sorted(names) if n.endswith('.py')]
     if not files:
-        raise FileNotFoundError(f"corpus python_stdlib: no .py files under {root}")
+        raise UserError(f"corpus python_stdlib: no .py files under {root}")
     return files
 
 
@@ -246,30 +248,33 @@ def read_documents(path, text_key='text', lenient=False):
                     try:
                         obj = json.loads(line)
                     except ValueError as e:
-                        raise ValueError(f"{path}:{lineno}: invalid JSON ({getattr(e, 'msg', e)})") from None
+                        raise UserError(f"{path}:{lineno}: invalid JSON ({getattr(e, 'msg', e)})") from None
                     if not isinstance(obj, dict) or text_key not in obj:
                         keys = list(obj)[:8] if isinstance(obj, dict) else type(obj).__name__
-                        raise ValueError(f"{path}:{lineno}: no text key '{text_key}' (found: {keys}; set text_key=...)")
+                        raise UserError(f"{path}:{lineno}: no text key '{text_key}' (found: {keys}; set text_key=...)")
                     if not isinstance(obj[text_key], str):
-                        raise ValueError(f"{path}:{lineno}: '{text_key}' is {type(obj[text_key]).__name__}, not a string")
+                        raise UserError(f"{path}:{lineno}: '{text_key}' is {type(obj[text_key]).__name__}, not a string")
                     yield obj[text_key]
         except UnicodeDecodeError as e:
-            raise ValueError(f"{path}:{lineno + 1}: not UTF-8 ({e.reason})") from None
+            raise UserError(f"{path}:{lineno + 1}: not UTF-8 ({e.reason})") from None
         except ValueError:
             raise
         except Exception as e:  # truncated / corrupt .gz or .zst: OSError, EOFError, zstandard.ZstdError
-            raise ValueError(f"{path}:{lineno + 1}: unreadable ({type(e).__name__}: {e})") from None
+            raise UserError(f"{path}:{lineno + 1}: unreadable ({type(e).__name__}: {e})") from None
     elif path.endswith(PARQUET_EXTS):
         try:
             import pyarrow.parquet as pq
         except ImportError:
-            raise ValueError(f"{path}: reading .parquet needs pyarrow (pip install pyarrow)") from None
+            raise UserError(f"{path}: reading .parquet needs pyarrow (pip install pyarrow)") from None
         try:
             pf = pq.ParquetFile(path)
         except Exception as e:
-            raise ValueError(f"{path}: unreadable parquet ({e})") from None
+            raise UserError(f"{path}: unreadable parquet ({e})") from None
         if text_key not in pf.schema_arrow.names:
-            raise ValueError(f"{path}: no text key '{text_key}' (columns: {pf.schema_arrow.names[:8]}; set text_key=...)")
+            raise UserError(f"{path}: no text key '{text_key}' (columns: {pf.schema_arrow.names[:8]}; set text_key=...)")
+        kind = pf.schema_arrow.field(text_key).type
+        if str(kind) not in ('string', 'large_string', 'string_view'):
+            raise UserError(f"{path}: column '{text_key}' holds {kind}, not strings (set text_key=...)")
         for batch in pf.iter_batches(batch_size=1024, columns=[text_key]):
             for text in batch.column(0).to_pylist():
                 yield text if text is not None else ''
@@ -280,7 +285,9 @@ def read_documents(path, text_key='text', lenient=False):
         except UnicodeDecodeError as e:
             if lenient:
                 return
-            raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+            raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        except OSError as e:  # unreadable (permissions, a directory named as a file ...)
+            raise UserError(f"{path}: cannot read ({e.strerror})") from None
         yield text
 
 
@@ -413,7 +420,7 @@ def train_sentencepiece(docs, vocab_size, model_path, model_type='bpe', sample_m
     except RuntimeError as e:
         if failed:
             raise failed[0] from None
-        raise ValueError(f"train_tokenizer={vocab_size}: sentencepiece failed: {str(e).strip().splitlines()[-1]}") from None
+        raise UserError(f"train_tokenizer={vocab_size}: sentencepiece failed: {str(e).strip().splitlines()[-1]}") from None
     if failed:
         raise failed[0]
     with open(model_path, 'wb') as f:
@@ -455,7 +462,7 @@ def prepare(input=None, corpus='', val_input=None, val_fraction=0.0, out_dir='da
     """Run the whole pipeline (the config keys are its arguments); returns the meta dict written."""
     # 1) check everything we can before writing anything
     if bool(input) == bool(corpus):
-        raise ValueError("set exactly one of input=FILES or corpus=python_stdlib")
+        raise UserError("set exactly one of input=FILES or corpus=python_stdlib")
     files = corpus_files(corpus) if corpus else find_files(input)
     val_files = find_files(val_input, 'val_input') if val_input else None
     for bad, msg in [(not 0.0 <= val_fraction < 1.0, f"val_fraction={val_fraction}: must be in [0, 1)"),
@@ -467,11 +474,17 @@ def prepare(input=None, corpus='', val_input=None, val_fraction=0.0, out_dir='da
                      (tokenizer and train_tokenizer, "set tokenizer=PATH or train_tokenizer=VOCAB, not both"),
                      (tokenizer_type not in ('bpe', 'unigram'), f"tokenizer_type={tokenizer_type!r}: use 'bpe' or 'unigram'")]:
         if bad:
-            raise ValueError(msg)
+            raise UserError(msg)
     if not train_tokenizer:
         tok_path = tok_final = resolve_tokenizer(tokenizer)
     splits = ['train', 'val'] if (val_files or val_fraction) else ['train']
-    os.makedirs(out_dir, exist_ok=True)
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise UserError(f"out_dir={out_dir!r} is a file, not a directory")
+    made_out_dir = not os.path.exists(out_dir)  # removed again if we fail (when still empty)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"out_dir={out_dir!r}: cannot create it ({e.strerror})") from None
     final = {s: (os.path.join(out_dir, f'{s}.bin'), os.path.join(out_dir, f'{s}.idx')) for s in splits}
     tmps, handles = [], []
     try:
@@ -487,7 +500,7 @@ def prepare(input=None, corpus='', val_input=None, val_fraction=0.0, out_dir='da
                 json.dump(LLAMA_TOKENIZER_CONFIG, f, indent=2)
         tok = Tokenizer(tok_path)
         if dtype == 'uint16' and tok.vocab_size > 2 ** 16:
-            raise ValueError(f"dtype=uint16 cannot hold vocab_size={tok.vocab_size} ({tok_final}): use dtype=uint32 or ''")
+            raise UserError(f"dtype=uint16 cannot hold vocab_size={tok.vocab_size} ({tok_final}): use dtype=uint32 or ''")
         np_dtype = np.dtype(dtype or ('uint16' if tok.vocab_size <= 2 ** 16 else 'uint32'))
         bos, eos = add_bos and tok.bos_id is not None, add_eos and tok.eos_id is not None
         n_special = int(bos) + int(eos)
@@ -511,7 +524,7 @@ def prepare(input=None, corpus='', val_input=None, val_fraction=0.0, out_dir='da
             batches = encode_documents(docs, tok_path, num_proc, bos, eos)
             for flat, lens in batches:
                 if flat.size and flat.max() > np.iinfo(np_dtype).max:
-                    raise ValueError(f"token id {flat.max()} does not fit {np_dtype} (vocab_size {tok.vocab_size})")
+                    raise UserError(f"token id {flat.max()} does not fit {np_dtype} (vocab_size {tok.vocab_size})")
                 flat, starts = flat.astype(np_dtype), np.cumsum(lens) - lens
                 for j, n in enumerate(lens.tolist()):
                     s = fixed_split or ('val' if val_fraction and is_val(index, seed, val_fraction) else 'train')
@@ -541,7 +554,7 @@ def prepare(input=None, corpus='', val_input=None, val_fraction=0.0, out_dir='da
         for h in handles:
             h.close()
         if not stats['train']['docs']:
-            raise ValueError(f"no training documents kept: {stats['train']} (check min_tokens / inputs)")
+            raise UserError(f"no training documents kept: {stats['train']} (check min_tokens / inputs)")
 
         # 4) optional seeded permutation, then commit: meta.json goes away first and comes back last
         if shuffle:
@@ -572,54 +585,92 @@ def prepare(input=None, corpus='', val_input=None, val_fraction=0.0, out_dir='da
             os.replace(tmps[1], tok_final.replace('tokenizer.model', 'tokenizer_config.json'))
         os.replace(meta_path + '.tmp', meta_path)
         return meta
-    except BaseException:
+    except BaseException as e:  # incl. Ctrl-C: nothing half-written stays, then one line naming what failed
         for h in handles:
-            h.close()
+            try:
+                h.close()
+            except OSError:  # a full disk fails the final flush again: the temp files go anyway
+                pass
         for p in tmps:
-            if os.path.exists(p):
-                os.remove(p)
+            remove(p)
+        if made_out_dir and not os.listdir(out_dir):
+            os.rmdir(out_dir)
+        if not isinstance(e, (KeyboardInterrupt, SystemExit, GeneratorExit)) and is_disk_full(e):
+            raise UserError(f"no space left on device writing {out_dir}", code=1) from None
         raise
 
 
 # ----------------------------------------------------------------------------- readers for train/eval
 def read_meta(data_dir):
+    """meta.json of a prepared dataset, checked: a broken one is named here, not deep inside a reader."""
     path = os.path.join(data_dir, 'meta.json')
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{data_dir}: no meta.json, not a (complete) prepared dataset: run prepare_data.py")
-    with open(path) as f:
-        return json.load(f)
+        raise UserError(f"{data_dir}: no meta.json, not a (complete) prepared dataset: run prepare_data.py")
+    try:
+        with open(path, encoding='utf-8') as f:
+            meta = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: invalid JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise UserError(f"{path}: expected a JSON object, got {type(meta).__name__}")
+    splits, vocab = meta.get('splits'), meta.get('vocab_size')
+    for bad, msg in [(meta.get('dtype') not in ('uint16', 'uint32'), f"dtype={meta.get('dtype')!r}: expected 'uint16' or 'uint32'"),
+                     (not isinstance(vocab, int) or vocab < 1, f"vocab_size={vocab!r}: expected a positive integer"),
+                     (not isinstance(splits, dict) or not all(isinstance(v, dict) and isinstance(v.get('docs'), int)
+                                                              for v in splits.values()),
+                      f"splits={splits!r}: expected {{split: {{'docs': n, ...}}}}")]:
+        if bad:
+            raise UserError(f"{path}: {msg}")
+    return meta
 
 
 def open_split(data_dir, split):
     """-> (tokens: np.memmap of meta['dtype'], offsets: int64 [n_docs+1]); doc i = tokens[offsets[i]:offsets[i+1]]"""
     meta = read_meta(data_dir)
     if split not in meta['splits']:
-        raise ValueError(f"{data_dir}: no split '{split}' (has: {', '.join(meta['splits'])})")
+        raise UserError(f"{data_dir}: no split '{split}' (has: {', '.join(meta['splits'])})")
     bin_path, idx_path = os.path.join(data_dir, f'{split}.bin'), os.path.join(data_dir, f'{split}.idx')
     for p in (bin_path, idx_path):
         if not os.path.isfile(p):
-            raise FileNotFoundError(f"{p}: missing (meta.json lists split '{split}')")
+            raise UserError(f"{p}: missing (meta.json lists split '{split}')")
     offsets = np.fromfile(idx_path, dtype=np.int64)
     n_tokens = os.path.getsize(bin_path) // np.dtype(meta['dtype']).itemsize
-    if len(offsets) != meta['splits'][split]['docs'] + 1 or offsets[-1] != n_tokens:
-        raise ValueError(f"{data_dir}: {split}.idx / {split}.bin do not match meta.json (a mix of two runs?)")
+    if len(offsets) != meta['splits'][split]['docs'] + 1 or offsets[-1] != n_tokens or offsets[0] != 0 \
+            or np.any(np.diff(offsets) < 0):
+        raise UserError(f"{data_dir}: {split}.idx / {split}.bin do not match meta.json (a mix of two runs?)")
     tokens = np.memmap(bin_path, dtype=meta['dtype'], mode='r') if n_tokens else np.zeros(0, meta['dtype'])
     return tokens, offsets
 
 
-if __name__ == '__main__':
-    exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
-    try:
-        t0 = time.time()
-        meta = prepare(**{k: globals()[k] for k in config_keys})
-    except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted: nothing written", file=sys.stderr)
-        sys.exit(130)
+def tokenizer_fingerprints(model_dir):
+    """{file: sha256} of the tokenizer files (tokenizer.model / tokenizer.json) in an HF model directory."""
+    paths = [os.path.join(model_dir, n) for n in ('tokenizer.model', 'tokenizer.json')]
+    return {p: sha256_file(p) for p in paths if os.path.isfile(p)}
+
+
+def check_same_tokenizer(fingerprint, what, model_dir, key):
+    """Data (or a tokenizer) made with one tokenizer is never used with a model of another: the sha256
+    `fingerprint` of `what` (meta.json's tokenizer_sha256, or a tokenizer file's) must be one of the model's
+    tokenizer files. No fingerprint (hand-made data) or a model without tokenizer files: nothing to compare
+    (the callers still check the token ids against the model's vocab). `key` switches the check off."""
+    have = tokenizer_fingerprints(model_dir)
+    if not fingerprint or not have or fingerprint in have.values():
+        return
+    theirs = ', '.join(f'{os.path.basename(p)} sha256 {h[:12]}' for p, h in have.items())
+    raise UserError(f"{what} (tokenizer sha256 {fingerprint[:12]}) does not match {model_dir}'s tokenizer ({theirs}): "
+                    f"tokenize with the model's own tokenizer, or set {key}=False if you are sure")
+
+
+def main():
+    t0 = time.time()
+    meta = prepare(**{k: globals()[k] for k in config_keys})
     print(f"{'split':<6} {'docs':>10} {'tokens':>14} {'mean len':>9} {'short':>8} {'empty':>7} {'truncated':>9}")
     for s, st in meta['splits'].items():
         print(f"{s:<6} {st['docs']:>10,} {st['tokens']:>14,} {st['tokens'] / max(st['docs'], 1):>9.0f} "
               f"{st['dropped_short']:>8,} {st['dropped_empty']:>7,} {st['truncated']:>9,}")
     print(f"wrote {out_dir} ({meta['dtype']}, vocab {meta['vocab_size']}, tokenizer {meta['tokenizer']}) in {time.time() - t0:.1f}s")
+
+
+if __name__ == '__main__':
+    exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
+    run(main, interrupted='interrupted: nothing written')

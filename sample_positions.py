@@ -47,10 +47,11 @@ coverage, and the measured draw speed.
 """
 import math
 import os
-import sys
 import time
 
 import numpy as np
+
+from errors import UserError, run
 
 # ----------------------------------------------------------------------------- samplers
 
@@ -260,7 +261,7 @@ def plot_coverage(curves, train_len, target_len, path):
     try:
         from matplotlib.figure import Figure  # optional dependency; no pyplot, no display needed
     except ImportError:
-        raise ImportError("plotting needs matplotlib: pip install matplotlib") from None
+        raise UserError("plotting needs matplotlib: pip install matplotlib") from None
     fig = Figure(figsize=(7, 4))
     ax = fig.subplots()
     d = np.arange(1, target_len)
@@ -279,28 +280,16 @@ def plot_coverage(curves, train_len, target_len, path):
 
 # ----------------------------------------------------------------------------- CLI
 
-if __name__ == '__main__':
-    train_len = 2048  # L_c: tokens per training example
-    target_len = 16384  # L_t: the context window to cover
-    draws = 2000  # Monte-Carlo draws per method for the coverage curves
-    seed = 0  # numpy Generator seed
-    plot = ''  # path of a PNG for the paper's Fig. 5 ('' = no plot)
-    speed_seconds = 0.5  # wall clock per sampler for the draws/s measurement
-    exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
-
+def main():
     methods = {'N=1': ('pose', {'num_chunks': 1}), 'N=2': ('pose', {'num_chunks': 2}),
                'N=3': ('pose', {'num_chunks': 3}), 'RandPos': ('randpos', {})}
-    try:
-        if draws < 1 or (plot and not plot.lower().endswith('.png')):
-            raise ValueError(f"draws={draws} must be >= 1 and plot={plot!r} a .png path")
-        _check_lengths(target_len, train_len, target_len)
-        if train_len < 3:
-            raise ValueError(f"train_len={train_len} must be >= 3 to compare N = 1, 2, 3")
-        curves = {name: coverage_curve(s, train_len, target_len, draws, np.random.default_rng(seed), progress=True, **o)
-                  for name, (s, o) in methods.items()}
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    if draws < 1 or (plot and not plot.lower().endswith('.png')):
+        raise UserError(f"draws={draws} must be >= 1 and plot={plot!r} a .png path")
+    if not 3 <= train_len <= target_len:
+        raise UserError(f"need 3 <= train_len <= target_len (N = 1, 2, 3 are compared), got train_len={train_len}, "
+                        f"target_len={target_len}")
+    curves = {name: coverage_curve(s, train_len, target_len, draws, np.random.default_rng(seed), progress=True, **o)
+              for name, (s, o) in methods.items()}
 
     print(f"coverage probability of each relative distance in one example, {train_len} -> {target_len}, "
           f"{draws} draws per method (seed {seed}); per bucket: mean / min")
@@ -324,9 +313,16 @@ if __name__ == '__main__':
         print(f"{name:>8}: {draws_per_second(s, train_len, target_len, speed_seconds, seed=seed, **o):10,.0f} draws/s")
 
     if plot:
-        try:
-            plot_coverage(curves, train_len, target_len, plot)
-        except ImportError as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
+        plot_coverage(curves, train_len, target_len, plot)
         print(f"\nwrote {plot}")
+
+
+if __name__ == '__main__':
+    train_len = 2048  # L_c: tokens per training example
+    target_len = 16384  # L_t: the context window to cover
+    draws = 2000  # Monte-Carlo draws per method for the coverage curves
+    seed = 0  # numpy Generator seed
+    plot = ''  # path of a PNG for the paper's Fig. 5 ('' = no plot)
+    speed_seconds = 0.5  # wall clock per sampler for the draws/s measurement
+    exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
+    run(main)

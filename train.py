@@ -32,9 +32,11 @@ from contextlib import nullcontext
 
 import numpy as np
 
+import rope_config
 import sample_positions  # SAMPLERS (a module, so the configurator cannot mistake it for a config key)
-from prepare_data import open_split, read_meta
-# torch and model.py are imported below, after the config and the data are checked: a typo fails in a blink
+from errors import UserError, remove, run, writing
+from prepare_data import check_same_tokenizer, open_split, read_meta
+# torch and model.py are imported in init_torch(), after the config and the data are checked: a typo fails in a blink
 
 # -----------------------------------------------------------------------------
 # default config values; a config file or --key=value overrides them (configurator.py)
@@ -75,6 +77,7 @@ eval_iters = 10  # val batches per eval (the same draws every time)
 save_interval = 200  # checkpoint every this many steps, and at the end (0 = only at the end)
 log_interval = 1  # print + log.jsonl every this many steps
 seed = 1337  # data draws and scratch init
+check_tokenizer = True  # refuse data whose meta.json tokenizer fingerprint differs from the model's (False: skip)
 peak_flops = 0.0  # per-device peak FLOP/s for MFU; 0 = look up the GPU in PEAK_FLOPS (n/a on CPU)
 wandb_log = False  # log to Weights & Biases (imported only when True)
 wandb_project = 'nanopose'  # wandb project
@@ -90,69 +93,89 @@ PEAK_FLOPS = [('GH200', 989e12), ('H200', 989e12), ('H100 PCIe', 756e12), ('H100
               ('H800', 989e12), ('B200', 2250e12), ('A100', 312e12), ('A800', 312e12), ('A10G', 70e12),
               ('A10', 125e12), ('L40S', 362e12), ('L40', 181e12), ('L4', 121e12), ('RTX 4090', 165e12),
               ('RTX 3090', 71e12), ('A6000', 155e12), ('V100', 125e12), ('T4', 65e12)]
-ROPE_TYPES_WITH_ORIGINAL = ('yarn', 'yarn_pose', 'llama3', 'longrope')  # they need original_max_position_embeddings
+# what a resume may change: none of these alters what is trained (batch_size only with the same global batch)
+RESUME_MAY_CHANGE = {'init_from', 'out_dir', 'max_iters', 'eval_interval', 'eval_iters', 'save_interval',
+                     'log_interval', 'device', 'dtype', 'compile', 'activation_checkpointing', 'peak_flops',
+                     'wandb_log', 'wandb_project', 'wandb_run_name', 'batch_size', 'check_tokenizer'}
+STREAMS = {'train': 0, 'val': 1}  # separate random streams for the two splits
 
 warnings.filterwarnings('ignore', message='torch.distributed is disabled')  # dcp in one process: intended
 ddp = 'RANK' in os.environ and 'WORLD_SIZE' in os.environ  # launched by torchrun
 rank, world_size = int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
 local_rank = int(os.environ.get('LOCAL_RANK', 0))
 master = rank == 0
-model = optimizer = sd = x = y = pos = loss = dist = None  # module-level references that cleanup() drops
-
-
-def cleanup():
-    # drop every model/optimizer/tensor reference, collect, then destroy the process group: without this a
-    # torchrun/gloo process aborts at exit ("terminate called without an active exception") in 5-25% of runs
-    global model, optimizer, sd, x, y, pos, loss
-    model = optimizer = sd = x = y = pos = loss = None
-    gc.collect()
-    if dist is not None and dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def fail(msg, code=2):
-    """The user's input (or the run) cannot go on: one line on stderr, no traceback."""
-    if master:
-        print(f'error: {msg}', file=sys.stderr, flush=True)
-    cleanup()
-    sys.exit(code)
-
-
-def barrier():
-    if dist.is_initialized():
-        dist.barrier()
-
-
-# ---------------------------------------------------------------- validate the config before any heavy work
-if device not in ('', 'cpu') and not device.startswith('cuda'):
-    fail(f"device='{device}': expected 'cpu', 'cuda' or '' (auto)")
-if dtype not in ('', 'float32', 'bfloat16'):
-    fail(f"dtype='{dtype}': expected 'float32', 'bfloat16' or '' (auto) (fp16 would need a grad scaler)")
-if method not in sample_positions.SAMPLERS:
-    fail(f"method='{method}': expected one of {sorted(sample_positions.SAMPLERS)}")
-if target_len < train_len:
-    fail(f'target_len={target_len} < train_len={train_len}: target_len is the extended window, it must be >= train_len')
-if method == 'full' and train_len != target_len:
-    fail(f"method='full' trains on target_len-token inputs: set train_len = target_len (got {train_len} and {target_len})")
-if method == 'pose' and not 1 <= num_chunks <= train_len:
-    fail(f'num_chunks={num_chunks}: expected 1 <= num_chunks <= train_len={train_len}')
-if method == 'pose' and content not in ('uniform', 'zero', 'aligned'):
-    fail(f"content='{content}': expected 'uniform', 'zero' or 'aligned'")
-if lr_schedule not in ('linear', 'cosine', 'constant'):
-    fail(f"lr_schedule='{lr_schedule}': expected 'linear', 'cosine' or 'constant'")
-if min(batch_size, gradient_accumulation_steps, train_len, log_interval) < 1 or max_iters < 0:
-    fail('batch_size, gradient_accumulation_steps, train_len and log_interval must be >= 1, max_iters >= 0')
-if rope_scaling is not None and not ('rope_type' in rope_scaling or 'type' in rope_scaling):
-    fail(f"rope_scaling={rope_scaling!r}: needs a 'rope_type' (or None to keep the model's own)")
-if init_from not in ('scratch', 'resume') and not os.path.isfile(os.path.join(init_from, 'config.json')):
-    fail(f"init_from='{init_from}': not an HF model directory (no config.json); expected an HF dir, 'scratch' or 'resume'")
 latest_path = os.path.join(out_dir, 'latest')
-if init_from == 'resume' and not os.path.isfile(latest_path):
-    fail(f"init_from='resume': no checkpoint in out_dir='{out_dir}' ({latest_path} missing)")
-
-# ---------------------------------------------------------------- data
 sampler_options = {'num_chunks': num_chunks, 'content': content, 'chunking': chunking} if method == 'pose' else {}
-STREAMS = {'train': 0, 'val': 1}  # separate random streams for the two splits
+tokens_per_iter = batch_size * gradient_accumulation_steps * world_size * train_len
+torch = dist = None  # imported by init_torch()
+
+
+# ---------------------------------------------------------------- the user's input, checked before any heavy work
+def check_config():
+    """Every config value: the one place where the settings enter (files are checked where they are read)."""
+    for bad, msg in [
+        (device not in ('', 'cpu') and not device.startswith('cuda'), f"device='{device}': expected 'cpu', 'cuda' or '' (auto)"),
+        (dtype not in ('', 'float32', 'bfloat16'), f"dtype='{dtype}': expected 'float32', 'bfloat16' or '' (auto) (fp16 would need a grad scaler)"),
+        (method not in sample_positions.SAMPLERS, f"method='{method}': expected one of {sorted(sample_positions.SAMPLERS)}"),
+        (target_len < train_len, f'target_len={target_len} < train_len={train_len}: target_len is the extended window, it must be >= train_len'),
+        (method == 'full' and train_len != target_len, f"method='full' trains on target_len-token inputs: set train_len = target_len (got {train_len} and {target_len})"),
+        (method == 'pose' and not 1 <= num_chunks <= train_len, f'num_chunks={num_chunks}: expected 1 <= num_chunks <= train_len={train_len}'),
+        (method == 'pose' and content not in ('uniform', 'zero', 'aligned'), f"content='{content}': expected 'uniform', 'zero' or 'aligned'"),
+        (lr_schedule not in ('linear', 'cosine', 'constant'), f"lr_schedule='{lr_schedule}': expected 'linear', 'cosine' or 'constant'"),
+        (min(batch_size, gradient_accumulation_steps, train_len, log_interval) < 1, 'batch_size, gradient_accumulation_steps, train_len and log_interval must be >= 1'),
+        (min(max_iters, warmup_iters, lr_decay_iters, eval_interval, save_interval) < 0, 'max_iters, warmup_iters, lr_decay_iters, eval_interval and save_interval must be >= 0'),
+        (eval_interval > 0 and eval_iters < 1, f'eval_iters={eval_iters}: must be >= 1 when eval_interval > 0 (eval_interval=0 turns evaluation off)'),
+        (not (math.isfinite(learning_rate) and learning_rate > 0), f'learning_rate={learning_rate}: must be a finite number > 0'),
+        (not 0 <= min_lr <= learning_rate, f'min_lr={min_lr}: must be in [0, learning_rate={learning_rate}]'),
+        (not 0 <= beta1 < 1, f'beta1={beta1}: must be in [0, 1)'),
+        (not 0 <= beta2 < 1, f'beta2={beta2}: must be in [0, 1)'),
+        (not (math.isfinite(weight_decay) and weight_decay >= 0), f'weight_decay={weight_decay}: must be >= 0'),
+        (not (math.isfinite(grad_clip) and grad_clip >= 0), f'grad_clip={grad_clip}: must be >= 0 (0 = off)'),
+        (init_from not in ('scratch', 'resume') and not os.path.isfile(os.path.join(init_from, 'config.json')),
+         f"init_from='{init_from}': not an HF model directory (no config.json); expected an HF dir, 'scratch' or 'resume'"),
+        (init_from == 'resume' and not os.path.isfile(latest_path), f"init_from='resume': no checkpoint in out_dir='{out_dir}' ({latest_path} missing)"),
+        (os.path.exists(out_dir) and not os.path.isdir(out_dir), f"out_dir='{out_dir}' is a file, not a directory"),
+    ]:
+        if bad:
+            raise UserError(msg)
+    parent = os.path.abspath(out_dir)  # out_dir is made when training starts; its first existing ancestor must let us
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"out_dir='{out_dir}': {parent} is not a writable directory")
+    if rope_scaling is not None:
+        rope_config.check(rope_scaling)
+    try:  # a dry run: the sampler rejects what the checks above do not know about
+        sample_positions.SAMPLERS[method](train_len, train_len, target_len, np.random.default_rng(0), **sampler_options)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+def read_train_state():
+    """out_dir/latest -> (checkpoint dir, its train_state.json); a resume must not change the run."""
+    ckpt_dir = os.path.join(out_dir, open(latest_path).read().strip())
+    path = os.path.join(ckpt_dir, 'train_state.json')
+    try:
+        with open(path) as f:
+            state = json.load(f)
+        saved = state['config']
+        keys = ('iter', 'model_args', 'tokenizer_src', 'world_size')
+        missing = [k for k in keys if k not in state]
+    except FileNotFoundError:
+        raise UserError(f"{path}: missing ({latest_path} names an incomplete checkpoint)") from None
+    except (ValueError, KeyError, TypeError) as e:  # json.JSONDecodeError is a ValueError
+        raise UserError(f"{path}: unreadable train state ({type(e).__name__}: {e})") from None
+    if missing:
+        raise UserError(f"{path}: unreadable train state (no {missing[0]!r})")
+    for k, v in saved.items():
+        now = config.get(k)
+        if k not in RESUME_MAY_CHANGE and now != v:
+            raise UserError(f"init_from='resume': {k}={now!r} differs from the checkpoint's {k}={v!r} ({path}); "
+                            "a resume may change only max_iters, the eval/log/save settings and the system ones (RESUME_MAY_CHANGE)")
+    if batch_size * world_size != saved['batch_size'] * state['world_size']:
+        raise UserError(f"init_from='resume': global batch {batch_size} x {world_size} processes differs from the "
+                        f"checkpoint's {saved['batch_size']} x {state['world_size']} ({path})")
+    return ckpt_dir, state
 
 
 def load_split(split):
@@ -163,13 +186,13 @@ def load_split(split):
     eligible = np.flatnonzero(doc_lens - 1 >= train_len)
     if len(eligible) == 0:
         longest = int(doc_lens.max()) if len(doc_lens) else 0
-        raise ValueError(f"data_dir='{data_dir}' split '{split}': no document is long enough for method='{method}': "
-                         f"need >= {train_len + 1} tokens (train_len={train_len} + the next-token target), "
-                         f"the longest has {longest}")
+        raise UserError(f"data_dir='{data_dir}' split '{split}': no document is long enough for method='{method}': "
+                        f"need >= {train_len + 1} tokens (train_len={train_len} + the next-token target), "
+                        f"the longest has {longest}")
     return tokens, offsets, eligible
 
 
-def get_batch(split, step, micro_step):
+def get_batch(data, split, step, micro_step):
     """x, y, pos: [batch_size, train_len] int64; y is the next token of x inside the document."""
     tokens, offsets, eligible = data[split]
     xs, ys, ps = [], [], []
@@ -188,122 +211,81 @@ def get_batch(split, step, micro_step):
     return x, y, p
 
 
-try:
-    meta = read_meta(data_dir)
-    data = {'train': load_split('train')}
-    if eval_interval > 0:
-        data['val'] = load_split('val')
-    # a dry run: the sampler rejects bad options here
-    sample_positions.SAMPLERS[method](train_len, train_len, target_len, np.random.default_rng(0), **sampler_options)
-except (FileNotFoundError, ValueError, TypeError) as e:
-    fail(str(e))
-
-import torch  # noqa: E402  (see the imports at the top)
-import torch.distributed as dist  # noqa: E402
-import torch.distributed.checkpoint as dcp  # noqa: E402
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,  # noqa: E402
-                                                     get_state_dict, set_model_state_dict, set_state_dict)
-
-from model import ModelArgs, Transformer  # noqa: E402
-
-device = device or ('cuda' if torch.cuda.is_available() else 'cpu')
-device_type = 'cuda' if device.startswith('cuda') else 'cpu'
-dtype = dtype or ('bfloat16' if device_type == 'cuda' else 'float32')
-config.update(device=device, dtype=dtype)
-if device_type == 'cuda' and not torch.cuda.is_available():
-    fail(f"device='{device}' but CUDA is not available (use --device=cpu)")
-if dtype == 'bfloat16' and device_type == 'cuda' and not torch.cuda.is_bf16_supported():
-    fail("dtype='bfloat16' is not supported on this GPU (e.g. V100): use --dtype=float32")
-if ddp:
+# ---------------------------------------------------------------- torch, the model, the optimizer
+def init_torch():
+    """Import torch (late: see the imports), resolve device / dtype, join the process group."""
+    global torch, dist, dcp, sd_api, Transformer, ModelArgs, device, device_type, dtype
+    import torch
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    import torch.distributed.checkpoint.state_dict as sd_api  # get_state_dict / set_state_dict / options
+    from model import ModelArgs, Transformer
+    device = device or ('cuda' if torch.cuda.is_available() else 'cpu')
+    device_type = 'cuda' if device.startswith('cuda') else 'cpu'
+    dtype = dtype or ('bfloat16' if device_type == 'cuda' else 'float32')
+    config.update(device=device, dtype=dtype)
+    if device_type == 'cuda' and not torch.cuda.is_available():
+        raise UserError(f"device='{device}' but CUDA is not available (use --device=cpu)")
+    if dtype == 'bfloat16' and device_type == 'cuda' and not torch.cuda.is_bf16_supported():
+        raise UserError("dtype='bfloat16' is not supported on this GPU (e.g. V100): use --dtype=float32")
+    if ddp:
+        if device_type == 'cuda':
+            device = f'cuda:{local_rank}'
+            torch.cuda.set_device(device)
+        dist.init_process_group('nccl' if device_type == 'cuda' else 'gloo',
+                                device_id=torch.device(device) if device_type == 'cuda' else None)
+    torch.manual_seed(seed)
     if device_type == 'cuda':
-        device = f'cuda:{local_rank}'
-        torch.cuda.set_device(device)
-    dist.init_process_group('nccl' if device_type == 'cuda' else 'gloo',
-                            device_id=torch.device(device) if device_type == 'cuda' else None)
-torch.manual_seed(seed)
-if device_type == 'cuda':
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
-
-# ---------------------------------------------------------------- model
-def original_window(cfg):
-    """The window the checkpoint was pretrained with (HF config.json or ModelArgs fields). A new scaling
-    replaces, not composes with, the checkpoint's own, and every HF factor is relative to this window:
-    a Llama-3 / YaRN style scaling names it original_max_position_embeddings; a linear one (e.g. our own
-    export: max_position_embeddings = L_t, factor = L_t / L_c) covers max_position_embeddings / factor;
-    otherwise it is max_position_embeddings."""
-    rs, mpe = cfg.get('rope_scaling') or cfg.get('rope_parameters') or {}, cfg['max_position_embeddings']
-    if rs.get('original_max_position_embeddings'):
-        return rs['original_max_position_embeddings']
-    if rs.get('rope_type', rs.get('type')) == 'linear' and rs.get('factor'):
-        return round(mpe / rs['factor'])
-    return mpe
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
 
 
-def resolve_rope_scaling(orig):
-    rs = dict(rope_scaling)
-    rs.setdefault('factor', target_len / orig)  # linear: position m is trained as m / factor
-    if rs.get('rope_type', rs.get('type')) in ROPE_TYPES_WITH_ORIGINAL:
-        rs.setdefault('original_max_position_embeddings', orig)  # HF would otherwise take max_position_embeddings
-    return rs
-
-
-full_sd = None  # init_from an HF dir under torchrun: rank 0's full state dict, scattered after fully_shard
-iter_num, tokenizer_src = 0, None  # tokenizer_src: what the export copies tokenizer files from (a dir or a file list)
-try:
+def build_model(meta, train_state):
+    """-> (model in fp32 on cpu/meta, its ModelArgs, the tokenizer the export copies, rank 0's full state
+    dict to scatter under torchrun or None)."""
     if init_from == 'resume':
-        ckpt_dir = os.path.join(out_dir, open(latest_path).read().strip())
-        with open(os.path.join(ckpt_dir, 'train_state.json')) as f:
-            train_state = json.load(f)
-        iter_num = train_state['iter']
-        tokenizer_src = train_state['tokenizer_src']
         margs = ModelArgs(**train_state['model_args'])
-        model = Transformer(margs)
-    elif init_from == 'scratch':
+        return Transformer(margs), margs, train_state['tokenizer_src'], None
+    if init_from == 'scratch':
         unknown = set(model_args) - {f.name for f in dataclasses.fields(ModelArgs)}
         if unknown:
-            raise ValueError(f'model_args: unknown ModelArgs field(s) {sorted(unknown)}')
+            raise UserError(f'model_args: unknown ModelArgs field(s) {sorted(unknown)}')
         a = {'vocab_size': meta['vocab_size'], 'max_position_embeddings': train_len,
              'bos_token_id': meta.get('bos_id'), 'eos_token_id': meta.get('eos_id'), **model_args}
-        if rope_scaling is not None:
-            a['rope_scaling'] = resolve_rope_scaling(original_window(a))
-        a['max_position_embeddings'] = target_len
-        margs = ModelArgs(**a)
+        head_dim = a.get('head_dim') or a.get('dim', ModelArgs.dim) // a.get('n_heads', ModelArgs.n_heads)
+        a['rope_scaling'] = rope_config.rescale(rope_scaling, None, a['max_position_embeddings'], head_dim, target_len)
+        margs = ModelArgs(**dict(a, max_position_embeddings=target_len))
         model = Transformer(margs)
         model.init_weights()
-        tokenizer_src = [p for p in meta.get('tokenizer_files') or [meta.get('tokenizer')] if p and os.path.isfile(p)]
-    else:
-        with open(os.path.join(init_from, 'config.json')) as f:
-            hf_config = json.load(f)
-        overrides = {'max_position_embeddings': target_len}
-        if rope_scaling is not None:
-            overrides['rope_scaling'] = resolve_rope_scaling(original_window(hf_config))
-        # fp32 master weights: FSDP2 / autocast compute in bf16, AdamW updates in fp32. Under torchrun only
-        # rank 0 keeps the weights (one CPU copy per node, not one per GPU: 28 GB each for a 7B); the other
-        # ranks check the checkpoint on the meta device and get their shards after fully_shard, below.
-        model = Transformer.from_pretrained(init_from, dtype=torch.float32,
-                                            device='cpu' if master or not ddp else 'meta', **overrides)
-        full_sd = model.state_dict() if ddp else None  # rank 0's full weights, broadcast shard by shard
-        model.train()
-        margs = model.args
-        tokenizer_src = os.path.abspath(init_from)
-except (FileNotFoundError, ValueError, TypeError, KeyError) as e:
-    fail(f'{init_from}: {type(e).__name__}: {e}' if init_from != 'scratch' else str(e))
-if meta['vocab_size'] > margs.vocab_size:
-    fail(f"data_dir='{data_dir}' was tokenized with vocab_size={meta['vocab_size']} > the model's {margs.vocab_size}")
-n_params = sum(p.numel() for p in model.parameters())
-flops_per_token = model.flops_per_token(train_len)
+        tok = [p for p in meta.get('tokenizer_files') or [meta.get('tokenizer')] if p and os.path.isfile(p)]
+        return model, margs, tok, None
+    # an HF checkpoint: the new scaling is relative to its original window (rope_config.rescale).
+    # fp32 master weights: FSDP2 / autocast compute in bf16, AdamW updates in fp32. Under torchrun only
+    # rank 0 keeps the weights (one CPU copy per node, not one per GPU: 28 GB each for a 7B); the other
+    # ranks check the checkpoint on the meta device and get their shards after fully_shard, below.
+    overrides = {'max_position_embeddings': target_len}
+    if rope_scaling is not None:
+        overrides['rope_scaling'] = rope_scaling
+    model = Transformer.from_pretrained(init_from, dtype=torch.float32,
+                                        device='cpu' if master or not ddp else 'meta', **overrides)
+    model.train()
+    return model, model.args, os.path.abspath(init_from), model.state_dict() if ddp else None
 
-# activation checkpointing and compile wrap each block; get_state_dict strips the wrappers' key prefixes
-if activation_checkpointing or compile:
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-    for i, block in enumerate(model.layers):
-        if activation_checkpointing:
-            block = checkpoint_wrapper(block, preserve_rng_state=False)  # non-reentrant torch.utils.checkpoint
-        if compile:
-            block = torch.compile(block)
-        model.layers[i] = block
-if ddp:  # FSDP2: each block is its own shard group (all-gathered just in time), then the root
+
+def wrap_model(model, full_sd):
+    """Activation checkpointing + torch.compile per block, then FSDP2 (torchrun) or the device. -> autocast."""
+    if activation_checkpointing or compile:  # get_state_dict strips the wrappers' key prefixes
+        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+        for i, block in enumerate(model.layers):
+            if activation_checkpointing:
+                block = checkpoint_wrapper(block, preserve_rng_state=False)  # non-reentrant torch.utils.checkpoint
+            if compile:
+                block = torch.compile(block)
+            model.layers[i] = block
+    if not ddp:
+        model.to(device)
+        return torch.autocast(device_type, dtype=torch.bfloat16) if dtype == 'bfloat16' else nullcontext()
+    # FSDP2: each block is its own shard group (all-gathered just in time), then the root
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mesh = init_device_mesh(device_type, (world_size,))
@@ -318,54 +300,120 @@ if ddp:  # FSDP2: each block is its own shard group (all-gathered just in time),
     fully_shard(model, mesh=mesh, mp_policy=mp_policy)
     if full_sd is not None:  # init_from an HF dir: allocate the local shards, then rank 0 scatters the weights
         model.to_empty(device=device)
-        set_model_state_dict(model, full_sd if master else {},
-                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-        full_sd = None
-    autocast = nullcontext()
-else:
-    model.to(device)
-    autocast = torch.autocast(device_type, dtype=torch.bfloat16) if dtype == 'bfloat16' else nullcontext()
+        sd_api.set_model_state_dict(model, full_sd if master else {},
+                                    options=sd_api.StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    return nullcontext()
 
-params = [p for p in model.parameters() if p.requires_grad]
-optimizer = torch.optim.AdamW([{'params': [p for p in params if p.dim() >= 2], 'weight_decay': weight_decay},
-                               {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}],
-                              lr=learning_rate, betas=(beta1, beta2), fused=device_type == 'cuda')
-if init_from == 'resume':
-    msd, osd = get_state_dict(model, optimizer)
+
+def make_optimizer(model):
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW([{'params': [p for p in params if p.dim() >= 2], 'weight_decay': weight_decay},
+                              {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}],
+                             lr=learning_rate, betas=(beta1, beta2), fused=device_type == 'cuda')
+
+
+def load_checkpoint(model, optimizer, ckpt_dir):
+    msd, osd = sd_api.get_state_dict(model, optimizer)
     state = {'model': msd, 'optim': osd}
-    dcp.load(state, checkpoint_id=ckpt_dir, no_dist=not dist.is_initialized())
-    set_state_dict(model, optimizer, model_state_dict=state['model'], optim_state_dict=state['optim'])
-    del msd, osd, state
+    try:
+        dcp.load(state, checkpoint_id=ckpt_dir, no_dist=not dist.is_initialized())
+    except (Exception, dcp.api.CheckpointException) as e:  # (a BaseException) a truncated / corrupt .distcp or
+        failures = getattr(e, 'failures', None) or {}     # .metadata: the file's error (per rank), not ours
+        e = next((f[0] if isinstance(f, tuple) else f for f in failures.values()), e)
+        first = (str(e).strip().splitlines() or [''])[0][:160]
+        raise UserError(f"{ckpt_dir}: unreadable checkpoint, truncated or corrupt? ({type(e).__name__}: {first})") from None
+    sd_api.set_state_dict(model, optimizer, model_state_dict=state['model'], optim_state_dict=state['optim'])
 
 
-def save_checkpoint(it):
+# ---------------------------------------------------------------- checkpoints, logging, export
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def save_checkpoint(model, optimizer, margs, it, tokenizer_src):
     """ckpt-{it}.tmp -> ckpt-{it}, then latest -> ckpt-{it}, then delete the older ones: a crash at any
-    point leaves `latest` naming a complete checkpoint."""
+    point leaves `latest` naming a complete checkpoint; a failure (full disk, Ctrl-C) removes the temp files."""
     name = f'ckpt-{it}'
     final, tmp = os.path.join(out_dir, name), os.path.join(out_dir, name + '.tmp')
-    if master and os.path.exists(tmp):
-        shutil.rmtree(tmp)  # the leftovers of a crashed save
+    with writing(tmp, temps=[tmp, latest_path + '.tmp'] if master else []):
+        if master:
+            remove(tmp)  # the leftovers of a crashed save
+        barrier()
+        msd, osd = sd_api.get_state_dict(model, optimizer)
+        dcp.save({'model': msd, 'optim': osd}, checkpoint_id=tmp, no_dist=not dist.is_initialized())
+        del msd, osd
+        barrier()
+        if master:
+            state = {'iter': it, 'model_args': dataclasses.asdict(margs), 'config': config, 'world_size': world_size,
+                     'tokens_seen': it * tokens_per_iter, 'tokenizer_src': tokenizer_src}
+            with open(os.path.join(tmp, 'train_state.json'), 'w') as f:
+                json.dump(state, f, indent=1)
+            remove(final)
+            os.replace(tmp, final)
+            with open(latest_path + '.tmp', 'w') as f:
+                f.write(name + '\n')
+            os.replace(latest_path + '.tmp', latest_path)
+            for d in os.listdir(out_dir):  # older checkpoints, and the leftovers of crashed saves
+                if re.fullmatch(r'ckpt-\d+(\.tmp)?', d) and d != name:
+                    remove(os.path.join(out_dir, d))
     barrier()
-    msd, osd = get_state_dict(model, optimizer)
-    dcp.save({'model': msd, 'optim': osd}, checkpoint_id=tmp, no_dist=not dist.is_initialized())
-    barrier()
+
+
+def open_log(iter_num):
+    """out_dir/log.jsonl; on resume, without what the interrupted run logged after the checkpoint (and a line
+    cut by the kill)."""
+    log_path = os.path.join(out_dir, 'log.jsonl')
+    if init_from == 'resume' and os.path.exists(log_path):
+        with open(log_path) as f:
+            lines = [l for l in f if l.endswith('\n') and json.loads(l)['iter'] <= iter_num]
+        with writing(log_path, temps=[log_path + '.tmp']):
+            with open(log_path + '.tmp', 'w') as f:
+                f.writelines(lines)
+            os.replace(log_path + '.tmp', log_path)
+    return open(log_path, 'a' if init_from == 'resume' else 'w')
+
+
+def log(log_file, record, line):
+    if not master:
+        return
+    print(line, flush=True)
+    with writing(log_file.name):
+        log_file.write(json.dumps(record) + '\n')
+        log_file.flush()
+    if wandb_log:
+        import wandb
+        wandb.log(record, step=record['iter'])
+
+
+def export(model, margs, tokenizer_src):
+    """out_dir/hf in Hugging Face format, from rank 0 (a temp dir renamed into place by save_pretrained)."""
+    sd = sd_api.get_model_state_dict(model, options=sd_api.StateDictOptions(full_state_dict=True, cpu_offload=True))
     if master:
-        state = {'iter': it, 'model_args': dataclasses.asdict(margs), 'config': config, 'world_size': world_size,
-                 'tokens_seen': it * tokens_per_iter, 'tokenizer_src': tokenizer_src}
-        with open(os.path.join(tmp, 'train_state.json'), 'w') as f:
-            json.dump(state, f, indent=1)
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        with open(latest_path + '.tmp', 'w') as f:
-            f.write(name + '\n')
-        os.replace(latest_path + '.tmp', latest_path)
-        for d in os.listdir(out_dir):  # older checkpoints, and the leftovers of crashed saves
-            if re.fullmatch(r'ckpt-\d+(\.tmp)?', d) and d != name:
-                shutil.rmtree(os.path.join(out_dir, d))
+        if dtype == 'bfloat16':
+            sd = {k: v.to(torch.bfloat16) for k, v in sd.items()}  # bf16 on disk, as the Llama checkpoints
+        with torch.device('meta'):  # only .args are used: save_pretrained writes the gathered state dict
+            shell = Transformer(margs)
+        hf_dir = os.path.join(out_dir, 'hf')
+        if isinstance(tokenizer_src, list):  # (moved since? then export without them)
+            tokenizer_src = [p for p in tokenizer_src if os.path.isfile(p)]
+        elif tokenizer_src and not os.path.isdir(tokenizer_src):
+            tokenizer_src = None
+        if not tokenizer_src:
+            print(f'note: no tokenizer files to copy into {hf_dir}', flush=True)
+        with writing(hf_dir, temps=[hf_dir + '.tmp']):
+            shell.save_pretrained(hf_dir, tokenizer_dir=tokenizer_src or None, state_dict=sd)
+            for p in tokenizer_src if isinstance(tokenizer_src, list) else []:  # a tokenizer under a non-HF name
+                canonical = 'tokenizer.json' if p.endswith('.json') else 'tokenizer.model'
+                if p.endswith(('.model', '.json')) and os.path.basename(p) != 'tokenizer_config.json' \
+                        and not os.path.exists(os.path.join(hf_dir, canonical)):
+                    shutil.copy(p, os.path.join(hf_dir, canonical))
+        print(f'exported {hf_dir} (max_position_embeddings={margs.max_position_embeddings}, '
+              f'rope_scaling={margs.rope_scaling})', flush=True)
     barrier()
 
 
+# ---------------------------------------------------------------- train
 def get_lr(it):
     if it < warmup_iters:  # (it + 1): the first step already learns
         return learning_rate * (it + 1) / (warmup_iters + 1)
@@ -384,122 +432,122 @@ def mean_over_ranks(t):
     return t.item()
 
 
-@torch.no_grad()
-def estimate_val_loss():
+def estimate_val_loss(model, data, autocast):
     model.eval()
     total = torch.zeros((), device=device)
-    for k in range(eval_iters):  # the same val draws at every eval: step k, micro-step 0 of the val stream
-        vx, vy, vpos = get_batch('val', k, 0)
-        with autocast:
-            total += model(vx, vpos, vy)[1].float()
+    with torch.no_grad():
+        for k in range(eval_iters):  # the same val draws at every eval: step k, micro-step 0 of the val stream
+            vx, vy, vpos = get_batch(data, 'val', k, 0)
+            with autocast:
+                total += model(vx, vpos, vy)[1].float()
     model.train()
     return mean_over_ranks(total / eval_iters)
 
 
-def log(record, line):
-    if not master:
-        return
-    print(line, flush=True)
-    log_file.write(json.dumps(record) + '\n')
-    log_file.flush()
-    if wandb_log:
-        wandb.log(record, step=record['iter'])
+def train_step(model, optimizer, data, autocast, it):
+    """One optimizer step (gradient accumulation over micro-steps) -> (mean loss, grad norm or None).
+    A non-finite loss or grad norm stops the run before the update: the weights and checkpoints stay good."""
+    lr = get_lr(it)
+    for group in optimizer.param_groups:
+        group['lr'] = lr
+    loss_sum = torch.zeros((), device=device)
+    for micro_step in range(gradient_accumulation_steps):
+        x, y, pos = get_batch(data, 'train', it, micro_step)
+        if ddp:  # reduce-scatter the gradients only on the last micro-step
+            model.set_requires_gradient_sync(micro_step == gradient_accumulation_steps - 1)
+        with autocast:
+            _, loss = model(x, pos, y)
+        (loss / gradient_accumulation_steps).backward()
+        loss_sum += loss.detach().float()
+    train_loss = mean_over_ranks(loss_sum / gradient_accumulation_steps)
+    last = open(latest_path).read().strip() if os.path.exists(latest_path) else 'none'
+    if not math.isfinite(train_loss):
+        raise UserError(f'loss is {train_loss} at iter {it + 1}: stopping before the update; the last good '
+                        f'checkpoint is {last} in {out_dir}', code=1)
+    grad_norm = None
+    if grad_clip > 0:
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, 'full_tensor') else grad_norm).item()
+        if not math.isfinite(grad_norm):
+            raise UserError(f'grad norm is {grad_norm} at iter {it + 1}: stopping before the update; the last '
+                            f'good checkpoint is {last} in {out_dir}', code=1)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if device_type == 'cuda':
+        torch.cuda.synchronize()
+    return train_loss, lr, grad_norm
 
 
-# ---------------------------------------------------------------- train
-tokens_per_iter = batch_size * gradient_accumulation_steps * world_size * train_len
-peak = peak_flops or (next((f for n, f in PEAK_FLOPS if n in torch.cuda.get_device_name()), 0.0)
-                      if device_type == 'cuda' else 0.0)
-if master:
-    os.makedirs(out_dir, exist_ok=True)
-    log_path = os.path.join(out_dir, 'log.jsonl')
-    if init_from == 'resume' and os.path.exists(log_path):  # drop what the interrupted run logged after the
-        with open(log_path) as f:                            # checkpoint (and a line cut by the kill)
-            lines = [l for l in f if l.endswith('\n') and json.loads(l)['iter'] <= iter_num]
-        with open(log_path + '.tmp', 'w') as f:
-            f.writelines(lines)
-        os.replace(log_path + '.tmp', log_path)
-    log_file = open(log_path, 'a' if init_from == 'resume' else 'w')
-    print(f'{n_params / 1e6:.2f}M parameters, world size {world_size}, {tokens_per_iter:,} tokens per step, '
-          f'method={method} train_len={train_len} target_len={target_len} rope_scaling={margs.rope_scaling}')
-    if wandb_log:
-        import wandb
-        wandb.init(project=wandb_project, name=wandb_run_name, config=config)
-try:
-    if eval_interval > 0 and iter_num == 0:
-        v = estimate_val_loss()
-        log({'iter': 0, 'val_loss': v}, f'iter 0: val loss {v:.4f}')
-    while iter_num < max_iters:
-        t0 = time.time()
-        lr = get_lr(iter_num)
-        for group in optimizer.param_groups:
-            group['lr'] = lr
-        loss_sum = torch.zeros((), device=device)
-        for micro_step in range(gradient_accumulation_steps):
-            x, y, pos = get_batch('train', iter_num, micro_step)
-            if ddp:  # reduce-scatter the gradients only on the last micro-step
-                model.set_requires_gradient_sync(micro_step == gradient_accumulation_steps - 1)
-            with autocast:
-                _, loss = model(x, pos, y)
-            (loss / gradient_accumulation_steps).backward()
-            loss_sum += loss.detach().float()
-        train_loss = mean_over_ranks(loss_sum / gradient_accumulation_steps)
-        if not math.isfinite(train_loss):  # before the optimizer step: the weights and checkpoints stay good
-            fail(f'loss is {train_loss} at iter {iter_num + 1}: stopping before the update; the last good checkpoint is '
-                 f"{open(latest_path).read().strip() if os.path.exists(latest_path) else 'none'} in {out_dir}", 1)
-        grad_norm = None
-        if grad_clip > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-            grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, 'full_tensor') else grad_norm).item()
-            if not math.isfinite(grad_norm):
-                fail(f'grad norm is {grad_norm} at iter {iter_num + 1}: stopping before the update', 1)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if device_type == 'cuda':
-            torch.cuda.synchronize()
-        dt = time.time() - t0
-        iter_num += 1
-        if iter_num % log_interval == 0 or iter_num == max_iters:
-            tok_s = tokens_per_iter / dt
-            mfu = flops_per_token * tok_s / (peak * world_size) if peak else None
-            log({'iter': iter_num, 'loss': train_loss, 'lr': lr, 'grad_norm': grad_norm, 'dt_ms': dt * 1000,
-                 'tok_per_s': tok_s, 'mfu': mfu},
-                f'iter {iter_num}: loss {train_loss:.4f}, lr {lr:.2e}, ' +
-                (f'grad norm {grad_norm:.3f}, ' if grad_norm is not None else '') +
-                f"{dt * 1000:.0f} ms, {tok_s:,.0f} tok/s, mfu {'n/a' if mfu is None else f'{mfu * 100:.1f}%'}")
-        if eval_interval > 0 and (iter_num % eval_interval == 0 or iter_num == max_iters):
-            v = estimate_val_loss()
-            log({'iter': iter_num, 'val_loss': v}, f'iter {iter_num}: val loss {v:.4f}')
-        if iter_num == max_iters or (save_interval > 0 and iter_num % save_interval == 0):
-            save_checkpoint(iter_num)
+def main():
+    check_config()
+    ckpt_dir, train_state = read_train_state() if init_from == 'resume' else (None, None)
+    meta = read_meta(data_dir)
+    if init_from not in ('scratch', 'resume') and check_tokenizer:
+        check_same_tokenizer(meta.get('tokenizer_sha256'), f"data_dir='{data_dir}' (tokenized with {meta.get('tokenizer')})",
+                             init_from, 'check_tokenizer')
+    data = {'train': load_split('train')}
+    if eval_interval > 0:
+        data['val'] = load_split('val')
+    init_torch()
+    model, margs, tokenizer_src, full_sd = build_model(meta, train_state)
+    if meta['vocab_size'] > margs.vocab_size:
+        raise UserError(f"data_dir='{data_dir}' was tokenized with vocab_size={meta['vocab_size']} > the model's {margs.vocab_size}")
+    n_params, flops_per_token = sum(p.numel() for p in model.parameters()), model.flops_per_token(train_len)
+    autocast = wrap_model(model, full_sd)
+    full_sd = None
+    optimizer = make_optimizer(model)
+    iter_num = 0
+    if init_from == 'resume':
+        load_checkpoint(model, optimizer, ckpt_dir)
+        iter_num = train_state['iter']
+    peak = peak_flops or (next((f for n, f in PEAK_FLOPS if n in torch.cuda.get_device_name()), 0.0)
+                          if device_type == 'cuda' else 0.0)
+    log_file = None
+    if master:
+        os.makedirs(out_dir, exist_ok=True)
+        log_file = open_log(iter_num)
+        print(f'{n_params / 1e6:.2f}M parameters, world size {world_size}, {tokens_per_iter:,} tokens per step, '
+              f'method={method} train_len={train_len} target_len={target_len} rope_scaling={margs.rope_scaling}')
+        if wandb_log:
+            import wandb
+            wandb.init(project=wandb_project, name=wandb_run_name, config=config)
+    try:
+        if eval_interval > 0 and iter_num == 0:
+            v = estimate_val_loss(model, data, autocast)
+            log(log_file, {'iter': 0, 'val_loss': v}, f'iter 0: val loss {v:.4f}')
+        while iter_num < max_iters:
+            t0 = time.time()
+            train_loss, lr, grad_norm = train_step(model, optimizer, data, autocast, iter_num)
+            dt = time.time() - t0
+            iter_num += 1
+            if iter_num % log_interval == 0 or iter_num == max_iters:
+                tok_s = tokens_per_iter / dt
+                mfu = flops_per_token * tok_s / (peak * world_size) if peak else None
+                log(log_file, {'iter': iter_num, 'loss': train_loss, 'lr': lr, 'grad_norm': grad_norm,
+                               'dt_ms': dt * 1000, 'tok_per_s': tok_s, 'mfu': mfu},
+                    f'iter {iter_num}: loss {train_loss:.4f}, lr {lr:.2e}, ' +
+                    (f'grad norm {grad_norm:.3f}, ' if grad_norm is not None else '') +
+                    f"{dt * 1000:.0f} ms, {tok_s:,.0f} tok/s, mfu {'n/a' if mfu is None else f'{mfu * 100:.1f}%'}")
+            if eval_interval > 0 and (iter_num % eval_interval == 0 or iter_num == max_iters):
+                v = estimate_val_loss(model, data, autocast)
+                log(log_file, {'iter': iter_num, 'val_loss': v}, f'iter {iter_num}: val loss {v:.4f}')
+            if iter_num == max_iters or (save_interval > 0 and iter_num % save_interval == 0):
+                save_checkpoint(model, optimizer, margs, iter_num, tokenizer_src)
+        optimizer = None
+        gc.collect()
+        export(model, margs, tokenizer_src)
+    finally:
+        if log_file is not None:
+            log_file.close()
 
-    # ------------------------------------------------------------ export in HF format (rank 0)
-    optimizer = None
+
+def cleanup():
+    # every model/optimizer/tensor reference is gone with main's frame: collect, then destroy the process group;
+    # without this a torchrun/gloo process aborts at exit ("terminate called without an active exception")
     gc.collect()
-    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if master:
-        if dtype == 'bfloat16':
-            sd = {k: v.to(torch.bfloat16) for k, v in sd.items()}  # bf16 on disk, as the Llama checkpoints
-        with torch.device('meta'):  # only .args are used: save_pretrained writes the gathered state dict
-            export = Transformer(margs)
-        hf_dir = os.path.join(out_dir, 'hf')
-        if isinstance(tokenizer_src, list):  # (moved since? then export without them)
-            tokenizer_src = [p for p in tokenizer_src if os.path.isfile(p)]
-        elif tokenizer_src and not os.path.isdir(tokenizer_src):
-            tokenizer_src = None
-        if not tokenizer_src:
-            print(f'note: no tokenizer files to copy into {hf_dir}', flush=True)
-        export.save_pretrained(hf_dir, tokenizer_dir=tokenizer_src or None, state_dict=sd)  # temp dir + rename
-        export = sd = None
-        for p in tokenizer_src if isinstance(tokenizer_src, list) else []:  # a tokenizer under a non-HF name
-            canonical = 'tokenizer.json' if p.endswith('.json') else 'tokenizer.model'
-            if p.endswith(('.model', '.json')) and os.path.basename(p) != 'tokenizer_config.json' \
-                    and not os.path.exists(os.path.join(hf_dir, canonical)):
-                shutil.copy(p, os.path.join(hf_dir, canonical))
-        print(f'exported {hf_dir} (max_position_embeddings={margs.max_position_embeddings}, '
-              f'rope_scaling={margs.rope_scaling})', flush=True)
-    barrier()
-finally:
-    if master:
-        log_file.close()
-    cleanup()
+    if dist is not None and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == '__main__':
+    run(main, cleanup, interrupted=f'interrupted (Ctrl-C): stopped; {latest_path} names the last complete checkpoint')

@@ -20,6 +20,7 @@ sys.path.insert(0, ROOT)
 import eval_passkey  # noqa: E402
 import eval_ppl  # noqa: E402
 import prepare_data  # noqa: E402
+from errors import UserError  # noqa: E402
 from model import Transformer  # noqa: E402
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
@@ -502,7 +503,7 @@ def test_bad_input(env, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r'no document has >= 5000 tokens \(the longest has 699\)'):
         run_main(monkeypatch, eval_ppl, model=env['plain'], data_dir=env['data'], lengths=[5000], out=out)
     assert not os.path.exists(out)
-    with pytest.raises(FileNotFoundError, match='no_such_model'):
+    with pytest.raises(UserError, match='no_such_model'):
         run_main(monkeypatch, eval_passkey, model=missing)
     with pytest.raises(ValueError, match='length 20 is shorter than the passkey prompt'):
         run_main(monkeypatch, eval_passkey, model=env['plain'], lengths=[20], num_trials=1, device='cpu', out=out)

@@ -16,6 +16,7 @@ import zstandard
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import prepare_data as pd  # noqa: E402
+from errors import UserError  # noqa: E402
 
 STDLIB = sysconfig.get_paths()['stdlib']
 
@@ -215,7 +216,7 @@ def test_uint32_when_vocab_exceeds_uint16(tmp_path):
     assert split_docs(out, 'train') == expected
     with pytest.raises(ValueError, match=r'dtype=uint16 .*vocab_size=70003'):
         run(tmp_path, 'o16', input=src, tokenizer=folder, dtype='uint16')
-    assert os.listdir(tmp_path / 'o16') == []
+    assert not os.path.exists(tmp_path / 'o16')  # nothing written, not even the directory
     out = run(tmp_path, 'o32', input=write_jsonl(tmp_path / 'b.jsonl', DOCS[:3]), tokenizer=folder, dtype='uint32')
     assert pd.read_meta(out)['dtype'] == 'uint32'  # a forced uint32 with a small vocab
 
@@ -249,7 +250,7 @@ def test_interrupted_run_leaves_nothing_that_looks_complete(tmp_path, sp_model, 
     assert {n: open(os.path.join(old, n), 'rb').read() for n in os.listdir(old)} == before  # untouched
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path, 'fresh', input=src, train_tokenizer=300, tokenizer_sample_mb=0.2, num_proc=2)
-    assert os.listdir(tmp_path / 'fresh') == []  # no .bin, no .idx, no meta.json, no tokenizer, no .tmp
+    assert not os.path.exists(tmp_path / 'fresh')  # no .bin, no .idx, no meta.json, no tokenizer, no .tmp, no empty dir
 
 
 def test_errors_are_one_line_and_write_nothing(tmp_path, sp_model):
@@ -260,22 +261,22 @@ def test_errors_are_one_line_and_write_nothing(tmp_path, sp_model):
     nokey.write_text('{"text": "ok"}\n{"content": "x"}\n')
     (tmp_path / 'empty').mkdir()
     cases = [
-        (dict(input=str(tmp_path / 'nope.jsonl'), tokenizer=sp_model), FileNotFoundError, 'input not found: .*nope.jsonl'),
-        (dict(input=str(tmp_path / 'empty'), tokenizer=sp_model), FileNotFoundError, 'no input files found in .*empty'),
+        (dict(input=str(tmp_path / 'nope.jsonl'), tokenizer=sp_model), UserError, 'input not found: .*nope.jsonl'),
+        (dict(input=str(tmp_path / 'empty'), tokenizer=sp_model), UserError, 'no input files found in .*empty'),
         (dict(input=str(bad), tokenizer=sp_model), ValueError, r'bad\.jsonl:3: invalid JSON'),
         (dict(input=f'{good},{nokey}', tokenizer=sp_model), ValueError, r"nokey\.jsonl:2: no text key 'text'"),
-        (dict(input=good, tokenizer=str(tmp_path / 'missing.model')), FileNotFoundError, 'tokenizer not found: .*missing.model'),
-        (dict(input=good, tokenizer=str(tmp_path / 'empty')), FileNotFoundError, 'tokenizer not found: no tokenizer.model'),
+        (dict(input=good, tokenizer=str(tmp_path / 'missing.model')), UserError, 'tokenizer not found: .*missing.model'),
+        (dict(input=good, tokenizer=str(tmp_path / 'empty')), UserError, 'tokenizer not found: no tokenizer.model'),
         (dict(input=good, tokenizer=good), ValueError, 'not a sentencepiece model'),
-        (dict(input=good), FileNotFoundError, 'tokenizer not found'),
+        (dict(input=good), UserError, 'tokenizer not found'),
         (dict(input=good, tokenizer=sp_model, min_tokens=10 ** 9), ValueError, 'no training documents kept'),
     ]
     for i, (kw, exc, pattern) in enumerate(cases):
         with pytest.raises(exc, match=pattern) as e:
             run(tmp_path, f'o{i}', **kw)
         assert '\n' not in str(e.value)
-        assert not os.path.exists(tmp_path / f'o{i}') or os.listdir(tmp_path / f'o{i}') == [], kw
-    with pytest.raises(FileNotFoundError, match='no meta.json'):
+        assert not os.path.exists(tmp_path / f'o{i}'), kw
+    with pytest.raises(UserError, match='no meta.json'):
         pd.open_split(str(tmp_path / 'empty'), 'train')
     with pytest.raises(ValueError, match="no split 'val'"):
         pd.open_split(run(tmp_path, input=good, tokenizer=sp_model), 'val')
@@ -307,4 +308,4 @@ def test_cli_embedded_corpus_and_error_exit(tmp_path):
                         f'--out_dir={tmp_path / "x"}', f'--tokenizer={out}'], capture_output=True, text=True, timeout=60)
     last = r.stderr.strip().splitlines()[-1]  # after the progress bar
     assert r.returncode == 2 and last.startswith(f'error: {bad}:2: invalid JSON') and r.stderr.count('error') == 1
-    assert os.listdir(tmp_path / 'x') == []
+    assert not os.path.exists(tmp_path / 'x')  # not even an empty out_dir

@@ -1,0 +1,310 @@
+"""Bad input and faults, class by class: every case ends with a non-zero exit, one line naming the culprit
+(file, key or value), no traceback, and nothing half-written. Faults are injected, not provoked: a full disk
+is a monkeypatched write raising ENOSPC (the prelude of `script`), Ctrl-C is a real SIGINT."""
+import errno
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import eval_passkey  # noqa: E402
+import eval_ppl  # noqa: E402
+import prepare_data  # noqa: E402
+from errors import UserError  # noqa: E402
+from test_prepare_data import make_hf_tokenizer, word_docs  # noqa: E402
+from test_train import ENV, TINY, make_data  # noqa: E402
+
+# run a script as __main__ after a monkeypatch (the fault), in a fresh interpreter
+PRELUDE = "import errno, os, runpy, sys\n{patch}\nsys.argv = sys.argv[1:]\nrunpy.run_path(sys.argv[0], run_name='__main__')\n"
+FULL = "OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))"
+DCP_FULL = f"""
+import torch.distributed.checkpoint.filesystem as fs
+_create = fs.FileSystem.create_stream
+def create_stream(self, path, mode):
+    if 'w' in mode:
+        raise {FULL}
+    return _create(self, path, mode)
+fs.FileSystem.create_stream = create_stream
+"""
+SAFETENSORS_FULL = """
+import safetensors, safetensors.torch
+def save_file(tensors, filename, metadata=None):  # half a file, then the error safetensors (Rust) raises
+    open(filename, 'wb').write(b'x' * 100)
+    raise safetensors.SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, '
+                                      'message: "No space left on device" })')
+safetensors.torch.save_file = save_file
+"""
+OPEN_FULL = f"""
+import builtins
+_open = builtins.open
+class Full:  # a file on a full disk: every write fails, and so does the flush on close
+    def __init__(self, path): self.f = _open(path, 'wb')
+    def write(self, b): raise {FULL}
+    def close(self): self.f.close(); raise {FULL}
+    def __enter__(self): return self
+    def __exit__(self, *a): self.close()
+def open(path, mode='r', *a, **k):
+    return Full(path) if str(path).endswith('.bin.tmp') and 'w' in mode else _open(path, mode, *a, **k)
+builtins.open = open
+"""
+
+
+def script(name, *args, patch=''):
+    cmd = [sys.executable, '-c', PRELUDE.format(patch=patch), name, *args] if patch else [sys.executable, name, *args]
+    return subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def refused(proc, code, *needles):
+    """The process ended with `code` and one line on stderr that names every needle; no traceback."""
+    out, err = proc.communicate(timeout=300)
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert proc.returncode == code and 'Traceback' not in err, (proc.args[-6:], out[-500:], err[-3000:])
+    assert len([l for l in lines if l.startswith(('error', 'interrupted'))]) == 1, err
+    for n in needles:
+        assert n in lines[-1], (n, lines[-1])
+    return lines[-1]
+
+
+def refused_all(cases, code=2):
+    """[(Popen args, needles)] two at a time (2 cores)."""
+    for i in range(0, len(cases), 2):
+        procs = [(script(*args), needles) for args, needles in cases[i:i + 2]]
+        for proc, needles in procs:
+            refused(proc, code, *needles)
+
+
+def files(d):
+    return sorted(os.listdir(d)) if os.path.isdir(d) else None
+
+
+@pytest.fixture(scope='module')
+def run(tmp_path_factory):
+    """data + a finished 2-step run (ckpt-2, latest, hf/) of config/tiny_pose.py from scratch."""
+    tmp = tmp_path_factory.mktemp('rel')
+    data = make_data(str(tmp / 'data'), n_train=12, n_val=4)
+    out = str(tmp / 'run')
+    proc = script('train.py', *TINY, f'--data_dir={data}', f'--out_dir={out}', '--max_iters=2', '--eval_interval=0')
+    assert proc.wait(timeout=300) == 0, proc.stderr.read()
+    return dict(tmp=tmp, data=data, out=out, hf=os.path.join(out, 'hf'))
+
+
+def copy(src, dst):
+    shutil.copytree(src, dst)
+    return str(dst)
+
+
+def test_train_refuses_bad_settings_and_data(run):
+    """Settings, data files and the tokenizer fingerprint are checked before any heavy work."""
+    tmp, data = run['tmp'], run['data']
+    bad_meta, uint17, other_tok = (copy(data, tmp / n) for n in ('bad_meta', 'uint17', 'other_tok'))
+    with open(os.path.join(bad_meta, 'meta.json'), 'a') as f:
+        f.write('}')
+    for d, upd in ((uint17, {'dtype': 'uint17'}), (other_tok, {'tokenizer': '/elsewhere/tokenizer.model',
+                                                                  'tokenizer_sha256': 'ab' * 32})):
+        meta = json.load(open(os.path.join(d, 'meta.json')))
+        json.dump(dict(meta, **upd), open(os.path.join(d, 'meta.json'), 'w'))
+    model = copy(run['hf'], tmp / 'model_with_tokenizer')
+    make_hf_tokenizer(model, 60)
+    a_file = str(tmp / 'a_file')
+    open(a_file, 'w').close()
+    common = [*TINY, f'--data_dir={data}', f'--out_dir={tmp / "never"}']
+    refused_all([
+        (('train.py', *common, '--learning_rate=-1'), ['learning_rate=-1.0']),
+        (('train.py', *common, '--beta1=1.0'), ['beta1=1.0']),
+        (('train.py', *common, '--eval_iters=0'), ['eval_iters=0']),
+        (('train.py', *common, '--grad_clip=-1'), ['grad_clip=-1.0']),
+        (('train.py', *common, "--rope_scaling={'rope_type':'linear','factor':-4}"), ['rope_scaling', 'factor=-4']),
+        (('train.py', *common, "--rope_scaling={'rope_type':'linear','factor':'4'}"), ['rope_scaling', "factor='4'"]),
+        (('train.py', *common, "--rope_scaling={'rope_type':'fancy'}"), ['rope_scaling', "'fancy'"]),
+        (('train.py', *common, f'--out_dir={a_file}'), [a_file, 'is a file']),
+        (('train.py', *common, f'--data_dir={bad_meta}'), [os.path.join(bad_meta, 'meta.json'), 'invalid JSON']),
+        (('train.py', *common, f'--data_dir={uint17}'), [os.path.join(uint17, 'meta.json'), "dtype='uint17'"]),
+        (('train.py', *common, f'--data_dir={other_tok}', f'--init_from={model}'),
+         [other_tok, '/elsewhere/tokenizer.model', model, 'tokenizer.json sha256', 'check_tokenizer=False']),
+        # the model's window is 64 (model_args): target_len 32 would give a linear factor 0.5
+        (('train.py', *common, '--train_len=32', '--target_len=32', '--method=full'), ['target_len=32', '64', 'factor 0.5']),
+    ])
+    assert not os.path.exists(tmp / 'never')
+
+
+def test_resume_refuses_changed_settings_allows_max_iters(run):
+    out = copy(run['out'], run['tmp'] / 'resume')
+    common = [*TINY, f"--data_dir={run['data']}", f'--out_dir={out}', '--init_from=resume', '--eval_interval=0']
+    state = os.path.join(out, 'ckpt-2', 'train_state.json')
+    refused_all([(('train.py', *common, '--train_len=32'), ['train_len=32', 'train_len=64', state]),
+                 (('train.py', *common, "--rope_scaling={'rope_type':'yarn'}"), ['rope_scaling', "'yarn'", "'linear'"]),
+                 (('train.py', *common, '--batch_size=4'), ['global batch 4 x 1', '8 x 1', state])])
+    proc = script('train.py', *common, '--max_iters=3', '--log_interval=3', '--save_interval=0')
+    assert proc.wait(timeout=300) == 0, proc.stderr.read()
+    assert open(os.path.join(out, 'latest')).read().strip() == 'ckpt-3'
+
+
+def test_corrupt_checkpoints_and_weights_are_named(run, monkeypatch):
+    tmp = run['tmp']
+    distcp, state, weights = (copy(run['out'], tmp / n) for n in ('distcp', 'state', 'weights'))
+    shard = os.path.join(distcp, 'ckpt-2', '__0_0.distcp')
+    os.truncate(shard, os.path.getsize(shard) // 2)
+    with open(os.path.join(state, 'ckpt-2', 'train_state.json'), 'w') as f:
+        f.write('{"iter": 2,')
+    st = os.path.join(weights, 'hf', 'model.safetensors')
+    os.truncate(st, os.path.getsize(st) // 2)
+    common = [*TINY, f"--data_dir={run['data']}", '--max_iters=3', '--eval_interval=0']
+    refused_all([
+        (('train.py', *common, f'--out_dir={distcp}', '--init_from=resume'), [os.path.join(distcp, 'ckpt-2'), 'unreadable checkpoint']),
+        (('train.py', *common, f'--out_dir={state}', '--init_from=resume'), [os.path.join(state, 'ckpt-2', 'train_state.json')]),
+        (('train.py', *common, f'--out_dir={tmp / "w_out"}', f"--init_from={os.path.join(weights, 'hf')}"), [st, 'unreadable safetensors']),
+    ])
+    make_hf_tokenizer(tmp / 'tok60', 60)
+    for module, cfg in ((eval_ppl, dict(data_dir=run['data'], tokenizer=None)),
+                        (eval_passkey, dict(tokenizer=str(tmp / 'tok60'), num_trials=1))):
+        for k, v in dict(cfg, model=os.path.join(weights, 'hf'), lengths=[64], device='cpu', out=str(tmp / 'never.json')).items():
+            monkeypatch.setattr(module, k, v)
+        with pytest.raises(UserError, match=f'{st}: unreadable safetensors'):
+            module.main()
+    assert not os.path.exists(tmp / 'never.json') and not os.path.exists(tmp / 'w_out')
+
+
+def test_disk_full_names_the_path_and_leaves_no_temp_files(run, tmp_path, monkeypatch):
+    """ENOSPC at a checkpoint, at the export and while tokenizing: one line, exit 1, no temp files, and
+    `latest` still names a complete checkpoint."""
+    ckpt_out, export_out = str(tmp_path / 'ckpt'), copy(run['out'], tmp_path / 'export')
+    common = [*TINY, f"--data_dir={run['data']}", '--eval_interval=0']
+    at_ckpt = script('train.py', *common, f'--out_dir={ckpt_out}', '--max_iters=1', patch=DCP_FULL)
+    at_export = script('train.py', *common, f'--out_dir={export_out}', '--init_from=resume', '--max_iters=2',
+                       patch=SAFETENSORS_FULL)  # resumed at max_iters: straight to the export
+    refused(at_ckpt, 1, f'no space left on device writing {ckpt_out}/ckpt-1.tmp')
+    assert files(ckpt_out) == ['log.jsonl']
+    refused(at_export, 1, f"no space left on device writing {os.path.join(export_out, 'hf')}")
+    assert files(export_out) == ['ckpt-2', 'hf', 'latest', 'log.jsonl'] and files(os.path.join(export_out, 'hf')) == files(run['hf'])
+    # prepare_data: the flush on close fails too (the old handler re-raised there, before its cleanup)
+    make_hf_tokenizer(tmp_path / 'tok', 50)
+    (tmp_path / 'docs.jsonl').write_text(''.join(json.dumps({'text': d}) + '\n' for d in word_docs(50)))
+    out = str(tmp_path / 'data')
+    proc = script('prepare_data.py', f"--input={tmp_path / 'docs.jsonl'}", f"--tokenizer={tmp_path / 'tok'}",
+                  '--val_fraction=0.2', f'--out_dir={out}', patch=OPEN_FULL)
+    refused(proc, 1, f'no space left on device writing {out}')
+    assert not os.path.exists(out)  # no temp files, not even the directory it made
+    # an eval result
+    def full(obj, f, **kw):
+        f.write('{"half": ')
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(eval_ppl.json, 'dump', full)
+    path = str(tmp_path / 'r.json')
+    with pytest.raises(UserError, match=f'no space left on device writing {path}'):
+        eval_ppl.write_json_atomic(path, {'ppl': 1.0})
+    assert 'r.json' not in files(tmp_path) and 'r.json.tmp' not in files(tmp_path)
+
+
+def test_ctrl_c_is_one_line_exit_130_and_nothing_half_written(run, tmp_path):
+    out = str(tmp_path / 'train')
+    train = script('train.py', *TINY, f"--data_dir={run['data']}", f'--out_dir={out}', '--max_iters=100000',
+                   '--save_interval=1', '--eval_interval=0')
+    deadline = time.time() + 120
+    while not os.path.exists(os.path.join(out, 'latest')):  # interrupt it in the middle of its checkpoints
+        assert train.poll() is None and time.time() < deadline
+        time.sleep(0.01)
+    time.sleep(0.3)
+    train.send_signal(signal.SIGINT)
+    refused(train, 130, 'interrupted', os.path.join(out, 'latest'))
+    assert not [f for f in files(out) if f.endswith('.tmp')] and 'hf' not in files(out)
+    assert os.path.isfile(os.path.join(out, open(os.path.join(out, 'latest')).read().strip(), 'train_state.json'))
+    res = str(tmp_path / 'ppl.json')  # eval: stride 1 makes ~4000 windows, seconds of work
+    ev = script('eval_ppl.py', f"--model={run['hf']}", f"--data_dir={run['data']}", '--split=train', '--lengths=[64]',
+                '--stride=1', '--num_docs=None', '--doc_tokens=0', '--device=cpu', f'--out={res}')
+    seen = ''
+    while 'L=64' not in seen:  # the progress bar: the model is loaded, the windows are running
+        seen += os.read(ev.stderr.fileno(), 1000).decode()
+        assert ev.poll() is None and time.time() < deadline, seen
+    ev.send_signal(signal.SIGINT)
+    _, err = ev.communicate(timeout=60)
+    err = seen + err
+    assert ev.returncode == 130 and 'Traceback' not in err, err[-2000:]
+    assert err.rstrip().endswith('interrupted (Ctrl-C): stopped, no partial results written')  # after the bar
+    assert err.count('interrupted') == 1 and files(tmp_path).count('ppl.json') == 0
+    assert not [f for f in files(tmp_path) if f.endswith('.tmp')]
+
+
+def test_eval_bad_input(run, tmp_path, monkeypatch):
+    """Checked before the work: an existing directory as --out, num_docs=0; token ids past the model's vocab
+    and another tokenizer's data are refused by name."""
+    def main(module, **cfg):
+        base = dict(model=run['hf'], lengths=[64], device='cpu', tokenizer=None, out=str(tmp_path / 'r.json'))
+        if module is eval_ppl:
+            base.update(data_dir=run['data'], num_docs=None)
+        cfg = dict(base, **cfg)
+        for k, v in cfg.items():
+            monkeypatch.setattr(module, k, v)
+        module.main()
+    with pytest.raises(UserError, match=f"out='{tmp_path}' is a directory"):
+        main(eval_ppl, out=str(tmp_path))
+    big = copy(run['data'], tmp_path / 'big')  # ids up to 99 for a model with 64 embeddings
+    tokens = np.fromfile(os.path.join(big, 'val.bin'), dtype=np.uint16)
+    tokens[::7] = 99
+    tokens.tofile(os.path.join(big, 'val.bin'))
+    meta = json.load(open(os.path.join(big, 'meta.json')))
+    json.dump(dict(meta, vocab_size=100), open(os.path.join(big, 'meta.json'), 'w'))
+    with pytest.raises(UserError, match=f"data_dir='{big}' has token id 99 >= the model's vocab_size 64"):
+        main(eval_ppl, data_dir=big)
+    json.dump(dict(meta, tokenizer_sha256='ab' * 32), open(os.path.join(big, 'meta.json'), 'w'))
+    model = copy(run['hf'], tmp_path / 'with_tok')
+    make_hf_tokenizer(model, 60)
+    with pytest.raises(UserError, match=f"data_dir='{big}'.*does not match {model}'s tokenizer"):
+        main(eval_ppl, data_dir=big, model=model)
+    import tokenizers  # a tokenizer with more ids than the model has embeddings: every word of the prompt is id 199
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({f'w{i}': i for i in range(199)} | {'[UNK]': 199}, unk_token='[UNK]'))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    os.makedirs(tmp_path / 'tok200')
+    tok.save(str(tmp_path / 'tok200' / 'tokenizer.json'))
+    with pytest.raises(UserError, match="gives token id .* >= the model's vocab_size 64"):
+        main(eval_passkey, tokenizer=str(tmp_path / 'tok200'), lengths=[300], num_trials=1)
+    with pytest.raises(UserError, match=f"tokenizer='{tmp_path / 'tok200'}'.*does not match {model}'s tokenizer"):
+        main(eval_passkey, model=model, tokenizer=str(tmp_path / 'tok200'), lengths=[300], num_trials=1)
+    assert files(tmp_path).count('r.json') == 0
+
+
+def test_prepare_data_and_readers_name_the_file(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    make_hf_tokenizer(tmp_path / 'tok', 50)
+    tok = str(tmp_path / 'tok')
+    pq.write_table(pa.table({'text': [1, 2, 3]}), tmp_path / 'ints.parquet')
+    with pytest.raises(UserError, match=f"{tmp_path / 'ints.parquet'}: column 'text' holds int64, not strings"):
+        prepare_data.prepare(input=str(tmp_path / 'ints.parquet'), tokenizer=tok, out_dir=str(tmp_path / 'o'), progress=False)
+    assert not os.path.exists(tmp_path / 'o')
+    (tmp_path / 'a_file').write_text('')
+    with pytest.raises(UserError, match=f"out_dir='{tmp_path / 'a_file'}' is a file"):
+        prepare_data.prepare(input=str(tmp_path / 'ints.parquet'), tokenizer=tok, out_dir=str(tmp_path / 'a_file'))
+    d = make_data(str(tmp_path / 'd'))
+    meta = json.load(open(os.path.join(d, 'meta.json')))
+    for bad, needle in [({'dtype': 'uint17'}, "dtype='uint17'"), ({'vocab_size': 'big'}, "vocab_size='big'"),
+                        ({'splits': {'train': 3}}, 'splits=')]:
+        json.dump(dict(meta, **bad), open(os.path.join(d, 'meta.json'), 'w'))
+        with pytest.raises(UserError, match=f"{os.path.join(d, 'meta.json')}: {needle}"):
+            prepare_data.open_split(d, 'train')
+
+
+def test_help_lists_exactly_the_config_keys():
+    import ast
+    tree = ast.parse(open(os.path.join(ROOT, 'train.py')).read())
+    keys = []
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):
+            if node.targets[0].id == 'config_keys':
+                break
+            keys.append(node.targets[0].id)
+    expect = {'train.py': keys, 'sample_positions.py': ['train_len', 'target_len', 'draws', 'seed', 'plot', 'speed_seconds']}
+    procs = {name: script(name, '--help') for name in expect}
+    for name, proc in procs.items():
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+        listed = [l.split('=')[0].strip() for l in out.splitlines()[2:]]
+        assert listed == expect[name], (name, listed)
