@@ -79,15 +79,26 @@ def rope_dynamic(rs, d, theta, mpe, seq_len):
     base = theta * (f * seq_len.clamp(min=mpe) / mpe - (f - 1)) ** (d / (d - 2))  # fp32 0-d tensor
     return 1.0 / base ** (torch.arange(0, d, 2, device=seq_len.device).float() / d), 1.0
 
-def rope_yarn(rs, d, theta, mpe, seq_len):  # HF YaRN blends frequencies: inv' = inv * ((1-g)/s + g)
+def yarn_factor_attention(rs, mpe):  # HF yarn's (s, attention_factor): s from factor, else mpe / original
     s = rs.get('factor') or mpe / rs['original_max_position_embeddings']
     attn = rs.get('attention_factor')
     if attn is None:
         m, m_all = rs.get('mscale'), rs.get('mscale_all_dim')
         attn = _yarn_mscale(s, m) / _yarn_mscale(s, m_all) if m and m_all else _yarn_mscale(s)
+    return s, attn
+
+def rope_yarn(rs, d, theta, mpe, seq_len):  # HF YaRN blends frequencies: inv' = inv * ((1-g)/s + g)
+    s, attn = yarn_factor_attention(rs, mpe)
     pf = _pos_freqs(theta, d, seq_len.device)
     g = 1 - _yarn_ramp(rs, d, theta, seq_len.device)  # extrapolation weight
     return 1.0 / (s * pf) * (1 - g) + 1.0 / pf * g, attn
+
+def yarn_divisors(rs, d, theta, mpe):
+    # the same frequencies as per-dimension divisors (inv' = inv / div, longrope's form), in fp64 so the
+    # exported factors are within an fp32 rounding of HF yarn's own inv_freq
+    s, _ = yarn_factor_attention(rs, mpe)
+    g = 1 - _yarn_ramp(rs, d, theta, 'cpu').double()
+    return 1.0 / ((1 - g) / s + g)
 
 def yarn_pose_divisors(rs, d, theta, device='cpu'):
     # the official PoSE repo's "revised" YaRN blends wavelengths: inv' = inv / ((1-g)*s + g)
@@ -112,13 +123,18 @@ def rope_llama3(rs, d, theta, mpe, seq_len):
     medium = ~(wavelen < orig / hi_f) * ~(wavelen > orig / lo_f)
     return torch.where(medium, (1 - smooth) * out / f + smooth * out, out), 1.0
 
-def rope_longrope(rs, d, theta, mpe, seq_len):
-    # per-dimension divisors; the long set once the batch's largest position passes the original window
+def longrope_attention_factor(rs, mpe):  # transformers 5's: attention_factor, else from factor (or mpe / original)
     orig = rs['original_max_position_embeddings']
     s = rs.get('factor') or mpe / orig
     attn = rs.get('attention_factor')
     if attn is None:
         attn = 1.0 if s <= 1 else math.sqrt(1 + math.log(s) / math.log(orig))
+    return attn
+
+def rope_longrope(rs, d, theta, mpe, seq_len):
+    # per-dimension divisors; the long set once the batch's largest position passes the original window
+    orig = rs['original_max_position_embeddings']
+    attn = longrope_attention_factor(rs, mpe)
     dev = seq_len.device
     short = torch.tensor(rs['short_factor'], dtype=torch.float32, device=dev)
     long = torch.tensor(rs['long_factor'], dtype=torch.float32, device=dev)
@@ -205,22 +221,16 @@ class ModelArgs:
             sliding_window=cfg.get('sliding_window') if arch == 'mistral' else None)
 
     def to_hf_config(self):
-        """config.json that transformers 5, older transformers and vLLM read: `rope_scaling` + top-level
-        `rope_theta`. `ntk` exports as a plain rope_theta; `yarn_pose` as a stock `longrope` config."""
-        rs, theta = self.rope_scaling, self.rope_theta
-        if rs and rs['rope_type'] == 'ntk':
-            rs, theta = None, ntk_theta(rs, self.head_dim, theta)
-        elif rs and rs['rope_type'] == 'yarn_pose':
-            div = yarn_pose_divisors(rs, self.head_dim, theta).tolist()
-            rs = {'rope_type': 'longrope', 'short_factor': div, 'long_factor': div, 'factor': float(rs['factor']),
-                  'attention_factor': float(yarn_pose_attention_factor(rs)),
-                  'original_max_position_embeddings': rs['original_max_position_embeddings']}
+        """config.json that transformers 4.45+, 5 and vLLM read: `rope_scaling` (from export_rope_scaling)
+        + top-level `rope_theta`."""
+        rs, theta = export_rope_scaling(self.rope_scaling, self.head_dim, self.rope_theta,
+                                        self.max_position_embeddings)
         hf = {'architectures': [k for k in ARCHS if ARCHS[k] == self.arch], 'model_type': self.arch,
               'hidden_size': self.dim, 'intermediate_size': self.hidden_dim, 'num_hidden_layers': self.n_layers,
               'num_attention_heads': self.n_heads, 'num_key_value_heads': self.n_kv_heads, 'head_dim': self.head_dim,
               'vocab_size': self.vocab_size, 'rms_norm_eps': self.norm_eps, 'hidden_act': 'silu',
               'max_position_embeddings': self.max_position_embeddings, 'rope_theta': float(theta),
-              'rope_scaling': dict(rs, type=rs['rope_type']) if rs else None,  # `type`: transformers < 4.42
+              'rope_scaling': rs,
               'tie_word_embeddings': self.tie_word_embeddings,
               'bos_token_id': self.bos_token_id, 'eos_token_id': self.eos_token_id,
               'initializer_range': 0.02, 'attention_dropout': 0.0, 'use_cache': True}
@@ -233,6 +243,120 @@ class ModelArgs:
         else:
             hf.update(use_sliding_window=False, sliding_window=None, max_window_layers=self.n_layers)
         return hf
+
+
+# -----------------------------------------------------------------------------
+# Export: one config that every reader computes the same RoPE from. Read from their source: transformers
+# 4.45.2 and 5.x modeling_rope_utils.py (tested: tests/test_export_compat.py), vLLM's rotary_embedding
+# get_rope + max_model_len derivation (reasoned only). README "Exported RoPE configs" has the table.
+
+def export_rope_scaling(rs, d, theta, mpe):
+    """Our rope_scaling -> (config.json rope_scaling, rope_theta).
+    ntk: a plain rope_theta. yarn and yarn_pose: `longrope` with per-dimension factors (short = long), since
+    transformers 4.45 reads a yarn config's original window from max_position_embeddings and ignores
+    mscale / truncate, while 5.x reads original_max_position_embeddings. longrope (so these too): the
+    attention factor written out, as attention_factor (transformers) and short_mscale / long_mscale (vLLM,
+    which ignores attention_factor). Both `rope_type` and `type` (transformers < 4.42 reads only `type`)."""
+    if not rs:
+        return None, theta
+    t = rs['rope_type']
+    if t == 'ntk':
+        return None, ntk_theta(rs, d, theta)
+    if t in ('yarn', 'yarn_pose'):
+        if t == 'yarn':
+            (s, attn), div = yarn_factor_attention(rs, mpe), yarn_divisors(rs, d, theta, mpe)
+        else:
+            s, attn, div = rs['factor'], yarn_pose_attention_factor(rs), yarn_pose_divisors(rs, d, theta)
+        rs = {'rope_type': 'longrope', 'short_factor': div.tolist(), 'long_factor': div.tolist(),
+              'factor': float(s), 'attention_factor': float(attn),
+              'original_max_position_embeddings': rs['original_max_position_embeddings']}
+    if rs['rope_type'] == 'longrope':
+        a = float(longrope_attention_factor(rs, mpe))
+        rs = dict(rs, attention_factor=a, short_mscale=a, long_mscale=a)
+    return dict(rs, type=rs['rope_type']), theta
+
+
+# rope_scaling keys each transformers line knows (its _validate_* functions; it warns about any other key
+# and does not read it), and the keys vLLM's get_rope passes on for each type
+ROPE_KEYS_READ = {
+    'transformers 4.45': {'linear': {'factor'}, 'dynamic': {'factor', 'original_max_position_embeddings'},
+                          'yarn': {'factor', 'attention_factor', 'beta_fast', 'beta_slow'},
+                          'llama3': {'factor', 'original_max_position_embeddings', 'low_freq_factor', 'high_freq_factor'},
+                          'longrope': {'short_factor', 'long_factor', 'factor', 'attention_factor',
+                                       'original_max_position_embeddings'}},
+    'transformers 5': {'linear': {'factor'}, 'dynamic': {'factor'},
+                       'yarn': {'factor', 'attention_factor', 'beta_fast', 'beta_slow', 'mscale', 'mscale_all_dim',
+                                'truncate', 'original_max_position_embeddings'},
+                       'llama3': {'factor', 'original_max_position_embeddings', 'low_freq_factor', 'high_freq_factor'},
+                       'longrope': {'short_factor', 'long_factor', 'factor', 'attention_factor',
+                                    'original_max_position_embeddings'}},
+    'vLLM': {'linear': {'factor'}, 'dynamic': {'factor', 'alpha'},
+             'yarn': {'factor', 'original_max_position_embeddings', 'extrapolation_factor', 'attn_factor',
+                      'beta_fast', 'beta_slow', 'apply_yarn_scaling', 'truncate'},
+             'llama3': {'factor', 'original_max_position_embeddings', 'low_freq_factor', 'high_freq_factor'},
+             'longrope': {'short_factor', 'long_factor', 'original_max_position_embeddings', 'short_mscale',
+                          'long_mscale'}},
+}
+
+
+def _mirrored(rs, key):
+    # an unread key whose value another reader takes from a key of its own: harmless
+    a = rs.get('attention_factor')
+    if key in ('attention_factor', 'short_mscale', 'long_mscale'):
+        return a is not None and rs.get('short_mscale') == rs.get('long_mscale') == a
+    return key == 'factor' and rs.get('rope_type') == 'longrope' and a is not None  # then a label only
+
+
+def export_lint(cfg):
+    """What transformers 4.45, transformers 5 and vLLM read differently in an HF config.json (a dict):
+    one line per finding, none when they agree. Reasoned from their source; README has the table."""
+    rs, mpe = cfg.get('rope_scaling'), cfg['max_position_embeddings']
+    if not rs:
+        return []
+    t, notes = rs.get('rope_type', rs.get('type')), []
+    if rs.get('rope_type') != rs.get('type'):
+        notes.append(f"rope_scaling rope_type={rs.get('rope_type')!r} type={rs.get('type')!r}: transformers "
+                     "< 4.42 reads only `type`, vLLM refuses two different values")
+    for reader, known in ROPE_KEYS_READ.items():
+        unread = sorted(k for k in set(rs) - known.get(t, set()) - {'type', 'rope_type'} if not _mirrored(rs, k))
+        if unread:
+            notes.append(f"{reader} does not read rope_scaling keys {unread} for {t!r}")
+    f, orig, top = rs.get('factor'), rs.get('original_max_position_embeddings'), cfg.get('original_max_position_embeddings')
+    if t in ('yarn', 'llama3', 'longrope') and f and orig and mpe != f * orig:
+        notes.append(f"max_position_embeddings={mpe} != factor x original = {f} x {orig}: the context length "
+                     f"depends on which one a reader takes (vLLM's max_model_len: "
+                     f"{'original x factor' if t == 'yarn' else 'max_position_embeddings'})")
+    if t == 'longrope' and rs.get('attention_factor') is None and f and f != mpe / (top or mpe):
+        notes.append(f"longrope attention factor: transformers 4.45 and vLLM derive it from max_position_embeddings"
+                     f" / original = {mpe / (top or mpe):g}, transformers 5 from factor = {f:g}")
+    if t in ('linear', 'dynamic', 'yarn') and f:
+        n = (orig if t == 'yarn' else mpe) * f
+        notes.append(f"vLLM: default max_model_len = {n:g} ({'original' if t == 'yarn' else 'max_position_embeddings'}"
+                     f" x factor); serve with --max-model-len {mpe} to stay inside max_position_embeddings")
+    if t == 'dynamic':
+        notes.append(f"vLLM: 'dynamic' is a fixed NTK base (the one for length {mpe * f:g}) at every length; "
+                     "transformers and nanoPoSE grow the base with the sequence: vLLM's logits differ")
+    if t == 'longrope':
+        if top != orig:
+            notes.append(f"longrope original window: transformers 4.45 reads top-level original_max_position_"
+                         f"embeddings={top} (absent: max_position_embeddings), vLLM rope_scaling's {orig}")
+        if rs['short_factor'] != rs['long_factor']:
+            notes.append("longrope short_factor != long_factor: transformers 4.45 (and vLLM once max_model_len > "
+                         f"{orig}) use long_factor at every length; transformers 5 and nanoPoSE use short_factor "
+                         f"while the largest position is < {orig}: logits inside the original window differ")
+        notes.append(f"vLLM: default max_model_len for longrope is the original window {top or orig}; serve with "
+                     f"--max-model-len {mpe}")
+    return notes
+
+
+def export_notes(args, cfg):
+    """The export log: how our rope_type was written (when not as itself), then export_lint's findings."""
+    t = (args.rope_scaling or {}).get('rope_type')
+    how = {'ntk': 'no rope_scaling, rope_theta = base x alpha^(d/(d-2))',
+           'yarn': "'longrope' with per-dimension factors (short = long) + attention_factor: a 'yarn' config "
+                   "with original_max_position_embeddings reads wrong in transformers 4.45",
+           'yarn_pose': "'longrope' with per-dimension factors (short = long) + attention_factor"}
+    return ([f"rope_type {t!r} written as {how[t]}"] if t in how else []) + export_lint(cfg)
 
 
 # -----------------------------------------------------------------------------
@@ -461,6 +585,8 @@ class Transformer(nn.Module):
             with open(os.path.join(tmp, 'model.safetensors.index.json'), 'w') as f:
                 json.dump(index, f, indent=2)
         cfg = self.args.to_hf_config()
+        for note in export_notes(self.args, cfg):  # the export log: what a reader may get wrong, and why
+            print(f'export {path}: {note}', flush=True)
         dt = str(next(iter(tensors.values())).dtype).replace('torch.', '')
         cfg.update(torch_dtype=dt, dtype=dt)
         with open(os.path.join(tmp, 'config.json'), 'w') as f:
