@@ -4,6 +4,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 # a CPU wheel of torch 2.13.0 lies on the CI disk; any other pin downloads a multi-GB CUDA build
 TORCH := torch==2.13.0
+# the older transformers line our exports are tested against (tests/test_export_compat.py), in its own venv
+VENV_HF445 := .venv-hf445
+HF445 := transformers==4.45.2
 
 .PHONY: install install-dev test demo clean
 
@@ -20,14 +23,19 @@ $(VENV)/.installed-dev: $(VENV)/.installed requirements-dev.txt
 	$(BIN)/pip install -q -r requirements-dev.txt
 	touch $@
 
+$(VENV_HF445)/.installed:
+	$(PY) -m venv $(VENV_HF445)
+	$(VENV_HF445)/bin/pip install -q $(TORCH) $(HF445)
+	touch $@
+
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
-test: $(VENV)/.installed-dev
-	$(BIN)/python -m pytest -q tests
+test: $(VENV)/.installed-dev $(VENV_HF445)/.installed
+	HF445_PYTHON=$(abspath $(VENV_HF445))/bin/python $(BIN)/python -m pytest -q tests
 
 demo: $(VENV)/.installed-dev  # matplotlib for the plots
 	PY=$(BIN)/python bash demo.sh
 
 clean:
-	rm -rf $(VENV) out-* data-*
+	rm -rf $(VENV) $(VENV_HF445) out-* data-*
