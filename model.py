@@ -333,14 +333,14 @@ def export_lint(cfg):
         n = (orig if t == 'yarn' else mpe) * f
         notes.append(f"vLLM: default max_model_len = {n:g} ({'original' if t == 'yarn' else 'max_position_embeddings'}"
                      f" x factor); serve with --max-model-len {mpe} to stay inside max_position_embeddings")
-    if t == 'dynamic':
+    if t == 'dynamic' and f:
         notes.append(f"vLLM: 'dynamic' is a fixed NTK base (the one for length {mpe * f:g}) at every length; "
                      "transformers and nanoPoSE grow the base with the sequence: vLLM's logits differ")
     if t == 'longrope':
         if top != orig:
             notes.append(f"longrope original window: transformers 4.45 reads top-level original_max_position_"
                          f"embeddings={top} (absent: max_position_embeddings), vLLM rope_scaling's {orig}")
-        if rs['short_factor'] != rs['long_factor']:
+        if rs.get('short_factor') != rs.get('long_factor'):
             notes.append("longrope short_factor != long_factor: transformers 4.45 (and vLLM once max_model_len > "
                          f"{orig}) use long_factor at every length; transformers 5 and nanoPoSE use short_factor "
                          f"while the largest position is < {orig}: logits inside the original window differ")
