@@ -326,9 +326,10 @@ def export_lint(cfg):
         notes.append(f"max_position_embeddings={mpe} != factor x original = {f} x {orig}: the context length "
                      f"depends on which one a reader takes (vLLM's max_model_len: "
                      f"{'original x factor' if t == 'yarn' else 'max_position_embeddings'})")
-    if t == 'longrope' and rs.get('attention_factor') is None and f and f != mpe / (top or mpe):
-        notes.append(f"longrope attention factor: transformers 4.45 and vLLM derive it from max_position_embeddings"
-                     f" / original = {mpe / (top or mpe):g}, transformers 5 from factor = {f:g}")
+    if t == 'longrope' and rs.get('attention_factor') is None and f and top and f != mpe / top:
+        notes.append(f"longrope attention factor: transformers 4.45 derives it from max_position_embeddings / "
+                     f"original = {mpe / top:g}, transformers 5 from factor = {f:g} (vLLM: short/long_mscale, "
+                     "else max_position_embeddings / original)")
     if t in ('linear', 'dynamic', 'yarn') and f:
         n = (orig if t == 'yarn' else mpe) * f
         notes.append(f"vLLM: default max_model_len = {n:g} ({'original' if t == 'yarn' else 'max_position_embeddings'}"

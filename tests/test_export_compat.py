@@ -42,7 +42,12 @@ POSITIONS = {  # [B, T] position ids
     'mixed': positions('mixed'),  # a contiguous row + a skip-wise row (max 107)
     'inside': torch.arange(24)[None],  # inside the original window
 }
-OLD_YARN = 'yarn_as_yarn'  # what we used to write for yarn: a guard that the harness sees 4.45's misreading
+# guards: configs we do not write, the exported weights under them: the harness must see the lines part
+GUARDS = {  # name: (exported case, its rope_scaling rewritten)
+    'yarn_as_yarn': ('yarn', lambda rs: dict(CASES['yarn'][0], type='yarn')),  # our old yarn export
+    'longrope_unpinned': ('longrope_factor', lambda rs: {k: v for k, v in rs.items()  # attention factor left to
+                                                         if k not in ('attention_factor', 'short_mscale', 'long_mscale')}),
+}
 
 
 def tiny_model(rope, mpe):
@@ -87,16 +92,17 @@ def results(tmp_path_factory):
             with torch.no_grad():
                 ours[case, kind] = model(idx, pos)[0]
             jobs[f'{case}/{kind}'] = (str(tmp / case), idx, pos)
-    old = tmp / OLD_YARN  # the yarn export's weights under a plain yarn config
-    shutil.copytree(tmp / 'yarn', old)
-    cfg = json.load(open(old / 'config.json'))
-    cfg.pop('original_max_position_embeddings', None)
-    cfg['rope_scaling'] = dict(CASES['yarn'][0], type='yarn')
-    json.dump(cfg, open(old / 'config.json', 'w'))
-    lint[OLD_YARN] = export_lint(cfg)
-    for kind in ('past', 'mixed'):
-        ours[OLD_YARN, kind] = ours['yarn', kind]
-        jobs[f'{OLD_YARN}/{kind}'] = (str(old), idx_for(POSITIONS[kind]), POSITIONS[kind])
+    for guard, (case, rewrite) in GUARDS.items():
+        shutil.copytree(tmp / case, tmp / guard)
+        cfg = json.load(open(tmp / guard / 'config.json'))
+        cfg['rope_scaling'] = rewrite(cfg['rope_scaling'])
+        if cfg['rope_scaling']['rope_type'] != 'longrope':
+            cfg.pop('original_max_position_embeddings')
+        json.dump(cfg, open(tmp / guard / 'config.json', 'w'))
+        lint[guard] = export_lint(cfg)
+        for kind in ('past', 'mixed'):
+            ours[guard, kind] = ours[case, kind]
+            jobs[f'{guard}/{kind}'] = (str(tmp / guard), idx_for(POSITIONS[kind]), POSITIONS[kind])
     old445 = run_hf445(jobs, tmp)
     assert old445['version'] == '4.45.2'
     return {'ours': ours, 'lint': lint, '4.45': old445['logits'], '5': hf_logits(jobs),
@@ -123,15 +129,19 @@ def test_export_reads_alike_in_445_and_5(results, case):
         assert diff(results, '4.45', case, 'inside') < TOL
 
 
-def test_old_yarn_encoding_is_misread_by_445(results):
-    """The guard: a `yarn` config with original_max_position_embeddings (our old export) is right in 5.x and
-    wrong in 4.45 (it takes the original window from max_position_embeddings); the harness sees it, and
-    so does the lint."""
-    for kind in ('past', 'mixed'):
-        assert diff(results, '5', OLD_YARN, kind) < TOL
-        assert diff(results, '4.45', OLD_YARN, kind) > 100 * TOL
-    assert any("transformers 4.45 does not read rope_scaling keys ['original_max_position_embeddings']" in n
-               for n in results['lint'][OLD_YARN]), results['lint'][OLD_YARN]
+def test_guards_the_lines_part_on(results):
+    """Configs we do not write: a `yarn` config with original_max_position_embeddings (our old export) is
+    right in 5.x and wrong in 4.45 (which takes the window from max_position_embeddings); a longrope config
+    whose attention factor is left to the reader (factor 2 != max_position_embeddings / original) too. The
+    harness sees both, and the lint names both."""
+    for guard in GUARDS:
+        for kind in ('past', 'mixed'):
+            assert diff(results, '5', guard, kind) < TOL, guard
+            assert diff(results, '4.45', guard, kind) > 100 * TOL, guard
+    assert "transformers 4.45 does not read rope_scaling keys ['original_max_position_embeddings'] for 'yarn'" \
+        in results['lint']['yarn_as_yarn']
+    assert any(n.startswith('longrope attention factor: transformers 4.45 derives it')
+               for n in results['lint']['longrope_unpinned']), results['lint']['longrope_unpinned']
 
 
 def test_export_config_and_log(tmp_path, capsys):
@@ -165,4 +175,7 @@ def test_lint_findings():
     lint = export_lint(dict(base, rope_scaling=longrope))
     assert "vLLM does not read rope_scaling keys ['factor'] for 'longrope'" in lint
     assert any(n.startswith('longrope original window: transformers 4.45 reads top-level') for n in lint)
-    assert any(n.startswith('longrope attention factor: transformers 4.45 and vLLM derive it from') for n in lint)
+    lint = export_lint(dict(base, rope_scaling=longrope, original_max_position_embeddings=32))
+    assert not any(n.startswith('longrope original window') for n in lint)
+    assert any(n.startswith('longrope attention factor: transformers 4.45 derives it from max_position_embeddings'
+                            ' / original = 4, transformers 5 from factor = 2') for n in lint)
