@@ -246,9 +246,8 @@ class ModelArgs:
 
 
 # -----------------------------------------------------------------------------
-# Export: one config that every reader computes the same RoPE from. Read from their source: transformers
-# 4.45.2 and 5.x modeling_rope_utils.py (tested: tests/test_export_compat.py), vLLM's rotary_embedding
-# get_rope + max_model_len derivation (reasoned only). README "Exported RoPE configs" has the table.
+# Export: one config that every reader computes the same RoPE from (tested: tests/test_export_compat.py;
+# what each reader reads: rope_config.ROPE_KEYS_READ / export_lint; README "Exported RoPE configs").
 
 def export_rope_scaling(rs, d, theta, mpe):
     """Our rope_scaling -> (config.json rope_scaling, rope_theta).
@@ -276,80 +275,6 @@ def export_rope_scaling(rs, d, theta, mpe):
     return dict(rs, type=rs['rope_type']), theta
 
 
-# rope_scaling keys each transformers line knows (its _validate_* functions; it warns about any other key
-# and does not read it), and the keys vLLM's get_rope passes on for each type
-ROPE_KEYS_READ = {
-    'transformers 4.45': {'linear': {'factor'}, 'dynamic': {'factor', 'original_max_position_embeddings'},
-                          'yarn': {'factor', 'attention_factor', 'beta_fast', 'beta_slow'},
-                          'llama3': {'factor', 'original_max_position_embeddings', 'low_freq_factor', 'high_freq_factor'},
-                          'longrope': {'short_factor', 'long_factor', 'factor', 'attention_factor',
-                                       'original_max_position_embeddings'}},
-    'transformers 5': {'linear': {'factor'}, 'dynamic': {'factor'},
-                       'yarn': {'factor', 'attention_factor', 'beta_fast', 'beta_slow', 'mscale', 'mscale_all_dim',
-                                'truncate', 'original_max_position_embeddings'},
-                       'llama3': {'factor', 'original_max_position_embeddings', 'low_freq_factor', 'high_freq_factor'},
-                       'longrope': {'short_factor', 'long_factor', 'factor', 'attention_factor',
-                                    'original_max_position_embeddings'}},
-    'vLLM': {'linear': {'factor'}, 'dynamic': {'factor', 'alpha'},
-             'yarn': {'factor', 'original_max_position_embeddings', 'extrapolation_factor', 'attn_factor',
-                      'beta_fast', 'beta_slow', 'apply_yarn_scaling', 'truncate'},
-             'llama3': {'factor', 'original_max_position_embeddings', 'low_freq_factor', 'high_freq_factor'},
-             'longrope': {'short_factor', 'long_factor', 'original_max_position_embeddings', 'short_mscale',
-                          'long_mscale'}},
-}
-
-
-def _mirrored(rs, key):
-    # an unread key whose value another reader takes from a key of its own: harmless
-    a = rs.get('attention_factor')
-    if key in ('attention_factor', 'short_mscale', 'long_mscale'):
-        return a is not None and rs.get('short_mscale') == rs.get('long_mscale') == a
-    return key == 'factor' and rs.get('rope_type') == 'longrope' and a is not None  # then a label only
-
-
-def export_lint(cfg):
-    """What transformers 4.45, transformers 5 and vLLM read differently in an HF config.json (a dict):
-    one line per finding, none when they agree. Reasoned from their source; README has the table."""
-    rs, mpe = cfg.get('rope_scaling'), cfg['max_position_embeddings']
-    if not rs:
-        return []
-    t, notes = rs.get('rope_type', rs.get('type')), []
-    if rs.get('rope_type') != rs.get('type'):
-        notes.append(f"rope_scaling rope_type={rs.get('rope_type')!r} type={rs.get('type')!r}: transformers "
-                     "< 4.42 reads only `type`, vLLM refuses two different values")
-    for reader, known in ROPE_KEYS_READ.items():
-        unread = sorted(k for k in set(rs) - known.get(t, set()) - {'type', 'rope_type'} if not _mirrored(rs, k))
-        if unread:
-            notes.append(f"{reader} does not read rope_scaling keys {unread} for {t!r}")
-    f, orig, top = rs.get('factor'), rs.get('original_max_position_embeddings'), cfg.get('original_max_position_embeddings')
-    if t in ('yarn', 'llama3', 'longrope') and f and orig and mpe != f * orig:
-        notes.append(f"max_position_embeddings={mpe} != factor x original = {f} x {orig}: the context length "
-                     f"depends on which one a reader takes (vLLM's max_model_len: "
-                     f"{'original x factor' if t == 'yarn' else 'max_position_embeddings'})")
-    if t == 'longrope' and rs.get('attention_factor') is None and f and top and f != mpe / top:
-        notes.append(f"longrope attention factor: transformers 4.45 derives it from max_position_embeddings / "
-                     f"original = {mpe / top:g}, transformers 5 from factor = {f:g} (vLLM: short/long_mscale, "
-                     "else max_position_embeddings / original)")
-    if t in ('linear', 'dynamic', 'yarn') and f:
-        n = (orig if t == 'yarn' else mpe) * f
-        notes.append(f"vLLM: default max_model_len = {n:g} ({'original' if t == 'yarn' else 'max_position_embeddings'}"
-                     f" x factor); serve with --max-model-len {mpe} to stay inside max_position_embeddings")
-    if t == 'dynamic' and f:
-        notes.append(f"vLLM: 'dynamic' is a fixed NTK base (the one for length {mpe * f:g}) at every length; "
-                     "transformers and nanoPoSE grow the base with the sequence: vLLM's logits differ")
-    if t == 'longrope':
-        if top != orig:
-            notes.append(f"longrope original window: transformers 4.45 reads top-level original_max_position_"
-                         f"embeddings={top} (absent: max_position_embeddings), vLLM rope_scaling's {orig}")
-        if rs.get('short_factor') != rs.get('long_factor'):
-            notes.append("longrope short_factor != long_factor: transformers 4.45 (and vLLM once max_model_len > "
-                         f"{orig}) use long_factor at every length; transformers 5 and nanoPoSE use short_factor "
-                         f"while the largest position is < {orig}: logits inside the original window differ")
-        notes.append(f"vLLM: default max_model_len for longrope is the original window {top or orig}; serve with "
-                     f"--max-model-len {mpe}")
-    return notes
-
-
 def export_notes(args, cfg):
     """The export log: how our rope_type was written (when not as itself), then export_lint's findings."""
     t = (args.rope_scaling or {}).get('rope_type')
@@ -357,7 +282,7 @@ def export_notes(args, cfg):
            'yarn': "'longrope' with per-dimension factors (short = long) + attention_factor: a 'yarn' config "
                    "with original_max_position_embeddings reads wrong in transformers 4.45",
            'yarn_pose': "'longrope' with per-dimension factors (short = long) + attention_factor"}
-    return ([f"rope_type {t!r} written as {how[t]}"] if t in how else []) + export_lint(cfg)
+    return ([f"rope_type {t!r} written as {how[t]}"] if t in how else []) + rope_config.export_lint(cfg)
 
 
 # -----------------------------------------------------------------------------

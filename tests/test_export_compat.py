@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from hf_logits import hf_logits
-from model import ModelArgs, Transformer, export_lint
+from model import ModelArgs, Transformer
+from rope_config import export_lint
 from test_model import TOL, VOCAB, idx_for, positions
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
