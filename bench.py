@@ -24,6 +24,10 @@ Sections (`only`, comma-separated):
   sampler  sample_positions.draws_per_second for pose / randpos at 2k->16k and 2k->128k.
   prepare  prepare_data.prepare() on stdlib text with a given tokenizer vs the bare tokenizer's encode.
   evalmem  (CUDA) peak memory of one eval_len-token forward with the chunked loss (no [T, vocab] logits).
+  evalcpu  one window of SmolLM2-135M's shape (or evalcpu_model), fp32 on this CPU: eval_ppl's NLL path vs
+           transformers' model(x).logits + log_softmax. Peak RSS growth over the loaded models (VmHWM, reset
+           through /proc/self/clear_refs after malloc_trim, so each run starts from what it really holds)
+           and wall time (alternating, best of `iters`), with the ratios side by side; same NLL checked.
 Results: printed tables + one JSON (`out`, written atomically) + the Fig. 3 plot (`plot`, needs matplotlib).
 """
 import json
@@ -42,7 +46,7 @@ from model import ModelArgs, Transformer
 import sample_positions
 
 # -----------------------------------------------------------------------------
-only = 'fig3,train,eval,sampler,prepare'  # sections to run: fig3 | train | eval | sampler | prepare | evalmem
+only = 'fig3,train,eval,sampler,prepare'  # sections to run: fig3 | train | eval | sampler | prepare | evalmem | evalcpu
 preset = ''  # '' = the shape below | 'gpu_1b' (TinyLlama-1.1B shape) | 'gpu_7b' (Llama-2-7B shape); CUDA only
 device = 'cuda' if torch.cuda.is_available() else 'cpu'  # 'cpu' | 'cuda'
 dtype = 'float32'  # compute dtype: 'float32' | 'bfloat16' (autocast over fp32 weights, as train.py)
@@ -67,6 +71,10 @@ seq_len = 256  # tokens per example
 # eval throughput / memory
 eval_len = 1024  # window length (evalmem: the window whose peak memory is measured)
 eval_tokens = 8192  # tokens scored per model in the eval section
+# evalcpu: one long window of a real model shape, eval_ppl vs transformers (memory and time side by side)
+evalcpu_model = ''  # HF model dir; '' = random weights of SmolLM2-135M's shape (memory and time do not depend on them)
+evalcpu_lengths = [4096, 8192, 16384]  # window lengths: our peak RSS growth at each (near-linear in T?)
+evalcpu_hf_max = 8192  # transformers only up to this length (its [T, vocab] logits + log_softmax: 6.4 GB at 16k)
 # timing
 warmup = 2  # untimed steps first (allocator, compile)
 iters = 5  # timed steps; the median (and the min) is reported
@@ -103,8 +111,8 @@ if preset:
     globals().update({k: v for k, v in PRESETS[preset].items() if not any(a.startswith(f'--{k}=') for a in sys.argv)})
 sections = [s.strip() for s in only.split(',') if s.strip()]
 for s in sections:
-    if s not in ('fig3', 'train', 'eval', 'sampler', 'prepare', 'evalmem'):
-        fail(f"only: unknown section '{s}' (fig3, train, eval, sampler, prepare, evalmem)")
+    if s not in ('fig3', 'train', 'eval', 'sampler', 'prepare', 'evalmem', 'evalcpu'):
+        fail(f"only: unknown section '{s}' (fig3, train, eval, sampler, prepare, evalmem, evalcpu)")
 if device.startswith('cuda') and not torch.cuda.is_available():
     fail(f"device='{device}' but CUDA is not available")
 if dtype not in ('float32', 'bfloat16'):
@@ -409,6 +417,82 @@ def bench_evalmem():
           f"{r['seconds']:.1f} s (goal <= 30 GB)")
 
 
+# ----------------------------------------------------------------------------- eval memory / time on CPU, real shape
+SMOLLM2_135M = dict(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, head_dim=64, hidden_dim=1536, vocab_size=49152,
+                    tie_word_embeddings=True, rope_theta=1e5, norm_eps=1e-5)
+
+
+def rss_mib():  # (current RSS, peak RSS since the last reset) of this process, MiB (Linux)
+    status = dict(line.split(':', 1) for line in open('/proc/self/status'))
+    return int(status['VmRSS'].split()[0]) / 1024, int(status['VmHWM'].split()[0]) / 1024
+
+
+def peak_growth(fn):
+    """(result of fn(), peak RSS growth in MiB while it ran): freed heap goes back to the OS first and the
+    peak counter is reset, so the growth is what fn itself allocated at its worst moment."""
+    import ctypes
+    import gc
+    gc.collect()
+    ctypes.CDLL('libc.so.6').malloc_trim(0)
+    with open('/proc/self/clear_refs', 'w') as f:
+        f.write('5')  # resets VmHWM to the current RSS
+    base = rss_mib()[0]
+    r = fn()
+    return r, rss_mib()[1] - base
+
+
+def bench_evalcpu():
+    import transformers
+    from eval_ppl import load_model, sliding_window_nll
+    if not os.path.isfile('/proc/self/clear_refs'):
+        fail('evalcpu reads peak RSS from /proc (Linux only)')
+    with tempfile.TemporaryDirectory() as tmp:
+        path = evalcpu_model
+        if not path:  # random weights of the real shape, saved once and loaded by both
+            torch.manual_seed(seed)
+            m = Transformer(ModelArgs(**SMOLLM2_135M, max_position_embeddings=max(evalcpu_lengths)))
+            m.init_weights()
+            m.save_pretrained(tmp)
+            path, m = tmp, None
+        ours = load_model(path, dtype='float32')
+        ref = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
+                                                                attn_implementation='sdpa').eval()
+    V = ours.args.vocab_size
+    doc = np.random.default_rng(seed).integers(0, V, max(evalcpu_lengths) + 1)
+
+    @torch.inference_mode()
+    def hf_nll(T):  # what a plain transformers eval does: full logits, log_softmax, gather
+        x = torch.as_tensor(doc[:T + 1])
+        lp = torch.log_softmax(ref(input_ids=x[None, :-1]).logits[0].float(), -1)
+        return -lp.gather(1, x[1:, None]).sum().item()
+    ours_nll = lambda T: sliding_window_nll(ours, doc[:T + 1], T + 1)[0]  # noqa: E731  one window of T inputs
+    rows = []
+    for T in evalcpu_lengths:
+        row = {'T': T}
+        (row['nll_ours'], row['mib_ours']) = peak_growth(lambda: ours_nll(T))
+        if T <= evalcpu_hf_max:
+            (row['nll_hf'], row['mib_hf']) = peak_growth(lambda: hf_nll(T))
+        rows.append(row)
+    T = evalcpu_lengths[0]
+    times = {'ours': [], 'hf': []}
+    for _ in range(max(iters // 2, 1)):  # alternate: load drifts on a shared machine; keep each one's best
+        for k, fn in (('ours', ours_nll), ('hf', hf_nll)):
+            t0 = time.perf_counter()
+            fn(T)
+            times[k].append(time.perf_counter() - t0)
+    r = {'model': evalcpu_model or 'random weights, SmolLM2-135M shape', 'rows': rows,
+         's_ours': min(times['ours']), 's_hf': min(times['hf']), 'times': times, 'threads': torch.get_num_threads()}
+    results['evalcpu'] = r
+    print(f"\n== evalcpu: {r['model']}, fp32, {r['threads']} threads; peak RSS growth over the loaded models")
+    print(f"{'T':>6} {'ours MiB':>9} {'hf MiB':>9} {'ours/hf':>8} {'NLL/token ours':>15} {'hf':>9}")
+    for row in rows:
+        hf = row.get('mib_hf')
+        cells = ['-', '-', '-'] if hf is None else [f"{hf:.0f}", f"{row['mib_ours'] / hf:.3f}", f"{row['nll_hf'] / row['T']:.5f}"]
+        print(f"{row['T']:>6} {row['mib_ours']:>9.0f} {cells[0]:>9} {cells[1]:>8} {row['nll_ours'] / row['T']:>15.5f} {cells[2]:>9}")
+    print(f"time at T={T}: ours {r['s_ours']:.2f} s, transformers {r['s_hf']:.2f} s, speedup {r['s_hf'] / r['s_ours']:.2f}x "
+          f"(goals: memory <= 0.25x, speed >= 1.2x)")
+
+
 # ----------------------------------------------------------------------------- sampler and prepare_data speed
 def bench_sampler():
     rows = []
@@ -456,7 +540,7 @@ def bench_prepare():
 
 
 SECTIONS = {'fig3': bench_fig3, 'train': bench_train, 'eval': bench_eval, 'sampler': bench_sampler,
-            'prepare': bench_prepare, 'evalmem': bench_evalmem}
+            'prepare': bench_prepare, 'evalmem': bench_evalmem, 'evalcpu': bench_evalcpu}
 print(f"bench: {', '.join(sections)} on {device} ({torch.get_num_threads()} threads), {dtype}")
 for s in sections:
     SECTIONS[s]()

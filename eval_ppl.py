@@ -88,9 +88,19 @@ def official_spans(n, n_doc, stride, mode, nbos):
     return spans
 
 
+def chunk_nll(h, weight, targets):
+    """sum of -log p(targets) for rows h [n, dim] under lm_head `weight`, holding one [n, vocab] fp32 block:
+    logsumexp computed in place (no second block for log_softmax, as F.cross_entropy would make)."""
+    logits = F.linear(h, weight).float()  # [n, vocab]
+    picked = logits.gather(1, targets[:, None])[:, 0].double().sum()
+    m = logits.amax(-1, keepdim=True)
+    lse = logits.sub_(m).exp_().sum(-1).log_() + m[:, 0]
+    return (lse.double().sum() - picked).item()
+
+
 @torch.inference_mode()
 def sliding_window_nll(model, tokens, window, stride=None, mode='sliding', add_bos=False, bos_id=None,
-                       device='cpu', pbar=None, chunk=1024, windows='aligned'):
+                       device='cpu', pbar=None, chunk=256, windows='aligned'):
     """(sum of NLL in nats, number of scored tokens) of one document (1-D int array) under `model`.
     Only the scored positions go through lm_head, `chunk` rows at a time in fp32: no [T, vocab] logits,
     and with overlapping windows (stride < window) most of lm_head's work is skipped."""
@@ -110,8 +120,7 @@ def sliding_window_nll(model, tokens, window, stride=None, mode='sliding', add_b
         h = h[first - 1 - b + nbos:end - 1 - b + nbos]  # [end - first, dim]: the scored positions only
         targets = doc[first:end].to(device)
         for i in range(0, end - first, chunk):
-            logits = model.lm_head(h[i:i + chunk]).float()  # [<=chunk, vocab]
-            nll += F.cross_entropy(logits, targets[i:i + chunk], reduction='sum').double().item()
+            nll += chunk_nll(h[i:i + chunk], model.lm_head.weight, targets[i:i + chunk])
         count += end - first
         if pbar is not None:
             pbar.update(1)
@@ -120,7 +129,7 @@ def sliding_window_nll(model, tokens, window, stride=None, mode='sliding', add_b
 
 def load_model(path, rope_scaling=None, max_position_embeddings=None, dtype='auto', device='cpu'):
     """Our Transformer from an HF dir, in eval mode; rope_scaling / max_position_embeddings None = the checkpoint's."""
-    from model import Transformer
+    from model import INFER_CHUNK, Transformer
     if not os.path.isfile(os.path.join(path, 'config.json')):
         raise UserError(f"model dir not found or has no config.json: {path}")
     pt_dtype = {'auto': torch.bfloat16 if 'cuda' in str(device) else torch.float32, 'float32': torch.float32,
@@ -132,7 +141,9 @@ def load_model(path, rope_scaling=None, max_position_embeddings=None, dtype='aut
         overrides['rope_scaling'] = rope_scaling
     if max_position_embeddings is not None:
         overrides['max_position_embeddings'] = max_position_embeddings
-    return Transformer.from_pretrained(path, dtype=pt_dtype, device=device, **overrides).eval()
+    net = Transformer.from_pretrained(path, dtype=pt_dtype, device=device, **overrides).eval()
+    net.infer_chunk = INFER_CHUNK  # no autograd here: the row-chunked forward (model.py)
+    return net
 
 
 def select_docs(doc_lens, min_len, num_docs, seed, draw='random'):

@@ -29,6 +29,8 @@ except ImportError:
 
 LOSS_CHUNK = 1024  # tokens per lm_head + fp32 cross-entropy chunk (Transformer.loss_chunk); the
 # loss peaks at ~4 [chunk, vocab] fp32 blocks whatever T is (0.5 GB each at chunk 1024, vocab 128k)
+INFER_CHUNK = 512  # rows per chunk of the no-grad eval forward (Transformer.infer_chunk, set by the eval
+# scripts; 0 = off): norms, projections and the MLP run on this many rows, only attention sees all of T
 MAX_SHARD_SIZE = 5 * 1024**3  # bytes per safetensors shard written by save_pretrained
 ARCHS = {'LlamaForCausalLM': 'llama', 'MistralForCausalLM': 'mistral', 'Qwen2ForCausalLM': 'qwen2'}
 TOKENIZER_FILES = ('tokenizer.model', 'tokenizer.json', 'tokenizer_config.json',
@@ -312,19 +314,27 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
         self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
 
-    def forward(self, x, cos, sin):
+    def project(self, x, cos, sin):
+        """x [B, T, dim] -> q [B, T, H, d], k, v [B, T, Hkv, d], RoPE applied to q and k."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)  # [B, T, H, d]
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)  # [B, T, Hkv, d]
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)  # [B, T, Hkv, d]
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def attend(self, q, k, v):
+        """Causal attention over token order (not position ids) -> [B, T, H * d], before o_proj."""
+        B, T = q.shape[:2]
         if flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
             y = flash_attn_func(q, k, v, causal=True)  # [B, T, H, d]; GQA natively
-        else:  # causal over token order (not position ids), K/V heads shared without copies
+        else:  # K/V heads shared without copies; on CPU this is SDPA's flash kernel: no [H, T, T] scores
             y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                                is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads)
             y = y.transpose(1, 2)  # [B, T, H, d]
-        return self.o_proj(y.reshape(B, T, self.n_heads * self.head_dim))
+        return y.reshape(B, T, self.n_heads * self.head_dim)
+
+    def forward(self, x, cos, sin):
+        return self.o_proj(self.attend(*self.project(x, cos, sin)))
 
 
 class MLP(nn.Module):
@@ -350,6 +360,23 @@ class Block(nn.Module):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin)
         return x + self.mlp(self.post_attention_layernorm(x))
 
+    def forward_inference(self, x, cos, sin, chunk):
+        """The same block without autograd, x updated in place: everything but attention itself runs on
+        `chunk` rows at a time, so the only [T, ...] tensors are x, q, k, v and the attention output (no
+        [T, hidden_dim] MLP activations, cache-sized temporaries)."""
+        T, attn = x.shape[1], self.self_attn
+        qkv = [attn.project(self.input_layernorm(x[:, i:i + chunk]), cos[:, i:i + chunk], sin[:, i:i + chunk])
+               for i in range(0, T, chunk)]
+        q, k, v = (torch.cat(t, dim=1) if len(qkv) > 1 else t[0] for t in zip(*qkv))
+        del qkv
+        y = attn.attend(q, k, v)  # [B, T, H * d]
+        del q, k, v
+        for i in range(0, T, chunk):
+            xc = x[:, i:i + chunk]
+            xc += attn.o_proj(y[:, i:i + chunk])
+            xc += self.mlp(self.post_attention_layernorm(xc))
+        return x
+
 
 def _ce_sum(h, weight, targets):  # one loss chunk: lm_head + fp32 cross-entropy, summed
     return F.cross_entropy(F.linear(h, weight).float(), targets, ignore_index=-100, reduction='sum')
@@ -371,6 +398,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.args = args
         self.loss_chunk = LOSS_CHUNK  # tokens per loss chunk; lower it to save memory at huge vocab
+        self.infer_chunk = 0  # eval scripts: INFER_CHUNK rows per chunk without autograd (0: the plain path)
         self.source_dir = None  # HF directory we were loaded from (tokenizer files are copied from it)
         self.embed_tokens = nn.Embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
@@ -407,9 +435,15 @@ class Transformer(nn.Module):
         # angles and cos/sin in fp32, once for all layers; then in the model dtype, as transformers
         # (no [T, H, d] fp32 copies of q and k at 128k tokens; under autocast they stay fp32)
         cos, sin = (t.to(x.dtype) for t in rope_cos_sin(self.args, position_ids.to(idx.device)))
-        for layer in self.layers:
-            x = layer(x, cos, sin)
-        return self.norm(x)
+        if torch.is_grad_enabled() or not self.infer_chunk:  # training (and wrapped blocks) take this path
+            for layer in self.layers:
+                x = layer(x, cos, sin)
+            return self.norm(x)
+        for layer in self.layers:  # no autograd (eval): row chunks, x updated in place
+            x = layer.forward_inference(x, cos, sin, self.infer_chunk)
+        for i in range(0, T, self.infer_chunk):
+            x[:, i:i + self.infer_chunk] = self.norm(x[:, i:i + self.infer_chunk])
+        return x
 
     def forward(self, idx, position_ids=None, targets=None):
         h = self.forward_hidden(idx, position_ids)  # [B, T, dim]

@@ -91,9 +91,10 @@ def env(tmp_path_factory):
     meta = {'tokenizer': str(tmp / 'llama' / 'tokenizer.model'), 'tokenizer_sha256': '', 'vocab_size': vocab,
             'dtype': 'uint16', 'bos_id': 1, 'eos_id': 2, 'splits': {'val': {'docs': len(lens), 'tokens': sum(lens)}}}
     (data / 'meta.json').write_text(json.dumps(meta))
+    ours, ours_scaled = Transformer.from_pretrained(plain), Transformer.from_pretrained(scaled)
+    ours.infer_chunk = ours_scaled.infer_chunk = 16  # the eval forward in many row chunks (load_model: 512)
     return dict(tmp=tmp, plain=plain, scaled=scaled, hf=hf, hf_scaled=hf_scaled, data=str(data), docs=docs,
-                tok=prepare_data.load_tokenizer(plain), ours=Transformer.from_pretrained(plain),
-                ours_scaled=Transformer.from_pretrained(scaled), lin=lin)
+                tok=prepare_data.load_tokenizer(plain), ours=ours, ours_scaled=ours_scaled, lin=lin)
 
 
 @torch.no_grad()
@@ -259,6 +260,23 @@ def test_default_names_unique_and_no_overwrite(env, tmp_path):
                             cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env_cwd)
     assert forced.returncode == 0, forced.stderr
     assert json.loads(path.read_text())['settings']['seed'] == 5
+
+
+@pytest.mark.parametrize('chunk', [0, 7, 64, 1000])
+def test_chunked_eval_forward_matches_transformers(env, chunk):
+    """The row-chunked no-grad forward (x updated in place) == transformers' logits, batch 2, skip-wise
+    position ids, T not a multiple of the chunk; and our chunk_nll == log_softmax's NLL."""
+    ours, hf = eval_ppl.load_model(env['scaled']), env['hf_scaled']
+    ours.infer_chunk = chunk
+    idx = torch.from_numpy(np.stack([env['docs'][3][:100], env['docs'][4][:100]]).astype(np.int64))
+    pos = torch.cat([torch.arange(40), torch.arange(40) + 90, torch.arange(20) + 200])[None].repeat(2, 1)
+    with torch.inference_mode():
+        h = ours.forward_hidden(idx, pos)
+        ref = hf(input_ids=idx, position_ids=pos).logits
+        assert (ours.lm_head(h) - ref).abs().max() < 2e-4
+        nll = eval_ppl.chunk_nll(h[0, :-1], ours.lm_head.weight, idx[0, 1:])
+    lp = torch.log_softmax(ref[0, :-1].double(), -1)
+    assert nll == pytest.approx(-lp.gather(1, idx[0, 1:, None]).sum().item(), rel=1e-5)
 
 
 def test_select_docs_and_length_warnings():
