@@ -52,6 +52,8 @@ target_len = 16384  # L_t: position ids lie in [0, target_len); exported as max_
 num_chunks = 2  # N: PoSE chunks per example
 content = 'uniform'  # PoSE content offsets v_i: 'uniform' (random) | 'zero' (v_i = 0) | 'aligned' (v_i = u_i)
 chunking = 'paper'  # PoSE chunk lengths: 'paper' (uniform composition) | 'official' (the authors' train_pose.py, N = 2)
+doc_cap = 0  # cut every document to its first doc_cap + 1 tokens before sampling (official PoSE code: 5 * L_c); 0 = whole (Eq. 5)
+full_min_doc = 0  # method='full': also documents of >= full_min_doc + 1 tokens, right-padded (unscored) to train_len; e.g. L_c = PoSE's documents (official code); 0 = only >= train_len + 1
 rope_scaling = {'rope_type': 'linear'}  # HF semantics; no 'factor' -> target_len / original window; None: keep the model's own
 # optimizer
 batch_size = 1  # examples per device per micro-step
@@ -121,6 +123,8 @@ def check_config():
         (method == 'full' and train_len != target_len, f"method='full' trains on target_len-token inputs: set train_len = target_len (got {train_len} and {target_len})"),
         (method == 'pose' and not 1 <= num_chunks <= train_len, f'num_chunks={num_chunks}: expected 1 <= num_chunks <= train_len={train_len}'),
         (method == 'pose' and content not in ('uniform', 'zero', 'aligned'), f"content='{content}': expected 'uniform', 'zero' or 'aligned'"),
+        (doc_cap != 0 and doc_cap < train_len, f'doc_cap={doc_cap}: must be 0 (whole documents) or >= train_len={train_len}'),
+        (full_min_doc != 0 and (method != 'full' or not 1 <= full_min_doc <= train_len), f"full_min_doc={full_min_doc}: only for method='full', in [1, train_len={train_len}] (0 = off)"),
         (lr_schedule not in ('linear', 'cosine', 'constant'), f"lr_schedule='{lr_schedule}': expected 'linear', 'cosine' or 'constant'"),
         (min(batch_size, gradient_accumulation_steps, train_len, log_interval) < 1, 'batch_size, gradient_accumulation_steps, train_len and log_interval must be >= 1'),
         (min(max_iters, warmup_iters, lr_decay_iters, eval_interval, save_interval) < 0, 'max_iters, warmup_iters, lr_decay_iters, eval_interval and save_interval must be >= 0'),
@@ -183,7 +187,7 @@ def load_split(split):
     doc_lens = np.diff(offsets)
     # the last token of a document is only ever a target: a document offers len - 1 inputs
     # (method='full' has train_len == target_len, so this is also the >= target_len rule)
-    eligible = np.flatnonzero(doc_lens - 1 >= train_len)
+    eligible = np.flatnonzero(doc_lens - 1 >= (full_min_doc if method == 'full' and full_min_doc else train_len))
     if len(eligible) == 0:
         longest = int(doc_lens.max()) if len(doc_lens) else 0
         raise UserError(f"data_dir='{data_dir}' split '{split}': no document is long enough for method='{method}': "
@@ -200,11 +204,13 @@ def get_batch(data, split, step, micro_step):
         g = rank * batch_size + b  # global example index: rank r owns a contiguous block of the global batch
         rng = np.random.default_rng([seed, STREAMS[split], step, micro_step, g])
         d = eligible[rng.integers(len(eligible))]
-        doc = tokens[offsets[d]:offsets[d + 1]]
-        token_idx, position_ids = sample_positions.SAMPLERS[method](len(doc) - 1, train_len, target_len, rng, **sampler_options)
-        xs.append(doc[token_idx])
-        ys.append(doc[token_idx + 1])
-        ps.append(position_ids)
+        doc = tokens[offsets[d]:offsets[d + 1]][:doc_cap + 1 if doc_cap else None]
+        n = min(len(doc) - 1, train_len)  # < train_len only for full_min_doc's short documents: padded below
+        token_idx, position_ids = sample_positions.SAMPLERS[method](len(doc) - 1, n, target_len if n == train_len else n, rng, **sampler_options)
+        pad = train_len - n  # right padding: token 0 as input, -100 as target, positions n .. train_len - 1
+        xs.append(np.concatenate([doc[token_idx], np.zeros(pad, np.int64)]))
+        ys.append(np.concatenate([doc[token_idx + 1], np.full(pad, -100, np.int64)]))
+        ps.append(np.concatenate([position_ids, np.arange(n, train_len, dtype=np.int64)]))
     x, y, p = (torch.from_numpy(np.stack(a).astype(np.int64)) for a in (xs, ys, ps))  # [B, T] each
     if device_type == 'cuda':
         return tuple(t.pin_memory().to(device, non_blocking=True) for t in (x, y, p))

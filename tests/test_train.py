@@ -305,3 +305,43 @@ def test_configs_set_only_train_keys_and_follow_the_paper(monkeypatch):
             assert (cfg['max_iters'], cfg['learning_rate'], cfg['warmup_iters'], cfg['lr_schedule']) == \
                 (1000, 2e-5, 10, 'linear'), name
             assert cfg['batch_size'] * cfg['gradient_accumulation_steps'] * 8 == 64, name
+
+
+def test_full_on_pose_documents_and_doc_cap(tmp_path, monkeypatch):
+    """full_min_doc: the full-length baseline also draws PoSE's shorter documents, whole, right-padded with
+    unscored targets (the official code's truncate/pad); doc_cap: tokens only from a document's first doc_cap + 1.
+    Token value = its offset in the document, so every row shows where it came from."""
+    lens = [40, 70, 100, 130, 300, 500]
+    np.concatenate([np.arange(n) for n in lens]).astype(np.uint16).tofile(tmp_path / 'train.bin')
+    np.concatenate([[0], np.cumsum(lens)]).astype(np.int64).tofile(tmp_path / 'train.idx')
+    (tmp_path / 'meta.json').write_text(json.dumps({'dtype': 'uint16', 'vocab_size': 512, 'tokenizer': 'none',
+                                                    'splits': {'train': {'docs': len(lens), 'tokens': sum(lens)}}}))
+    monkeypatch.setattr(sys, 'argv', ['train.py'])
+    import importlib
+    train = importlib.import_module('train')
+    monkeypatch.setattr(train, 'data_dir', str(tmp_path))
+    monkeypatch.setattr(train, 'batch_size', 64)
+    monkeypatch.setattr(train, 'torch', torch)  # imported by main() in a run
+    monkeypatch.setattr(train, 'device_type', 'cpu', raising=False)
+    for k, v in dict(method='full', train_len=128, target_len=128, full_min_doc=64, sampler_options={}).items():
+        monkeypatch.setattr(train, k, v)
+    data = {'train': train.load_split('train')}
+    assert list(data['train'][2]) == [1, 2, 3, 4, 5]  # >= 65 tokens: PoSE's documents at L_c = 64
+    x, y, p = train.get_batch(data, 'train', 0, 0)
+    seen = set()
+    for xr, yr, pr in zip(x.numpy(), y.numpy(), p.numpy()):
+        n = int((yr != -100).sum())
+        assert (pr == np.arange(128)).all() and (yr[n:] == -100).all() and (xr[n:] == 0).all()
+        assert (yr[:n] == xr[:n] + 1).all() and (np.diff(xr[:n]) == 1).all()  # contiguous text, next tokens
+        if n < 128:  # a short document: all of it from its start (70 or 100 tokens: 69 / 99 inputs)
+            assert xr[0] == 0 and n + 1 in (70, 100)
+        seen.add(n)
+    assert {69, 99, 128} <= seen
+    for k, v in dict(method='pose', train_len=32, target_len=256, full_min_doc=0, doc_cap=60,
+                     sampler_options={'num_chunks': 2, 'content': 'uniform', 'chunking': 'paper'}).items():
+        monkeypatch.setattr(train, k, v)
+    data = {'train': train.load_split('train')}
+    x, y, p = train.get_batch(data, 'train', 3, 0)
+    assert 50 <= y.max() <= 60 and (y == x + 1).all()  # from the first 61 tokens only
+    monkeypatch.setattr(train, 'doc_cap', 0)
+    assert train.get_batch(data, 'train', 3, 0)[1].max() > 100  # without the cap: the whole document
