@@ -473,6 +473,7 @@ def bench_evalcpu():
         if T <= evalcpu_hf_max:
             (row['nll_hf'], row['mib_hf']) = peak_growth(lambda: hf_nll(T))
         rows.append(row)
+        print(f"evalcpu: T={T} measured: {row}", flush=True)
     T = evalcpu_lengths[0]
     times = {'ours': [], 'hf': []}
     for _ in range(max(iters // 2, 1)):  # alternate: load drifts on a shared machine; keep each one's best

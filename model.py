@@ -364,11 +364,12 @@ class Block(nn.Module):
         """The same block without autograd, x updated in place: everything but attention itself runs on
         `chunk` rows at a time, so the only [T, ...] tensors are x, q, k, v and the attention output (no
         [T, hidden_dim] MLP activations, cache-sized temporaries)."""
-        T, attn = x.shape[1], self.self_attn
-        qkv = [attn.project(self.input_layernorm(x[:, i:i + chunk]), cos[:, i:i + chunk], sin[:, i:i + chunk])
-               for i in range(0, T, chunk)]
-        q, k, v = (torch.cat(t, dim=1) if len(qkv) > 1 else t[0] for t in zip(*qkv))
-        del qkv
+        (B, T, _), attn = x.shape, self.self_attn
+        q = x.new_empty(B, T, attn.n_heads, attn.head_dim)  # filled chunk by chunk: never a second copy
+        k, v = (x.new_empty(B, T, attn.n_kv_heads, attn.head_dim) for _ in range(2))
+        for i in range(0, T, chunk):
+            j = min(i + chunk, T)
+            q[:, i:j], k[:, i:j], v[:, i:j] = attn.project(self.input_layernorm(x[:, i:j]), cos[:, i:j], sin[:, i:j])
         y = attn.attend(q, k, v)  # [B, T, H * d]
         del q, k, v
         for i in range(0, T, chunk):

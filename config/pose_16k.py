@@ -14,7 +14,7 @@ method = 'pose'
 train_len = 2048  # L_c: LLaMA-7B's own window
 target_len = 16384  # L_t
 num_chunks = 2
-content = 'uniform'
+content = 'uniform'  # Eq. 5: v_i over the whole document; the authors' code first cut documents to 5 * L_c (--doc_cap=10240)
 rope_scaling = {'rope_type': 'linear'}  # factor = target_len / 2048 = 8
 batch_size = 1
 gradient_accumulation_steps = _global_batch // (_gpus * batch_size)  # 8

@@ -491,7 +491,7 @@ def test_eval_ppl_raw_input_and_plot_only(env, monkeypatch, capsys):
 def test_eval_passkey_cli(env):
     out, png = str(env['tmp'] / 'pk.json'), str(env['tmp'] / 'pk.png')
     proc = run('eval_passkey.py', f"--model={env['plain']}", '--lengths=[1000,2000]', '--num_trials=1',
-               '--depths=[0.0,0.5,1.0]', '--device=cpu', f'--out={out}', f'--plot={png}')
+               '--depths=[0.0,0.5,1.0]', '--max_new_tokens=4', '--device=cpu', f'--out={out}', f'--plot={png}')
     assert proc.returncode == 0, proc.stderr
     assert 'warning: length 1000 > max_position_embeddings 256' in proc.stdout
     r = json.load(open(out))
@@ -501,7 +501,7 @@ def test_eval_passkey_cli(env):
     for t in r['trials']:
         assert 0.99 * t['length'] <= t['tokens'] <= t['length'] and len(t['key']) == 5
         text, _ = eval_passkey.make_passkey_prompt(t['n_filler'], t['key'], t['depth_requested'])
-        ok, gen = official_verdict(next_token, tok.encode(text, bos=True), t['key'], tok)
+        ok, gen = official_verdict(next_token, tok.encode(text, bos=True), t['key'], tok, max_new_tokens=4)
         assert t['pass'] == ok and t['output_ids'] == gen[:len(t['output_ids'])]
     for L in ('1000', '2000'):
         hits = [t['pass'] for t in r['trials'] if str(t['length']) == L]
