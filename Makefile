@@ -1,4 +1,4 @@
-# nanoPoSE: `make test` and `make demo` build everything they need from scratch.
+# nanoPoSE: `make test`, `make demo` and `make demo-real` build everything they need from scratch.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -8,7 +8,7 @@ TORCH := torch==2.13.0
 VENV_HF445 := .venv-hf445
 HF445 := transformers==4.45.2
 
-.PHONY: install install-dev test demo clean
+.PHONY: install install-dev test demo demo-real clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -21,6 +21,11 @@ $(VENV)/.installed: $(BIN)/python requirements.txt
 
 $(VENV)/.installed-dev: $(VENV)/.installed requirements-dev.txt
 	$(BIN)/pip install -q -r requirements-dev.txt
+	touch $@
+
+# make demo-real only: transformers + gguf + accelerate read SmolLM2's GGUF (convert_gguf.py), matplotlib plots
+$(VENV)/.installed-real: $(VENV)/.installed requirements-real.txt
+	$(BIN)/pip install -q -r requirements-real.txt
 	touch $@
 
 $(VENV_HF445)/.installed:
@@ -36,6 +41,9 @@ test: $(VENV)/.installed-dev $(VENV_HF445)/.installed
 
 demo: $(VENV)/.installed-dev  # matplotlib for the plots
 	PY=$(BIN)/python bash demo.sh
+
+demo-real: $(VENV)/.installed-real
+	PY=$(BIN)/python bash demo_real.sh
 
 clean:
 	rm -rf $(VENV) $(VENV_HF445) out-* data-*
