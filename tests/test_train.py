@@ -345,3 +345,23 @@ def test_full_on_pose_documents_and_doc_cap(tmp_path, monkeypatch):
     assert 50 <= y.max() <= 60 and (y == x + 1).all()  # from the first 61 tokens only
     monkeypatch.setattr(train, 'doc_cap', 0)
     assert train.get_batch(data, 'train', 3, 0)[1].max() > 100  # without the cap: the whole document
+
+
+def test_gpu_recipe_on_cpu_fsdp2_bf16_compile_checkpointing_and_resume(tmp_path, data):
+    """The combination users run on GPUs, on 2 gloo processes: FSDP2 with a bf16 MixedPrecisionPolicy,
+    inductor-compiled blocks, activation checkpointing; a checkpoint, a resume from it, an export each time.
+    Both runs exit 0 (no abort at exit: every tensor reference is dropped before destroy_process_group)."""
+    recipe = ['config/tiny_pose.py', '--init_from=scratch', '--dtype=bfloat16', '--compile=True',
+              '--activation_checkpointing=True', f'--data_dir={data}', f'--out_dir={tmp_path}', '--batch_size=2',
+              '--eval_interval=0', '--save_interval=1', '--log_interval=1']
+    first = train(*recipe, '--max_iters=1', nproc=2)
+    resumed = train(*recipe, '--init_from=resume', '--max_iters=2', nproc=2)
+    for proc in (first, resumed):
+        assert 'terminate called' not in proc.stderr and 'Traceback' not in proc.stderr, proc.stderr[-3000:]
+    log = read_log(tmp_path)
+    assert sorted(log) == [('loss', 1), ('loss', 2)] and all(np.isfinite(v) for v in log.values())
+    assert sorted(os.listdir(tmp_path)) == ['ckpt-2', 'hf', 'latest', 'log.jsonl']
+    cfg = json.load(open(tmp_path / 'hf/config.json'))
+    assert cfg['torch_dtype'] == 'bfloat16' and cfg['max_position_embeddings'] == 256
+    w = load_file(tmp_path / 'hf/model.safetensors')
+    assert all(t.dtype == torch.bfloat16 and torch.isfinite(t.float()).all() for t in w.values())
