@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from errors import UserError, run
-from eval_ppl import check_out, default_out, length_warnings, load_model, model_name, write_json_atomic
+from eval_ppl import check_out, check_plot, default_out, length_warnings, load_model, model_name, write_json_atomic
 
 TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
         "I will quiz you about the important information there.")
@@ -260,6 +260,7 @@ def main():
     if max_new_tokens < 1:
         raise UserError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     path = check_out(out or default_out('passkey', model, rope_scaling), overwrite)
+    check_plot(plot)
     tok = prepare_data.load_tokenizer(tokenizer or model)
     if tokenizer and check_tokenizer:
         prepare_data.check_same_tokenizer(prepare_data.sha256_file(tok.path), f"tokenizer='{tokenizer}'", model,

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import rope_config
 from errors import UserError, run, writing
 
 # -----------------------------------------------------------------------------
@@ -207,7 +208,7 @@ def model_name(model_dir):
 def result_label(model_dir, rope_scaling):
     label = model_name(model_dir)
     if rope_scaling:
-        label += f" +{rope_scaling.get('rope_type', rope_scaling.get('type'))}x{rope_scaling.get('factor', '')}"
+        label += f" +{rope_config.rope_type(rope_scaling)}x{rope_scaling.get('factor', '')}"
     return label
 
 
@@ -225,6 +226,18 @@ def check_out(path, overwrite):
     if os.path.exists(path) and not overwrite:
         raise UserError(f"{path} exists: pass --overwrite=True to replace it, or --out=<another path>")
     return path
+
+
+def check_plot(path):
+    """--plot (before the work): matplotlib is there and the path is a file path."""
+    if not path:
+        return
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise UserError(f"plot={path!r} needs matplotlib: pip install matplotlib") from None
+    if os.path.isdir(path):
+        raise UserError(f"plot={path!r} is a directory: give a .png file path")
 
 
 def plot_results(results, path):
@@ -426,6 +439,7 @@ def evaluate(net, docs, st, use_bos, bos_id):
 
 def main():
     if plot_inputs and not model:  # only overlay existing results
+        check_plot(plot)
         results = [load_result(p) for p in plot_inputs]
         print(format_table(results))
         if not plot:
@@ -442,6 +456,7 @@ def main():
     given = {k: globals()[k] for k in SETTING_KEYS}
     st = resolve_protocol(protocol, given)
     path = check_out(out or default_out('ppl', model, rope_scaling, protocol), overwrite)
+    check_plot(plot)
     docs, ids, data_info, bos_id = load_docs(st)
 
     net = load_model(model, rope_scaling, max_position_embeddings, st['dtype'], device)

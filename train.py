@@ -109,7 +109,7 @@ master = rank == 0
 latest_path = os.path.join(out_dir, 'latest')
 sampler_options = {'num_chunks': num_chunks, 'content': content, 'chunking': chunking} if method == 'pose' else {}
 tokens_per_iter = batch_size * gradient_accumulation_steps * world_size * train_len
-torch = dist = None  # imported by init_torch()
+torch = dist = dcp = sd_api = ModelArgs = Transformer = None  # imported by init_torch()
 
 
 # ---------------------------------------------------------------- the user's input, checked before any heavy work

@@ -121,10 +121,8 @@ def test_train_refuses_bad_settings_and_data(run):
         (('train.py', *common, '--learning_rate=-1'), ['learning_rate=-1.0']),
         (('train.py', *common, '--beta1=1.0'), ['beta1=1.0']),
         (('train.py', *common, '--eval_iters=0'), ['eval_iters=0']),
-        (('train.py', *common, '--grad_clip=-1'), ['grad_clip=-1.0']),
         (('train.py', *common, "--rope_scaling={'rope_type':'linear','factor':-4}"), ['rope_scaling', 'factor=-4']),
         (('train.py', *common, "--rope_scaling={'rope_type':'linear','factor':'4'}"), ['rope_scaling', "factor='4'"]),
-        (('train.py', *common, "--rope_scaling={'rope_type':'fancy'}"), ['rope_scaling', "'fancy'"]),
         (('train.py', *common, f'--out_dir={a_file}'), [a_file, 'is a file']),
         (('train.py', *common, f'--data_dir={bad_meta}'), [os.path.join(bad_meta, 'meta.json'), 'invalid JSON']),
         (('train.py', *common, f'--data_dir={uint17}'), [os.path.join(uint17, 'meta.json'), "dtype='uint17'"]),
@@ -136,19 +134,20 @@ def test_train_refuses_bad_settings_and_data(run):
     assert not os.path.exists(tmp / 'never')
 
 
-def test_resume_refuses_changed_settings_allows_max_iters(run):
+def test_resume_refuses_changed_settings(run):
+    """(A resume that changes max_iters: test_train.py's GPU recipe.)"""
     out = copy(run['out'], run['tmp'] / 'resume')
     common = [*TINY, f"--data_dir={run['data']}", f'--out_dir={out}', '--init_from=resume', '--eval_interval=0']
     state = os.path.join(out, 'ckpt-2', 'train_state.json')
     refused_all([(('train.py', *common, '--train_len=32'), ['train_len=32', 'train_len=64', state]),
                  (('train.py', *common, "--rope_scaling={'rope_type':'yarn'}"), ['rope_scaling', "'yarn'", "'linear'"]),
                  (('train.py', *common, '--batch_size=4'), ['global batch 4 x 1', '8 x 1', state])])
-    proc = script('train.py', *common, '--max_iters=3', '--log_interval=3', '--save_interval=0')
-    assert proc.wait(timeout=300) == 0, proc.stderr.read()
-    assert open(os.path.join(out, 'latest')).read().strip() == 'ckpt-3'
+    assert files(out) == files(run['out'])
 
 
 def test_corrupt_checkpoints_and_weights_are_named(run, monkeypatch):
+    """A truncated DCP shard or train_state.json on resume, a truncated model.safetensors in the evals (train.py
+    reads weights with the same Transformer.from_pretrained; test_model_io.py has the other weight formats)."""
     tmp = run['tmp']
     distcp, state, weights = (copy(run['out'], tmp / n) for n in ('distcp', 'state', 'weights'))
     shard = os.path.join(distcp, 'ckpt-2', '__0_0.distcp')
@@ -161,7 +160,6 @@ def test_corrupt_checkpoints_and_weights_are_named(run, monkeypatch):
     refused_all([
         (('train.py', *common, f'--out_dir={distcp}', '--init_from=resume'), [os.path.join(distcp, 'ckpt-2'), 'unreadable checkpoint']),
         (('train.py', *common, f'--out_dir={state}', '--init_from=resume'), [os.path.join(state, 'ckpt-2', 'train_state.json')]),
-        (('train.py', *common, f'--out_dir={tmp / "w_out"}', f"--init_from={os.path.join(weights, 'hf')}"), [st, 'unreadable safetensors']),
     ])
     make_hf_tokenizer(tmp / 'tok60', 60)
     for module, cfg in ((eval_ppl, dict(data_dir=run['data'], tokenizer=None)),
@@ -170,7 +168,7 @@ def test_corrupt_checkpoints_and_weights_are_named(run, monkeypatch):
             monkeypatch.setattr(module, k, v)
         with pytest.raises(UserError, match=f'{st}: unreadable safetensors'):
             module.main()
-    assert not os.path.exists(tmp / 'never.json') and not os.path.exists(tmp / 'w_out')
+    assert not os.path.exists(tmp / 'never.json')
 
 
 def test_disk_full_names_the_path_and_leaves_no_temp_files(run, tmp_path, monkeypatch):
