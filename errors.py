@@ -25,24 +25,30 @@ class UserError(ValueError):
         self.code = code
 
 
-def is_disk_full(e):
-    """e, or what it wraps (its cause / context, a torch.distributed.checkpoint failure per rank, the
-    message of a writer in Rust such as safetensors), is a full disk."""
+def wrapped(e):
+    """e and every exception it wraps: its cause / context, and a torch.distributed.checkpoint
+    CheckpointException's failure per rank (dcp turns even a Ctrl-C inside a save into one of those)."""
     stack, seen = [e], set()
     while stack:
         x = stack.pop()
         if x is None or id(x) in seen:
             continue
         seen.add(id(x))
-        if isinstance(x, OSError) and x.errno in DISK_FULL:
-            return True
-        if 'No space left on device' in str(x) or 'os error 28' in str(x):
-            return True
+        yield x
         stack += [x.__cause__, x.__context__]
-        failures = getattr(x, 'failures', None)  # dcp's CheckpointException: {rank: (exception, traceback)}
+        failures = getattr(x, 'failures', None)  # {rank: (exception, traceback)}
         if isinstance(failures, dict):
             stack += [f[0] if isinstance(f, tuple) else f for f in failures.values()]
-    return False
+
+
+def is_disk_full(e):
+    """e, or what it wraps (incl. the message of a writer in Rust such as safetensors), is a full disk."""
+    return any(isinstance(x, OSError) and x.errno in DISK_FULL or 'No space left on device' in str(x)
+               or 'os error 28' in str(x) for x in wrapped(e))
+
+
+def is_interrupt(e):
+    return any(isinstance(x, KeyboardInterrupt) for x in wrapped(e))
 
 
 def remove(path):
@@ -65,7 +71,9 @@ def writing(path, temps=()):
     except BaseException as e:
         for p in list(temps):
             remove(p)
-        if not isinstance(e, (KeyboardInterrupt, SystemExit, GeneratorExit)) and is_disk_full(e):  # dcp's CheckpointException is a BaseException
+        if is_interrupt(e) and not isinstance(e, KeyboardInterrupt):
+            raise KeyboardInterrupt from None  # unwrapped (dcp's CheckpointException is a BaseException)
+        if not isinstance(e, (KeyboardInterrupt, SystemExit, GeneratorExit)) and is_disk_full(e):
             raise UserError(f'no space left on device writing {path}', code=1) from None
         raise
 
@@ -86,7 +94,9 @@ def run(main, cleanup=None, interrupted='interrupted (Ctrl-C): stopped, no parti
     except UserError as e:
         say_error(f'error: {e}')
         code = e.code
-    except KeyboardInterrupt:
+    except BaseException as e:  # Ctrl-C, also when a library wrapped it (dcp); anything else keeps its traceback
+        if not is_interrupt(e):
+            raise
         say_error(interrupted)
         code = 130
     finally:

@@ -34,7 +34,7 @@ import numpy as np
 
 import rope_config
 import sample_positions  # SAMPLERS (a module, so the configurator cannot mistake it for a config key)
-from errors import UserError, remove, run, writing
+from errors import UserError, is_interrupt, remove, run, writing
 from prepare_data import check_same_tokenizer, open_split, read_meta
 # torch and model.py are imported in init_torch(), after the config and the data are checked: a typo fails in a blink
 
@@ -324,7 +324,9 @@ def load_checkpoint(model, optimizer, ckpt_dir):
     try:
         dcp.load(state, checkpoint_id=ckpt_dir, no_dist=not dist.is_initialized())
     except (Exception, dcp.api.CheckpointException) as e:  # (a BaseException) a truncated / corrupt .distcp or
-        failures = getattr(e, 'failures', None) or {}     # .metadata: the file's error (per rank), not ours
+        if is_interrupt(e):                                # .metadata: the file's error (per rank), not ours
+            raise KeyboardInterrupt from None
+        failures = getattr(e, 'failures', None) or {}
         e = next((f[0] if isinstance(f, tuple) else f for f in failures.values()), e)
         first = (str(e).strip().splitlines() or [''])[0][:160]
         raise UserError(f"{ckpt_dir}: unreadable checkpoint, truncated or corrupt? ({type(e).__name__}: {first})") from None
