@@ -25,7 +25,6 @@ import math
 import os
 import re
 import shutil
-import sys
 import time
 import warnings
 from contextlib import nullcontext
