@@ -15,6 +15,7 @@ perplexity documents are code the fine-tuning never saw.
 import glob
 import json
 import os
+import sys
 import sysconfig
 
 # -----------------------------------------------------------------------------
@@ -30,6 +31,11 @@ plot = 'out-real/demo-real.png'  # '' = no plot (needs matplotlib)
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
 # -----------------------------------------------------------------------------
 LABELS = {'original': 'Original', 'pi': 'PI-only', 'pose': 'PoSE'}
+
+
+def fail(msg):
+    sys.stderr.write(f"demo_real: {msg}\n")
+    raise SystemExit(2)
 
 
 def package_documents(root, skip, doc_bytes):
@@ -102,7 +108,7 @@ if stage == 'sources':
     docs = package_documents(root, skip, doc_kb * 1024)
     missing = val - set(docs)
     if missing:
-        raise SystemExit(f"val_packages: {', '.join(sorted(missing))} not found in {root}")
+        fail(f"val_packages: {', '.join(sorted(missing))} not found in {root}")
     write_jsonl_atomic(os.path.join(src_dir, 'train.jsonl'), [t for p, ts in docs.items() if p not in val for t in ts])
     write_jsonl_atomic(os.path.join(src_dir, 'val.jsonl'), [t for p, ts in docs.items() if p in val for t in ts])
 elif stage == 'report':
@@ -140,4 +146,4 @@ elif stage == 'report':
         os.replace(plot + '.tmp.png', plot)
         print(f"wrote {plot}")
 else:
-    raise SystemExit(f"stage must be 'sources' or 'report', got {stage!r}")
+    fail(f"stage must be 'sources' or 'report', got {stage!r}")
