@@ -302,6 +302,7 @@ def main():
     }
     write_json_atomic(path, result)
     print(format_table(rows, lengths))
+    print('settings: ' + ', '.join(f"{k}={v}" for k, v in result['settings'].items()))
     print(f"wrote {path}")
     if plot:
         plot_heatmap(rows, lengths, plot, title=model_name(model))
