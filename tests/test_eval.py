@@ -248,16 +248,16 @@ def test_default_names_unique_and_no_overwrite(env, tmp_path):
     args = ['eval_passkey.py', f"--model={tmp_path / 'run-a' / 'hf'}", '--lengths=[300]', '--num_trials=1', '--device=cpu']
     env_cwd = dict(os.environ, OMP_NUM_THREADS='1')
     first = subprocess.run([sys.executable, os.path.join(ROOT, args[0]), *args[1:]], cwd=tmp_path,
-                           capture_output=True, text=True, timeout=120, env=env_cwd)
+                           capture_output=True, text=True, timeout=600, env=env_cwd)
     assert first.returncode == 0, first.stderr
     path = tmp_path / 'out' / 'passkey-run-a.json'
     before = path.read_bytes()
     again = subprocess.run([sys.executable, os.path.join(ROOT, args[0]), *args[1:]], cwd=tmp_path,
-                           capture_output=True, text=True, timeout=120, env=env_cwd)
+                           capture_output=True, text=True, timeout=600, env=env_cwd)
     assert again.returncode == 2 and again.stderr.strip().count('\n') == 0
     assert 'exists' in again.stderr and 'overwrite' in again.stderr and path.read_bytes() == before
     forced = subprocess.run([sys.executable, os.path.join(ROOT, args[0]), *args[1:], '--overwrite=True', '--seed=5'],
-                            cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env_cwd)
+                            cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env_cwd)
     assert forced.returncode == 0, forced.stderr
     assert json.loads(path.read_text())['settings']['seed'] == 5
 
@@ -433,7 +433,7 @@ def test_accuracy_by_depth_bins():
 
 def run(*args):
     env = dict(os.environ, OMP_NUM_THREADS='1')
-    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
 
 
 def run_main(monkeypatch, module, **config):
