@@ -8,52 +8,70 @@
 #                PI-only = the Original with rope_scaling linear x8 and no training
 #   4. eval      eval_ppl.py (held-out stdlib files, windows L_c .. L_t) and eval_passkey.py
 #   5. report    the paper's Table 1 / Fig. 2b layout: out-demo/results.txt, out-demo/demo.png
-# Outputs: data-demo/, out-demo/ (both git-ignored). Usage: bash demo.sh   (PY=python to choose the interpreter;
+# The data (step 1) does not depend on the seed; steps 2-4 run once per seed into out-demo/seed-S/, and the
+# report gives each cell's mean and min-max over the seeds, and which of the paper's claims hold for every seed.
+# A stage whose output exists is skipped, so an interrupted demo continues where it stopped (`make clean` to redo).
+# Usage: bash demo.sh   (PY=python to choose the interpreter; SEEDS="1 2 3" for several seeds, default "1";
 # QUICK=1 bash demo.sh: 5 training steps per run and 4 passkey trials -- a smoke test of the pipeline, not results)
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PY:-.venv/bin/python}
+SEEDS=${SEEDS:-1}
 D=data-demo
 O=out-demo
 T0=$(date +%s)
 step() { echo; echo "=== [demo +$(( $(date +%s) - T0 ))s] $*"; }
 [ -x "$PY" ] || command -v "$PY" >/dev/null || { echo "error: python '$PY' not found (run 'make demo', or PY=python bash demo.sh)" >&2; exit 2; }
-mkdir -p "$O"
+for s in $SEEDS; do [[ $s =~ ^[0-9]+$ ]] || { echo "error: SEEDS='$SEEDS': '$s' is not a non-negative integer" >&2; exit 2; }; done
 TRAIN_ARGS=(); TRIALS=30
-if [ "${QUICK:-0}" = 1 ]; then TRAIN_ARGS=(--max_iters=5 --warmup_iters=1); TRIALS=4; fi
+if [ "${QUICK:-0}" = 1 ]; then TRAIN_ARGS=(--max_iters=5 --warmup_iters=1); TRIALS=4; O=out-demo-quick; fi
+mkdir -p "$O"
 
-step "1/5 data: stdlib split + tokenizer sample"
-$PY demo_report.py --stage=sources --src_dir=$D/src
-$PY prepare_data.py --input=$D/src/tok.jsonl --train_tokenizer=1024 --out_dir=$D/tok
-step "1/5 data: passkey documents of exactly L_c+1 and L_t+1 tokens"
-$PY demo_report.py --stage=passkey --src_dir=$D/src --tokenizer=$D/tok/tokenizer.model
-for s in short long; do  # short: pretraining + PoSE/RandPos; long: full-length (same mix, L_t-token prompts)
-  $PY prepare_data.py --input=$D/src/python_train.jsonl,$D/src/passkey_$s.jsonl --val_input=$D/src/python_val.jsonl \
-      --tokenizer=$D/tok/tokenizer.model --out_dir=$D/$s --num_proc=2
-done
-
-step "2/5 pretrain the Original model at L_c = 128"
-$PY train.py config/demo_pretrain.py "${TRAIN_ARGS[@]}"
-
-for m in pose randpos full; do
-  step "3/5 extend to L_t = 1024: $m"
-  $PY train.py config/demo_$m.py "${TRAIN_ARGS[@]}"
-done
-
+if [ ! -f $D/long/meta.json ]; then
+  step "1/5 data: stdlib split + tokenizer sample"
+  $PY demo_report.py --stage=sources --src_dir=$D/src
+  $PY prepare_data.py --input=$D/src/tok.jsonl --train_tokenizer=1024 --out_dir=$D/tok
+  step "1/5 data: passkey documents of exactly L_c+1 and L_t+1 tokens"
+  $PY demo_report.py --stage=passkey --src_dir=$D/src --tokenizer=$D/tok/tokenizer.model
+  for s in short long; do  # short: pretraining + PoSE/RandPos; long: full-length (same mix, L_t-token prompts)
+    rm -rf $D/$s
+    $PY prepare_data.py --input=$D/src/python_train.jsonl,$D/src/passkey_$s.jsonl --val_input=$D/src/python_val.jsonl \
+        --tokenizer=$D/tok/tokenizer.model --out_dir=$D/$s --num_proc=2
+  done
+else
+  step "1/5 data: $D exists (rm -rf $D to rebuild)"
+fi
 PK=$(cat $D/src/passkey_lengths.txt)
 PI="{'rope_type':'linear','factor':8.0}"
-for m in original pi randpos full pose; do
-  step "4/5 evaluate: $m"
-  case $m in
-    original) args=(--model=$O/original/hf) ;;
-    pi)       args=(--model=$O/original/hf --rope_scaling="$PI" --max_position_embeddings=1024) ;;
-    *)        args=(--model=$O/$m/hf) ;;
-  esac
-  $PY eval_ppl.py "${args[@]}" --data_dir=$D/short --split=val --lengths="[128,256,512,1024]" --num_docs=20 \
-      --device=cpu --out=$O/ppl-$m.json --overwrite=True
-  $PY eval_passkey.py "${args[@]}" --lengths="[$PK]" --num_trials=$TRIALS --seed=7 --device=cpu --out=$O/passkey-$m.json --overwrite=True
+
+for seed in $SEEDS; do
+  S=$O/seed-$seed
+  if [ ! -f $S/original/hf/config.json ]; then
+    step "2/5 seed $seed: pretrain the Original model at L_c = 128"
+    rm -rf $S/original $S/*-original.json $S/*-pi.json  # a new model: its old evals go too
+    $PY train.py config/demo_pretrain.py --out_dir=$S/original --seed=$seed "${TRAIN_ARGS[@]}"
+  fi
+  for m in pose randpos full; do
+    [ -f $S/$m/hf/config.json ] && continue
+    step "3/5 seed $seed: extend to L_t = 1024: $m"
+    rm -rf $S/$m $S/*-$m.json
+    $PY train.py config/demo_$m.py --init_from=$S/original/hf --out_dir=$S/$m --seed=$seed "${TRAIN_ARGS[@]}"
+  done
+  for m in original pi randpos full pose; do
+    case $m in
+      original) args=(--model=$S/original/hf) ;;
+      pi)       args=(--model=$S/original/hf --rope_scaling="$PI" --max_position_embeddings=1024) ;;
+      *)        args=(--model=$S/$m/hf) ;;
+    esac
+    [ -f $S/ppl-$m.json ] || { step "4/5 seed $seed: perplexity of $m"
+      $PY eval_ppl.py "${args[@]}" --data_dir=$D/short --split=val --lengths="[128,256,512,1024]" --num_docs=20 \
+          --device=cpu --out=$S/ppl-$m.json; }
+    [ -f $S/passkey-$m.json ] || { step "4/5 seed $seed: passkey retrieval of $m"
+      $PY eval_passkey.py "${args[@]}" --lengths="[$PK]" --num_trials=$TRIALS --seed=$((7 + seed)) --device=cpu \
+          --out=$S/passkey-$m.json; }
+  done
 done
 
 step "5/5 report"
-$PY demo_report.py --stage=report --out_dir=$O
+$PY demo_report.py --stage=report --out_dir=$O --seeds="$SEEDS"
 echo "demo finished in $(( $(date +%s) - T0 ))s"

@@ -39,7 +39,8 @@ passkey_share = 0.5  # fraction of the drawable training documents that are pass
 copy_share = 0.0  # fraction that are copy drills: 12 random 5-digit numbers, repeated (induction warm-up)
 seed = 1337  # file split, keys, depths
 out_dir = 'out-demo'  # eval JSONs (report stage) ...
-methods = 'original,pi,randpos,full,pose'  # ... rows: out_dir/{ppl,passkey}-{method}.json
+methods = 'original,pi,randpos,full,pose'  # ... rows: out_dir/seed-S/{ppl,passkey}-{method}.json
+seeds = '1'  # the seeds to report (space-separated): each cell is their mean and min-max
 # -----------------------------------------------------------------------------
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
 # -----------------------------------------------------------------------------
@@ -158,64 +159,123 @@ def passkey_eval_lengths(tok, rng):
     return out
 
 
-def stage_report():
-    rows, lengths, pk_lengths = [], set(), set()
+def read_run(run_dir):
+    """{method: {'ppl': {L: ppl}, 'passkey': {L: acc}, 'digits': {L: frac}, 'step_ms': ms}} from one seed's eval
+    JSONs and train logs; a missing file leaves its entries out."""
+    out = {}
     for m in [m.strip() for m in methods.split(',') if m.strip()]:
-        row = {'method': m, 'label': LABELS.get(m, m)}
+        row = out.setdefault(m, {})
         for kind in ('ppl', 'passkey'):
-            p = os.path.join(out_dir, f'{kind}-{m}.json')
-            if os.path.isfile(p):
-                with open(p) as f:
-                    r = json.load(f)
-                row[kind] = r['ppl'] if kind == 'ppl' else r['accuracy']
-                if kind == 'passkey':  # partial credit, to see a near miss: mean fraction of key tokens right
-                    row['digits'] = {}
-                    for L in r['accuracy']:
-                        ts = [t for t in r['trials'] if str(t['length']) == L]
-                        row['digits'][L] = float(np.mean([np.mean([a == b for a, b in zip(t['answer_ids'], t['pred_ids'])])
-                                                          for t in ts])) if ts else None
-                row[kind + '_trials'] = r.get('settings', {}).get('num_trials')
-                (lengths if kind == 'ppl' else pk_lengths).update(int(L) for L in row[kind])
-        log = os.path.join(out_dir, m, 'log.jsonl')
-        if os.path.isfile(log):  # fine-tuning cost from train.py's log: mean step time, tokens/s
+            p = os.path.join(run_dir, f'{kind}-{m}.json')
+            if not os.path.isfile(p):
+                continue
+            with open(p) as f:
+                r = json.load(f)
+            row[kind] = {int(L): v for L, v in (r['ppl'] if kind == 'ppl' else r['accuracy']).items()}
+            if kind == 'passkey':  # partial credit, to see a near miss: mean fraction of key tokens right
+                row['digits'] = {}
+                for L in row['passkey']:
+                    ts = [t for t in r['trials'] if int(t['length']) == L]
+                    row['digits'][L] = float(np.mean([np.mean([a == b for a, b in zip(t['answer_ids'], t['pred_ids'])])
+                                                      for t in ts]))
+                row['passkey_trials'] = r.get('settings', {}).get('num_trials')
+        log = os.path.join(run_dir, 'original' if m == 'pi' else m, 'log.jsonl')
+        if m != 'pi' and os.path.isfile(log):  # fine-tuning cost from train.py's log: mean step time
             recs = [json.loads(line) for line in open(log) if '"dt_ms"' in line]
             recs = recs[1:] or recs  # the first step includes warm-up
             if recs:
-                row['step_ms'] = float(np.mean([r['dt_ms'] for r in recs]))
-                row['tok_s'] = float(np.mean([r.get('tok_per_s', r.get('tokens_per_s', float('nan'))) for r in recs]))
-        rows.append(row)
-    lengths, pk_lengths = sorted(lengths), sorted(pk_lengths)
-    w = max(len(r['label']) for r in rows) + 2
+                row['step_ms'] = {0: float(np.mean([r['dt_ms'] for r in recs]))}
+    return out
 
-    def cell(v, fmt):
-        return f"{'-':>9}" if v is None else f'{v:>9.3g}' if fmt == 'g' and v >= 1e4 else f'{v:>9{fmt}}'
-    lines = [f'Perplexity on held-out stdlib files (eval_ppl.py), window length L:',
-             f"{'method':<{w}}" + ''.join(f'{L:>9}' for L in lengths) + f"{'step ms':>10}"]
-    for r in rows:
-        lines.append(f"{r['label']:<{w}}" + ''.join(cell(r.get('ppl', {}).get(str(L)), '.2f') for L in lengths)
-                     + (f"{r['step_ms']:>10.0f}" if 'step_ms' in r else f"{'-':>10}"))
-    trials = next((r['passkey_trials'] for r in rows if r.get('passkey_trials')), '?')
-    lines += ['', f'Passkey retrieval accuracy (eval_passkey.py, {trials} trials per length, random depth):',
-              f"{'method':<{w}}" + ''.join(f'{L:>9}' for L in pk_lengths)]
-    for r in rows:
-        lines.append(f"{r['label']:<{w}}" + ''.join(cell(r.get('passkey', {}).get(str(L)), '.2f') for L in pk_lengths))
-    lines += ['', 'Passkey, partial credit: mean fraction of the key\'s tokens predicted right (not in the paper):',
-              f"{'method':<{w}}" + ''.join(f'{L:>9}' for L in pk_lengths)]
-    for r in rows:
-        lines.append(f"{r['label']:<{w}}" + ''.join(cell(r.get('digits', {}).get(str(L)), '.2f') for L in pk_lengths))
+
+def claims(run):
+    """The paper's claims in the miniature (issue goals), each True / False / None (not measured) for one seed."""
+    Lc, Lt = train_len, target_len
+
+    def get(m, kind, L):
+        v = run.get(m, {}).get(kind, {})
+        near = [k for k in v if 0.95 * L < k <= L]  # passkey lengths sit a few tokens below L (passkey_eval_lengths)
+        return v[max(near)] if near else None
+
+    def test(*xs, f):
+        return None if any(x is None for x in xs) else bool(f(*xs))
+    pk = lambda m: [v for v in run.get(m, {}).get('passkey', {}).values()] or None  # noqa: E731
+    return [
+        ('Original passkey >= 0.9 at L_c', test(get('original', 'passkey', Lc), f=lambda a: a >= 0.9)),
+        ('PoSE passkey >= 0.9 at every length up to L_t', test(pk('pose'), f=lambda a: min(a) >= 0.9)),
+        ('Full-length passkey >= 0.9 at every length', test(pk('full'), f=lambda a: min(a) >= 0.9)),
+        ('Original passkey <= 0.2 at L_t', test(get('original', 'passkey', Lt), f=lambda a: a <= 0.2)),
+        ('PI-only passkey <= 0.2 at L_t', test(get('pi', 'passkey', Lt), f=lambda a: a <= 0.2)),
+        ('RandPos passkey at L_t <= PoSE - 0.3', test(get('randpos', 'passkey', Lt), get('pose', 'passkey', Lt),
+                                                     f=lambda r, p: r <= p - 0.3)),
+        ('Original ppl rises past L_c (L_t > L_c)', test(get('original', 'ppl', Lt), get('original', 'ppl', Lc),
+                                                        f=lambda a, b: a > b)),
+        ('PoSE ppl at L_t within 5% of Full-length', test(get('pose', 'ppl', Lt), get('full', 'ppl', Lt),
+                                                          f=lambda p, q: p <= 1.05 * q)),
+        ('RandPos ppl at L_t above PoSE', test(get('randpos', 'ppl', Lt), get('pose', 'ppl', Lt), f=lambda r, p: r > p)),
+        ('PoSE ppl at L_c within 10% of Original', test(get('pose', 'ppl', Lc), get('original', 'ppl', Lc),
+                                                        f=lambda p, o: p <= 1.10 * o)),
+    ]
+
+
+def stage_report():
+    """Each cell: the mean over the seeds, and min-max when there are several. Then the claims, per seed."""
+    seed_list = [int(s) for s in str(seeds).split()]
+    runs = {s: read_run(os.path.join(out_dir, f'seed-{s}')) for s in seed_list}
+    labels = [m.strip() for m in methods.split(',') if m.strip()]
+    w = max(len(LABELS.get(m, m)) for m in labels) + 2
+    cw = 20 if len(seed_list) > 1 else 9
+
+    def section(title, kind, fmt):
+        Ls = sorted({L for r in runs.values() for m in labels for L in r.get(m, {}).get(kind, {})})
+        if not Ls:
+            return []
+        head = ''.join(f'{L:>{cw}}' for L in Ls) if kind != 'step_ms' else f"{'ms':>{cw}}"
+        lines = [title, f"{'method':<{w}}" + head]
+        for m in labels:
+            cells = []
+            for L in Ls:
+                vs = [r[m][kind][L] for r in runs.values() if L in r.get(m, {}).get(kind, {})]
+                c = '-' if not vs else f'{np.mean(vs):{fmt}}' + (
+                    f' ({min(vs):{fmt}}-{max(vs):{fmt}})' if len(seed_list) > 1 else '')
+                cells.append(f'{c:>{cw}}')
+            lines.append(f'{LABELS.get(m, m):<{w}}' + ''.join(cells))
+        return lines + ['']
+    trials = next((r[m].get('passkey_trials') for r in runs.values() for m in r if r[m].get('passkey_trials')), '?')
+    n = f'{len(seed_list)} seeds ({" ".join(map(str, seed_list))}): mean (min-max)' if len(seed_list) > 1 \
+        else f'seed {seed_list[0]}'
+    lines = [f'nanoPoSE demo, L_c = {train_len} -> L_t = {target_len}, {n}', '']
+    lines += section('Perplexity on held-out stdlib files (eval_ppl.py), window length L:', 'ppl', '.2f')
+    lines += section(f'Passkey retrieval accuracy (eval_passkey.py, {trials} trials per length, random depth):',
+                     'passkey', '.2f')
+    lines += section("Passkey, partial credit: mean fraction of the key's tokens predicted right (not in the paper):",
+                     'digits', '.2f')
+    lines += section('Training step time (train.py log, mean over the steps after the first):', 'step_ms', '.0f')
+    per_seed = {s: claims(r) for s, r in runs.items()}
+    lines += ['Claims (per seed: + holds, - fails, ? not measured):']
+    for i, (name, _) in enumerate(per_seed[seed_list[0]]):
+        marks = ''.join('?' if per_seed[s][i][1] is None else '+-'[not per_seed[s][i][1]] for s in seed_list)
+        verdict = 'holds for every seed' if set(marks) == {'+'} else 'fails for some seed' if '-' in marks else 'unmeasured'
+        lines.append(f'  {marks:<{max(len(seed_list), 5)}} {name:<48} {verdict}')
     table = '\n'.join(lines)
     print(table)
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, 'results.txt.tmp'), 'w') as f:
-        f.write(table + '\n')
-    os.replace(os.path.join(out_dir, 'results.txt.tmp'), os.path.join(out_dir, 'results.txt'))
-    with open(os.path.join(out_dir, 'results.json.tmp'), 'w') as f:
-        json.dump(rows, f, indent=1)
-    os.replace(os.path.join(out_dir, 'results.json.tmp'), os.path.join(out_dir, 'results.json'))
-    plot(rows, lengths, pk_lengths)
+    write_text_atomic(os.path.join(out_dir, 'results.txt'), table + '\n')
+    write_text_atomic(os.path.join(out_dir, 'results.json'), json.dumps(
+        {'seeds': seed_list, 'runs': {str(s): {m: {k: {str(L): v for L, v in d.items()} if isinstance(d, dict) else d
+                                                    for k, d in row.items()} for m, row in r.items()}
+                                      for s, r in runs.items()},
+         'claims': {str(s): c for s, c in per_seed.items()}}, indent=1))
+    plot(runs, labels)
 
 
-def plot(rows, lengths, pk_lengths):
+def write_text_atomic(path, text):
+    with open(path + '.tmp', 'w') as f:
+        f.write(text)
+    os.replace(path + '.tmp', path)
+
+
+def plot(runs, labels):
+    """ppl and passkey vs length: the mean over the seeds, with a min-max band when there are several."""
     try:
         import matplotlib
         matplotlib.use('Agg')
@@ -224,11 +284,15 @@ def plot(rows, lengths, pk_lengths):
         print('note: matplotlib is not installed: no plots (pip install matplotlib)')
         return
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for r in rows:
-        if 'ppl' in r:
-            axes[0].plot(lengths, [r['ppl'].get(str(L), math.nan) for L in lengths], 'o-', label=r['label'])
-        if 'passkey' in r:
-            axes[1].plot(pk_lengths, [r['passkey'].get(str(L), math.nan) for L in pk_lengths], 'o-', label=r['label'])
+    for ax, kind in zip(axes, ('ppl', 'passkey')):
+        for m in labels:
+            Ls = sorted({L for r in runs.values() for L in r.get(m, {}).get(kind, {})})
+            vals = [[r[m][kind][L] for r in runs.values() if L in r.get(m, {}).get(kind, {})] for L in Ls]
+            if not Ls:
+                continue
+            line, = ax.plot(Ls, [np.mean(v) for v in vals], 'o-', label=LABELS.get(m, m))
+            if len(runs) > 1:
+                ax.fill_between(Ls, [min(v) for v in vals], [max(v) for v in vals], color=line.get_color(), alpha=0.15)
     axes[0].set_yscale('log')
     axes[0].set_ylabel('perplexity (Table 1)')
     axes[1].set_ylabel('passkey accuracy (Fig. 2b)')
@@ -239,7 +303,7 @@ def plot(rows, lengths, pk_lengths):
         ax.axvline(train_len, color='gray', ls=':', lw=1)
         ax.grid(True, which='both', alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(f'nanoPoSE demo: L_c = {train_len} -> L_t = {target_len}')
+    fig.suptitle(f'nanoPoSE demo: L_c = {train_len} -> L_t = {target_len}, seeds {" ".join(map(str, runs))}')
     fig.tight_layout()
     path = os.path.join(out_dir, 'demo.png')
     fig.savefig(path + '.tmp', format='png', dpi=120)
