@@ -33,9 +33,11 @@ if [ ! -f $D/long/meta.json ]; then
   $PY prepare_data.py --input=$D/src/tok.jsonl --train_tokenizer=1024 --out_dir=$D/tok
   step "1/5 data: passkey documents of exactly L_c+1 and L_t+1 tokens"
   $PY demo_report.py --stage=passkey --src_dir=$D/src --tokenizer=$D/tok/tokenizer.model
-  for s in short long; do  # short: pretraining + PoSE/RandPos; long: full-length (same mix, L_t-token prompts)
+  # short: pretraining + PoSE/RandPos (stdlib in 512-token pieces); long: full-length (whole files, L_t-token prompts)
+  for s in short long; do
+    py=$D/src/python_train.jsonl; [ $s = short ] && py=$D/src/python_short.jsonl
     rm -rf $D/$s
-    $PY prepare_data.py --input=$D/src/python_train.jsonl,$D/src/passkey_$s.jsonl --val_input=$D/src/python_val.jsonl \
+    $PY prepare_data.py --input=$py,$D/src/passkey_$s.jsonl --val_input=$D/src/python_val.jsonl \
         --tokenizer=$D/tok/tokenizer.model --out_dir=$D/$s --num_proc=2
   done
 else

@@ -2,8 +2,8 @@
 The demo's helper (demo.sh runs it): writes the demo's input files, and prints the final table.
 
     python demo_report.py --stage=sources   # stdlib -> src/python_{train,val}.jsonl + src/tok.jsonl (tokenizer sample)
-    python demo_report.py --stage=passkey   # src/passkey_short.jsonl (L_c+1 tokens), src/passkey_long.jsonl (L_t+1)
-    python demo_report.py --stage=report    # the paper-style table (Table 1 + Fig. 2b) + plots from the eval JSONs
+    python demo_report.py --stage=passkey   # src/python_short.jsonl, src/passkey_short.jsonl, src/passkey_long.jsonl
+    python demo_report.py --stage=report --seeds="1 2 3"   # the paper-style table (Table 1 + Fig. 2b) + plots
 
 Why synthetic passkey documents: a tiny model pretrained for minutes on Python source has never seen
 English, let alone the passkey prompt, and retrieves nothing even inside its window -- then a passkey row
@@ -16,14 +16,23 @@ and ends with the answer. Each method gets the same share at its own training le
                        PoSE's skip offsets put the key and the question up to L_t positions apart)
   passkey_long.jsonl   L_t + 1 tokens: full-length fine-tuning (real L_t-token prompts)
 Evaluation (eval_passkey.py) uses other random keys and depths (another seed) on the trained models.
+
+What made retrieval learnable (measured, see the README): the passkey documents must be MANY -- each seen
+about once. With a few hundred, drawn again and again, the model memorises each document's key instead of
+learning to copy it (0% at L_c after 1,000-2,500 steps; a repeated-sequence probe showed no copying at
+all). Since draws are per document, the stdlib files are cut into `piece_tokens`-token pieces
+(python_pieces), which multiplies the documents, and so the passkey documents at the same share. A
+`copy_share` of fresh random-word sequences, repeated (word_drill), adds copying practice.
 """
 import glob
 import json
 import math
+import re
 import os
 import sys
 
 import numpy as np
+from tqdm import tqdm
 
 # -----------------------------------------------------------------------------
 stage = 'report'  # 'sources' | 'passkey' | 'report'
@@ -35,8 +44,9 @@ val_fraction = 0.1  # stdlib files held out for the perplexity evaluation (seede
 python_mb = 8.0  # at most this many MB of stdlib source (test suites left out; a random subset of files)
 tok_sample_docs = 150  # stdlib files in the tokenizer sample ...
 tok_passkey_per_doc = 3  # ... each followed by this many passkey prompts (so the filler gets its own tokens)
-passkey_share = 0.5  # fraction of the drawable training documents that are passkey prompts
-copy_share = 0.0  # fraction that are copy drills: 12 random 5-digit numbers, repeated (induction warm-up)
+passkey_share = 0.4  # fraction of the drawable training documents that are passkey prompts
+copy_share = 0.2  # fraction that are copy drills: 16 random words, repeated (teaches copying, see word_drill)
+piece_tokens = 512  # the stdlib files are cut into pieces of this many tokens for the L_c mix (python_pieces)
 seed = 1337  # file split, keys, depths
 out_dir = 'out-demo'  # eval JSONs (report stage) ...
 methods = 'original,pi,randpos,full,pose'  # ... rows: out_dir/seed-S/{ppl,passkey}-{method}.json
@@ -94,44 +104,73 @@ def stage_sources():
     write_jsonl_atomic(os.path.join(src_dir, 'tok.jsonl'), sample)
 
 
-def exact_passkey_doc(tok, length, rng, hints):
-    """Text of a passkey prompt + ' ' + key that tokenizes (BOS included) to exactly `length` tokens.
-    Filler comes in whole sentences (~5 tokens), so we draw keys / depths until one lands exactly."""
-    from eval_passkey import encode_trial, make_passkey_prompt
+def exact_passkey_doc(tok, length, rng, F):
+    """Text of a passkey prompt + ' ' + key + '.' that tokenizes (BOS included) to exactly `length` tokens, for a
+    random key and depth. The prompt's lines are tokenized apart ('\\n' is a piece of its own), so its length
+    is a sum of per-line counts: F[n] = tokens of n filler words (filled in as needed), and the key's two lines.
+    The result is checked with one real encode; filler comes in words, so some draws cannot land exactly."""
+    from eval_passkey import KEY_LINE, QUESTION, TASK, filler_text
+    tlen = lambda t: len(tok.encode(t, bos=False))  # noqa: E731
     for _ in range(200):
         key, depth = str(int(rng.integers(10000, 100000))), float(rng.random())
-        lo = hints.get(length, 0)
-        while len(encode_trial(tok, lo + 1, key, depth)[0]) <= length:  # hints make this a short walk
-            lo += 1
-        while lo > 0 and len(encode_trial(tok, lo, key, depth)[0]) > length:
-            lo -= 1
-        if len(encode_trial(tok, lo, key, depth)[0]) == length:
-            hints[length] = max(lo - 2, 0)
-            return make_passkey_prompt(lo, key, depth)[0] + ' ' + key
+        fixed = 1 + 4 + tlen(TASK) + tlen(KEY_LINE.format(key=key)) + tlen(QUESTION + ' ' + key + '.')  # + BOS, newlines
+        n = 0
+        while True:
+            nb = int(round(depth * n))
+            while len(F) <= n:
+                F.append(tlen(filler_text(len(F))))
+            total = fixed + F[nb] + F[n - nb]
+            if total >= length:
+                break
+            n += 1
+        if total == length:
+            text = make_prompt_text(n, key, depth)
+            if len(tok.encode(text, bos=True)) == length:
+                return text
     raise ValueError(f"could not build a passkey prompt of exactly {length} tokens in 200 draws")
+
+
+def make_prompt_text(n, key, depth):
+    from eval_passkey import make_passkey_prompt
+    return make_passkey_prompt(n, key, depth)[0] + ' ' + key + '.'  # the '.' teaches where the number ends
+
+
+def word_drill(words, length, rng):
+    """16 random words, repeated to ~length tokens: after the first pass every token is a copy of one 16 words
+    back. Fresh words in every document, so only copying (not memorising) lowers the loss."""
+    seq = ' '.join(words[i] for i in rng.integers(0, len(words), 16))
+    return ' '.join([seq] * (2 + length // 40))  # 16 words are ~40 tokens
+
+
+def python_pieces(tok, texts, n_tokens):
+    """The stdlib files cut into pieces of n_tokens tokens (decoded back to text; a shorter tail is dropped).
+    train.py draws documents uniformly: short pieces make the pretraining mix a mix by tokens, and let the
+    passkey documents be many (each seen about once) at the same share."""
+    out = []
+    for ids in tok.encode_batch(texts, bos=False):
+        out += [tok.decode(ids[i:i + n_tokens]) for i in range(0, len(ids) - n_tokens + 1, n_tokens)]
+    return out
 
 
 def stage_passkey():
     from prepare_data import load_tokenizer
     tok = load_tokenizer(tokenizer)
     train = read_jsonl(os.path.join(src_dir, 'python_train.jsonl'))
-    lens = np.array([len(ids) for ids in tok.encode_batch(train, bos=True)]) if hasattr(tok, 'encode_batch') \
-        else np.array([len(tok.encode(t, bos=True)) for t in train])
+    words = sorted({w for t in train for w in re.findall(r'\b[A-Za-z][a-z]{2,9}\b', t)})
     rng = np.random.default_rng([seed, 1])
-    for name, L in (('passkey_short', train_len + 1), ('passkey_long', target_len + 1)):
-        n_python = int((lens >= L).sum())  # the python documents a run at this length can draw
+    F = []
+    short = python_pieces(tok, train, piece_tokens)
+    write_jsonl_atomic(os.path.join(src_dir, 'python_short.jsonl'), short)
+    lens = np.array([len(ids) for ids in tok.encode_batch(train, bos=True)])
+    for name, L, n_python in (('passkey_short', train_len + 1, len(short)),
+                              ('passkey_long', target_len + 1, int((lens >= target_len + 1).sum()))):
         n = int(round(passkey_share / (1 - passkey_share - copy_share) * n_python))
         n_copy = int(round(copy_share / (1 - passkey_share - copy_share) * n_python))
-        hints = {}
-        docs = [exact_passkey_doc(tok, L, rng, hints) for _ in range(n)]
-        assert all(len(tok.encode(d, bos=True)) == L for d in docs[:5])
-        for _ in range(n_copy):  # the same numbers over and over: the next one is always a copy of 12 back
-            nums = ' '.join(str(int(k)) for k in rng.integers(10000, 100000, 12))
-            reps = 2 + L // 60  # 12 numbers are ~72 tokens: enough repeats for a window of L tokens
-            docs.append(' '.join([nums] * reps))
+        docs = [exact_passkey_doc(tok, L, rng, F) for _ in tqdm(range(n), desc=name, leave=False)]
+        docs += [word_drill(words, L, rng) for _ in range(n_copy)]
         write_jsonl_atomic(os.path.join(src_dir, f'{name}.jsonl'), docs)
         print(f'{name}: {n} passkey documents of {L} tokens + {n_copy} copy drills next to {n_python} python '
-              f'documents of >= {L} tokens ({100 * n / (n + n_copy + n_python):.0f}% + '
+              f'documents ({100 * n / (n + n_copy + n_python):.0f}% + '
               f'{100 * n_copy / (n + n_copy + n_python):.0f}% of what a run at this length draws)')
     lengths = passkey_eval_lengths(tok, rng)
     with open(os.path.join(src_dir, 'passkey_lengths.txt'), 'w') as f:
