@@ -3,9 +3,9 @@
 #   1. data      the Python standard library's source (real text on every machine) + synthetic passkey
 #                prompts; a 1024-piece sentencepiece tokenizer trained on them (prepare_data.py)
 #   2. Original  a tiny LLaMA pretrained from scratch at L_c = 128 tokens (config/demo_pretrain.py)
-#   3. extend 8x to L_t = 1024, same steps / batch / lr for every method (linear interpolation, factor 8):
+#   3. extend 4x to L_t = 512, same steps / batch / lr for every method (YaRN, factor 4):
 #                PoSE (config/demo_pose.py), RandPos (demo_randpos.py), full-length (demo_full.py);
-#                PI-only = the Original with rope_scaling linear x8 and no training
+#                YaRN-only = the Original with rope_scaling yarn x4 and no training (the paper's "PI-only" row)
 #   4. eval      eval_ppl.py (held-out stdlib files, windows L_c .. L_t) and eval_passkey.py
 #   5. report    the paper's Table 1 / Fig. 2b layout: out-demo/results.txt, out-demo/demo.png
 # The data (step 1) does not depend on the seed; steps 2-4 run once per seed into out-demo/seed-S/, and the
@@ -44,7 +44,8 @@ else
   step "1/5 data: $D exists (rm -rf $D to rebuild)"
 fi
 PK=$(cat $D/src/passkey_lengths.txt)
-PI="{'rope_type':'linear','factor':8.0}"
+LT=512  # L_t (config/demo_pose.py)
+YARN="{'rope_type':'yarn','factor':4.0,'original_max_position_embeddings':128}"
 
 for seed in $SEEDS; do
   S=$O/seed-$seed
@@ -55,18 +56,18 @@ for seed in $SEEDS; do
   fi
   for m in pose randpos full; do
     [ -f $S/$m/hf/config.json ] && continue
-    step "3/5 seed $seed: extend to L_t = 1024: $m"
+    step "3/5 seed $seed: extend to L_t = $LT: $m"
     rm -rf $S/$m $S/*-$m.json
     $PY train.py config/demo_$m.py --init_from=$S/original/hf --out_dir=$S/$m --seed=$seed "${TRAIN_ARGS[@]}"
   done
   for m in original pi randpos full pose; do
     case $m in
       original) args=(--model=$S/original/hf) ;;
-      pi)       args=(--model=$S/original/hf --rope_scaling="$PI" --max_position_embeddings=1024) ;;
+      pi)       args=(--model=$S/original/hf --rope_scaling="$YARN" --max_position_embeddings=$LT) ;;
       *)        args=(--model=$S/$m/hf) ;;
     esac
     [ -f $S/ppl-$m.json ] || { step "4/5 seed $seed: perplexity of $m"
-      $PY eval_ppl.py "${args[@]}" --data_dir=$D/short --split=val --lengths="[128,256,512,1024]" --num_docs=20 \
+      $PY eval_ppl.py "${args[@]}" --data_dir=$D/short --split=val --lengths="[$PK]" --num_docs=20 \
           --device=cpu --out=$S/ppl-$m.json; }
     [ -f $S/passkey-$m.json ] || { step "4/5 seed $seed: passkey retrieval of $m"
       $PY eval_passkey.py "${args[@]}" --lengths="[$PK]" --num_trials=$TRIALS --seed=$((7 + seed)) --device=cpu \

@@ -5,7 +5,7 @@
 init_from = 'scratch'
 model_args = dict(dim=128, n_layers=4, n_heads=4, n_kv_heads=4, hidden_dim=384)  # vocab_size from the data
 data_dir = 'data-demo/short'
-out_dir = 'out-demo/original'
+out_dir = 'out-demo/seed-1/original'
 method = 'full'  # plain training at the model's own window
 train_len = 128  # L_c
 target_len = 128
