@@ -408,6 +408,9 @@ def train_sentencepiece(docs, vocab_size, model_path, model_type='bpe', sample_m
                 return
 
     model = io.BytesIO()
+    # the trainer's sentence shuffle and sampling draw from its own generator: seeded, the same docs give the
+    # same tokenizer whatever the thread count (checked: three trainings, one sha256)
+    spm.set_random_generator_seed(1337)
     try:
         spm.SentencePieceTrainer.train(
             sentence_iterator=pieces(), model_writer=model, vocab_size=vocab_size, model_type=model_type,
