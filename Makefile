@@ -39,8 +39,10 @@ install-dev: $(VENV)/.installed-dev
 test: $(VENV)/.installed-dev $(VENV_HF445)/.installed
 	HF445_PYTHON=$(abspath $(VENV_HF445))/bin/python $(BIN)/python -m pytest -q tests
 
+# make demo SEEDS="1 2 3": one run per seed, the table gives each cell's mean (min-max)
+SEEDS ?= 1
 demo: $(VENV)/.installed-dev  # matplotlib for the plots
-	PY=$(BIN)/python bash demo.sh
+	PY=$(BIN)/python SEEDS="$(SEEDS)" bash demo.sh
 
 demo-real: $(VENV)/.installed-real
 	PY=$(BIN)/python bash demo_real.sh
