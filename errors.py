@@ -10,7 +10,6 @@ One error idiom for every entry script (train.py, prepare_data.py, eval_*.py, sa
 import errno
 import os
 import shutil
-import signal
 import sys
 from contextlib import contextmanager
 
@@ -85,29 +84,11 @@ def say_error(msg):
     print(f"{f'[rank {rank}] ' if rank else ''}{msg}", file=sys.stderr, flush=True)
 
 
-_interrupted = False  # set by the SIGINT handler: a KeyboardInterrupt raised inside a destructor is lost
-
-
-def _on_sigint(signum, frame):
-    global _interrupted
-    _interrupted = True
-    raise KeyboardInterrupt
-
-
-def check_interrupt():
-    """Raise KeyboardInterrupt if Ctrl-C arrived, even when its first raise was swallowed (Python ignores an
-    exception raised inside __del__ or a weakref callback): long loops call this once per iteration."""
-    if _interrupted:
-        raise KeyboardInterrupt
-
-
 def run(main, cleanup=None, interrupted='interrupted (Ctrl-C): stopped, no partial results written'):
     """The scripts' entry point: main(); UserError -> one line, exit e.code; Ctrl-C -> the line `interrupted`,
     exit 130; anything else propagates with its traceback. cleanup() runs in every case (e.g. to destroy the
     process group)."""
     code = 0
-    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not when the caller set its own
-        signal.signal(signal.SIGINT, _on_sigint)
     try:
         main()
     except UserError as e:

@@ -33,7 +33,7 @@ import numpy as np
 
 import rope_config
 import sample_positions  # SAMPLERS (a module, so the configurator cannot mistake it for a config key)
-from errors import UserError, check_interrupt, is_interrupt, remove, run, writing
+from errors import UserError, is_interrupt, remove, run, writing
 from prepare_data import check_same_tokenizer, open_split, read_meta
 # torch and model.py are imported in init_torch(), after the config and the data are checked: a typo fails in a blink
 
@@ -523,7 +523,6 @@ def main():
             v = estimate_val_loss(model, data, autocast)
             log(log_file, {'iter': 0, 'val_loss': v}, f'iter 0: val loss {v:.4f}')
         while iter_num < max_iters:
-            check_interrupt()
             t0 = time.time()
             train_loss, lr, grad_norm = train_step(model, optimizer, data, autocast, iter_num)
             dt = time.time() - t0
