@@ -58,9 +58,16 @@ builtins.open = open
 """
 
 
+def default_sigint():
+    # a suite started in the background (`cmd &` in a script, nohup) inherits SIGINT ignored, and Python then
+    # installs no Ctrl-C handler: the child must get the default back, or the SIGINT tests wait forever
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def script(name, *args, patch=''):
     cmd = [sys.executable, '-c', PRELUDE.format(patch=patch), name, *args] if patch else [sys.executable, name, *args]
-    return subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=default_sigint)
 
 
 def refused(proc, code, *needles):
