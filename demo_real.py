@@ -18,6 +18,8 @@ import os
 import sys
 import sysconfig
 
+from prepare_data import write_jsonl_atomic
+
 # -----------------------------------------------------------------------------
 stage = 'report'  # 'sources' | 'report'
 src_dir = 'data-real/src'  # where train.jsonl / val.jsonl go (stage sources)
@@ -66,15 +68,6 @@ def package_documents(root, skip, doc_bytes):
         if parts:
             docs.setdefault(pkg, []).append('\n'.join(parts))
     return docs
-
-
-def write_jsonl_atomic(path, texts):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path + '.tmp', 'w', encoding='utf-8') as f:
-        for t in texts:
-            f.write(json.dumps({'text': t}) + '\n')
-    os.replace(path + '.tmp', path)
-    print(f"wrote {path} ({len(texts)} documents, {sum(map(len, texts)) / 1e6:.1f} MB)")
 
 
 def load_results(out_dir, methods):

@@ -26,13 +26,14 @@ all). Since draws are per document, the stdlib files are cut into `piece_tokens`
 """
 import glob
 import json
-import math
-import re
 import os
+import re
 import sys
 
 import numpy as np
 from tqdm import tqdm
+
+from prepare_data import write_jsonl_atomic
 
 # -----------------------------------------------------------------------------
 stage = 'report'  # 'sources' | 'passkey' | 'report'
@@ -55,15 +56,6 @@ seeds = '1'  # the seeds to report (space-separated): each cell is their mean an
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
 # -----------------------------------------------------------------------------
 LABELS = {'original': 'Original', 'pi': 'YaRN-only', 'randpos': 'RandPos', 'full': 'Full-length', 'pose': 'PoSE'}
-
-
-def write_jsonl_atomic(path, texts):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path + '.tmp', 'w', encoding='utf-8') as f:
-        for t in texts:
-            f.write(json.dumps({'text': t}) + '\n')
-    os.replace(path + '.tmp', path)
-    print(f'wrote {path} ({len(texts)} documents)')
 
 
 def read_jsonl(path):

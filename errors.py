@@ -8,6 +8,7 @@ One error idiom for every entry script (train.py, prepare_data.py, eval_*.py, sa
 - anything else is a bug and keeps its traceback.
 """
 import errno
+import json
 import os
 import shutil
 import sys
@@ -103,3 +104,15 @@ def run(main, cleanup=None, interrupted='interrupted (Ctrl-C): stopped, no parti
         if cleanup is not None:
             cleanup()
     sys.exit(code)
+
+
+def read_json(path):
+    """A JSON object from a file the user gave us; unreadable -> one line naming the file."""
+    try:
+        with open(path, encoding='utf-8') as f:
+            obj = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: invalid JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"{path}: expected a JSON object, got {type(obj).__name__}")
+    return obj

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 import rope_config
-from errors import UserError
+from errors import UserError, read_json
 
 try:  # flash-attn's causal kernel on CUDA bf16/fp16; SDPA everywhere else
     from flash_attn import flash_attn_func
@@ -589,17 +589,6 @@ def _weight_files(path):
             return [os.path.join(path, single)]
     raise UserError(f"{path}: no model.safetensors, model.safetensors.index.json or pytorch_model*.bin")
 
-
-def read_json(path):
-    """A JSON object from a file the user gave us; unreadable -> one line naming the file."""
-    try:
-        with open(path, encoding='utf-8') as f:
-            obj = json.load(f)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{path}: invalid JSON ({e})") from None
-    if not isinstance(obj, dict):
-        raise UserError(f"{path}: expected a JSON object, got {type(obj).__name__}")
-    return obj
 
 
 def _tensor_readers(file):

@@ -35,7 +35,7 @@ from collections import deque
 import numpy as np
 from tqdm import tqdm
 
-from errors import UserError, is_disk_full, remove, run
+from errors import UserError, is_disk_full, read_json, remove, run
 
 # -----------------------------------------------------------------------------
 # config (nanoGPT style: python prepare_data.py [config.py] [--key=value ...])
@@ -152,12 +152,7 @@ class Tokenizer:
 
 
 def _read_json_if(path):
-    if not os.path.isfile(path):
-        return {}
-    try:
-        return json.load(open(path, encoding='utf-8'))
-    except ValueError as e:
-        raise UserError(f"{path}: invalid JSON ({e})") from None
+    return read_json(path) if os.path.isfile(path) else {}
 
 
 def resolve_tokenizer(path):
@@ -603,19 +598,23 @@ def prepare(input=None, corpus='', val_input=None, val_fraction=0.0, out_dir='da
         raise
 
 
+def write_jsonl_atomic(path, texts):
+    """texts as a .jsonl file of {"text": ...} lines (this script's input format), written under a temp name."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + '.tmp', 'w', encoding='utf-8') as f:
+        for t in texts:
+            f.write(json.dumps({'text': t}) + '\n')
+    os.replace(path + '.tmp', path)
+    print(f"wrote {path} ({len(texts)} documents, {sum(map(len, texts)) / 1e6:.1f} MB)")
+
+
 # ----------------------------------------------------------------------------- readers for train/eval
 def read_meta(data_dir):
     """meta.json of a prepared dataset, checked: a broken one is named here, not deep inside a reader."""
     path = os.path.join(data_dir, 'meta.json')
     if not os.path.isfile(path):
         raise UserError(f"{data_dir}: no meta.json, not a (complete) prepared dataset: run prepare_data.py")
-    try:
-        with open(path, encoding='utf-8') as f:
-            meta = json.load(f)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{path}: invalid JSON ({e})") from None
-    if not isinstance(meta, dict):
-        raise UserError(f"{path}: expected a JSON object, got {type(meta).__name__}")
+    meta = read_json(path)
     splits, vocab = meta.get('splits'), meta.get('vocab_size')
     for bad, msg in [(meta.get('dtype') not in ('uint16', 'uint32'), f"dtype={meta.get('dtype')!r}: expected 'uint16' or 'uint32'"),
                      (not isinstance(vocab, int) or vocab < 1, f"vocab_size={vocab!r}: expected a positive integer"),
