@@ -24,12 +24,13 @@ or a grid (`depths`).
 Scoring = the official script's (dwzhu-pku/PoSE src/eval_passkey.py): greedy generation of up to 10 new
 tokens after BOS + prompt, the output decoded, and the trial passes iff int(first `\\d+` of it) == key --
 so "12345." and "is: 12345" and "\\n12345" pass for key 12345, "123456" and "1234" fail. We compute exactly
-that without a KV cache: one forward over prompt + the key's tokens, and lm_head only at the positions
-that predict the key and the token after it (which shows whether the number ends). Greedy decoding
-sees the same prefixes as long as its argmax agrees with those tokens, so the argmaxes up to the
-first disagreement are greedy's own output; at a disagreement (e.g. a leading ":" or newline) we keep
-greedy's token and run another forward with a new guess. A trial stops as soon as its verdict is fixed,
-so most trials take one forward, none more than max_new_tokens. The tests check this against plain
+that with a guess: the prompt runs once into a KV cache (model.KVCache), then one forward over the key's
+tokens after it, with lm_head only at the positions that predict the key and the token after it (which
+shows whether the number ends). Greedy decoding sees the same prefixes as long as its argmax agrees with
+those tokens, so the argmaxes up to the first disagreement are greedy's own output; at a disagreement
+(e.g. a leading ":" or newline) we keep greedy's token and run another short forward with a new guess
+over the cache. A trial stops as soon as its verdict is fixed, so most trials take one short forward
+after the prompt, none more than max_new_tokens. The tests check this against plain
 greedy decoding + the regex. `pred_ids` (the teacher-forced argmax on the key's tokens) is kept for
 partial credit.
 """
@@ -41,6 +42,7 @@ import numpy as np
 import torch
 
 from errors import UserError, run
+from model import KVCache
 from eval_ppl import check_out, check_plot, default_out, length_warnings, load_model, model_name, write_json_atomic
 
 TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
@@ -133,17 +135,22 @@ def speculate(gen, guess, decode):
 
 @torch.inference_mode()
 def greedy_passkey(model, prompt, guess, key, decode, max_new_tokens=10, eos_id=None, device='cpu'):
-    """Greedy decoding after `prompt` (ids) judged like the official script (first number == key), without a
-    KV cache: each forward runs prompt + confirmed tokens + a guessed continuation (the key, then one more
-    position that shows whether the number ends) and keeps the model's argmax up to the first miss, so one
-    forward usually decides a trial and each one adds at least one generated token. Stops once the verdict
-    is fixed, at EOS, or after max_new_tokens (what the official script's generate(max_new_tokens=10) sees).
+    """Greedy decoding after `prompt` (ids) judged like the official script (first number == key). The prompt
+    runs once into a KV cache; each forward then runs the prompt's last token + the confirmed tokens + a guessed
+    continuation (the key, then one more position that shows whether the number ends) and keeps the model's
+    argmax up to the first miss, so one forward usually decides a trial and each one adds at least one
+    generated token. Stops once the verdict is fixed, at EOS, or after max_new_tokens (what the official
+    script's generate(max_new_tokens=10) sees).
     Returns (passed, generated ids, teacher-forced argmax at the guess's positions, forwards run)."""
+    P = len(prompt) - 1  # tokens kept in the cache: the prompt but its last, whose output is the first token
+    cache = KVCache(model.args.n_layers)
+    model.forward_hidden(torch.tensor(prompt[:P], dtype=torch.long, device=device)[None], cache=cache)
     gen, tf_pred, n_fwd = [], None, 0
     while True:
         spec = speculate(gen, guess, decode)
-        ids = torch.tensor(list(prompt) + gen + spec, dtype=torch.long, device=device)[None]
-        h = model.forward_hidden(ids)[0, len(prompt) + len(gen) - 1:]  # positions predicting gen's next tokens
+        ids = torch.tensor([prompt[P]] + gen + spec, dtype=torch.long, device=device)[None]
+        h = model.forward_hidden(ids, cache=cache)[0, len(gen):]  # positions predicting gen's next tokens
+        cache.truncate(P)  # the guess may be wrong: the next forward reruns everything after the prompt
         pred = model.lm_head(h).float().argmax(-1).tolist()  # [len(spec) + 1]: no [T, vocab] logits
         n_fwd += 1
         tf_pred = pred[:len(guess)] if tf_pred is None else tf_pred

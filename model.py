@@ -323,13 +323,17 @@ class Attention(nn.Module):
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def attend(self, q, k, v):
-        """Causal attention over token order (not position ids) -> [B, T, H * d], before o_proj."""
-        B, T = q.shape[:2]
+        """Causal attention over token order (not position ids) -> [B, T, H * d], before o_proj. k, v may hold
+        S > T tokens (a KV cache: the earlier tokens first); query i then sees keys up to S - T + i."""
+        B, T, S = q.shape[0], q.shape[1], k.shape[1]
         if flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
-            y = flash_attn_func(q, k, v, causal=True)  # [B, T, H, d]; GQA natively
+            y = flash_attn_func(q, k, v, causal=True)  # [B, T, H, d]; GQA natively; S > T: bottom-right causal
         else:  # K/V heads shared without copies; on CPU this is SDPA's flash kernel: no [H, T, T] scores
+            # after a cache, SDPA's is_causal would align the mask top-left: an explicit [T, S] mask instead
+            mask = None if S == T else torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
             y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                               is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads)
+                                               attn_mask=mask, is_causal=mask is None,
+                                               enable_gqa=self.n_kv_heads != self.n_heads)
             y = y.transpose(1, 2)  # [B, T, H, d]
         return y.reshape(B, T, self.n_heads * self.head_dim)
 
@@ -360,16 +364,21 @@ class Block(nn.Module):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin)
         return x + self.mlp(self.post_attention_layernorm(x))
 
-    def forward_inference(self, x, cos, sin, chunk):
+    def forward_inference(self, x, cos, sin, chunk, cache=None, layer=0):
         """The same block without autograd, x updated in place: everything but attention itself runs on
         `chunk` rows at a time, so the only [T, ...] tensors are x, q, k, v and the attention output (no
-        [T, hidden_dim] MLP activations, cache-sized temporaries)."""
+        [T, hidden_dim] MLP activations, cache-sized temporaries). cache (KVCache): x's tokens come after
+        the cached ones, and their keys / values are appended to it."""
         (B, T, _), attn = x.shape, self.self_attn
         q = x.new_empty(B, T, attn.n_heads, attn.head_dim)  # filled chunk by chunk: never a second copy
         k, v = (x.new_empty(B, T, attn.n_kv_heads, attn.head_dim) for _ in range(2))
         for i in range(0, T, chunk):
             j = min(i + chunk, T)
             q[:, i:j], k[:, i:j], v[:, i:j] = attn.project(self.input_layernorm(x[:, i:j]), cos[:, i:j], sin[:, i:j])
+        if cache is not None:
+            if cache.kv[layer] is not None:  # [B, S + T, Hkv, d]: the earlier tokens' keys / values first
+                k, v = torch.cat((cache.kv[layer][0], k), 1), torch.cat((cache.kv[layer][1], v), 1)
+            cache.kv[layer] = (k, v)
         y = attn.attend(q, k, v)  # [B, T, H * d]
         del q, k, v
         for i in range(0, T, chunk):
@@ -391,6 +400,21 @@ def chunked_cross_entropy(h, weight, targets, chunk=LOSS_CHUNK):
     for i in range(0, h.shape[0], chunk):
         total = total + checkpoint(_ce_sum, h[i:i + chunk], weight, targets[i:i + chunk], use_reentrant=False)
     return total / (targets != -100).sum().clamp(min=1)
+
+
+class KVCache:
+    """Keys and values of the tokens already run, per layer, for greedy decoding (eval_passkey.py):
+    forward_hidden(idx, cache=c) runs idx after them, at the next positions, and appends idx's own. RoPE is
+    applied before caching, so a cached key keeps the rotation it was computed with (as transformers' cache:
+    only 'dynamic' scaling, whose frequencies depend on the length, can differ from a full recompute)."""
+    def __init__(self, n_layers):
+        self.kv = [None] * n_layers  # per layer: (k, v) [B, S, Hkv, d] or None
+
+    def __len__(self):  # S: tokens cached
+        return 0 if self.kv[0] is None else self.kv[0][0].shape[1]
+
+    def truncate(self, n):  # forget every token from position n on
+        self.kv = [None if kv is None else (kv[0][:, :n], kv[1][:, :n]) for kv in self.kv]
 
 
 # -----------------------------------------------------------------------------
@@ -418,11 +442,13 @@ class Transformer(nn.Module):
             elif isinstance(m, RMSNorm):
                 nn.init.ones_(m.weight)
 
-    def forward_hidden(self, idx, position_ids=None):
-        """idx [B,T] int64 -> h [B,T,dim] after the final norm."""
+    def forward_hidden(self, idx, position_ids=None, cache=None):
+        """idx [B,T] int64 -> h [B,T,dim] after the final norm. cache (KVCache, no autograd): idx follows the
+        cached tokens (default positions len(cache) ...) and its keys / values are appended."""
         B, T = idx.shape
         if position_ids is None:
-            position_ids = torch.arange(T, device=idx.device)
+            start = 0 if cache is None else len(cache)
+            position_ids = torch.arange(start, start + T, device=idx.device)
         if position_ids.dim() > 2 or position_ids.shape[-1] != T or \
                 (position_ids.dim() == 2 and position_ids.shape[0] not in (1, B)):
             raise ValueError(f"position_ids shape {tuple(position_ids.shape)} does not match idx shape {(B, T)}")
@@ -436,14 +462,17 @@ class Transformer(nn.Module):
         # angles and cos/sin in fp32, once for all layers; then in the model dtype, as transformers
         # (no [T, H, d] fp32 copies of q and k at 128k tokens; under autocast they stay fp32)
         cos, sin = (t.to(x.dtype) for t in rope_cos_sin(self.args, position_ids.to(idx.device)))
-        if torch.is_grad_enabled() or not self.infer_chunk:  # training (and wrapped blocks) take this path
+        if cache is None and (torch.is_grad_enabled() or not self.infer_chunk):  # training, wrapped blocks
             for layer in self.layers:
                 x = layer(x, cos, sin)
             return self.norm(x)
-        for layer in self.layers:  # no autograd (eval): row chunks, x updated in place
-            x = layer.forward_inference(x, cos, sin, self.infer_chunk)
-        for i in range(0, T, self.infer_chunk):
-            x[:, i:i + self.infer_chunk] = self.norm(x[:, i:i + self.infer_chunk])
+        if torch.is_grad_enabled():
+            raise RuntimeError("forward_hidden(cache=...) is for inference: run it under torch.no_grad()")
+        chunk = self.infer_chunk or T
+        for i, layer in enumerate(self.layers):  # no autograd (eval): row chunks, x updated in place
+            x = layer.forward_inference(x, cos, sin, chunk, cache, i)
+        for i in range(0, T, chunk):
+            x[:, i:i + chunk] = self.norm(x[:, i:i + chunk])
         return x
 
     def forward(self, idx, position_ids=None, targets=None):

@@ -362,10 +362,15 @@ def scripted_model(prompt, script, vocab, other):
         on_script = k >= 0 and prefix[:len(prompt)] == list(prompt) and prefix[len(prompt):] == script[:k]
         return script[k] if on_script and k < len(script) else other
 
-    def forward_hidden(idx):
-        ids = idx[0].tolist()
-        return F.one_hot(torch.tensor([next_token(ids[:i + 1]) for i in range(len(ids))]), vocab)[None].float()
-    return SimpleNamespace(forward_hidden=forward_hidden, lm_head=lambda h: h), next_token
+    def forward_hidden(idx, cache=None):  # the cache's "keys" are the cached token ids: [1, S, 1, 1]
+        past = [] if cache is None or cache.kv[0] is None else cache.kv[0][0].flatten().tolist()
+        ids = past + idx[0].tolist()
+        if cache is not None:
+            cache.kv[0] = (torch.tensor(ids)[None, :, None, None],) * 2
+        return F.one_hot(torch.tensor([next_token(ids[:i + 1]) for i in range(len(past), len(ids))]),
+                         vocab)[None].float()
+    net = SimpleNamespace(forward_hidden=forward_hidden, lm_head=lambda h: h, args=SimpleNamespace(n_layers=1))
+    return net, next_token
 
 
 @pytest.mark.parametrize('output,passes', [

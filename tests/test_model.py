@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, \
     Qwen2Config, Qwen2ForCausalLM
 
-from model import ModelArgs, Transformer, chunked_cross_entropy
+from model import KVCache, ModelArgs, Transformer, chunked_cross_entropy
 
 TOL = 2e-4
 VOCAB, MPE, HEAD_DIM = 128, 32, 16
@@ -168,6 +168,24 @@ def test_arch_parity(tmp_path, arch, kv, tie):
     assert type(hf2) is type(hf)
     pos = positions('skip')
     assert (hf_logits(hf2, idx_for(pos), pos) - our_logits(model, idx_for(pos), pos)).abs().max() < TOL
+
+
+@pytest.mark.parametrize('arch,kv,chunk', [('llama', 2, 4), ('qwen2', 4, 0)])
+def test_kv_cache_equals_full_forward(tmp_path, arch, kv, chunk):
+    """forward_hidden with a KVCache (prefill, several tokens after the cache, one token, a truncated cache)
+    gives transformers' logits of the whole sequence at those positions (eval_passkey's greedy decoding)."""
+    hf, d = make_hf(tmp_path, arch=arch, kv=kv, rope=ROPE_CASES['yarn'][0], mpe=128)
+    model = Transformer.from_pretrained(d)
+    model.infer_chunk = chunk  # 0: the cache path runs each call in one chunk
+    idx = torch.randint(0, VOCAB, (1, 40), generator=torch.Generator().manual_seed(1))
+    ref = hf_logits(hf, idx, torch.arange(40)[None])[0]
+    cache = KVCache(model.args.n_layers)
+    with torch.no_grad():
+        for a, b in [(0, 25), (25, 35), (35, 36), (30, 40)]:  # the last reruns 30..35 after truncate(30)
+            cache.truncate(a)
+            got = model.lm_head(model.forward_hidden(idx[:, a:b], cache=cache))[0]
+            assert len(cache) == b
+            assert (got - ref[a:b]).abs().max() < TOL, (a, b)
 
 
 def test_mistral_sliding_window(tmp_path):
