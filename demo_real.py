@@ -94,6 +94,20 @@ def table(res, key, fmt):
     return '\n'.join(lines)
 
 
+def goals(res):
+    """The experiment's goals (issue 10 B), each '+' holds, '-' fails, '?' not measured."""
+    pk = lambda m, L: res.get(m, {}).get('passkey', {}).get(L)  # noqa: E731
+    pp = lambda m, L: res.get(m, {}).get('ppl', {}).get(L)  # noqa: E731
+    rows = [("PoSE passkey >= 0.8 at 16k", pk('pose', 16384), lambda: pk('pose', 16384) >= 0.8),
+            ("Original passkey <= 0.2 at 16k (the cliff PoSE removes)", pk('original', 16384),
+             lambda: pk('original', 16384) <= 0.2),
+            ("PoSE ppl at 16k not above its ppl at 8k", pp('pose', 16384) and pp('pose', 8192),
+             lambda: pp('pose', 16384) <= pp('pose', 8192)),
+            ("PoSE ppl at 2k within 5% of the Original's", pp('pose', 2048) and pp('original', 2048),
+             lambda: pp('pose', 2048) <= 1.05 * pp('original', 2048))]
+    return '\n'.join(f"  {'?' if v is None else '+' if ok() else '-'}  {name}" for name, v, ok in rows)
+
+
 if stage == 'sources':
     root = sysconfig.get_paths()['stdlib']
     skip = {p for p in skip_packages.split(',') if p}
@@ -111,7 +125,8 @@ elif stage == 'report':
            table(res, 'ppl', lambda v: f"{v:.3f}"), "",
            "Passkey retrieval accuracy (eval_passkey.py; trials per length in brackets):",
            table({m: {'pk': {L: (a, r['trials'][L]) for L, a in r['passkey'].items()}} for m, r in res.items()},
-                 'pk', lambda v: f"{v[0]:.2f} ({v[1]})")]
+                 'pk', lambda v: f"{v[0]:.2f} ({v[1]})"), "",
+           "Goals (+ holds, - fails, ? not measured):", goals(res)]
     text = '\n'.join(out)
     print(text)
     with open(os.path.join(out_dir, 'results.txt.tmp'), 'w') as f:
