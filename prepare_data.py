@@ -64,7 +64,10 @@ config_keys = [k for k, v in globals().items() if not k.startswith('_') and isin
 PLAIN_EXTS = ('.txt',)  # picked up from directories; an explicitly named file of any extension is plain text
 JSONL_EXTS = ('.jsonl', '.jsonl.gz', '.jsonl.zst', '.jsonl.zstd')
 PARQUET_EXTS = ('.parquet',)
-TOKENIZER_FILES = ('tokenizer.model', 'tokenizer.json', 'tokenizer_config.json', 'special_tokens_map.json')
+# the tokenizer's files, copied beside an HF export (hf_checkpoint.save_pretrained); generation_config.json
+# too: it holds the model's eos ids for generate() (Llama 3: <|eot_id|> besides <|end_of_text|>)
+TOKENIZER_FILES = ('tokenizer.model', 'tokenizer.json', 'tokenizer_config.json', 'special_tokens_map.json',
+                   'generation_config.json')
 
 
 # ----------------------------------------------------------------------------- tokenizers

@@ -34,7 +34,7 @@ import numpy as np
 import rope_config
 import sample_positions  # SAMPLERS (a module, so the configurator cannot mistake it for a config key)
 from errors import UserError, is_interrupt, remove, run, writing
-from prepare_data import check_same_tokenizer, open_split, read_meta
+from prepare_data import TOKENIZER_FILES, check_same_tokenizer, open_split, read_meta
 # torch and model.py are imported in init_torch(), after the config and the data are checked: a typo fails in a blink
 
 # -----------------------------------------------------------------------------
@@ -412,7 +412,8 @@ def export(model, margs, tokenizer_src):
             shell.save_pretrained(hf_dir, tokenizer_dir=tokenizer_src or None, state_dict=sd)
             for p in tokenizer_src if isinstance(tokenizer_src, list) else []:  # a tokenizer under a non-HF name
                 canonical = 'tokenizer.json' if p.endswith('.json') else 'tokenizer.model'
-                if p.endswith(('.model', '.json')) and os.path.basename(p) != 'tokenizer_config.json' \
+                # only the tokenizer itself: its siblings (special_tokens_map.json, ...) keep their HF names
+                if p.endswith(('.model', '.json')) and os.path.basename(p) not in TOKENIZER_FILES \
                         and not os.path.exists(os.path.join(hf_dir, canonical)):
                     shutil.copy(p, os.path.join(hf_dir, canonical))
         print(f'exported {hf_dir} (max_position_embeddings={margs.max_position_embeddings}, '
