@@ -42,6 +42,7 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 
+from hf_checkpoint import save_pretrained
 from model import ModelArgs, Transformer
 import sample_positions
 
@@ -359,7 +360,7 @@ def bench_eval():
         return
     from eval_ppl import load_model, sliding_window_nll
     with tempfile.TemporaryDirectory() as tmp:
-        build_model(eval_len).save_pretrained(tmp)
+        save_pretrained(build_model(eval_len), tmp, tokenizer_dir=None)  # random weights: no tokenizer
         ours = load_model(tmp, dtype=dtype, device=device)
         ref = transformers.AutoModelForCausalLM.from_pretrained(
             tmp, dtype=torch.bfloat16 if dtype == 'bfloat16' else torch.float32, attn_implementation='sdpa').to(device).eval()
@@ -452,7 +453,7 @@ def bench_evalcpu():
             torch.manual_seed(seed)
             m = Transformer(ModelArgs(**SMOLLM2_135M, max_position_embeddings=max(evalcpu_lengths)))
             m.init_weights()
-            m.save_pretrained(tmp)
+            save_pretrained(m, tmp, tokenizer_dir=None)
             path, m = tmp, None
         ours = load_model(path, dtype='float32')
         ref = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,

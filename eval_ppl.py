@@ -130,7 +130,8 @@ def sliding_window_nll(model, tokens, window, stride=None, mode='sliding', add_b
 
 def load_model(path, rope_scaling=None, max_position_embeddings=None, dtype='auto', device='cpu'):
     """Our Transformer from an HF dir, in eval mode; rope_scaling / max_position_embeddings None = the checkpoint's."""
-    from model import INFER_CHUNK, Transformer
+    from hf_checkpoint import load_pretrained
+    from model import INFER_CHUNK
     if not os.path.isfile(os.path.join(path, 'config.json')):
         raise UserError(f"model dir not found or has no config.json: {path}")
     pt_dtype = {'auto': torch.bfloat16 if 'cuda' in str(device) else torch.float32, 'float32': torch.float32,
@@ -142,7 +143,7 @@ def load_model(path, rope_scaling=None, max_position_embeddings=None, dtype='aut
         overrides['rope_scaling'] = rope_scaling
     if max_position_embeddings is not None:
         overrides['max_position_embeddings'] = max_position_embeddings
-    net = Transformer.from_pretrained(path, dtype=pt_dtype, device=device, **overrides).eval()
+    net = load_pretrained(path, dtype=pt_dtype, device=device, **overrides).eval()
     net.infer_chunk = INFER_CHUNK  # no autograd here: the row-chunked forward (model.py)
     return net
 

@@ -4,15 +4,11 @@ The LLaMA family (Llama 1/2/3, Mistral, Qwen2) in plain PyTorch, for PoSE.
 PoSE only changes position ids, so everything here takes arbitrary (non-contiguous) position ids:
 RoPE cos/sin are computed once per forward, in fp32, from the batch's own position ids (no cached
 tables, positions up to 1M work), for every Hugging Face RoPE scaling plus the paper's `ntk` and the
-official PoSE repo's `yarn_pose`. Checkpoints load from / save to the Hugging Face directory format
-with transformers-identical logits.
+official PoSE repo's `yarn_pose`. Hugging Face directories (config.json, weights, export) are read and
+written by hf_checkpoint.py, with transformers-identical logits; this file never touches a directory.
 """
-import json
 import math
-import os
-import pickle
-import shutil
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -20,7 +16,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 import rope_config
-from errors import UserError, read_json
+from errors import UserError
 
 try:  # flash-attn's causal kernel on CUDA bf16/fp16; SDPA everywhere else
     from flash_attn import flash_attn_func
@@ -31,10 +27,7 @@ LOSS_CHUNK = 1024  # tokens per lm_head + fp32 cross-entropy chunk (Transformer.
 # loss peaks at ~4 [chunk, vocab] fp32 blocks whatever T is (0.5 GB each at chunk 1024, vocab 128k)
 INFER_CHUNK = 512  # rows per chunk of the no-grad eval forward (Transformer.infer_chunk, set by the eval
 # scripts; 0 = off): norms, projections and the MLP run on this many rows, only attention sees all of T
-MAX_SHARD_SIZE = 5 * 1024**3  # bytes per safetensors shard written by save_pretrained
-ARCHS = {'LlamaForCausalLM': 'llama', 'MistralForCausalLM': 'mistral', 'Qwen2ForCausalLM': 'qwen2'}
-TOKENIZER_FILES = ('tokenizer.model', 'tokenizer.json', 'tokenizer_config.json',
-                   'special_tokens_map.json', 'generation_config.json')
+ARCH_NAMES = ('llama', 'mistral', 'qwen2')  # the LLaMA variants (hf_checkpoint.ARCHS: their HF class names)
 
 # -----------------------------------------------------------------------------
 # RoPE scaling: one small pure function per rope_type.
@@ -184,107 +177,14 @@ class ModelArgs:
     def __post_init__(self):
         self.n_kv_heads = self.n_kv_heads or self.n_heads
         self.head_dim = self.head_dim or self.dim // self.n_heads
-        if self.arch not in ARCHS.values():
-            raise UserError(f"arch={self.arch!r} is not supported (use one of {sorted(ARCHS.values())})")
+        if self.arch not in ARCH_NAMES:
+            raise UserError(f"arch={self.arch!r} is not supported (use one of {sorted(ARCH_NAMES)})")
         if self.n_heads % self.n_kv_heads:
             raise UserError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
         if self.qkv_bias != (self.arch == 'qwen2'):
             raise UserError(f"qkv_bias={self.qkv_bias} does not match arch={self.arch!r} "
                              "(only qwen2 has q/k/v biases)")
         self.rope_scaling = rope_config.normalize(self.rope_scaling, self.head_dim, self.max_position_embeddings)
-
-    @staticmethod
-    def from_hf_config(cfg, where='config.json'):
-        """ModelArgs of an HF config.json dict; errors name `where` (the file) and the key."""
-        archs = cfg.get('architectures') or []
-        name = archs[0] if archs else cfg.get('model_type')
-        arch = ARCHS.get(name) or {'LLaMAForCausalLM': 'llama', 'llama': 'llama', 'mistral': 'mistral',
-                                   'qwen2': 'qwen2'}.get(name)  # very old Llama configs / no architectures
-        if arch is None:
-            raise UserError(f"{where}: unsupported architecture {name!r} (supported: {', '.join(ARCHS)})")
-        for key, ok in (('hidden_act', 'silu'), ('mlp_bias', False), ('attention_bias', False),
-                        ('use_sliding_window', False), ('partial_rotary_factor', 1.0)):
-            if cfg.get(key, ok) not in (ok, None):
-                raise UserError(f"{where}: config key {key}={cfg[key]!r} is not supported (only {ok!r})")
-        missing = [k for k in ('hidden_size', 'num_hidden_layers', 'num_attention_heads', 'intermediate_size',
-                               'vocab_size') if not isinstance(cfg.get(k), int) or cfg[k] < 1]
-        if missing:
-            raise UserError(f"{where}: {missing[0]}={cfg.get(missing[0])!r}: expected a positive integer")
-        rp, theta = rope_config.from_hf_config(cfg, where)
-        mpe = cfg.get('max_position_embeddings', 2048)
-        return ModelArgs(
-            dim=cfg['hidden_size'], n_layers=cfg['num_hidden_layers'], n_heads=cfg['num_attention_heads'],
-            n_kv_heads=cfg.get('num_key_value_heads'), head_dim=cfg.get('head_dim'),
-            hidden_dim=cfg['intermediate_size'], vocab_size=cfg['vocab_size'],
-            norm_eps=cfg.get('rms_norm_eps', 1e-6), rope_theta=float(theta), rope_scaling=rp,
-            max_position_embeddings=mpe, qkv_bias=arch == 'qwen2',
-            tie_word_embeddings=cfg.get('tie_word_embeddings', False), arch=arch,
-            bos_token_id=cfg.get('bos_token_id'), eos_token_id=cfg.get('eos_token_id'),
-            sliding_window=cfg.get('sliding_window') if arch == 'mistral' else None)
-
-    def to_hf_config(self):
-        """config.json that transformers 4.45+, 5 and vLLM read: `rope_scaling` (from export_rope_scaling)
-        + top-level `rope_theta`."""
-        rs, theta = export_rope_scaling(self.rope_scaling, self.head_dim, self.rope_theta,
-                                        self.max_position_embeddings)
-        hf = {'architectures': [k for k in ARCHS if ARCHS[k] == self.arch], 'model_type': self.arch,
-              'hidden_size': self.dim, 'intermediate_size': self.hidden_dim, 'num_hidden_layers': self.n_layers,
-              'num_attention_heads': self.n_heads, 'num_key_value_heads': self.n_kv_heads, 'head_dim': self.head_dim,
-              'vocab_size': self.vocab_size, 'rms_norm_eps': self.norm_eps, 'hidden_act': 'silu',
-              'max_position_embeddings': self.max_position_embeddings, 'rope_theta': float(theta),
-              'rope_scaling': rs,
-              'tie_word_embeddings': self.tie_word_embeddings,
-              'bos_token_id': self.bos_token_id, 'eos_token_id': self.eos_token_id,
-              'initializer_range': 0.02, 'attention_dropout': 0.0, 'use_cache': True}
-        if rs and rs['rope_type'] == 'longrope':  # transformers 4.4x reads it here (5.x: same value wins)
-            hf['original_max_position_embeddings'] = rs['original_max_position_embeddings']
-        if self.arch == 'llama':
-            hf.update(attention_bias=False, mlp_bias=False)
-        elif self.arch == 'mistral':
-            hf.update(sliding_window=self.sliding_window)
-        else:
-            hf.update(use_sliding_window=False, sliding_window=None, max_window_layers=self.n_layers)
-        return hf
-
-
-# -----------------------------------------------------------------------------
-# Export: one config that every reader computes the same RoPE from (tested: tests/test_export_compat.py;
-# what each reader reads: rope_config.ROPE_KEYS_READ / export_lint; README "Exported RoPE configs").
-
-def export_rope_scaling(rs, d, theta, mpe):
-    """Our rope_scaling -> (config.json rope_scaling, rope_theta).
-    ntk: a plain rope_theta. yarn and yarn_pose: `longrope` with per-dimension factors (short = long), since
-    transformers 4.45 reads a yarn config's original window from max_position_embeddings and ignores
-    mscale / truncate, while 5.x reads original_max_position_embeddings. longrope (so these too): the
-    attention factor written out, as attention_factor (transformers) and short_mscale / long_mscale (vLLM,
-    which ignores attention_factor). Both `rope_type` and `type` (transformers < 4.42 reads only `type`)."""
-    if not rs:
-        return None, theta
-    t = rs['rope_type']
-    if t == 'ntk':
-        return None, ntk_theta(rs, d, theta)
-    if t in ('yarn', 'yarn_pose'):
-        if t == 'yarn':
-            (s, attn), div = yarn_factor_attention(rs, mpe), yarn_divisors(rs, d, theta, mpe)
-        else:
-            s, attn, div = rs['factor'], yarn_pose_attention_factor(rs), yarn_pose_divisors(rs, d, theta)
-        rs = {'rope_type': 'longrope', 'short_factor': div.tolist(), 'long_factor': div.tolist(),
-              'factor': float(s), 'attention_factor': float(attn),
-              'original_max_position_embeddings': rs['original_max_position_embeddings']}
-    if rs['rope_type'] == 'longrope':
-        a = float(longrope_attention_factor(rs, mpe))
-        rs = dict(rs, attention_factor=a, short_mscale=a, long_mscale=a)
-    return dict(rs, type=rs['rope_type']), theta
-
-
-def export_notes(args, cfg):
-    """The export log: how our rope_type was written (when not as itself), then export_lint's findings."""
-    t = (args.rope_scaling or {}).get('rope_type')
-    how = {'ntk': 'no rope_scaling, rope_theta = base x alpha^(d/(d-2))',
-           'yarn': "'longrope' with per-dimension factors (short = long) + attention_factor: a 'yarn' config "
-                   "with original_max_position_embeddings reads wrong in transformers 4.45",
-           'yarn_pose': "'longrope' with per-dimension factors (short = long) + attention_factor"}
-    return ([f"rope_type {t!r} written as {how[t]}"] if t in how else []) + rope_config.export_lint(cfg)
 
 
 # -----------------------------------------------------------------------------
@@ -424,7 +324,6 @@ class Transformer(nn.Module):
         self.args = args
         self.loss_chunk = LOSS_CHUNK  # tokens per loss chunk; lower it to save memory at huge vocab
         self.infer_chunk = 0  # eval scripts: INFER_CHUNK rows per chunk without autograd (0: the plain path)
-        self.source_dir = None  # HF directory we were loaded from (tokenizer files are copied from it)
         self.embed_tokens = nn.Embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
@@ -490,163 +389,3 @@ class Transformer(nn.Module):
         if not a.tie_word_embeddings:
             n -= self.embed_tokens.weight.numel()
         return 6.0 * n + 12.0 * a.n_layers * a.n_heads * a.head_dim * seq_len
-
-    # ---- Hugging Face checkpoints ------------------------------------------------
-    @classmethod
-    def from_pretrained(cls, path, dtype=torch.float32, device='cpu', **overrides):
-        """HF directory -> model in `dtype` on `device`. Built on the meta device, each tensor is read,
-        converted and assigned one at a time, so a 7B model never exists twice in memory.
-        overrides: ModelArgs fields (e.g. rope_scaling=..., max_position_embeddings=...)."""
-        cfg_path = os.path.join(path, 'config.json')
-        if not os.path.isfile(cfg_path):
-            raise UserError(f"{cfg_path}: no config.json (not a Hugging Face model directory)")
-        args = ModelArgs.from_hf_config(read_json(cfg_path), cfg_path)
-        known = {f.name for f in fields(ModelArgs)}
-        for k in overrides:
-            if k not in known:
-                raise UserError(f"unknown model override {k!r} (ModelArgs fields: {', '.join(sorted(known))})")
-        if overrides.get('rope_scaling') is not None:
-            # a new scaling replaces the checkpoint's own, relative to its original window; no factor:
-            # the new max_position_embeddings / that window
-            overrides['rope_scaling'] = rope_config.rescale(
-                overrides['rope_scaling'], args.rope_scaling, args.max_position_embeddings, args.head_dim,
-                overrides.get('max_position_embeddings'))
-        args = replace(args, **overrides)
-        with torch.device('meta'):
-            model = cls(args)
-        expected = {k: v for k, v in model.state_dict().items()
-                    if not (args.tie_word_embeddings and k == 'lm_head.weight')}
-        seen = set()
-        for file in _weight_files(path):
-            for hf_name, read in _tensor_readers(file):
-                name = hf_name[len('model.'):] if hf_name.startswith('model.') else hf_name
-                if name.endswith('rotary_emb.inv_freq') or (args.tie_word_embeddings and name == 'lm_head.weight'):
-                    continue  # derived (old checkpoints store it) / tied to embed_tokens
-                if name not in expected:
-                    raise UserError(f"{file}: unexpected tensor {hf_name!r} for a {args.arch} model with this config")
-                t = read()
-                if tuple(t.shape) != tuple(expected[name].shape):
-                    raise UserError(f"{file}: tensor {hf_name!r} has shape {tuple(t.shape)}, "
-                                     f"config.json implies {tuple(expected[name].shape)}")
-                model.load_state_dict({name: t.to(device=device, dtype=dtype)}, strict=False, assign=True)
-                seen.add(name)
-        missing = [k for k in expected if k not in seen]
-        if missing:
-            raise UserError(f"{path}: checkpoint is missing tensors: "
-                             + ', '.join('model.' + k if k != 'lm_head.weight' else k for k in missing[:8])
-                             + (f' (+{len(missing) - 8} more)' if len(missing) > 8 else ''))
-        if args.tie_word_embeddings:
-            model.lm_head.weight = model.embed_tokens.weight
-        model.source_dir = os.path.abspath(path)
-        return model.eval()
-
-    def save_pretrained(self, path, tokenizer_dir=None, state_dict=None, max_shard_size=MAX_SHARD_SIZE):
-        """Write an HF directory (config.json, safetensors sharded beyond max_shard_size with an index,
-        tokenizer files) to a temp dir, then rename it into place. state_dict: our-named full tensors
-        (e.g. gathered from FSDP on rank 0); default: this model's own."""
-        from safetensors.torch import save_file
-        own = {k for k in self.state_dict() if not (self.args.tie_word_embeddings and k == 'lm_head.weight')}
-        sd = self.state_dict() if state_dict is None else state_dict
-        # keys as wrapped blocks may name them (torch.compile / checkpoint_wrapper prefixes)
-        sd = {k.replace('_orig_mod.', '').replace('_checkpoint_wrapped_module.', ''): v for k, v in sd.items()}
-        sd = {k: v for k, v in sd.items() if k in own or k != 'lm_head.weight'}  # tied: lm_head is embed_tokens
-        if set(sd) != own:
-            raise ValueError(f"save_pretrained: state_dict does not match the model: "
-                             f"missing {sorted(own - set(sd))[:5]}, unexpected {sorted(set(sd) - own)[:5]}")
-        tensors = {('model.' + k if k != 'lm_head.weight' else k): v.detach().to('cpu').contiguous()
-                   for k, v in sd.items()}
-        path = os.path.abspath(path)
-        tmp, old = path + '.tmp', path + '.old'
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-        shards, size = [[]], 0  # greedy: start a new shard when this one would pass max_shard_size
-        for name, t in tensors.items():
-            if shards[-1] and size + t.nbytes > max_shard_size:
-                shards, size = shards + [[]], 0
-            shards[-1].append(name)
-            size += t.nbytes
-        fnames = ['model.safetensors'] if len(shards) == 1 else \
-            [f'model-{i + 1:05d}-of-{len(shards):05d}.safetensors' for i in range(len(shards))]
-        for fname, names in zip(fnames, shards):
-            save_file({n: tensors[n] for n in names}, os.path.join(tmp, fname), metadata={'format': 'pt'})
-        if len(shards) > 1:
-            index = {'metadata': {'total_size': sum(t.nbytes for t in tensors.values())},
-                     'weight_map': {n: f for f, names in zip(fnames, shards) for n in names}}
-            with open(os.path.join(tmp, 'model.safetensors.index.json'), 'w') as f:
-                json.dump(index, f, indent=2)
-        cfg = self.args.to_hf_config()
-        for note in export_notes(self.args, cfg):  # the export log: what a reader may get wrong, and why
-            print(f'export {path}: {note}', flush=True)
-        dt = str(next(iter(tensors.values())).dtype).replace('torch.', '')
-        cfg.update(torch_dtype=dt, dtype=dt)
-        with open(os.path.join(tmp, 'config.json'), 'w') as f:
-            json.dump(cfg, f, indent=2)
-        for src in _tokenizer_files(tokenizer_dir if tokenizer_dir is not None else self.source_dir):
-            shutil.copy(src, os.path.join(tmp, os.path.basename(src)))
-        if os.path.exists(path):  # replace a previous export: old aside, new in, old removed
-            shutil.rmtree(old, ignore_errors=True)
-            os.rename(path, old)
-        os.rename(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _tokenizer_files(src):  # a directory (its known tokenizer files), one file, or a list of files
-    if src is None or isinstance(src, (list, tuple)):
-        return list(src or [])
-    if os.path.isfile(src):
-        return [src]
-    if not os.path.isdir(src):
-        raise UserError(f"{src}: tokenizer directory not found")
-    return [os.path.join(src, n) for n in TOKENIZER_FILES if os.path.isfile(os.path.join(src, n))]
-
-
-def _weight_files(path):
-    """The checkpoint's weight files: safetensors (single / sharded index) or pytorch_model*.bin."""
-    for index in ('model.safetensors.index.json', 'pytorch_model.bin.index.json'):
-        ipath = os.path.join(path, index)
-        if os.path.isfile(ipath):
-            weight_map = read_json(ipath).get('weight_map')
-            if not isinstance(weight_map, dict):
-                raise UserError(f"{ipath}: no 'weight_map' (not a checkpoint index)")
-            names = sorted(set(weight_map.values()))
-            for n in names:
-                if not os.path.isfile(os.path.join(path, n)):
-                    raise UserError(f"{os.path.join(path, n)}: shard listed in {index} is missing")
-            return [os.path.join(path, n) for n in names]
-    for single in ('model.safetensors', 'pytorch_model.bin'):
-        if os.path.isfile(os.path.join(path, single)):
-            return [os.path.join(path, single)]
-    raise UserError(f"{path}: no model.safetensors, model.safetensors.index.json or pytorch_model*.bin")
-
-
-
-def _tensor_readers(file):
-    """yield (name, read()) per tensor, reading one tensor at a time. A truncated or corrupt file -> one
-    line naming it (the libraries' own errors would be tracebacks from deep inside)."""
-    if file.endswith('.safetensors'):
-        from safetensors import SafetensorError, safe_open
-
-        def get(f, name):
-            try:
-                return f.get_tensor(name)
-            except SafetensorError as e:
-                raise UserError(f"{file}: tensor {name!r} unreadable, truncated or corrupt? ({e})") from None
-        try:
-            f = safe_open(file, framework='pt')
-        except SafetensorError as e:
-            raise UserError(f"{file}: unreadable safetensors file, truncated or corrupt? ({e})") from None
-        with f:
-            for name in f.keys():
-                yield name, (lambda n=name: get(f, n))
-        return
-    # weights_only: a .bin must not run code; mmap (zip-format files): no full copy in RAM
-    try:
-        try:
-            sd = torch.load(file, map_location='cpu', weights_only=True, mmap=True)
-        except RuntimeError:  # legacy (pre-zip) format cannot be memory-mapped
-            sd = torch.load(file, map_location='cpu', weights_only=True)
-    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as e:
-        raise UserError(f"{file}: unreadable PyTorch weights file, truncated or corrupt? "
-                        f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
-    for name in list(sd):
-        yield name, (lambda n=name: sd.pop(n))

@@ -2,7 +2,7 @@
 rope_scaling, checked and resolved in one place (no torch: train.py checks it before importing torch).
 
 It enters from four doors -- a config key (train.py / eval_*.py `rope_scaling`), a checkpoint's config.json
-(`rope_scaling` or transformers 5's `rope_parameters`), a train_state.json on resume, a from_pretrained
+(`rope_scaling` or transformers 5's `rope_parameters`), a train_state.json on resume, a load_pretrained
 override -- and every door goes through `normalize`: HF semantics key for key, one canonical dict
 {'rope_type': ..., ...} or None, and a UserError naming the key and value for anything unusable.
 model.py computes the frequencies (one function per type); the types and their keys live here.

@@ -219,11 +219,12 @@ def get_batch(data, split, step, micro_step):
 # ---------------------------------------------------------------- torch, the model, the optimizer
 def init_torch():
     """Import torch (late: see the imports), resolve device / dtype, join the process group."""
-    global torch, dist, dcp, sd_api, Transformer, ModelArgs, device, device_type, dtype
+    global torch, dist, dcp, sd_api, Transformer, ModelArgs, load_pretrained, save_pretrained, device, device_type, dtype
     import torch
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
     import torch.distributed.checkpoint.state_dict as sd_api  # get_state_dict / set_state_dict / options
+    from hf_checkpoint import load_pretrained, save_pretrained
     from model import ModelArgs, Transformer
     device = device or ('cuda' if torch.cuda.is_available() else 'cpu')
     device_type = 'cuda' if device.startswith('cuda') else 'cpu'
@@ -271,8 +272,8 @@ def build_model(meta, train_state):
     overrides = {'max_position_embeddings': target_len}
     if rope_scaling is not None:
         overrides['rope_scaling'] = rope_scaling
-    model = Transformer.from_pretrained(init_from, dtype=torch.float32,
-                                        device='cpu' if master or not ddp else 'meta', **overrides)
+    model = load_pretrained(init_from, dtype=torch.float32,
+                            device='cpu' if master or not ddp else 'meta', **overrides)
     model.train()
     return model, model.args, os.path.abspath(init_from), model.state_dict() if ddp else None
 
@@ -409,7 +410,7 @@ def export(model, margs, tokenizer_src):
         if not tokenizer_src:
             print(f'note: no tokenizer files to copy into {hf_dir}', flush=True)
         with writing(hf_dir, temps=[hf_dir + '.tmp']):
-            shell.save_pretrained(hf_dir, tokenizer_dir=tokenizer_src or None, state_dict=sd)
+            save_pretrained(shell, hf_dir, tokenizer_dir=tokenizer_src or None, state_dict=sd)
             for p in tokenizer_src if isinstance(tokenizer_src, list) else []:  # a tokenizer under a non-HF name
                 canonical = 'tokenizer.json' if p.endswith('.json') else 'tokenizer.model'
                 # only the tokenizer itself: its siblings (special_tokens_map.json, ...) keep their HF names

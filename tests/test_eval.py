@@ -21,7 +21,7 @@ import eval_passkey  # noqa: E402
 import eval_ppl  # noqa: E402
 import prepare_data  # noqa: E402
 from errors import UserError  # noqa: E402
-from model import Transformer  # noqa: E402
+from hf_checkpoint import load_pretrained  # noqa: E402
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
@@ -91,7 +91,7 @@ def env(tmp_path_factory):
     meta = {'tokenizer': str(tmp / 'llama' / 'tokenizer.model'), 'tokenizer_sha256': '', 'vocab_size': vocab,
             'dtype': 'uint16', 'bos_id': 1, 'eos_id': 2, 'splits': {'val': {'docs': len(lens), 'tokens': sum(lens)}}}
     (data / 'meta.json').write_text(json.dumps(meta))
-    ours, ours_scaled = Transformer.from_pretrained(plain), Transformer.from_pretrained(scaled)
+    ours, ours_scaled = load_pretrained(plain), load_pretrained(scaled)
     ours.infer_chunk = ours_scaled.infer_chunk = 16  # the eval forward in many row chunks (load_model: 512)
     return dict(tmp=tmp, plain=plain, scaled=scaled, hf=hf, hf_scaled=hf_scaled, data=str(data), docs=docs,
                 tok=prepare_data.load_tokenizer(plain), ours=ours, ours_scaled=ours_scaled, lin=lin)

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from hf_logits import hf_logits
+from hf_checkpoint import save_pretrained
 from model import ModelArgs, Transformer
 from rope_config import export_lint
 from test_model import TOL, VOCAB, idx_for, positions
@@ -86,7 +87,7 @@ def results(tmp_path_factory):
     ours, jobs, lint = {}, {}, {}
     for case, (rope, mpe) in CASES.items():
         model = tiny_model(rope, mpe)
-        model.save_pretrained(tmp / case)
+        save_pretrained(model, tmp / case, tokenizer_dir=None)
         lint[case] = export_lint(json.load(open(tmp / case / 'config.json')))
         for kind, pos in POSITIONS.items():
             idx = idx_for(pos)
@@ -149,7 +150,7 @@ def test_export_config_and_log(tmp_path, capsys):
     """yarn is written as longrope (short = long) with the attention factor for both transformers and vLLM,
     both `type` and `rope_type`, and the export log says so."""
     model = tiny_model(*CASES['yarn_attn'])
-    model.save_pretrained(tmp_path / 'out')
+    save_pretrained(model, tmp_path / 'out', tokenizer_dir=None)
     log = capsys.readouterr().out
     assert "rope_type 'yarn' written as 'longrope'" in log and '--max-model-len 128' in log
     cfg = json.load(open(tmp_path / 'out' / 'config.json'))

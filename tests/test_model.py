@@ -1,5 +1,5 @@
 """model.py vs transformers (the reference): tiny random Llama / Mistral / Qwen2 checkpoints written by
-transformers' own save_pretrained, loaded by our from_pretrained; and our save_pretrained loaded back by
+transformers' own save_pretrained, loaded by our load_pretrained; and our save_pretrained loaded back by
 transformers. fp32 logits must agree within 2e-4 for every RoPE type and for skip-wise position ids."""
 import copy
 import json
@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, \
     Qwen2Config, Qwen2ForCausalLM
 
+from hf_checkpoint import load_pretrained, save_pretrained
 from model import KVCache, ModelArgs, Transformer, chunked_cross_entropy
 
 TOL = 2e-4
@@ -69,8 +70,8 @@ def idx_for(pos):
 
 def test_roundtrip_export(tmp_path):
     hf, d = make_hf(tmp_path, rope={'rope_type': 'linear', 'factor': 4.0})
-    model = Transformer.from_pretrained(d)
-    model.save_pretrained(tmp_path / 'ours')
+    model = load_pretrained(d)
+    save_pretrained(model, tmp_path / 'ours', tokenizer_dir=None)
     hf2 = AutoModelForCausalLM.from_pretrained(tmp_path / 'ours').eval()
     pos = positions('skip')
     assert (hf_logits(hf2, idx_for(pos), pos) - our_logits(model, idx_for(pos), pos)).abs().max() < TOL
@@ -113,16 +114,16 @@ def to_rope_scaling_form(d):
 def test_rope_parity(tmp_path, case):
     rope, mpe = ROPE_CASES[case]
     hf, d = make_hf(tmp_path, rope=rope, mpe=mpe)
-    ours_new = Transformer.from_pretrained(d)
+    ours_new = load_pretrained(d)
     to_rope_scaling_form(d)
-    ours_old = Transformer.from_pretrained(d)
+    ours_old = load_pretrained(d)
     for kind in ('short', 'mixed'):  # inside the original window; a contiguous row + a skip-wise row
         pos = positions(kind)
         ref = hf_logits(hf, idx_for(pos), pos)
         for model in (ours_new, ours_old):
             assert (ref - our_logits(model, idx_for(pos), pos)).abs().max() < TOL, (case, kind)
     # our export -> transformers loads it to our logits
-    ours_old.save_pretrained(tmp_path / 'ours')
+    save_pretrained(ours_old, tmp_path / 'ours', tokenizer_dir=None)
     cfg = json.load(open(tmp_path / 'ours' / 'config.json'))
     assert 'rope_parameters' not in cfg and cfg['rope_theta'] == 10000.0 and cfg['max_position_embeddings'] == mpe
     exported = {'yarn': 'longrope'}.get(rope['rope_type'], rope['rope_type'])  # yarn: see test_export_compat
@@ -140,11 +141,11 @@ def test_parity_tests_can_fail(tmp_path):
     outs = {}
     for case in ROPE_CASES:
         rope, mpe = ROPE_CASES[case]
-        outs[case] = our_logits(Transformer.from_pretrained(d, rope_scaling=rope, max_position_embeddings=mpe),
+        outs[case] = our_logits(load_pretrained(d, rope_scaling=rope, max_position_embeddings=mpe),
                                 idx_for(pos), pos)
     pos2 = pos.clone()
     pos2[:, 16:] += 1  # a different skip: different relative distances
-    outs['skip+1'] = our_logits(Transformer.from_pretrained(d), idx_for(pos), pos2)
+    outs['skip+1'] = our_logits(load_pretrained(d), idx_for(pos), pos2)
     names = list(outs)
     for i, a in enumerate(names):
         for b in names[i + 1:]:
@@ -157,13 +158,13 @@ def test_parity_tests_can_fail(tmp_path):
 def test_arch_parity(tmp_path, arch, kv, tie):
     rope = ROPE_CASES['yarn'][0]
     hf, d = make_hf(tmp_path, arch=arch, kv=kv, tie=tie, rope=rope, mpe=128)
-    model = Transformer.from_pretrained(d)
+    model = load_pretrained(d)
     assert model.args.arch == arch and model.args.n_kv_heads == kv and model.args.tie_word_embeddings == tie
     if tie:
         assert model.lm_head.weight is model.embed_tokens.weight
     pos = positions('mixed')
     assert (hf_logits(hf, idx_for(pos), pos) - our_logits(model, idx_for(pos), pos)).abs().max() < TOL
-    model.save_pretrained(tmp_path / 'ours')
+    save_pretrained(model, tmp_path / 'ours', tokenizer_dir=None)
     hf2 = AutoModelForCausalLM.from_pretrained(tmp_path / 'ours').eval()
     assert type(hf2) is type(hf)
     pos = positions('skip')
@@ -175,7 +176,7 @@ def test_kv_cache_equals_full_forward(tmp_path, arch, kv, chunk):
     """forward_hidden with a KVCache (prefill, several tokens after the cache, one token, a truncated cache)
     gives transformers' logits of the whole sequence at those positions (eval_passkey's greedy decoding)."""
     hf, d = make_hf(tmp_path, arch=arch, kv=kv, rope=ROPE_CASES['yarn'][0], mpe=128)
-    model = Transformer.from_pretrained(d)
+    model = load_pretrained(d)
     model.infer_chunk = chunk  # 0: the cache path runs each call in one chunk
     idx = torch.randint(0, VOCAB, (1, 40), generator=torch.Generator().manual_seed(1))
     ref = hf_logits(hf, idx, torch.arange(40)[None])[0]
@@ -190,12 +191,12 @@ def test_kv_cache_equals_full_forward(tmp_path, arch, kv, chunk):
 
 def test_mistral_sliding_window(tmp_path):
     hf, d = make_hf(tmp_path, arch='mistral', sliding_window=16)
-    model = Transformer.from_pretrained(d)
+    model = load_pretrained(d)
     pos = torch.cat([torch.arange(8), torch.arange(40, 48)])[None]  # T = 16 = window: plain causal
     assert (hf_logits(hf, idx_for(pos), pos) - our_logits(model, idx_for(pos), pos)).abs().max() < TOL
     with pytest.raises(ValueError, match='sliding_window=16'):
         model(idx_for(positions('short')))
-    full = Transformer.from_pretrained(d, sliding_window=None)  # opting out: full causal attention
+    full = load_pretrained(d, sliding_window=None)  # opting out: full causal attention
     assert full(idx_for(positions('short')))[0].shape == (2, 24, VOCAB)
 
 
@@ -260,7 +261,7 @@ def test_model_loss_matches_plain_cross_entropy():
 
 def test_bf16_close_to_fp32(tmp_path):
     hf, d = make_hf(tmp_path, rope=ROPE_CASES['yarn'][0], mpe=128)
-    m32, m16 = Transformer.from_pretrained(d), Transformer.from_pretrained(d, dtype=torch.bfloat16)
+    m32, m16 = load_pretrained(d), load_pretrained(d, dtype=torch.bfloat16)
     assert all(p.dtype == torch.bfloat16 for p in m16.parameters())
     pos = positions('mixed')
     out16, out32 = our_logits(m16, idx_for(pos), pos), our_logits(m32, idx_for(pos), pos)
@@ -272,7 +273,7 @@ def test_bf16_close_to_fp32(tmp_path):
     assert err < 0.05 * out32.abs().mean() and err <= 1.25 * hf_err, (err, hf_err)
     _, loss = m16(idx_for(pos), pos, torch.roll(idx_for(pos), -1, 1))
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
-    m16.save_pretrained(tmp_path / 'bf16')
+    save_pretrained(m16, tmp_path / 'bf16', tokenizer_dir=None)
     cfg = json.load(open(tmp_path / 'bf16' / 'config.json'))
     assert cfg['torch_dtype'] == cfg['dtype'] == 'bfloat16'
 

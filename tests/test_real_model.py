@@ -15,7 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import eval_passkey  # noqa: E402
 import prepare_data  # noqa: E402
-from model import Transformer  # noqa: E402
+from hf_checkpoint import load_pretrained  # noqa: E402
 
 CACHE = os.path.expanduser(os.environ.get('NANOPOSE_CACHE', '~/.cache/nanopose'))
 MODEL_DIR = os.path.join(CACHE, 'smollm2-135m-instruct')
@@ -42,7 +42,7 @@ def hf_model(smollm2):
 
 @pytest.fixture(scope='module')
 def ours(smollm2):
-    return Transformer.from_pretrained(smollm2).eval()
+    return load_pretrained(smollm2).eval()
 
 
 def test_converted_config(smollm2):
@@ -70,7 +70,7 @@ def test_logits_match_transformers_skipwise_yarn(smollm2, ours):
     rs = {'rope_type': 'yarn', 'factor': 2.0, 'original_max_position_embeddings': 8192}
     hf = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32, max_position_embeddings=16384,
                                               rope_parameters=dict(rs, rope_theta=100000.0)).eval()
-    net = Transformer.from_pretrained(smollm2, rope_scaling=rs, max_position_embeddings=16384).eval()
+    net = load_pretrained(smollm2, rope_scaling=rs, max_position_embeddings=16384).eval()
     tok = prepare_data.load_tokenizer(smollm2)
     ids = torch.tensor([tok.encode(' '.join(TEXTS))[:32]])
     pos = torch.cat([torch.arange(16), torch.arange(16) + 16384 - 16])[None]

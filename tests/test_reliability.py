@@ -154,7 +154,7 @@ def test_resume_refuses_changed_settings(run):
 
 def test_corrupt_checkpoints_and_weights_are_named(run, monkeypatch):
     """A truncated DCP shard or train_state.json on resume, a truncated model.safetensors in the evals (train.py
-    reads weights with the same Transformer.from_pretrained; test_model_io.py has the other weight formats)."""
+    reads weights with the same hf_checkpoint.load_pretrained; test_model_io.py has the other weight formats)."""
     tmp = run['tmp']
     distcp, state, weights = (copy(run['out'], tmp / n) for n in ('distcp', 'state', 'weights'))
     shard = os.path.join(distcp, 'ckpt-2', '__0_0.distcp')

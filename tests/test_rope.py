@@ -8,7 +8,8 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from model import ROPE_FUNCS, Transformer, normalize_rope_scaling, rope_yarn, rope_yarn_pose
+from hf_checkpoint import load_pretrained, save_pretrained
+from model import ROPE_FUNCS, normalize_rope_scaling, rope_yarn, rope_yarn_pose
 from test_model import HEAD_DIM, ROPE_CASES, TOL, hf_logits, idx_for, make_hf, our_logits, positions
 
 
@@ -49,13 +50,13 @@ def test_yarn_pose_logits_and_export(tmp_path):
     rope = {'rope_type': 'longrope', 'short_factor': div, 'long_factor': div, 'factor': s,
             'attention_factor': 0.1 * math.log(s) + 1.0, 'original_max_position_embeddings': orig}
     hf, d = make_hf(tmp_path, rope=rope, mpe=orig * 8)
-    model = Transformer.from_pretrained(d, rope_scaling={'rope_type': 'yarn_pose', 'factor': s,
+    model = load_pretrained(d, rope_scaling={'rope_type': 'yarn_pose', 'factor': s,
                                                          'original_max_position_embeddings': orig})
     assert model.args.rope_scaling['rope_type'] == 'yarn_pose'
     for kind in ('contig', 'mixed'):
         pos = positions(kind)
         assert (hf_logits(hf, idx_for(pos), pos) - our_logits(model, idx_for(pos), pos)).abs().max() < TOL
-    model.save_pretrained(tmp_path / 'ours')
+    save_pretrained(model, tmp_path / 'ours', tokenizer_dir=None)
     cfg = json.load(open(tmp_path / 'ours' / 'config.json'))
     rs = cfg['rope_scaling']
     assert rs['rope_type'] == 'longrope' and rs['short_factor'] == rs['long_factor']
@@ -72,14 +73,14 @@ def test_ntk_logits_and_export(tmp_path):
     alpha, theta = 4.0, 10000.0
     hf, d = make_hf(tmp_path, theta=theta * alpha ** (HEAD_DIM / (HEAD_DIM - 2)))
     for key in ('factor', 'alpha'):
-        model = Transformer.from_pretrained(d, rope_theta=theta, rope_scaling={'rope_type': 'ntk', key: alpha})
+        model = load_pretrained(d, rope_theta=theta, rope_scaling={'rope_type': 'ntk', key: alpha})
         for kind in ('contig', 'skip'):
             pos = positions(kind)
             assert (hf_logits(hf, idx_for(pos), pos) - our_logits(model, idx_for(pos), pos)).abs().max() < TOL
-    plain = Transformer.from_pretrained(d, rope_theta=theta)  # guard: the base change matters here
+    plain = load_pretrained(d, rope_theta=theta)  # guard: the base change matters here
     pos = positions('skip')
     assert (hf_logits(hf, idx_for(pos), pos) - our_logits(plain, idx_for(pos), pos)).abs().max() > 100 * TOL
-    model.save_pretrained(tmp_path / 'ours')
+    save_pretrained(model, tmp_path / 'ours', tokenizer_dir=None)
     cfg = json.load(open(tmp_path / 'ours' / 'config.json'))
     assert cfg['rope_scaling'] is None
     assert math.isclose(cfg['rope_theta'], theta * alpha ** (HEAD_DIM / (HEAD_DIM - 2)), rel_tol=1e-12)
@@ -93,7 +94,7 @@ def test_positions_up_to_1m(tmp_path):
     for case in ('default', 'dynamic', 'yarn', 'llama3', 'longrope'):
         rope, mpe = ROPE_CASES[case]
         hf, d = make_hf(tmp_path / case, rope=rope, mpe=mpe)
-        model = Transformer.from_pretrained(d)
+        model = load_pretrained(d)
         out = our_logits(model, idx_for(pos), pos)
         assert torch.isfinite(out).all()
         assert (hf_logits(hf, idx_for(pos), pos) - out).abs().max() < TOL, case
@@ -104,7 +105,7 @@ def test_dynamic_is_stateless(tmp_path):
     transformers model would keep the long batch's base)."""
     rope, mpe = ROPE_CASES['dynamic']
     hf, d = make_hf(tmp_path, rope=rope, mpe=mpe)
-    model = Transformer.from_pretrained(d)
+    model = load_pretrained(d)
     long, shorter = positions('skip'), positions('contig')  # max 107, then max 47 (both beyond 32)
     our_logits(model, idx_for(long), long)
     assert (hf_logits(hf, idx_for(shorter), shorter) - our_logits(model, idx_for(shorter), shorter)).abs().max() < TOL
