@@ -27,12 +27,13 @@ val_packages = 'asyncio,email'  # stdlib packages held out for the perplexity ev
 skip_packages = 'test,encodings'  # stdlib packages left out altogether (comma-separated)
 doc_kb = 256  # a document is cut at the first file boundary past this many KB
 out_dir = 'out-real'  # eval JSONs: ppl-{method}.json, passkey-{method}-{length}.json (stage report)
-methods = 'original,pi,pose'  # table rows
+methods = 'original,linear,pi,pose'  # table rows
 plot = 'out-real/demo-real.png'  # '' = no plot (needs matplotlib)
 # -----------------------------------------------------------------------------
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
 # -----------------------------------------------------------------------------
-LABELS = {'original': 'Original', 'pi': 'PI-only', 'pose': 'PoSE'}
+# pi: the YaRN x2 that PoSE trains with, without training; linear: the paper's PI-only row (linear x2, no training)
+LABELS = {'original': 'Original', 'linear': 'PI-only', 'pi': 'YaRN-only', 'pose': 'PoSE'}
 
 
 def fail(msg):

@@ -5,7 +5,8 @@
 #   2. data      demo_real.py: the Python stdlib's packages as long documents (~50k tokens each; asyncio and
 #                email held out for perplexity), tokenized with the model's tokenizer.json by prepare_data.py
 #   3. PoSE      train.py config/real_pose.py: 2048-token inputs, 2 chunks, skip offsets up to 16384, YaRN x2
-#   4. eval      Original (the converted model), PI-only (the same YaRN x2 override, no training), PoSE:
+#   4. eval      Original (the converted model), YaRN-only (the same YaRN x2 override, no training), PI-only
+#                (linear x2, no training: the paper's baseline row), PoSE:
 #                eval_passkey.py at 4k / 8k / 12k / 16k, eval_ppl.py at 2k / 8k / 16k on held-out packages
 #   5. report    demo_real.py: out-real/results.txt (+ out-real/demo-real.png)
 # Every stage is skipped when its output exists (training resumes from its last checkpoint), so an interrupted
@@ -31,6 +32,7 @@ if [ "${QUICK:-0}" = 1 ]; then
   TRAIN_ARGS=(--max_iters=2 --warmup_iters=1 --gradient_accumulation_steps=1 --train_len=512 --save_interval=1 --out_dir=$O/pose)
 fi
 YARN="{'rope_type':'yarn','factor':2.0,'original_max_position_embeddings':8192}"
+LINEAR="{'rope_type':'linear','factor':2.0}"
 T0=$(date +%s)
 step() { echo; echo "=== [demo-real +$(( $(date +%s) - T0 ))s] $*"; }
 skip() { echo "$1 exists: skipped"; }
@@ -58,11 +60,12 @@ args_for() {
   case $1 in
     original) echo "--model=$M" ;;
     pi)       echo "--model=$M --rope_scaling=$YARN --max_position_embeddings=16384" ;;
+    linear)   echo "--model=$M --rope_scaling=$LINEAR --max_position_embeddings=16384" ;;
     pose)     echo "--model=$O/pose/hf" ;;
   esac
 }
 for L in $PK_LENGTHS; do
-  for m in pose original pi; do
+  for m in pose original pi linear; do
     step "4/5 passkey $m at $L ($TRIALS trial(s) per depth in $DEPTHS)"
     f=$O/passkey-$m-$L.json
     if [ -f $f ]; then skip $f; else
@@ -71,7 +74,7 @@ for L in $PK_LENGTHS; do
     fi
   done
 done
-for m in pose original pi; do
+for m in pose original pi linear; do
   step "4/5 perplexity $m (held-out packages)"
   f=$O/ppl-$m.json
   if [ -f $f ]; then skip $f; else
