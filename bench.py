@@ -44,6 +44,7 @@ import torch
 
 from hf_checkpoint import save_pretrained
 from model import ModelArgs, Transformer
+from perf import gpu_peak_flops, wrap_blocks
 import sample_positions
 
 # -----------------------------------------------------------------------------
@@ -94,9 +95,6 @@ PRESETS = {  # GPU-only shapes of the issue: they need a real accelerator to mea
     'gpu_7b': dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, hidden_dim=11008, vocab_size=32000,
                    eval_len=131072, dtype='bfloat16', train_len=2048),
 }
-# bf16 dense peak FLOP/s per GPU (datasheet), first substring match on the device name
-PEAK_FLOPS = [('H200', 989e12), ('H100 PCIe', 756e12), ('H100', 989e12), ('H800', 989e12), ('B200', 2250e12),
-              ('A100', 312e12), ('A10G', 70e12), ('L40S', 362e12), ('L4', 121e12), ('4090', 165e12), ('V100', 125e12)]
 
 
 def fail(msg):
@@ -148,14 +146,7 @@ def build_model(max_len):
     with torch.device(device):  # a 7B shape is built on the GPU directly (no fp32 CPU copy)
         model = Transformer(args)
         model.init_weights()
-    if activation_checkpointing or compile:
-        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-        for i, block in enumerate(model.layers):
-            if activation_checkpointing:
-                block = checkpoint_wrapper(block, preserve_rng_state=False)
-            if compile:
-                block = torch.compile(block)
-            model.layers[i] = block
+    wrap_blocks(model, activation_checkpointing, compile)
     return model
 
 
@@ -205,9 +196,8 @@ def matmul_peak_flops():
     """Peak FLOP/s of this device: the datasheet bf16 figure for known GPUs, else a measured large matmul."""
     if cuda:
         name = torch.cuda.get_device_name()
-        for key, flops in PEAK_FLOPS:
-            if key in name:
-                return flops, f'datasheet bf16 ({name})'
+        if gpu_peak_flops(name):
+            return gpu_peak_flops(name), f'datasheet bf16 ({name})'
     n = 4096 if cuda else 1024
     dt = torch.bfloat16 if dtype == 'bfloat16' else torch.float32
     a, b = torch.randn(n, n, device=device, dtype=dt), torch.randn(n, n, device=device, dtype=dt)

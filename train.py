@@ -34,6 +34,7 @@ import numpy as np
 import rope_config
 import sample_positions  # SAMPLERS (a module, so the configurator cannot mistake it for a config key)
 from errors import UserError, is_interrupt, remove, run, writing
+from perf import gpu_peak_flops, wrap_blocks
 from prepare_data import TOKENIZER_FILES, check_same_tokenizer, open_split, read_meta
 # torch and model.py are imported in init_torch(), after the config and the data are checked: a typo fails in a blink
 
@@ -79,7 +80,7 @@ save_interval = 200  # checkpoint every this many steps, and at the end (0 = onl
 log_interval = 1  # print + log.jsonl every this many steps
 seed = 1337  # data draws and scratch init
 check_tokenizer = True  # refuse data whose meta.json tokenizer fingerprint differs from the model's (False: skip)
-peak_flops = 0.0  # per-device peak FLOP/s for MFU; 0 = look up the GPU in PEAK_FLOPS (n/a on CPU)
+peak_flops = 0.0  # per-device peak FLOP/s for MFU; 0 = look up the GPU in perf.PEAK_FLOPS (n/a on CPU)
 wandb_log = False  # log to Weights & Biases (imported only when True)
 wandb_project = 'nanopose'  # wandb project
 wandb_run_name = 'pose'  # wandb run name
@@ -89,11 +90,6 @@ exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator
 config = {k: globals()[k] for k in config_keys}
 # -----------------------------------------------------------------------------
 
-# bf16 dense tensor-core peak FLOP/s per device, first substring match on torch.cuda.get_device_name()
-PEAK_FLOPS = [('GH200', 989e12), ('H200', 989e12), ('H100 PCIe', 756e12), ('H100 NVL', 835e12), ('H100', 989e12),
-              ('H800', 989e12), ('B200', 2250e12), ('A100', 312e12), ('A800', 312e12), ('A10G', 70e12),
-              ('A10', 125e12), ('L40S', 362e12), ('L40', 181e12), ('L4', 121e12), ('RTX 4090', 165e12),
-              ('RTX 3090', 71e12), ('A6000', 155e12), ('V100', 125e12), ('T4', 65e12)]
 # what a resume may change: none of these alters what is trained (batch_size only with the same global batch)
 RESUME_MAY_CHANGE = {'init_from', 'out_dir', 'max_iters', 'eval_interval', 'eval_iters', 'save_interval',
                      'log_interval', 'device', 'dtype', 'compile', 'activation_checkpointing', 'peak_flops',
@@ -280,14 +276,7 @@ def build_model(meta, train_state):
 
 def wrap_model(model, full_sd):
     """Activation checkpointing + torch.compile per block, then FSDP2 (torchrun) or the device. -> autocast."""
-    if activation_checkpointing or compile:  # get_state_dict strips the wrappers' key prefixes
-        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-        for i, block in enumerate(model.layers):
-            if activation_checkpointing:
-                block = checkpoint_wrapper(block, preserve_rng_state=False)  # non-reentrant torch.utils.checkpoint
-            if compile:
-                block = torch.compile(block)
-            model.layers[i] = block
+    wrap_blocks(model, activation_checkpointing, compile)
     if not ddp:
         model.to(device)
         return torch.autocast(device_type, dtype=torch.bfloat16) if dtype == 'bfloat16' else nullcontext()
@@ -509,8 +498,7 @@ def main():
     if init_from == 'resume':
         load_checkpoint(model, optimizer, ckpt_dir)
         iter_num = train_state['iter']
-    peak = peak_flops or (next((f for n, f in PEAK_FLOPS if n in torch.cuda.get_device_name()), 0.0)
-                          if device_type == 'cuda' else 0.0)
+    peak = peak_flops or (gpu_peak_flops(torch.cuda.get_device_name()) if device_type == 'cuda' else 0.0)
     log_file = None
     if master:
         os.makedirs(out_dir, exist_ok=True)
