@@ -65,19 +65,43 @@ def _check_lengths(doc_len, train_len, target_len):
         raise ValueError(f"doc_len={doc_len} is shorter than train_len={train_len}: the document cannot fill an example")
 
 
+def _check_chunks(train_len, num_chunks, chunking):
+    if not 1 <= num_chunks <= train_len:
+        raise ValueError(f"num_chunks={num_chunks} must be in [1, train_len={train_len}]")
+    if chunking not in ('paper', 'official'):
+        raise ValueError(f"chunking={chunking!r}: expected 'paper' or 'official'")
+    if chunking == 'official' and num_chunks != 2:
+        raise ValueError(f"chunking='official' has exactly 2 chunks, got num_chunks={num_chunks}")
+
+
+def _check_content(content):
+    if content not in ('uniform', 'zero', 'aligned'):
+        raise ValueError(f"content={content!r}: expected 'uniform', 'zero' or 'aligned'")
+
+
+def check_options(method, train_len, target_len, **options):
+    """What a sampler would reject whatever the document: the method, the two lengths and the method's
+    options. Once, before any draw (train.py calls it on its config); raises ValueError naming the value."""
+    if method not in SAMPLERS:
+        raise ValueError(f"method={method!r}: expected one of {sorted(SAMPLERS)}")
+    _check_lengths(train_len, train_len, target_len)
+    known = ('num_chunks', 'content', 'chunking') if method == 'pose' else ()
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise ValueError(f"method={method!r} takes no option {unknown[0]!r} (its options: {list(known)})")
+    if method == 'pose':
+        _check_chunks(train_len, options.get('num_chunks', 2), options.get('chunking', 'paper'))
+        _check_content(options.get('content', 'uniform'))
+
+
 def chunk_lengths(train_len, num_chunks, rng, chunking='paper'):
     """[l_0 .. l_{N-1}]: N positive chunk lengths summing to L_c (§3.2, the split before Eq. 3), as
     a list of ints (tiny; Python ints keep a draw well under 50 us)."""
     L, N = train_len, num_chunks
-    if not 1 <= N <= L:
-        raise ValueError(f"num_chunks={N} must be in [1, train_len={L}]")
+    _check_chunks(L, N, chunking)
     if chunking == 'official':  # dwzhu-pku/PoSE train_pose.py: rt1 = random.randint(1, (len_chunk+1)//2)
-        if N != 2:
-            raise ValueError(f"chunking='official' has exactly 2 chunks, got num_chunks={N}")
         l0 = int(rng.integers(1, (L + 1) // 2 + 1))
         return [l0, L - l0]
-    if chunking != 'paper':
-        raise ValueError(f"chunking={chunking!r}: expected 'paper' or 'official'")
     k = N - 1  # cut points, distinct, uniform among the (L-1 choose k) subsets of 1..L-1
     if k == 1:  # N = 2, the paper's setting: l_0 ~ U{1 .. L_c-1}
         cuts = [int(rng.integers(1, L))]
@@ -105,8 +129,7 @@ def monotone_offsets(n, high, rng):
 def pose(doc_len, train_len, target_len, rng, num_chunks=2, content='uniform', chunking='paper'):
     """PoSE (Eq. 3-5): N chunks with skip offsets u_i (positions) and content offsets v_i (tokens)."""
     _check_lengths(doc_len, train_len, target_len)
-    if content not in ('uniform', 'zero', 'aligned'):
-        raise ValueError(f"content={content!r}: expected 'uniform', 'zero' or 'aligned'")
+    _check_content(content)  # (num_chunks and chunking: chunk_lengths checks them)
     l = chunk_lengths(train_len, num_chunks, rng, chunking)         # [N] l_i
     u = monotone_offsets(len(l), target_len - train_len, rng)        # [N] u_i, Eq. 4
     if content == 'uniform':

@@ -10,7 +10,8 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from sample_positions import (SAMPLERS, coverage_curve, draws_per_second, examples_to_cover,  # noqa: E402
+import sample_positions  # noqa: E402
+from sample_positions import (SAMPLERS, check_options, coverage_curve, draws_per_second, examples_to_cover,  # noqa: E402
                               pose, pose2_coverage_exact, randpos, full, relative_distances)
 
 
@@ -183,6 +184,21 @@ def test_bad_arguments_raise_naming_the_values(name, args, kwargs, words):
     with pytest.raises(ValueError) as e:
         SAMPLERS[name](*args, np.random.default_rng(0), **kwargs)
     assert all(w in str(e.value) for w in words), str(e.value)
+    if 'doc_len=10' not in words:  # the same rejection before any draw, from check_options (train.py's check)
+        with pytest.raises(ValueError) as e:
+            check_options(name, *args[1:], **kwargs)
+        assert all(w in str(e.value) for w in words), str(e.value)
+
+
+def test_check_options_accepts_what_the_samplers_draw_and_names_the_rest():
+    for name, kwargs in [('pose', {}), ('pose', {'num_chunks': 3, 'content': 'zero', 'chunking': 'paper'}),
+                         ('pose', {'num_chunks': 2, 'chunking': 'official'}), ('randpos', {}), ('full', {})]:
+        check_options(name, 16, 64, **kwargs)
+        SAMPLERS[name](16, 16, 64, np.random.default_rng(0), **kwargs)  # and the sampler draws with them
+    for args, kwargs, word in [(('fancy', 16, 64), {}, "method='fancy'"), (('pose', 0, 64), {}, 'train_len=0'),
+                               (('randpos', 16, 64), {'num_chunks': 2}, "'num_chunks'")]:
+        with pytest.raises(ValueError, match=word):
+            check_options(*args, **kwargs)
 
 
 @pytest.mark.parametrize("name", sorted(SAMPLERS))
@@ -268,10 +284,26 @@ def test_examples_to_cover_definition():
     assert examples_to_cover(np.array([0.0, 1.0, 1.0])) == (1, 1)
 
 
-def test_draws_per_second_measures():
-    for name in SAMPLERS:
-        r = draws_per_second(name, 64, 1024, seconds=0.05)
-        assert math.isfinite(r) and r > 0
+def test_draws_per_second_is_draws_over_cpu_seconds(monkeypatch):
+    """A fake CPU clock that a counting sampler advances by 3/1024 s per draw: the run stops at the first
+    draw that reaches `seconds` = 50/1024 (17 draws, 51/1024 s), and the rate is 17 / (51/1024) -- not
+    17 / seconds, and not a wall-clock figure (time.perf_counter / time.time are not the clock it reads)."""
+    clock, calls = [100.0], []
+
+    def sampler(doc_len, train_len, target_len, rng, **options):
+        calls.append((doc_len, train_len, target_len, options))
+        clock[0] += 3 / 1024
+    monkeypatch.setattr(sample_positions.time, 'process_time', lambda: clock[0])
+    r = draws_per_second(sampler, 64, 1024, seconds=50 / 1024, num_chunks=3)
+    assert len(calls) == 17 and r == 17 / (51 / 1024)
+    assert all(c == (1024, 64, 1024, {'num_chunks': 3}) for c in calls)  # doc_len defaults to target_len
+
+    def ticking():  # the real samplers take no fake time: a clock that ticks 1/1024 s per reading
+        clock[0] += 1 / 1024
+        return clock[0]
+    monkeypatch.setattr(sample_positions.time, 'process_time', ticking)
+    for name in SAMPLERS:  # readings at 1/1024 .. 9/1024 s draw, the 10th stops: 9 draws in 10/1024 s
+        assert draws_per_second(name, 64, 1024, seconds=10 / 1024) == 9 / (10 / 1024)
 
 
 # ----------------------------------------------------------------------------- CLI
