@@ -346,6 +346,6 @@ if __name__ == '__main__':
     draws = 2000  # Monte-Carlo draws per method for the coverage curves
     seed = 0  # numpy Generator seed
     plot = ''  # path of a PNG for the paper's Fig. 5 ('' = no plot)
-    speed_seconds = 0.5  # wall clock per sampler for the draws/s measurement
+    speed_seconds = 0.5  # CPU seconds of this process per sampler for the draws/s measurement
     exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
     run(main)
