@@ -24,15 +24,14 @@ all). Since draws are per document, the stdlib files are cut into `piece_tokens`
 (python_pieces), which multiplies the documents, and so the passkey documents at the same share. A
 `copy_share` of fresh random-word sequences, repeated (word_drill), adds copying practice.
 """
-import glob
 import json
 import os
 import re
-import sys
 
 import numpy as np
 from tqdm import tqdm
 
+from errors import UserError, run
 from prepare_data import write_jsonl_atomic
 
 # -----------------------------------------------------------------------------
@@ -53,7 +52,8 @@ out_dir = 'out-demo'  # eval JSONs (report stage) ...
 methods = 'original,pi,randpos,full,pose'  # ... rows: out_dir/seed-S/{ppl,passkey}-{method}.json
 seeds = '1'  # the seeds to report (space-separated): each cell is their mean and min-max
 # -----------------------------------------------------------------------------
-exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
+if __name__ == '__main__':  # run as a script: a config file / --key=value; imported (the tests): the defaults
+    exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
 # -----------------------------------------------------------------------------
 LABELS = {'original': 'Original', 'pi': 'YaRN-only', 'randpos': 'RandPos', 'full': 'Full-length', 'pose': 'PoSE'}
 
@@ -174,7 +174,6 @@ def passkey_eval_lengths(tok, rng):
     """eval_passkey.py builds a prompt within 1% of the requested length, in whole filler words: some short
     lengths cannot be hit. For each multiple of L_c up to L_t (or each power-of-2 multiple when L_t > 4 L_c),
     take the largest length at or below it that works for 30 random keys and depths."""
-    from errors import UserError
     from eval_passkey import build_passkey_prompt
     ratio = target_len // train_len
     mults = range(1, ratio + 1) if ratio <= 4 else [2 ** i for i in range(ratio.bit_length()) if 2 ** i <= ratio]
@@ -252,11 +251,23 @@ def claims(run):
     ]
 
 
-def stage_report():
-    """Each cell: the mean over the seeds, and min-max when there are several. Then the claims, per seed."""
-    seed_list = [int(s) for s in str(seeds).split()]
-    runs = {s: read_run(os.path.join(out_dir, f'seed-{s}')) for s in seed_list}
-    labels = [m.strip() for m in methods.split(',') if m.strip()]
+def cell(vs, fmt, several):
+    """One table cell: the mean of a method's values over the seeds, then (min-max) when several seeds are
+    reported; '-' when none was measured."""
+    if not vs:
+        return '-'
+    return f'{np.mean(vs):{fmt}}' + (f' ({min(vs):{fmt}}-{max(vs):{fmt}})' if several else '')
+
+
+def verdict(marks):
+    """A claim's verdict from its per-seed marks ('+' holds, '-' fails, '?' not measured)."""
+    return 'holds for every seed' if set(marks) == {'+'} else 'fails for some seed' if '-' in marks else 'unmeasured'
+
+
+def report_lines(runs, labels):
+    """{seed: read_run(...)} -> (the report's lines, {seed: claims}): each cell the mean over the seeds, and
+    min-max when there are several; then the claims, per seed."""
+    seed_list = list(runs)
     w = max(len(LABELS.get(m, m)) for m in labels) + 2
     cw = 20 if len(seed_list) > 1 else 9
 
@@ -267,13 +278,9 @@ def stage_report():
         head = ''.join(f'{L:>{cw}}' for L in Ls) if kind != 'step_ms' else f"{'ms':>{cw}}"
         lines = [title, f"{'method':<{w}}" + head]
         for m in labels:
-            cells = []
-            for L in Ls:
-                vs = [r[m][kind][L] for r in runs.values() if L in r.get(m, {}).get(kind, {})]
-                c = '-' if not vs else f'{np.mean(vs):{fmt}}' + (
-                    f' ({min(vs):{fmt}}-{max(vs):{fmt}})' if len(seed_list) > 1 else '')
-                cells.append(f'{c:>{cw}}')
-            lines.append(f'{LABELS.get(m, m):<{w}}' + ''.join(cells))
+            cells = [cell([r[m][kind][L] for r in runs.values() if L in r.get(m, {}).get(kind, {})], fmt,
+                          len(seed_list) > 1) for L in Ls]
+            lines.append(f'{LABELS.get(m, m):<{w}}' + ''.join(f'{c:>{cw}}' for c in cells))
         return lines + ['']
     trials = next((r[m].get('passkey_trials') for r in runs.values() for m in r if r[m].get('passkey_trials')), '?')
     n = f'{len(seed_list)} seeds ({" ".join(map(str, seed_list))}): mean (min-max)' if len(seed_list) > 1 \
@@ -289,8 +296,16 @@ def stage_report():
     lines += ['Claims (per seed: + holds, - fails, ? not measured):']
     for i, (name, _) in enumerate(per_seed[seed_list[0]]):
         marks = ''.join('?' if per_seed[s][i][1] is None else '+-'[not per_seed[s][i][1]] for s in seed_list)
-        verdict = 'holds for every seed' if set(marks) == {'+'} else 'fails for some seed' if '-' in marks else 'unmeasured'
-        lines.append(f'  {marks:<{max(len(seed_list), 5)}} {name:<48} {verdict}')
+        lines.append(f'  {marks:<{max(len(seed_list), 5)}} {name:<48} {verdict(marks)}')
+    return lines, per_seed
+
+
+def stage_report():
+    """The table of report_lines, printed and written (results.txt, results.json), then the plots."""
+    seed_list = [int(s) for s in str(seeds).split()]
+    runs = {s: read_run(os.path.join(out_dir, f'seed-{s}')) for s in seed_list}
+    labels = [m.strip() for m in methods.split(',') if m.strip()]
+    lines, per_seed = report_lines(runs, labels)
     table = '\n'.join(lines)
     print(table)
     write_text_atomic(os.path.join(out_dir, 'results.txt'), table + '\n')
@@ -345,11 +360,14 @@ def plot(runs, labels):
     print(f'wrote {path}')
 
 
-if stage not in ('sources', 'passkey', 'report'):
-    print(f"error: stage='{stage}': expected 'sources', 'passkey' or 'report'", file=sys.stderr)
-    sys.exit(2)
-try:
-    {'sources': stage_sources, 'passkey': stage_passkey, 'report': stage_report}[stage]()
-except (ValueError, FileNotFoundError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
+def main():
+    if stage not in ('sources', 'passkey', 'report'):
+        raise UserError(f"stage='{stage}': expected 'sources', 'passkey' or 'report'")
+    try:
+        {'sources': stage_sources, 'passkey': stage_passkey, 'report': stage_report}[stage]()
+    except (ValueError, FileNotFoundError) as e:
+        raise UserError(str(e)) from None
+
+
+if __name__ == '__main__':
+    run(main)

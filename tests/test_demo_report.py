@@ -54,3 +54,62 @@ def test_report_mean_minmax_and_claims(tmp_path):
     assert verdict['RandPos passkey at L_t <= PoSE - 0.3'] == '+-'  # 0 <= 1 - 0.3; 0 > 0 - 0.3
     assert verdict['Original ppl rises past L_c (L_t > L_c)'] == '++'
     assert json.load(open(tmp_path / 'results.json'))['seeds'] == [1, 2]
+
+
+# ---- the pure functions, imported (demo_report runs nothing on import), against hand-computed values ----
+sys.path.insert(0, ROOT)
+import demo_report  # noqa: E402
+
+
+def test_cell_is_the_mean_then_min_max():
+    assert demo_report.cell([10.0, 12.0, 17.0], '.2f', True) == '13.00 (10.00-17.00)'  # (10 + 12 + 17) / 3
+    assert demo_report.cell([0.25], '.2f', False) == '0.25'
+    assert demo_report.cell([812.4, 790.0], '.0f', False) == '801'  # one seed's layout: the mean only
+    assert demo_report.cell([], '.2f', True) == '-'
+
+
+def test_verdict_of_the_marks():
+    assert demo_report.verdict('+++') == 'holds for every seed'
+    assert demo_report.verdict('+-+') == demo_report.verdict('-?') == 'fails for some seed'
+    assert demo_report.verdict('+?') == demo_report.verdict('??') == 'unmeasured'
+
+
+def test_claims_by_hand(monkeypatch):
+    """L_c = 128, L_t = 512: a passkey length counts for L when 0.95 L < length <= L (509 does, 480 does not)."""
+    monkeypatch.setattr(demo_report, 'train_len', 128)
+    monkeypatch.setattr(demo_report, 'target_len', 512)
+    run = {'original': {'passkey': {127: 0.9, 509: 0.2}, 'ppl': {128: 10.0, 512: 10.01}},
+           'pi': {'passkey': {480: 0.0}},  # no length near 512: not measured
+           'randpos': {'passkey': {127: 1.0, 509: 0.5}, 'ppl': {128: 11.0, 512: 12.0}},
+           'full': {'passkey': {127: 1.0, 509: 0.89}, 'ppl': {512: 10.0}},
+           'pose': {'passkey': {127: 1.0, 509: 0.9}, 'ppl': {128: 11.5, 512: 10.5}}}
+    got = dict(demo_report.claims(run))
+    assert got == {
+        'Original passkey >= 0.9 at L_c': True,                    # 0.9 >= 0.9
+        'PoSE passkey >= 0.9 at every length up to L_t': True,     # min(1.0, 0.9)
+        'Full-length passkey >= 0.9 at every length': False,       # 0.89
+        'Original passkey <= 0.2 at L_t': True,                    # 0.2
+        'YaRN-only (no training) passkey <= 0.2 at L_t': None,     # 480 is not near 512
+        'RandPos passkey at L_t <= PoSE - 0.3': True,              # 0.5 <= 0.9 - 0.3
+        'Original ppl rises past L_c (L_t > L_c)': True,           # 10.01 > 10.0
+        'PoSE ppl at L_t within 5% of Full-length': True,          # 10.5 <= 10.5
+        'RandPos ppl at L_t above PoSE': True,                     # 12 > 10.5
+        'PoSE ppl at L_c within 10% of Original': False,           # 11.5 > 1.1 * 10.0
+    }
+
+
+def test_report_lines_by_hand(monkeypatch):
+    monkeypatch.setattr(demo_report, 'train_len', 128)
+    monkeypatch.setattr(demo_report, 'target_len', 512)
+    runs = {1: {'original': {'ppl': {128: 10.0, 512: 40.0}}, 'pose': {'ppl': {128: 9.0}, 'step_ms': {0: 100.0}}},
+            2: {'original': {'ppl': {128: 14.0}}, 'pose': {'ppl': {128: 11.0, 512: 20.0}, 'step_ms': {0: 300.0}}}}
+    lines, per_seed = demo_report.report_lines(runs, ['original', 'pose'])
+    assert lines[0] == 'nanoPoSE demo, L_c = 128 -> L_t = 512, 2 seeds (1 2): mean (min-max)'
+    orig = lines[lines.index('Perplexity on held-out stdlib files (eval_ppl.py), window length L:') + 2]
+    assert orig.split() == ['Original', '12.00', '(10.00-14.00)', '40.00', '(40.00-40.00)']  # 512: seed 1 only
+    pose_ms = [line for line in lines if line.startswith('PoSE')][-1]
+    assert pose_ms.split() == ['PoSE', '200', '(100-300)']
+    assert not any(line.startswith('Passkey') for line in lines)  # no passkey JSONs: no passkey sections
+    claim = next(line for line in lines if 'Original ppl rises past L_c' in line)
+    assert claim.split()[0] == '+?' and claim.endswith('unmeasured')  # seed 2 has no ppl at 512
+    assert set(per_seed) == {1, 2}
