@@ -87,6 +87,11 @@ ROPE_CASES = {  # name: (rope dict for transformers, max_position_embeddings)
                    'attention_factor': 1.3, 'beta_fast': 16, 'beta_slow': 2}, 128),
     'yarn_mscale': ({'rope_type': 'yarn', 'factor': 4.0, 'original_max_position_embeddings': 32,
                      'mscale': 1.0, 'mscale_all_dim': 0.5, 'truncate': False}, 128),
+    # factor != max_position_embeddings / original (8 != 4, and 2 != 4): the factor given wins, not the ratio
+    # (no factor at all: transformers 5's config refuses it; test_rope checks that fallback on its RoPE init)
+    'yarn_factor8': ({'rope_type': 'yarn', 'factor': 8.0, 'original_max_position_embeddings': 32}, 128),
+    'yarn_factor2_mscale': ({'rope_type': 'yarn', 'factor': 2.0, 'original_max_position_embeddings': 32,
+                             'mscale': 1.0, 'mscale_all_dim': 0.5}, 128),
     'llama3': ({'rope_type': 'llama3', 'factor': 8.0, 'low_freq_factor': 1.0, 'high_freq_factor': 4.0,
                 'original_max_position_embeddings': 32}, 128),
     'longrope': ({'rope_type': 'longrope', 'original_max_position_embeddings': 32,  # short/long regimes
@@ -95,6 +100,9 @@ ROPE_CASES = {  # name: (rope dict for transformers, max_position_embeddings)
     'longrope_attn': ({'rope_type': 'longrope', 'original_max_position_embeddings': 32, 'factor': 4.0,
                        'attention_factor': 1.2, 'short_factor': [1.0] * 4 + [2.0] * 4,
                        'long_factor': [1.0, 1.0, 2.0, 2.0, 4.0, 4.0, 6.0, 6.0]}, 128),
+    'longrope_factor2': ({'rope_type': 'longrope', 'original_max_position_embeddings': 32, 'factor': 2.0,
+                          'short_factor': [1.0] * 4 + [2.0] * 4, 'long_factor': [1.0, 1.0, 2.0, 2.0, 4.0, 4.0, 6.0, 6.0]},
+                         128),  # attention factor from factor 2, not from 128 / 32
 }
 
 
@@ -278,10 +286,21 @@ def test_bf16_close_to_fp32(tmp_path):
     assert cfg['torch_dtype'] == cfg['dtype'] == 'bfloat16'
 
 
-def test_flops_per_token():
-    a = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=96, vocab_size=VOCAB)
-    per_layer = 64 * 64 * 2 + 64 * 32 * 2 + 3 * 64 * 96 + 2 * 64  # q, o, k, v, MLP, two norms
-    n = 2 * per_layer + 64 + VOCAB * 64  # + final norm + lm_head (the embedding lookup costs no FLOPs)
-    with torch.device('meta'):
-        model = Transformer(a)
-    assert model.flops_per_token(1024) == 6 * n + 12 * 2 * 4 * 16 * 1024
+@pytest.mark.parametrize('tie', [False, True])
+def test_flops_per_token_counts_what_a_training_step_multiplies(tie):
+    """torch's FlopCounterMode over a real forward + backward (GQA, T = 64 and 256; SDPA's math backend so that
+    attention shows as the bmm it is): the matmul FLOPs it counts are flops_per_token(T) * T, less the norm
+    weights, which the 6N convention counts (6 per weight per token) but which multiply no matrix."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=96, vocab_size=VOCAB,
+                                  tie_word_embeddings=tie))
+    model.init_weights()
+    norm_weights = sum(p.numel() for p in model.parameters() if p.dim() == 1)
+    for T in (64, 256):
+        idx = torch.randint(0, VOCAB, (1, T))
+        with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+            logits, _ = model(idx)  # full logits + F.cross_entropy: the chunked loss's recompute is not the model's
+            F.cross_entropy(logits.flatten(0, 1), idx.flatten()).backward()
+        assert counter.get_total_flops() == model.flops_per_token(T) * T - 6 * norm_weights * T, (tie, T)

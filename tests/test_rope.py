@@ -129,10 +129,21 @@ def test_inv_freq_bit_identical_to_transformers():
                'original_max_position_embeddings': 8192}, 131072),
              ({'rope_type': 'longrope', 'short_factor': short, 'long_factor': long,
                'original_max_position_embeddings': 4096}, 131072)]
+    cases += [  # factor != mpe / original: the factor wins; no factor: the fallback mpe / original (= 16 here)
+        ({'rope_type': 'yarn', 'factor': 8.0, 'original_max_position_embeddings': 4096}, 131072),
+        ({'rope_type': 'yarn', 'factor': 2.0, 'original_max_position_embeddings': 4096, 'mscale': 1.0,
+          'mscale_all_dim': 0.5}, 131072),
+        ({'rope_type': 'yarn', 'original_max_position_embeddings': 4096}, 65536),
+        ({'rope_type': 'longrope', 'factor': 2.0, 'short_factor': short, 'long_factor': long,
+          'original_max_position_embeddings': 4096}, 131072)]
     for theta in (10000.0, 500000.0):
         for rope, mpe in cases:
+            # transformers 5's config wants a yarn factor; its RoPE init still has the mpe / original fallback
             cfg = LlamaConfig(hidden_size=4096, num_attention_heads=32, max_position_embeddings=mpe,
-                              rope_parameters=dict(rope, rope_theta=theta))
+                              rope_parameters=dict({'factor': 1.0} if rope['rope_type'] == 'yarn' else {},
+                                                   **rope, rope_theta=theta))
+            if 'factor' not in rope:
+                cfg.rope_parameters['factor'] = None
             rs = normalize_rope_scaling(rope, 128, mpe)
             for seq_len in (100, mpe + 1, 1_000_000):
                 seq = torch.tensor(seq_len) if rope['rope_type'] == 'dynamic' else seq_len
