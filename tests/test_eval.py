@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+from itertools import product
 from types import SimpleNamespace
 
 import numpy as np
@@ -97,26 +98,39 @@ def env(tmp_path_factory):
                 tok=prepare_data.load_tokenizer(plain), ours=ours, ours_scaled=ours_scaled, lin=lin)
 
 
-@torch.no_grad()
-def hf_nll(hf, doc, L, stride, mode, add_bos, bos=1):
-    """Brute force, token by token: doc[j] is scored by the first window (starts 0, s, 2s, ..., the last
-    pulled back to end at the text's end; only the first in 'truncate') whose input holds the token that
-    predicts it (the BOS predicts doc[b]); its log-prob comes from transformers' full logits of that window."""
-    n, nbos = len(doc), int(add_bos)
+def scoring_window(n, L, stride, mode, add_bos):
+    """Brute force, token by token: {j: the start b of the window that scores doc[j]}. The windows, as a set:
+    every multiple of the stride whose window ends before the text's end, plus one window flush with the text's
+    end (the whole text when it is shorter); only the first in 'truncate'. doc[j] goes to the first window
+    whose input holds the token that predicts it (the BOS predicts doc[b])."""
+    nbos = int(add_bos)
     n_doc, stride = L - nbos, stride or L
-    starts = []
-    for k in range(n + 1):
-        b = min(k * stride, max(n - n_doc, 0))
-        starts.append(b)
-        if b + n_doc >= n:
-            break
+    starts = sorted({b for b in range(0, n, stride) if b + n_doc < n} | {max(n - n_doc, 0)})
     starts = starts[:1] if mode == 'truncate' else starts
-    logp, total, count = {}, 0.0, 0
+    out = {}
     for j in range(1 - nbos, n):
         hits = [b for b in starts if b - nbos <= j - 1 < b + n_doc]
-        if not hits:
+        if hits:
+            out[j] = hits[0]
+    return out
+
+
+def test_window_spans_equals_the_brute_force_windows():
+    for n, L, stride, mode, add_bos in product(range(1, 40), (2, 3, 5, 8), (None, 1, 2, 3, 5), ('sliding', 'truncate'),
+                                               (False, True)):
+        if stride is not None and stride > L or L - add_bos < 1:
             continue
-        b = hits[0]
+        got = {j: b for b, first, end in eval_ppl.window_spans(n, L, stride, mode, add_bos) for j in range(first, end)}
+        assert got == scoring_window(n, L, stride, mode, add_bos), (n, L, stride, mode, add_bos)
+
+
+@torch.no_grad()
+def hf_nll(hf, doc, L, stride, mode, add_bos, bos=1):
+    """doc[j] scored by its window (scoring_window); its log-prob from transformers' full logits of that window."""
+    n, nbos = len(doc), int(add_bos)
+    n_doc = L - nbos
+    logp, total, count = {}, 0.0, 0
+    for j, b in scoring_window(n, L, stride, mode, add_bos).items():
         if b not in logp:
             ids = torch.tensor(([bos] if nbos else []) + [int(t) for t in doc[b:b + n_doc]])[None]
             logp[b] = torch.log_softmax(hf(ids).logits[0].double(), -1)
