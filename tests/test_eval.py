@@ -531,6 +531,52 @@ def test_eval_passkey_cli(env):
     assert open(png, 'rb').read(8) == b'\x89PNG\r\n\x1a\n'
 
 
+@pytest.mark.parametrize('depths', [[0.0, 0.5, 1.0], None])
+def test_passkey_accuracy_by_depth_is_an_independent_count(env, monkeypatch, depths):
+    """accuracy and accuracy_by_depth against a count made here from what the model was really asked: every
+    prompt is captured as it is built (its key, filler words and depth) and checked to be what the model saw;
+    a scripted verdict (pass iff the key is not a multiple of 3) gives mixed outcomes. Rows: the requested depth
+    (a grid) or ten bins of the realised depth round(depth n) / n (random depths, the paper)."""
+    built, seen = [], []
+    make = eval_passkey.make_passkey_prompt
+
+    def capture(n_filler, key, depth):
+        text, n_before = make(n_filler, key, depth)
+        built.append((text, n_filler, key, depth))
+        return text, n_before
+
+    def verdict(net, prompt, guess, key, *args, **kwargs):
+        text, n_filler, prompt_key, depth = built[-1]
+        assert prompt == env['tok'].encode(text, bos=True) and key == prompt_key  # the prompt just built
+        length = next(L for L in (1000, 2000) if 0.99 * L <= len(prompt) + len(guess) <= L)
+        words_before = len(text.split('\n')[1].split())
+        assert words_before == round(depth * n_filler)
+        seen.append((length, depth, words_before / n_filler, int(key) % 3 != 0))
+        return int(key) % 3 != 0, [], [], 1
+    monkeypatch.setattr(eval_passkey, 'make_passkey_prompt', capture)
+    monkeypatch.setattr(eval_passkey, 'greedy_passkey', verdict)
+    out = str(env['tmp'] / f'pk-count-{depths is None}.json')
+    run_main(monkeypatch, eval_passkey, model=env['plain'], lengths=[1000, 2000], num_trials=6, depths=depths,
+             seed=5, device='cpu', out=out, overwrite=True)
+    r = json.load(open(out))
+    assert len(seen) == 2 * 6 * (3 if depths else 1)
+    assert 0 < sum(ok for *_, ok in seen) < len(seen)  # mixed outcomes: a wrong count can show
+    rows = {}  # label -> length -> [verdicts]
+    for length, depth, realised, ok in seen:
+        label = f'{depth:.2f}' if depths else f'{min(int(realised * 10), 9) / 10:.1f}-{min(int(realised * 10), 9) / 10 + 0.1:.1f}'
+        rows.setdefault(label, {}).setdefault(str(length), []).append(ok)
+    for L in ('1000', '2000'):
+        oks = [ok for length, *_, ok in seen if str(length) == L]
+        assert r['accuracy'][L] == sum(oks) / len(oks)
+    assert set(r['accuracy_by_depth']) >= set(rows)
+    for label, by_len in r['accuracy_by_depth'].items():
+        for L, acc in by_len.items():
+            oks = rows.get(label, {}).get(L)
+            assert acc == (sum(oks) / len(oks) if oks else None), (label, L, acc, oks)
+    if depths:
+        assert all(len(v) == 6 for by_len in rows.values() for v in by_len.values())
+
+
 def test_bad_input(env, tmp_path, monkeypatch):
     missing = str(tmp_path / 'no_such_model')
     proc = run('eval_ppl.py', f'--model={missing}', f"--data_dir={env['data']}", '--device=cpu')
