@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from sample_positions import pose  # noqa: E402  (the sampler the run uses; train.py's assembly is under test)
+import sample_positions  # noqa: E402
 
 VOCAB = 64
 ENV = dict(os.environ, OMP_NUM_THREADS='1', PYTHONWARNINGS='ignore')
@@ -133,10 +133,30 @@ def test_kill_and_resume_is_bitwise(tmp_path, data):
     assert [json.loads(l)['iter'] for l in lines] == [json.loads(l)['iter'] for l in (a / 'log.jsonl').read_text().splitlines()]
 
 
-def hf_val_loss(model_dir, data_dir, seed, eval_iters, batch_size, train_len, target_len, num_chunks, **cfg_overrides):
+def paper_pose(doc_len, train_len, target_len, rng, num_chunks):
+    """PoSE (§3.2, Eq. 3-5) written out token by token, independent of sample_positions.py; it draws from rng
+    in the documented order: the N - 1 chunk cuts (uniform in 1 .. L_c - 1, all redrawn on a collision), then
+    the skip offsets u_1 .. u_{N-1}, then the content offsets v_1 .. v_{N-1}, each u_i ~ U{u_{i-1} .. L_t - L_c}
+    and v_i ~ U{v_{i-1} .. L_x - L_c}. Token j of the example, in chunk i (the number of cuts <= j), is
+    x[v_i + j] at position u_i + j."""
+    L = train_len
+    while len(set(cuts := [int(rng.integers(1, L)) for _ in range(num_chunks - 1)])) < num_chunks - 1:
+        pass
+    u, v = [0], [0]
+    for _ in range(num_chunks - 1):
+        u.append(int(rng.integers(u[-1], target_len - L + 1)))
+    for _ in range(num_chunks - 1):
+        v.append(int(rng.integers(v[-1], doc_len - L + 1)))
+    chunk = [sum(j >= c for c in cuts) for j in range(L)]
+    return np.array([v[chunk[j]] + j for j in range(L)]), np.array([u[chunk[j]] + j for j in range(L)])
+
+
+def hf_val_loss(model_dir, data_dir, seed, eval_iters, batch_size, train_len, target_len, num_chunks, plain=False,
+                **cfg_overrides):
     """The val loss by transformers on the documented draws: example g of val batch k comes from
-    rng = default_rng([seed, 1, k, 0, g]): a document with >= train_len + 1 tokens, then the sampler on
-    its first len - 1 tokens; the target of each input is the next token of the document."""
+    rng = default_rng([seed, 1, k, 0, g]): a document with >= train_len + 1 tokens, then PoSE (paper_pose) on
+    its first len - 1 tokens; the target of each input is the next token of the document. plain: the same
+    tokens at positions 0 .. L_c - 1."""
     from transformers import AutoConfig, AutoModelForCausalLM
     cfg = AutoConfig.from_pretrained(model_dir)
     for k, v in cfg_overrides.items():
@@ -152,7 +172,8 @@ def hf_val_loss(model_dir, data_dir, seed, eval_iters, batch_size, train_len, ta
             rng = np.random.default_rng([seed, 1, k, 0, g])
             d = eligible[rng.integers(len(eligible))]
             doc = tokens[offsets[d]:offsets[d + 1]]
-            ti, pi = pose(len(doc) - 1, train_len, target_len, rng, num_chunks=num_chunks)
+            ti, pi = paper_pose(len(doc) - 1, train_len, target_len, rng, num_chunks)
+            pi = np.arange(train_len) if plain else pi
             xs.append(doc[ti]), ys.append(doc[ti + 1]), ps.append(pi)
         x, y, p = (torch.from_numpy(np.stack(a)) for a in (xs, ys, ps))
         with torch.no_grad():
@@ -214,13 +235,21 @@ def test_fine_tune_hf_model_matches_transformers(tmp_path, data):
 
 
 def test_pose_lowers_the_loss(tmp_path, data):
-    """config/tiny_pose.py (from scratch) on the learnable corpus: val loss well below its start (ln 64 = 4.16)."""
+    """config/tiny_pose.py (from scratch) on the learnable corpus: val loss well below its start (ln 64 = 4.16),
+    and that val loss is the loss on PoSE's skip-wise positions: transformers on the export, on draws made by
+    paper_pose (not by sample_positions.py), gives the same number; plain positions give another."""
     out = tmp_path / 'pose'
     train(*TINY, f'--data_dir={data}', f'--out_dir={out}', '--max_iters=40', '--eval_interval=40')
     log = read_log(out)
     assert log[('val_loss', 0)] > 4.0
     assert log[('val_loss', 40)] < log[('val_loss', 0)] - 1.0, log
-    assert os.path.isfile(out / 'hf/model.safetensors')
+    run = dict(seed=1337, eval_iters=2, batch_size=8, train_len=64, target_len=256)  # config/tiny_pose.py + TINY
+    pose_loss = hf_val_loss(str(out / 'hf'), data, **run, num_chunks=2)
+    assert abs(log[('val_loss', 40)] - pose_loss) < 1e-6, (log[('val_loss', 40)], pose_loss)  # fp32, same ops: ~0
+    # this corpus is a bigram chain: a model that learned it barely looks at positions (the same tokens at plain
+    # positions move the loss by ~1e-5 here), hence the tight tolerance above; this guard keeps it meaningful
+    plain = hf_val_loss(str(out / 'hf'), data, **run, num_chunks=2, plain=True)
+    assert abs(plain - pose_loss) > 4e-6, (plain, pose_loss)
 
 
 def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, data):
@@ -244,6 +273,7 @@ BAD_CONFIGS = [  # (overrides, what the one error line must name)
     (['--method=fancy'], ["method='fancy'", 'pose']),
     (['--num_chunks=0'], ['num_chunks=0']),
     (['--content=middle'], ["'middle'"]),
+    (['--chunking=official', '--num_chunks=3'], ["chunking='official'", 'num_chunks=3']),
     (['--method=full'], ["method='full'", 'train_len']),
     (['--train_len=400', '--target_len=800'], ['no document is long enough', 'train', '401', 'longest has ']),
     (['--init_from=/no/such/model'], ['/no/such/model']),
@@ -254,10 +284,11 @@ BAD_CONFIGS = [  # (overrides, what the one error line must name)
 
 def test_bad_config_is_one_clear_line(tmp_path, data):
     longest = np.diff(np.fromfile(os.path.join(data, 'train.idx'), dtype=np.int64)).max()
-    BAD_CONFIGS[6][1].extend([data, f'longest has {longest}'])  # names the data and its longest document
-    for i in range(0, len(BAD_CONFIGS), 2):  # two at a time: 2 cores
+    cases = [(args, needles + [data, f'longest has {longest}'] if 'no document is long enough' in needles else needles)
+             for args, needles in BAD_CONFIGS]  # that one names the data and its longest document too
+    for i in range(0, len(cases), 2):  # two at a time: 2 cores
         procs = [(args, needles, start(*TINY, f'--data_dir={data}', f'--out_dir={tmp_path / "o"}', *args))
-                 for args, needles in BAD_CONFIGS[i:i + 2]]
+                 for args, needles in cases[i:i + 2]]
         for args, needles, proc in procs:
             finish(proc, check=False)
             assert proc.returncode == 2, (args, proc.stdout[-1000:] + proc.stderr[-2000:])
@@ -276,9 +307,16 @@ PAPER = {  # config: (method, train_len, target_len, rope_type) -- PoSE §4.1, �
 }
 
 
+DEMO = {  # the configs demo.sh runs: (method, train_len, target_len, rope_type)
+    'demo_pretrain': ('full', 128, 128, None), 'demo_pose': ('pose', 128, 512, 'yarn'),
+    'demo_randpos': ('randpos', 128, 512, 'yarn'), 'demo_full': ('full', 512, 512, 'yarn'),
+}
+
+
 def test_configs_set_only_train_keys_and_follow_the_paper(monkeypatch):
-    """Every config (as configurator.py runs it) assigns only train.py keys; the paper configs carry the
-    paper's recipe: 1,000 steps, lr 2e-5 linear with 10 warmup steps, AdamW, global batch 64 on 8 GPUs."""
+    """Every config (as configurator.py runs it) assigns only train.py keys and passes the sampler's checks; the
+    paper configs carry the paper's recipe: 1,000 steps, lr 2e-5 linear with 10 warmup steps, AdamW, global
+    batch 64 on 8 GPUs; the demo configs are the runs demo.sh makes (L_c = 128 -> L_t = 512, YaRN)."""
     monkeypatch.chdir(ROOT)
     tree = ast.parse(open('train.py').read())
     keys = set()
@@ -288,14 +326,25 @@ def test_configs_set_only_train_keys_and_follow_the_paper(monkeypatch):
                 break
             keys.add(node.targets[0].id)
     assert {'init_from', 'rope_scaling', 'gradient_accumulation_steps', 'activation_checkpointing'} <= keys
-    names = sorted(f[:-3] for f in os.listdir('config') if f.endswith('.py') and not f.startswith('demo_'))
-    assert set(PAPER) | {'tiny_scratch', 'tiny_pose'} <= set(names)
+    names = sorted(f[:-3] for f in os.listdir('config') if f.endswith('.py'))
+    assert set(PAPER) | set(DEMO) | {'tiny_scratch', 'tiny_pose'} <= set(names)
+    import demo_report  # the demo's L_c / L_t, as its report labels them
     for name in names:
         ns = {}
-        exec(compile(open(f'config/{name}.py').read(), name, 'exec'), ns)
+        exec(compile(open(f'config/{name}.py').read(), name, 'exec'), ns)  # demo_full / demo_randpos exec demo_pose
         cfg = {k: v for k, v in ns.items() if not k.startswith('_') and not callable(v) and type(v).__name__ != 'module'}
         assert set(cfg) <= keys, (name, set(cfg) - keys)
         assert cfg['target_len'] >= cfg['train_len'], name
+        options = {k: cfg[k] for k in ('num_chunks', 'content', 'chunking') if k in cfg} if cfg['method'] == 'pose' else {}
+        sample_positions.check_options(cfg['method'], cfg['train_len'], cfg['target_len'], **options)
+        if name in DEMO:  # what demo.sh runs: its L_c = 128 -> L_t = 512 with YaRN, into out-demo/seed-1
+            method, train_len, target_len, rope_type = DEMO[name]
+            rope = cfg['rope_scaling']
+            assert (cfg['method'], cfg['train_len'], cfg['target_len'], rope and rope['rope_type']) == \
+                (method, train_len, target_len, rope_type), name
+            assert cfg['out_dir'].startswith('out-demo/seed-1/') and cfg['data_dir'].startswith('data-demo/'), name
+            assert (demo_report.train_len, demo_report.target_len) == (128, 512)
+            assert cfg['init_from'] == ('scratch' if name == 'demo_pretrain' else 'out-demo/seed-1/original/hf'), name
         if name in PAPER:
             method, train_len, target_len, rope_type = PAPER[name]
             assert (cfg['method'], cfg['train_len'], cfg['target_len'], cfg['rope_scaling']['rope_type']) == \
@@ -305,6 +354,9 @@ def test_configs_set_only_train_keys_and_follow_the_paper(monkeypatch):
             assert (cfg['max_iters'], cfg['learning_rate'], cfg['warmup_iters'], cfg['lr_schedule']) == \
                 (1000, 2e-5, 10, 'linear'), name
             assert cfg['batch_size'] * cfg['gradient_accumulation_steps'] * 8 == 64, name
+    demo = open('demo.sh').read()
+    assert 'train.py config/demo_pretrain.py' in demo and 'for m in pose randpos full; do' in demo and \
+        'train.py config/demo_$m.py' in demo
 
 
 def test_full_on_pose_documents_and_doc_cap(tmp_path, monkeypatch):
