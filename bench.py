@@ -502,6 +502,7 @@ def bench_sampler():
 
 def bench_prepare():
     import prepare_data
+    from tokenizer import load_tokenizer
     files = prepare_data.corpus_files('python_stdlib')
     texts, size = [], 0
     for f in files:  # the first prepare_mb MB of the stdlib, as whole files
@@ -517,7 +518,7 @@ def bench_prepare():
                 fh.write(json.dumps({'text': t}) + '\n')
         tok_path = os.path.join(tmp, 'tok.model')
         prepare_data.train_sentencepiece(iter(texts), 1024, tok_path, sample_mb=1.0)
-        tok = prepare_data.load_tokenizer(tok_path)
+        tok = load_tokenizer(tok_path)
         t0 = time.perf_counter()
         n_bare = sum(len(tok.encode(t, bos=True)) for t in texts)
         bare = time.perf_counter() - t0

@@ -145,7 +145,7 @@ def python_pieces(tok, texts, n_tokens):
 
 
 def stage_passkey():
-    from prepare_data import load_tokenizer
+    from tokenizer import load_tokenizer
     tok = load_tokenizer(tokenizer)
     train = read_jsonl(os.path.join(src_dir, 'python_train.jsonl'))
     words = sorted({w for t in train for w in re.findall(r'\b[A-Za-z][a-z]{2,9}\b', t)})

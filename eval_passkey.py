@@ -251,8 +251,9 @@ plot = ''  # heatmap PNG path ('' = none)
 
 
 def main():
-    import prepare_data  # after the config: a bad key fails before the heavy imports
-    from tqdm import tqdm
+    from tqdm import tqdm  # after the config: a bad key fails before the heavy imports
+
+    from tokenizer import check_same_tokenizer, load_tokenizer, sha256_file
 
     if not model:
         raise UserError("--model=<HF model dir> is required")
@@ -268,10 +269,9 @@ def main():
         raise UserError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     path = check_out(out or default_out('passkey', model, rope_scaling), overwrite)
     check_plot(plot)
-    tok = prepare_data.load_tokenizer(tokenizer or model)
+    tok = load_tokenizer(tokenizer or model)
     if tokenizer and check_tokenizer:
-        prepare_data.check_same_tokenizer(prepare_data.sha256_file(tok.path), f"tokenizer='{tokenizer}'", model,
-                                          'check_tokenizer')
+        check_same_tokenizer(sha256_file(tok.path), f"tokenizer='{tokenizer}'", model, 'check_tokenizer')
     net = load_model(model, rope_scaling, max_position_embeddings, dtype, device)
     for w in length_warnings(lengths, net.args.max_position_embeddings):
         print(w)

@@ -382,12 +382,13 @@ plot_inputs = []  # more result JSON files to overlay in the plot
 def load_docs(st):
     """(documents as int arrays cut to doc_tokens, their ids, data description, bos_id) for settings st."""
     import prepare_data
+    from tokenizer import check_same_tokenizer, load_tokenizer, sha256_file
     if data_dir:
         tokens, offsets = prepare_data.open_split(data_dir, split)
         meta = prepare_data.read_meta(data_dir)
         if check_tokenizer:
-            prepare_data.check_same_tokenizer(meta.get('tokenizer_sha256'), f"data_dir='{data_dir}' (tokenized with "
-                                              f"{meta.get('tokenizer')})", model, 'check_tokenizer')
+            check_same_tokenizer(meta.get('tokenizer_sha256'), f"data_dir='{data_dir}' (tokenized with "
+                                 f"{meta.get('tokenizer')})", model, 'check_tokenizer')
         bos_id = meta.get('bos_id')
         doc_lens = np.diff(offsets)
         if bos_id is not None:  # a leading BOS is not text (add_bos decides about BOS): don't count it
@@ -398,10 +399,9 @@ def load_docs(st):
         data_info = {'data_dir': os.path.abspath(data_dir), 'split': split, 'tokenizer': meta.get('tokenizer')}
     else:
         files = prepare_data.find_files(input)  # files, dirs, globs (comma-separated or a list)
-        tok = prepare_data.load_tokenizer(tokenizer or model)
+        tok = load_tokenizer(tokenizer or model)
         if tokenizer and check_tokenizer:
-            prepare_data.check_same_tokenizer(prepare_data.sha256_file(tok.path), f"tokenizer='{tokenizer}'", model,
-                                              'check_tokenizer')
+            check_same_tokenizer(sha256_file(tok.path), f"tokenizer='{tokenizer}'", model, 'check_tokenizer')
         bos_id = tok.bos_id
         all_docs, where = [], []  # .txt/.md: one document per file; .jsonl(.gz/.zst)/.parquet: one per record
         for p in files:

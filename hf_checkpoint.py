@@ -21,7 +21,7 @@ from errors import UserError, read_json
 from model import (ARCH_NAMES, ModelArgs, Transformer, longrope_attention_factor, ntk_theta, yarn_divisors,
                    yarn_factor_attention, yarn_pose_attention_factor, yarn_pose_divisors)
 # the tokenizer's files, copied beside an export: defined beside the tokenizer loader, which must not need torch
-from prepare_data import TOKENIZER_FILES
+from tokenizer import TOKENIZER_FILES
 
 MAX_SHARD_SIZE = 5 * 1024**3  # bytes per safetensors shard written by save_pretrained
 ARCHS = {'LlamaForCausalLM': 'llama', 'MistralForCausalLM': 'mistral', 'Qwen2ForCausalLM': 'qwen2'}

@@ -11,7 +11,7 @@ PoSE samples its chunks inside ONE document, so documents stay whole and separat
 for split in train / val. Everything is written under temp names and renamed at the end, meta.json
 last: a directory with meta.json is complete, an interrupted run leaves nothing that looks complete.
 train.py / eval_*.py read it with `open_split(data_dir, split)` and `read_meta(data_dir)`, and
-tokenize with `load_tokenizer(path)` -- the same loader used here.
+tokenize with tokenizer.py's `load_tokenizer(path)` -- the same loader used here.
 
 Inputs (files, directories searched recursively, or glob patterns): .jsonl / .jsonl.gz /
 .jsonl.zst (one JSON object per line, text under `text_key`), .parquet (column `text_key`),
@@ -36,6 +36,7 @@ import numpy as np
 from tqdm import tqdm
 
 from errors import UserError, is_disk_full, read_json, remove, run
+from tokenizer import Tokenizer, resolve_tokenizer, sha256_file
 
 # -----------------------------------------------------------------------------
 # config (nanoGPT style: python prepare_data.py [config.py] [--key=value ...])
@@ -64,123 +65,6 @@ config_keys = [k for k, v in globals().items() if not k.startswith('_') and isin
 PLAIN_EXTS = ('.txt',)  # picked up from directories; an explicitly named file of any extension is plain text
 JSONL_EXTS = ('.jsonl', '.jsonl.gz', '.jsonl.zst', '.jsonl.zstd')
 PARQUET_EXTS = ('.parquet',)
-# the tokenizer's files, copied beside an HF export (hf_checkpoint.save_pretrained); generation_config.json
-# too: it holds the model's eos ids for generate() (Llama 3: <|eot_id|> besides <|end_of_text|>)
-TOKENIZER_FILES = ('tokenizer.model', 'tokenizer.json', 'tokenizer_config.json', 'special_tokens_map.json',
-                   'generation_config.json')
-
-
-# ----------------------------------------------------------------------------- tokenizers
-class Tokenizer:
-    """sentencepiece (.model) or HF tokenizers (tokenizer.json) behind one interface.
-    bos_id: the id prepended to a document -- None when the model's tokenizer adds no BOS (Qwen2);
-    special tokens are added here, explicitly, never by the backend."""
-
-    def __init__(self, path):
-        self.path = path
-        folder = os.path.dirname(path)
-        tcfg = _read_json_if(os.path.join(folder, 'tokenizer_config.json'))
-        if path.endswith('.json'):
-            import tokenizers
-            try:
-                self.hf = tokenizers.Tokenizer.from_file(path)
-            except Exception as e:
-                raise UserError(f"{path}: not a tokenizers tokenizer.json ({str(e).splitlines()[0]})") from None
-            self.sp = None
-            self.vocab_size = self.hf.get_vocab_size(with_added_tokens=True)
-            mcfg = _read_json_if(os.path.join(folder, 'config.json'))
-            self.bos_id = self._special_id(tcfg, mcfg, 'bos', ('<s>', '<|begin_of_text|>', '<bos>'), path)
-            self.eos_id = self._special_id(tcfg, mcfg, 'eos', ('</s>', '<|end_of_text|>', '<|endoftext|>', '<eos>'), path)
-        else:
-            import sentencepiece as spm
-            try:
-                self.sp = spm.SentencePieceProcessor(model_file=path)
-            except Exception as e:
-                raise UserError(f"{path}: not a sentencepiece model ({str(e).splitlines()[0]})") from None
-            self.hf = None
-            self.vocab_size = self.sp.get_piece_size()
-            self.bos_id = self.sp.bos_id() if self.sp.bos_id() >= 0 else None
-            self.eos_id = self.sp.eos_id() if self.sp.eos_id() >= 0 else None
-        if tcfg.get('add_bos_token') is False:
-            self.bos_id = None  # the model was trained without BOS
-        # what an HF export copies: the tokenizer file + its standard siblings
-        self.files = [path] + [os.path.join(folder, n) for n in TOKENIZER_FILES
-                               if os.path.join(folder, n) != path and os.path.isfile(os.path.join(folder, n))]
-
-    def _special_id(self, tcfg, mcfg, which, names, path):
-        # 1) tokenizer_config.json: what transformers uses (Qwen2 says bos_token: null -> no BOS)
-        if f'{which}_token' in tcfg:
-            tok = tcfg[f'{which}_token']
-            tok = tok.get('content') if isinstance(tok, dict) else tok
-            if tok is None:
-                return None
-            tid = self.hf.token_to_id(tok)
-            if tid is None:
-                raise UserError(f"{path}: {which}_token {tok!r} of tokenizer_config.json is not in the vocab")
-            return tid
-        # 2) the model's config.json
-        if mcfg.get(f'{which}_token_id') is not None:
-            tid = mcfg[f'{which}_token_id']
-            return int(tid[0] if isinstance(tid, list) else tid)
-        # 3) the tokenizer itself: BOS from its post-processor template (Llama 2/3), else well-known names
-        if which == 'bos':
-            spec = json.load(open(path, encoding='utf-8')).get('post_processor') or {}
-            for proc in spec.get('processors', [spec]):
-                single = proc.get('single') or [] if proc.get('type') == 'TemplateProcessing' else []
-                if single and 'SpecialToken' in single[0]:
-                    return self.hf.token_to_id(single[0]['SpecialToken']['id'])
-        for name in names:
-            if self.hf.token_to_id(name) is not None:
-                return self.hf.token_to_id(name)
-        return None
-
-    def encode_batch(self, texts, bos=True, eos=False):
-        if self.sp is not None:
-            ids = self.sp.encode(list(texts), num_threads=1)  # one core per process: num_proc is the knob
-        else:
-            encode = getattr(self.hf, 'encode_batch_fast', self.hf.encode_batch)  # _fast: tokenizers >= 0.21, no offsets
-            ids = [e.ids for e in encode(list(texts), add_special_tokens=False)]
-        pre = [self.bos_id] if bos and self.bos_id is not None else []
-        post = [self.eos_id] if eos and self.eos_id is not None else []
-        return [pre + x + post for x in ids] if pre or post else ids
-
-    def encode(self, text, bos=True, eos=False):
-        return self.encode_batch([text], bos, eos)[0]
-
-    def decode(self, ids):
-        ids = [int(i) for i in ids]
-        if self.sp is not None:
-            return self.sp.decode(ids)  # control tokens (BOS/EOS) decode to ''
-        return self.hf.decode(ids, skip_special_tokens=True)
-
-
-def _read_json_if(path):
-    return read_json(path) if os.path.isfile(path) else {}
-
-
-def resolve_tokenizer(path):
-    """A tokenizer file, or the tokenizer.model / tokenizer.json inside a model directory."""
-    if not path or not os.path.exists(path):
-        raise UserError(f"tokenizer not found: {path or '(empty path)'} (set tokenizer=PATH or train_tokenizer=VOCAB)")
-    if os.path.isdir(path):
-        for name in ('tokenizer.model', 'tokenizer.json'):  # Llama 1/2 + Mistral ship the .model; Llama 3 / Qwen2 only the .json
-            if os.path.isfile(os.path.join(path, name)):
-                return os.path.abspath(os.path.join(path, name))
-        raise UserError(f"tokenizer not found: no tokenizer.model or tokenizer.json in {path}")
-    return os.path.abspath(path)
-
-
-def load_tokenizer(path):
-    """-> Tokenizer with .encode(text, bos=True, eos=False), .decode(ids), .bos_id, .eos_id, .vocab_size, .files"""
-    return Tokenizer(resolve_tokenizer(path))
-
-
-def sha256_file(path):
-    h = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for block in iter(lambda: f.read(1 << 20), b''):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ----------------------------------------------------------------------------- reading documents
@@ -645,25 +529,6 @@ def open_split(data_dir, split):
         raise UserError(f"{data_dir}: {split}.idx / {split}.bin do not match meta.json (a mix of two runs?)")
     tokens = np.memmap(bin_path, dtype=meta['dtype'], mode='r') if n_tokens else np.zeros(0, meta['dtype'])
     return tokens, offsets
-
-
-def tokenizer_fingerprints(model_dir):
-    """{file: sha256} of the tokenizer files (tokenizer.model / tokenizer.json) in an HF model directory."""
-    paths = [os.path.join(model_dir, n) for n in ('tokenizer.model', 'tokenizer.json')]
-    return {p: sha256_file(p) for p in paths if os.path.isfile(p)}
-
-
-def check_same_tokenizer(fingerprint, what, model_dir, key):
-    """Data (or a tokenizer) made with one tokenizer is never used with a model of another: the sha256
-    `fingerprint` of `what` (meta.json's tokenizer_sha256, or a tokenizer file's) must be one of the model's
-    tokenizer files. No fingerprint (hand-made data) or a model without tokenizer files: nothing to compare
-    (the callers still check the token ids against the model's vocab). `key` switches the check off."""
-    have = tokenizer_fingerprints(model_dir)
-    if not fingerprint or not have or fingerprint in have.values():
-        return
-    theirs = ', '.join(f'{os.path.basename(p)} sha256 {h[:12]}' for p, h in have.items())
-    raise UserError(f"{what} (tokenizer sha256 {fingerprint[:12]}) does not match {model_dir}'s tokenizer ({theirs}): "
-                    f"tokenize with the model's own tokenizer, or set {key}=False if you are sure")
 
 
 def main():

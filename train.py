@@ -35,7 +35,8 @@ import rope_config
 import sample_positions  # SAMPLERS (a module, so the configurator cannot mistake it for a config key)
 from errors import UserError, is_interrupt, remove, run, writing
 from perf import gpu_peak_flops, wrap_blocks
-from prepare_data import TOKENIZER_FILES, check_same_tokenizer, open_split, read_meta
+from prepare_data import open_split, read_meta
+from tokenizer import TOKENIZER_FILES, check_same_tokenizer
 # torch and model.py are imported in init_torch(), after the config and the data are checked: a typo fails in a blink
 
 # -----------------------------------------------------------------------------

@@ -20,9 +20,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import eval_passkey  # noqa: E402
 import eval_ppl  # noqa: E402
-import prepare_data  # noqa: E402
 from errors import UserError  # noqa: E402
 from hf_checkpoint import load_pretrained  # noqa: E402
+from tokenizer import load_tokenizer  # noqa: E402
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
@@ -95,7 +95,7 @@ def env(tmp_path_factory):
     ours, ours_scaled = load_pretrained(plain), load_pretrained(scaled)
     ours.infer_chunk = ours_scaled.infer_chunk = 16  # the eval forward in many row chunks (load_model: 512)
     return dict(tmp=tmp, plain=plain, scaled=scaled, hf=hf, hf_scaled=hf_scaled, data=str(data), docs=docs,
-                tok=prepare_data.load_tokenizer(plain), ours=ours, ours_scaled=ours_scaled, lin=lin)
+                tok=load_tokenizer(plain), ours=ours, ours_scaled=ours_scaled, lin=lin)
 
 
 def scoring_window(n, L, stride, mode, add_bos):

@@ -17,6 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import prepare_data as pd  # noqa: E402
 from errors import UserError  # noqa: E402
+from tokenizer import load_tokenizer  # noqa: E402
 
 STDLIB = sysconfig.get_paths()['stdlib']
 
@@ -67,7 +68,7 @@ def run(tmp_path, name='out', **kw):
 
 
 def test_sentencepiece_roundtrip_on_real_source(sp_model):
-    tok = pd.load_tokenizer(sp_model)
+    tok = load_tokenizer(sp_model)
     assert (tok.vocab_size, tok.bos_id, tok.eos_id) == (512, 1, 2)
     sp = spm.SentencePieceProcessor(model_file=sp_model)
     assert (sp.unk_id(), sp.bos_id(), sp.eos_id()) == (0, 1, 2)  # Llama's layout
@@ -182,7 +183,7 @@ def test_hf_tokenizer_json_bos_from_tokenizer_config(tmp_path):
     ref = make_hf_tokenizer(folder, 1000, ('<|begin_of_text|>', '<|end_of_text|>', '<s>', '</s>'))
     json.dump({'bos_token': '<|begin_of_text|>', 'eos_token': {'content': '<|end_of_text|>'}},
               open(os.path.join(folder, 'tokenizer_config.json'), 'w'))
-    tok = pd.load_tokenizer(folder)  # a model directory
+    tok = load_tokenizer(folder)  # a model directory
     bos, eos = ref.token_to_id('<|begin_of_text|>'), ref.token_to_id('<|end_of_text|>')
     assert (tok.bos_id, tok.eos_id, tok.vocab_size) == (bos, eos, ref.get_vocab_size())
     assert sorted(map(os.path.basename, tok.files)) == ['tokenizer.json', 'tokenizer_config.json']
@@ -193,7 +194,7 @@ def test_hf_tokenizer_json_bos_from_tokenizer_config(tmp_path):
     # Qwen2-style: bos_token null in tokenizer_config beats config.json's bos_token_id -> no BOS
     json.dump({'bos_token': None, 'eos_token': '</s>'}, open(os.path.join(folder, 'tokenizer_config.json'), 'w'))
     json.dump({'bos_token_id': bos}, open(os.path.join(folder, 'config.json'), 'w'))
-    tok = pd.load_tokenizer(os.path.join(folder, 'tokenizer.json'))
+    tok = load_tokenizer(os.path.join(folder, 'tokenizer.json'))
     assert tok.bos_id is None and tok.eos_id == ref.token_to_id('</s>')
     assert tok.encode(docs[0]) == ref.encode(docs[0], add_special_tokens=False).ids
     # no configs: BOS from the tokenizer's post-processor template (as Llama 2/3's tokenizer.json)
@@ -201,7 +202,7 @@ def test_hf_tokenizer_json_bos_from_tokenizer_config(tmp_path):
         os.remove(os.path.join(folder, n))
     ref.post_processor = tokenizers.processors.TemplateProcessing(single='<|begin_of_text|> $A', special_tokens=[('<|begin_of_text|>', bos)])
     ref.save(os.path.join(folder, 'tokenizer.json'))
-    assert pd.load_tokenizer(folder).bos_id == bos
+    assert load_tokenizer(folder).bos_id == bos
 
 
 def test_uint32_when_vocab_exceeds_uint16(tmp_path):
@@ -292,7 +293,7 @@ def test_cli_embedded_corpus_and_error_exit(tmp_path):
     assert meta['tokenizer'] == os.path.join(out, 'tokenizer.model') and meta['vocab_size'] == 400
     assert sorted(os.listdir(out)) == ['meta.json', 'tokenizer.model', 'tokenizer_config.json',
                                        'train.bin', 'train.idx', 'val.bin', 'val.idx']
-    tok = pd.load_tokenizer(out)
+    tok = load_tokenizer(out)
     sources = {open(p, encoding='utf-8').read() for p in meta['sources']['input'][:40]}
     kept = split_docs(out, 'train') + split_docs(out, 'val')
     assert len(kept) == 12 and all(tok.decode(d) in sources and d[0] == 1 for d in kept)  # whole stdlib files

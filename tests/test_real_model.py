@@ -16,6 +16,7 @@ sys.path.insert(0, ROOT)
 import eval_passkey  # noqa: E402
 import prepare_data  # noqa: E402
 from hf_checkpoint import load_pretrained  # noqa: E402
+from tokenizer import load_tokenizer  # noqa: E402
 
 CACHE = os.path.expanduser(os.environ.get('NANOPOSE_CACHE', '~/.cache/nanopose'))
 MODEL_DIR = os.path.join(CACHE, 'smollm2-135m-instruct')
@@ -55,7 +56,7 @@ def test_converted_config(smollm2):
 
 @torch.inference_mode()
 def test_logits_match_transformers(smollm2, hf_model, ours):
-    tok = prepare_data.load_tokenizer(smollm2)
+    tok = load_tokenizer(smollm2)
     ids = torch.tensor([tok.encode(' '.join(TEXTS) * 3)])
     ref = hf_model(ids).logits
     got, _ = ours(ids)
@@ -71,7 +72,7 @@ def test_logits_match_transformers_skipwise_yarn(smollm2, ours):
     hf = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32, max_position_embeddings=16384,
                                               rope_parameters=dict(rs, rope_theta=100000.0)).eval()
     net = load_pretrained(smollm2, rope_scaling=rs, max_position_embeddings=16384).eval()
-    tok = prepare_data.load_tokenizer(smollm2)
+    tok = load_tokenizer(smollm2)
     ids = torch.tensor([tok.encode(' '.join(TEXTS))[:32]])
     pos = torch.cat([torch.arange(16), torch.arange(16) + 16384 - 16])[None]
     torch.testing.assert_close(net(ids, position_ids=pos)[0], hf(ids, position_ids=pos).logits, atol=2e-4, rtol=1e-4)
@@ -80,7 +81,7 @@ def test_logits_match_transformers_skipwise_yarn(smollm2, ours):
 
 @torch.inference_mode()
 def test_greedy_knows_paris(smollm2, ours):
-    tok = prepare_data.load_tokenizer(smollm2)
+    tok = load_tokenizer(smollm2)
     ids = torch.tensor([tok.encode(TEXTS[0])])
     logits, _ = ours(ids)
     assert tok.decode([int(logits[0, -1].argmax())]) == ' Paris'
@@ -104,7 +105,7 @@ def test_prepare_data_matches_hf_tokenizer(smollm2, tmp_path):
 @torch.inference_mode()
 def test_passkey_passes_at_1k(smollm2, ours, hf_model):
     # inside its window the real model retrieves the key: our scorer says so, and so does transformers' generate
-    tok = prepare_data.load_tokenizer(smollm2)
+    tok = load_tokenizer(smollm2)
     key, depth = '71432', 0.3
     _, _, n_filler, _ = eval_passkey.build_passkey_prompt(tok, 1024, key, depth)
     prompt = tok.encode(eval_passkey.make_passkey_prompt(n_filler, key, depth)[0], bos=True)
