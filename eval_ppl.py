@@ -381,11 +381,12 @@ plot_inputs = []  # more result JSON files to overlay in the plot
 
 def load_docs(st):
     """(documents as int arrays cut to doc_tokens, their ids, data description, bos_id) for settings st."""
-    import prepare_data
+    import prepare_data  # the input files' readers
+    from data_format import open_split, read_meta
     from tokenizer import check_same_tokenizer, load_tokenizer, sha256_file
     if data_dir:
-        tokens, offsets = prepare_data.open_split(data_dir, split)
-        meta = prepare_data.read_meta(data_dir)
+        tokens, offsets = open_split(data_dir, split)
+        meta = read_meta(data_dir)
         if check_tokenizer:
             check_same_tokenizer(meta.get('tokenizer_sha256'), f"data_dir='{data_dir}' (tokenized with "
                                  f"{meta.get('tokenizer')})", model, 'check_tokenizer')

@@ -5,13 +5,10 @@ Text corpora -> token memmap + document index, for PoSE training and evaluation.
     python prepare_data.py --corpus=python_stdlib --train_tokenizer=2048 --out_dir=data-demo
 
 PoSE samples its chunks inside ONE document, so documents stay whole and separate: out_dir gets
-  {split}.bin   all tokens of the split back to back (uint16 when the vocab fits, else uint32)
-  {split}.idx   int64 offsets, n_docs+1 of them: doc i = tokens[offsets[i]:offsets[i+1]]
-  meta.json     tokenizer (path, sha256, vocab, BOS/EOS ids), dtype, per-split counts, filters, sources
-for split in train / val. Everything is written under temp names and renamed at the end, meta.json
-last: a directory with meta.json is complete, an interrupted run leaves nothing that looks complete.
-train.py / eval_*.py read it with `open_split(data_dir, split)` and `read_meta(data_dir)`, and
-tokenize with tokenizer.py's `load_tokenizer(path)` -- the same loader used here.
+{split}.bin (tokens), {split}.idx (document offsets) and meta.json for split in train / val -- the format
+is data_format.py's, which also holds the readers train.py / eval_*.py use (`open_split`, `read_meta`).
+Everything is written under temp names and renamed at the end, meta.json last. Tokenizing uses
+tokenizer.py's `load_tokenizer`, as train and eval do.
 
 Inputs (files, directories searched recursively, or glob patterns): .jsonl / .jsonl.gz /
 .jsonl.zst (one JSON object per line, text under `text_key`), .parquet (column `text_key`),
@@ -35,7 +32,8 @@ from collections import deque
 import numpy as np
 from tqdm import tqdm
 
-from errors import UserError, is_disk_full, read_json, remove, run
+from data_format import SplitWriter, shuffle_split, split_paths
+from errors import UserError, is_disk_full, remove, run, writing
 from tokenizer import Tokenizer, resolve_tokenizer, sha256_file
 
 # -----------------------------------------------------------------------------
@@ -56,7 +54,7 @@ max_docs = 0  # keep at most this many documents from each input stream (0 = all
 add_bos = True  # prepend BOS to each document when the tokenizer's model uses one (Llama does)
 add_eos = False  # append EOS to each document
 dtype = ''  # '' = uint16 when vocab_size <= 65536 else uint32; or force 'uint16' / 'uint32'
-shuffle = True  # seeded permutation of each split's documents (an extra pass over the .bin, see below)
+shuffle = True  # seeded permutation of each split's documents (an extra pass over the .bin: data_format.shuffle_split)
 seed = 1337  # for val_fraction and shuffle
 num_proc = 1  # tokenizer worker processes (output order is the input order regardless)
 # -----------------------------------------------------------------------------
@@ -65,7 +63,6 @@ config_keys = [k for k, v in globals().items() if not k.startswith('_') and isin
 PLAIN_EXTS = ('.txt',)  # picked up from directories; an explicitly named file of any extension is plain text
 JSONL_EXTS = ('.jsonl', '.jsonl.gz', '.jsonl.zst', '.jsonl.zstd')
 PARQUET_EXTS = ('.parquet',)
-
 
 # ----------------------------------------------------------------------------- reading documents
 def find_files(paths, what='input'):
@@ -249,15 +246,6 @@ def encode_documents(docs, tok_path, num_proc=1, bos=True, eos=False):
         pool.join()
 
 
-
-def count_tokens(docs, tok_path, num_proc=1, bos=True, eos=False):
-    """-> (n_docs, n_tokens): the pipeline's tokenizing path without the writing; bench.py times it
-    against the bare tokenizer (load_tokenizer(path).encode_batch(docs)) on the same texts."""
-    n_docs = n_tokens = 0
-    for flat, lens in encode_documents(docs, tok_path, num_proc, bos, eos):
-        n_docs, n_tokens = n_docs + len(lens), n_tokens + len(flat)
-    return n_docs, n_tokens
-
 # ----------------------------------------------------------------------------- training a tokenizer
 def train_sentencepiece(docs, vocab_size, model_path, model_type='bpe', sample_mb=20.0):
     """Train a Llama-style sentencepiece model (unk=0, bos=1, eos=2, byte fallback) on at most
@@ -317,35 +305,13 @@ LLAMA_TOKENIZER_CONFIG = {  # lets transformers load a trained tokenizer.model a
     'pad_token': None, 'add_bos_token': True, 'add_eos_token': False, 'add_prefix_space': False,
     'legacy': False, 'clean_up_tokenization_spaces': False, 'model_max_length': 1 << 30}
 
-
 # ----------------------------------------------------------------------------- the pipeline
-def _shuffle_split(bin_path, idx_path, np_dtype, rng, tmps):
-    """Permute the documents of a finished split (uniform, seeded). A stream cannot be shuffled in
-    constant memory, so this is a second pass: the offsets (8 B/doc) in memory, each document's
-    tokens read (seek + read: no memmap pages piling up in RSS) in the permuted order into a new file."""
-    offsets = np.fromfile(idx_path, dtype=np.int64)
-    n = len(offsets) - 1
-    if n < 2:
-        return
-    perm = rng.permutation(n)
-    new_offsets = np.concatenate([[0], np.cumsum(np.diff(offsets)[perm])]).astype(np.int64)
-    tmps += [bin_path + '.shuf', idx_path + '.shuf']
-    starts, sizes = offsets[:-1] * np_dtype.itemsize, np.diff(offsets) * np_dtype.itemsize
-    with open(bin_path, 'rb') as src, open(bin_path + '.shuf', 'wb', buffering=16 << 20) as f:
-        for i in perm.tolist():
-            src.seek(starts[i])
-            f.write(src.read(sizes[i]))
-    new_offsets.tofile(idx_path + '.shuf')
-    os.replace(bin_path + '.shuf', bin_path)
-    os.replace(idx_path + '.shuf', idx_path)
-
-
-def prepare(input=None, corpus='', val_input=None, val_fraction=0.0, out_dir='data', tokenizer='',
-            train_tokenizer=0, tokenizer_type='bpe', tokenizer_sample_mb=20.0, text_key='text', min_tokens=0,
-            max_tokens=0, max_docs=0, add_bos=True, add_eos=False, dtype='', shuffle=True, seed=1337,
-            num_proc=1, progress=True):
-    """Run the whole pipeline (the config keys are its arguments); returns the meta dict written."""
-    # 1) check everything we can before writing anything
+# The settings (the config keys) reach the steps below as keyword arguments: each step names the ones it
+# uses and takes the rest as **_, so prepare() can hand every step the same dict.
+def check_settings(input, corpus, val_input, val_fraction, out_dir, tokenizer, train_tokenizer, tokenizer_type,
+                   min_tokens, max_tokens, max_docs, dtype, num_proc, **_):
+    """Everything checkable before anything is written -> (files, val_files or None, splits, tokenizer path or
+    None when it is to be trained)."""
     if bool(input) == bool(corpus):
         raise UserError("set exactly one of input=FILES or corpus=python_stdlib")
     files = corpus_files(corpus) if corpus else find_files(input)
@@ -360,115 +326,152 @@ def prepare(input=None, corpus='', val_input=None, val_fraction=0.0, out_dir='da
                      (tokenizer_type not in ('bpe', 'unigram'), f"tokenizer_type={tokenizer_type!r}: use 'bpe' or 'unigram'")]:
         if bad:
             raise UserError(msg)
-    if not train_tokenizer:
-        tok_path = tok_final = resolve_tokenizer(tokenizer)
-    splits = ['train', 'val'] if (val_files or val_fraction) else ['train']
+    tok_path = None if train_tokenizer else resolve_tokenizer(tokenizer)
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise UserError(f"out_dir={out_dir!r} is a file, not a directory")
+    return files, val_files, ['train', 'val'] if (val_files or val_fraction) else ['train'], tok_path
+
+
+def train_tokenizer_into(files, out_dir, tmps, corpus, text_key, val_fraction, seed, train_tokenizer, tokenizer_type,
+                         tokenizer_sample_mb, **_):
+    """Train a sentencepiece model on the train documents (never on val ones) into out_dir: tokenizer.model and
+    tokenizer_config.json, under temp names (outputs like the .bin: renamed at the commit) -> the temp .model."""
+    path = os.path.join(out_dir, 'tokenizer.model.tmp')
+    tmps += [path, os.path.join(out_dir, 'tokenizer_config.json.tmp')]
+    sample = (t for i, t in enumerate(iter_documents(files, text_key, bool(corpus)))
+              if not (val_fraction and is_val(i, seed, val_fraction)))
+    train_sentencepiece(sample, train_tokenizer, path, tokenizer_type, tokenizer_sample_mb)
+    with open(tmps[-1], 'w') as f:
+        json.dump(LLAMA_TOKENIZER_CONFIG, f, indent=2)
+    return os.path.abspath(path)
+
+
+def tokenize_stream(docs, fixed_split, writers, stats, tok, tok_path, np_dtype, bos, eos, bar, min_tokens, max_tokens,
+                    max_docs, num_proc, val_fraction, seed, **_):
+    """Tokenize one stream of documents into the split writers, filtered. Each document goes to fixed_split,
+    or (None) to val by its seeded coin. Counts go to stats[split]; returns the number of documents read."""
+    n_special = int(bos) + int(eos)
+    index, kept, n_tok, t0 = 0, 0, 0, time.time()
+    batches = encode_documents(docs, tok_path, num_proc, bos, eos)
+    for flat, lens in batches:
+        if flat.size and flat.max() > np.iinfo(np_dtype).max:
+            raise UserError(f"token id {flat.max()} does not fit {np_dtype} (vocab_size {tok.vocab_size})")
+        flat, starts = flat.astype(np_dtype), np.cumsum(lens) - lens
+        for j, n in enumerate(lens.tolist()):
+            s = fixed_split or ('val' if val_fraction and is_val(index, seed, val_fraction) else 'train')
+            index += 1
+            st = stats[s]
+            if n <= n_special or n < min_tokens:
+                st['dropped_empty' if n <= n_special else 'dropped_short'] += 1
+                continue
+            if max_tokens and n > max_tokens:
+                st['truncated'] += 1
+                n = max_tokens  # keep the head (BOS included; EOS is cut off)
+            writers[s].add(flat[starts[j]:starts[j] + n])
+            st['docs'], st['tokens'] = st['docs'] + 1, st['tokens'] + n
+            kept, n_tok = kept + 1, n_tok + n
+            if max_docs and kept >= max_docs:
+                break
+        bar.update(j + 1)
+        bar.set_postfix_str(f'{n_tok / max(time.time() - t0, 1e-9):,.0f} tok/s', refresh=False)
+        if max_docs and kept >= max_docs:
+            batches.close()  # stops the worker pool; the rest of the input is not read
+            break
+    return index
+
+
+def tokenize_splits(files, val_files, splits, writers, handles, tok, tok_path, np_dtype, bos, eos, text_key, corpus,
+                    progress, **cfg):
+    """The input files (then the val_input files, if any) through tokenize_stream -> (stats per split, docs read per
+    stream)."""
+    stats = {s: dict(docs=0, tokens=0, dropped_short=0, dropped_empty=0, truncated=0) for s in splits}
+    docs_read = {}
+    streams = [('train', files), ('val', val_files)] if val_files else [(None, files)]
+    for fixed_split, stream_files in streams:
+        name = fixed_split or '+'.join(splits)
+        bar = tqdm(desc=f'tokenizing {name}', unit=' docs', disable=not progress, mininterval=0.5)
+        handles.append(bar)  # closed on error too, so the error line is the last thing on stderr
+        docs = iter_documents(stream_files, text_key, bool(corpus))
+        docs_read[name] = tokenize_stream(docs, fixed_split, writers, stats, tok, tok_path, np_dtype, bos, eos, bar, **cfg)
+        bar.close()
+    return stats, docs_read
+
+
+def make_meta(tok, tok_path, tok_final, np_dtype, bos, eos, stats, docs_read, files, val_files, corpus, text_key,
+              min_tokens, max_tokens, max_docs, val_fraction, shuffle, seed, train_tokenizer, tokenizer_type,
+              tokenizer_sample_mb, **_):
+    return dict(
+        tokenizer=tok_final, tokenizer_sha256=sha256_file(tok_path),
+        vocab_size=tok.vocab_size, dtype=np_dtype.name, bos_id=tok.bos_id if bos else None,
+        eos_id=tok.eos_id, add_bos=bos, add_eos=eos, splits=stats, docs_read=docs_read,
+        filters=dict(min_tokens=min_tokens, max_tokens=max_tokens, max_docs=max_docs, val_fraction=val_fraction,
+                     shuffle=shuffle, seed=seed),
+        sources=dict(corpus=corpus or None, text_key=text_key, input=[os.path.abspath(p) for p in files],
+                     val_input=[os.path.abspath(p) for p in val_files] if val_files else None),
+        trained_tokenizer=dict(vocab_size=train_tokenizer, type=tokenizer_type, sample_mb=tokenizer_sample_mb) if train_tokenizer else None,
+        created=time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()))
+
+
+def commit(out_dir, splits, meta, tmps, trained):
+    """Temp names -> final names. meta.json goes away first and comes back last: at no moment does a directory
+    holding a mix of two runs look complete."""
+    meta_path = os.path.join(out_dir, 'meta.json')
+    tmps.append(meta_path + '.tmp')
+    with open(meta_path + '.tmp', 'w') as f:
+        json.dump(meta, f, indent=1)
+    for stale in [meta_path] + ([] if 'val' in splits else list(split_paths(out_dir, 'val'))):
+        if os.path.exists(stale):
+            os.remove(stale)
+    finals = [p for s in splits for p in split_paths(out_dir, s)]
+    finals += [os.path.join(out_dir, n) for n in ('tokenizer.model', 'tokenizer_config.json')] if trained else []
+    for p in finals + [meta_path]:
+        os.replace(p + '.tmp', p)
+
+
+def prepare(input=None, corpus='', val_input=None, val_fraction=0.0, out_dir='data', tokenizer='',
+            train_tokenizer=0, tokenizer_type='bpe', tokenizer_sample_mb=20.0, text_key='text', min_tokens=0,
+            max_tokens=0, max_docs=0, add_bos=True, add_eos=False, dtype='', shuffle=True, seed=1337,
+            num_proc=1, progress=True):
+    """Run the whole pipeline (the config keys are its arguments); returns the meta dict written."""
+    cfg = dict(locals())
+    # 1) check everything we can before writing anything
+    files, val_files, splits, tok_path = check_settings(**cfg)
     made_out_dir = not os.path.exists(out_dir)  # removed again if we fail (when still empty)
     try:
         os.makedirs(out_dir, exist_ok=True)
     except OSError as e:
         raise UserError(f"out_dir={out_dir!r}: cannot create it ({e.strerror})") from None
-    final = {s: (os.path.join(out_dir, f'{s}.bin'), os.path.join(out_dir, f'{s}.idx')) for s in splits}
-    tmps, handles = [], []
+    tmps, handles = [], []  # removed / closed if anything fails
     try:
         # 2) the tokenizer (trained ones are outputs too: temp names until the end)
+        tok_final = tok_path
         if train_tokenizer:
-            tok_final = os.path.abspath(os.path.join(out_dir, 'tokenizer.model'))
-            tok_path = tok_final + '.tmp'
-            tmps += [tok_path, os.path.join(out_dir, 'tokenizer_config.json.tmp')]
-            sample = (t for i, t in enumerate(iter_documents(files, text_key, bool(corpus)))
-                      if not (val_fraction and is_val(i, seed, val_fraction)))  # never train on val docs
-            train_sentencepiece(sample, train_tokenizer, tok_path, tokenizer_type, tokenizer_sample_mb)
-            with open(tmps[-1], 'w') as f:
-                json.dump(LLAMA_TOKENIZER_CONFIG, f, indent=2)
+            tok_path = train_tokenizer_into(files, tmps=tmps, **cfg)
+            tok_final = tok_path.removesuffix('.tmp')  # its name after the commit
         tok = Tokenizer(tok_path)
         if dtype == 'uint16' and tok.vocab_size > 2 ** 16:
             raise UserError(f"dtype=uint16 cannot hold vocab_size={tok.vocab_size} ({tok_final}): use dtype=uint32 or ''")
         np_dtype = np.dtype(dtype or ('uint16' if tok.vocab_size <= 2 ** 16 else 'uint32'))
         bos, eos = add_bos and tok.bos_id is not None, add_eos and tok.eos_id is not None
-        n_special = int(bos) + int(eos)
 
         # 3) stream documents -> tokens -> {split}.bin.tmp / {split}.idx.tmp
-        out, stats = {}, {}
+        writers = {}
         for s in splits:
-            tmps += [final[s][0] + '.tmp', final[s][1] + '.tmp']
-            out[s] = [open(final[s][0] + '.tmp', 'wb'), open(final[s][1] + '.tmp', 'wb'), 0]  # bin, idx, offset
-            handles += out[s][:2]
-            out[s][1].write(np.zeros(1, np.int64).tobytes())  # offsets[0] = 0
-            stats[s] = dict(docs=0, tokens=0, dropped_short=0, dropped_empty=0, truncated=0)
-        streams = [('train', files), ('val', val_files)] if val_files else [(None, files)]
-        docs_read = {}
-        for fixed_split, stream_files in streams:
-            name = fixed_split or '+'.join(splits)
-            bar = tqdm(desc=f'tokenizing {name}', unit=' docs', disable=not progress, mininterval=0.5)
-            handles.append(bar)  # closed on error too, so the error line is the last thing on stderr
-            index, kept, n_tok, t0 = 0, 0, 0, time.time()
-            docs = iter_documents(stream_files, text_key, bool(corpus))
-            batches = encode_documents(docs, tok_path, num_proc, bos, eos)
-            for flat, lens in batches:
-                if flat.size and flat.max() > np.iinfo(np_dtype).max:
-                    raise UserError(f"token id {flat.max()} does not fit {np_dtype} (vocab_size {tok.vocab_size})")
-                flat, starts = flat.astype(np_dtype), np.cumsum(lens) - lens
-                for j, n in enumerate(lens.tolist()):
-                    s = fixed_split or ('val' if val_fraction and is_val(index, seed, val_fraction) else 'train')
-                    index += 1
-                    drop = 'dropped_empty' if n <= n_special else 'dropped_short' if n < min_tokens else None
-                    if drop:
-                        stats[s][drop] += 1
-                        continue
-                    if max_tokens and n > max_tokens:
-                        stats[s]['truncated'] += 1
-                        n = max_tokens  # keep the head (BOS included; EOS is cut off)
-                    fb, fi, off = out[s]
-                    fb.write(flat[starts[j]:starts[j] + n].tobytes())
-                    fi.write(np.int64(off + n).tobytes())  # offsets[i + 1]
-                    out[s][2] = off + n
-                    stats[s]['docs'], stats[s]['tokens'] = stats[s]['docs'] + 1, stats[s]['tokens'] + n
-                    kept, n_tok = kept + 1, n_tok + n
-                    if max_docs and kept >= max_docs:
-                        break
-                bar.update(j + 1)
-                bar.set_postfix_str(f'{n_tok / max(time.time() - t0, 1e-9):,.0f} tok/s', refresh=False)
-                if max_docs and kept >= max_docs:
-                    batches.close()  # stops the worker pool; the rest of the input is not read
-                    break
-            bar.close()
-            docs_read[name] = index
+            tmps.extend(p + '.tmp' for p in split_paths(out_dir, s))
+            writers[s] = SplitWriter(out_dir, s)
+            handles.append(writers[s])
+        stats, docs_read = tokenize_splits(files, val_files, splits, writers, handles, tok, tok_path, np_dtype, bos, eos, **cfg)
         for h in handles:
             h.close()
         if not stats['train']['docs']:
             raise UserError(f"no training documents kept: {stats['train']} (check min_tokens / inputs)")
 
-        # 4) optional seeded permutation, then commit: meta.json goes away first and comes back last
+        # 4) optional seeded permutation, then commit
         if shuffle:
             for k, s in enumerate(splits):
-                _shuffle_split(final[s][0] + '.tmp', final[s][1] + '.tmp', np_dtype, np.random.default_rng([seed, k]), tmps)
-        meta = dict(
-            tokenizer=tok_final, tokenizer_sha256=sha256_file(tok_path),
-            vocab_size=tok.vocab_size, dtype=np_dtype.name, bos_id=tok.bos_id if bos else None,
-            eos_id=tok.eos_id, add_bos=bos, add_eos=eos, splits=stats, docs_read=docs_read,
-            filters=dict(min_tokens=min_tokens, max_tokens=max_tokens, max_docs=max_docs, val_fraction=val_fraction,
-                         shuffle=shuffle, seed=seed),
-            sources=dict(corpus=corpus or None, text_key=text_key, input=[os.path.abspath(p) for p in files],
-                         val_input=[os.path.abspath(p) for p in val_files] if val_files else None),
-            trained_tokenizer=dict(vocab_size=train_tokenizer, type=tokenizer_type, sample_mb=tokenizer_sample_mb) if train_tokenizer else None,
-            created=time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()))
-        meta_path = os.path.join(out_dir, 'meta.json')
-        tmps.append(meta_path + '.tmp')
-        with open(meta_path + '.tmp', 'w') as f:
-            json.dump(meta, f, indent=1)
-        for stale in [meta_path] + [os.path.join(out_dir, f'val.{x}') for x in ('bin', 'idx') if 'val' not in splits]:
-            if os.path.exists(stale):
-                os.remove(stale)
-        for s in splits:
-            os.replace(final[s][0] + '.tmp', final[s][0])
-            os.replace(final[s][1] + '.tmp', final[s][1])
-        if train_tokenizer:
-            os.replace(tok_path, tok_final)
-            os.replace(tmps[1], tok_final.replace('tokenizer.model', 'tokenizer_config.json'))
-        os.replace(meta_path + '.tmp', meta_path)
+                shuffle_split(writers[s].bin_tmp, writers[s].idx_tmp, np_dtype, np.random.default_rng([seed, k]), tmps)
+        meta = make_meta(tok, tok_path, tok_final, np_dtype, bos, eos, stats, docs_read, files, val_files, **cfg)
+        commit(out_dir, splits, meta, tmps, trained=bool(train_tokenizer))
         return meta
     except BaseException as e:  # incl. Ctrl-C: nothing half-written stays, then one line naming what failed
         for h in handles:
@@ -486,49 +489,14 @@ def prepare(input=None, corpus='', val_input=None, val_fraction=0.0, out_dir='da
 
 
 def write_jsonl_atomic(path, texts):
-    """texts as a .jsonl file of {"text": ...} lines (this script's input format), written under a temp name."""
+    """texts as a .jsonl file of {"text": ...} lines (this script's input format, read back by read_documents),
+    written under a temp name."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path + '.tmp', 'w', encoding='utf-8') as f:
+    with writing(path, [path + '.tmp']), open(path + '.tmp', 'w', encoding='utf-8') as f:
         for t in texts:
             f.write(json.dumps({'text': t}) + '\n')
     os.replace(path + '.tmp', path)
     print(f"wrote {path} ({len(texts)} documents, {sum(map(len, texts)) / 1e6:.1f} MB)")
-
-
-# ----------------------------------------------------------------------------- readers for train/eval
-def read_meta(data_dir):
-    """meta.json of a prepared dataset, checked: a broken one is named here, not deep inside a reader."""
-    path = os.path.join(data_dir, 'meta.json')
-    if not os.path.isfile(path):
-        raise UserError(f"{data_dir}: no meta.json, not a (complete) prepared dataset: run prepare_data.py")
-    meta = read_json(path)
-    splits, vocab = meta.get('splits'), meta.get('vocab_size')
-    for bad, msg in [(meta.get('dtype') not in ('uint16', 'uint32'), f"dtype={meta.get('dtype')!r}: expected 'uint16' or 'uint32'"),
-                     (not isinstance(vocab, int) or vocab < 1, f"vocab_size={vocab!r}: expected a positive integer"),
-                     (not isinstance(splits, dict) or not all(isinstance(v, dict) and isinstance(v.get('docs'), int)
-                                                              for v in splits.values()),
-                      f"splits={splits!r}: expected {{split: {{'docs': n, ...}}}}")]:
-        if bad:
-            raise UserError(f"{path}: {msg}")
-    return meta
-
-
-def open_split(data_dir, split):
-    """-> (tokens: np.memmap of meta['dtype'], offsets: int64 [n_docs+1]); doc i = tokens[offsets[i]:offsets[i+1]]"""
-    meta = read_meta(data_dir)
-    if split not in meta['splits']:
-        raise UserError(f"{data_dir}: no split '{split}' (has: {', '.join(meta['splits'])})")
-    bin_path, idx_path = os.path.join(data_dir, f'{split}.bin'), os.path.join(data_dir, f'{split}.idx')
-    for p in (bin_path, idx_path):
-        if not os.path.isfile(p):
-            raise UserError(f"{p}: missing (meta.json lists split '{split}')")
-    offsets = np.fromfile(idx_path, dtype=np.int64)
-    n_tokens = os.path.getsize(bin_path) // np.dtype(meta['dtype']).itemsize
-    if len(offsets) != meta['splits'][split]['docs'] + 1 or offsets[-1] != n_tokens or offsets[0] != 0 \
-            or np.any(np.diff(offsets) < 0):
-        raise UserError(f"{data_dir}: {split}.idx / {split}.bin do not match meta.json (a mix of two runs?)")
-    tokens = np.memmap(bin_path, dtype=meta['dtype'], mode='r') if n_tokens else np.zeros(0, meta['dtype'])
-    return tokens, offsets
 
 
 def main():

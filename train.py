@@ -34,8 +34,8 @@ import numpy as np
 import rope_config
 import sample_positions  # SAMPLERS (a module, so the configurator cannot mistake it for a config key)
 from errors import UserError, is_interrupt, remove, run, writing
+from data_format import open_split, read_meta
 from perf import gpu_peak_flops, wrap_blocks
-from prepare_data import open_split, read_meta
 from tokenizer import TOKENIZER_FILES, check_same_tokenizer
 # torch and model.py are imported in init_torch(), after the config and the data are checked: a typo fails in a blink
 

@@ -16,6 +16,7 @@ import zstandard
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import prepare_data as pd  # noqa: E402
+from data_format import open_split, read_meta  # noqa: E402
 from errors import UserError  # noqa: E402
 from tokenizer import load_tokenizer  # noqa: E402
 
@@ -49,7 +50,7 @@ def ref_encode(model_path, docs, bos=True, eos=False):
 
 
 def split_docs(data_dir, split):
-    tokens, offsets = pd.open_split(data_dir, split)
+    tokens, offsets = open_split(data_dir, split)
     return [tokens[offsets[i]:offsets[i + 1]].tolist() for i in range(len(offsets) - 1)]
 
 
@@ -84,8 +85,8 @@ def test_counts_and_offsets_match_brute_force(tmp_path, sp_model):
     out = run(tmp_path, input=write_jsonl(tmp_path / 'a.jsonl', DOCS), tokenizer=sp_model)
     expected = [ids for ids in ref_encode(sp_model, DOCS) if len(ids) > 1]  # the empty module is dropped
     assert split_docs(out, 'train') == expected
-    meta = pd.read_meta(out)
-    tokens, offsets = pd.open_split(out, 'train')
+    meta = read_meta(out)
+    tokens, offsets = open_split(out, 'train')
     assert tokens.dtype == np.uint16 and offsets.dtype == np.int64 and offsets[0] == 0
     assert meta['splits']['train']['docs'] == len(expected) == len(DOCS) - 1
     assert meta['splits']['train']['tokens'] == sum(map(len, expected)) == len(tokens)
@@ -105,7 +106,7 @@ def test_filters_min_max_tokens_max_docs(tmp_path, sp_model):
     out = run(tmp_path, input=src, tokenizer=sp_model, min_tokens=lo, max_tokens=hi, add_eos=True)
     expected = [ids[:hi] for ids in full if len(ids) >= lo]
     assert split_docs(out, 'train') == expected
-    st = pd.read_meta(out)['splits']['train']
+    st = read_meta(out)['splits']['train']
     assert st['dropped_short'] == sum(len(x) < lo for x in full)
     assert st['truncated'] == sum(len(x) > hi for x in full) and st['truncated'] > 0
     assert all(x[-1] == 2 for x in expected if len(x) < hi)  # EOS on untruncated docs
@@ -211,7 +212,7 @@ def test_uint32_when_vocab_exceeds_uint16(tmp_path):
     docs = word_docs(70000) + ['w69999 w65536 w0']
     src = write_jsonl(tmp_path / 'a.jsonl', docs)
     out = run(tmp_path, input=src, tokenizer=folder)
-    tokens, _ = pd.open_split(out, 'train')
+    tokens, _ = open_split(out, 'train')
     expected = [[ref.token_to_id('<s>')] + ref.encode(d, add_special_tokens=False).ids for d in docs]
     assert tokens.dtype == np.uint32 and max(map(max, expected)) > 65535
     assert split_docs(out, 'train') == expected
@@ -219,7 +220,7 @@ def test_uint32_when_vocab_exceeds_uint16(tmp_path):
         run(tmp_path, 'o16', input=src, tokenizer=folder, dtype='uint16')
     assert not os.path.exists(tmp_path / 'o16')  # nothing written, not even the directory
     out = run(tmp_path, 'o32', input=write_jsonl(tmp_path / 'b.jsonl', DOCS[:3]), tokenizer=folder, dtype='uint32')
-    assert pd.read_meta(out)['dtype'] == 'uint32'  # a forced uint32 with a small vocab
+    assert read_meta(out)['dtype'] == 'uint32'  # a forced uint32 with a small vocab
 
 
 def test_num_proc_2_is_byte_identical(tmp_path, sp_model, monkeypatch):
@@ -278,9 +279,9 @@ def test_errors_are_one_line_and_write_nothing(tmp_path, sp_model):
         assert '\n' not in str(e.value)
         assert not os.path.exists(tmp_path / f'o{i}'), kw
     with pytest.raises(UserError, match='no meta.json'):
-        pd.open_split(str(tmp_path / 'empty'), 'train')
+        open_split(str(tmp_path / 'empty'), 'train')
     with pytest.raises(ValueError, match="no split 'val'"):
-        pd.open_split(run(tmp_path, input=good, tokenizer=sp_model), 'val')
+        open_split(run(tmp_path, input=good, tokenizer=sp_model), 'val')
 
 
 def test_cli_embedded_corpus_and_error_exit(tmp_path):
@@ -289,7 +290,7 @@ def test_cli_embedded_corpus_and_error_exit(tmp_path):
            '--train_tokenizer=400', '--tokenizer_sample_mb=0.3', '--max_docs=12', '--val_fraction=0.2']
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    meta = pd.read_meta(out)
+    meta = read_meta(out)
     assert meta['tokenizer'] == os.path.join(out, 'tokenizer.model') and meta['vocab_size'] == 400
     assert sorted(os.listdir(out)) == ['meta.json', 'tokenizer.model', 'tokenizer_config.json',
                                        'train.bin', 'train.idx', 'val.bin', 'val.idx']

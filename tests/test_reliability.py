@@ -19,6 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import eval_passkey  # noqa: E402
 import eval_ppl  # noqa: E402
 import prepare_data  # noqa: E402
+from data_format import open_split  # noqa: E402
 from errors import UserError  # noqa: E402
 from test_prepare_data import make_hf_tokenizer, word_docs  # noqa: E402
 from test_train import ENV, TINY, make_data  # noqa: E402
@@ -294,7 +295,7 @@ def test_prepare_data_and_readers_name_the_file(tmp_path):
                         ({'splits': {'train': 3}}, 'splits=')]:
         json.dump(dict(meta, **bad), open(os.path.join(d, 'meta.json'), 'w'))
         with pytest.raises(UserError, match=f"{os.path.join(d, 'meta.json')}: {needle}"):
-            prepare_data.open_split(d, 'train')
+            open_split(d, 'train')
 
 
 def test_help_lists_exactly_the_config_keys():
