@@ -118,6 +118,14 @@ def _open_text(path):
 def read_documents(path, text_key='text', lenient=False):
     """Yield the documents of one file, streaming. lenient: skip a plain file that is not UTF-8 (corpus)."""
     if path.endswith(JSONL_EXTS):
+        # what a truncated / corrupt compressed file (or the disk) raises while it is read; gzip's BadGzipFile is an OSError
+        unreadable = (OSError, EOFError)
+        if path.endswith(('.zst', '.zstd')):
+            try:
+                import zstandard
+            except ImportError:
+                raise UserError(f"{path}: reading .zst needs zstandard (pip install zstandard)") from None
+            unreadable += (zstandard.ZstdError,)
         lineno = 0
         try:
             with _open_text(path) as f:
@@ -136,18 +144,17 @@ def read_documents(path, text_key='text', lenient=False):
                     yield obj[text_key]
         except UnicodeDecodeError as e:
             raise UserError(f"{path}:{lineno + 1}: not UTF-8 ({e.reason})") from None
-        except ValueError:
-            raise
-        except Exception as e:  # truncated / corrupt .gz or .zst: OSError, EOFError, zstandard.ZstdError
+        except unreadable as e:
             raise UserError(f"{path}:{lineno + 1}: unreadable ({type(e).__name__}: {e})") from None
     elif path.endswith(PARQUET_EXTS):
         try:
+            import pyarrow as pa
             import pyarrow.parquet as pq
         except ImportError:
             raise UserError(f"{path}: reading .parquet needs pyarrow (pip install pyarrow)") from None
         try:
             pf = pq.ParquetFile(path)
-        except Exception as e:
+        except (pa.ArrowException, OSError) as e:  # not parquet / corrupt: ArrowInvalid; unreadable: OSError
             raise UserError(f"{path}: unreadable parquet ({e})") from None
         if text_key not in pf.schema_arrow.names:
             raise UserError(f"{path}: no text key '{text_key}' (columns: {pf.schema_arrow.names[:8]}; set text_key=...)")

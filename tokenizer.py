@@ -35,6 +35,9 @@ class Tokenizer:
             try:
                 self.hf = tokenizers.Tokenizer.from_file(path)
             except Exception as e:
+                # the Rust side raises a bare Exception for a file it cannot parse; anything more specific is a bug
+                if type(e) is not Exception:
+                    raise
                 raise UserError(f"{path}: not a tokenizers tokenizer.json ({str(e).splitlines()[0]})") from None
             self.sp = None
             self.vocab_size = self.hf.get_vocab_size(with_added_tokens=True)
@@ -45,7 +48,7 @@ class Tokenizer:
             import sentencepiece as spm
             try:
                 self.sp = spm.SentencePieceProcessor(model_file=path)
-            except Exception as e:
+            except (RuntimeError, OSError) as e:  # sentencepiece: RuntimeError (older versions: OSError)
                 raise UserError(f"{path}: not a sentencepiece model ({str(e).splitlines()[0]})") from None
             self.hf = None
             self.vocab_size = self.sp.get_piece_size()

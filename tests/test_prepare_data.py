@@ -284,6 +284,30 @@ def test_errors_are_one_line_and_write_nothing(tmp_path, sp_model):
         open_split(run(tmp_path, input=good, tokenizer=sp_model), 'val')
 
 
+
+def test_corrupt_inputs_and_tokenizers_are_one_line_user_errors(tmp_path, sp_model):
+    """Each library's own exception for a broken file (gzip's OSError, zstandard's ZstdError, pyarrow's
+    ArrowInvalid, tokenizers' bare Exception, sentencepiece's RuntimeError) becomes one line naming the file."""
+    good = write_jsonl(tmp_path / 'good.jsonl', DOCS[:3])
+    gz = tmp_path / 'cut.jsonl.gz'
+    gz.write_bytes(gzip.compress(open(good, 'rb').read())[:-20])  # truncated
+    zst = tmp_path / 'bad.jsonl.zst'
+    zst.write_bytes(b'\x28\xb5\x2f\xfd garbage after the zstd magic')
+    pq = tmp_path / 'bad.parquet'
+    pq.write_bytes(b'not parquet at all')
+    (tmp_path / 'tokjson').mkdir()
+    (tmp_path / 'tokjson' / 'tokenizer.json').write_text('{"not": "a tokenizer"}')
+    (tmp_path / 'bad.model').write_text('not a model')
+    cases = [(dict(input=str(gz), tokenizer=sp_model), rf'{gz}:\d+: unreadable'),
+             (dict(input=str(zst), tokenizer=sp_model), rf'{zst}:\d+: unreadable \(ZstdError'),
+             (dict(input=str(pq), tokenizer=sp_model), f'{pq}: unreadable parquet'),
+             (dict(input=good, tokenizer=str(tmp_path / 'tokjson')), 'tokenizer.json: not a tokenizers tokenizer.json'),
+             (dict(input=good, tokenizer=str(tmp_path / 'bad.model')), 'bad.model: not a sentencepiece model')]
+    for i, (kw, pattern) in enumerate(cases):
+        with pytest.raises(UserError, match=pattern) as e:
+            run(tmp_path, f'o{i}', **kw)
+        assert '\n' not in str(e.value) and not os.path.exists(tmp_path / f'o{i}')
+
 def test_cli_embedded_corpus_and_error_exit(tmp_path):
     out = str(tmp_path / 'demo')
     cmd = [sys.executable, os.path.join(ROOT, 'prepare_data.py'), '--corpus=python_stdlib', f'--out_dir={out}',
