@@ -106,64 +106,28 @@ def corpus_files(name):
     return files
 
 
+def _zstandard(path):
+    try:
+        import zstandard
+    except ImportError:
+        raise UserError(f"{path}: reading .zst needs zstandard (pip install zstandard)") from None
+    return zstandard
+
+
 def _open_text(path):
     if path.endswith('.gz'):
         return gzip.open(path, 'rt', encoding='utf-8')
-    if path.endswith(('.zst', '.zstd')):
-        import zstandard  # streaming: the decompressed file never sits in memory
-        return io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(open(path, 'rb')), encoding='utf-8')
+    if path.endswith(('.zst', '.zstd')):  # streaming: the decompressed file never sits in memory
+        return io.TextIOWrapper(_zstandard(path).ZstdDecompressor().stream_reader(open(path, 'rb')), encoding='utf-8')
     return open(path, encoding='utf-8')
 
 
 def read_documents(path, text_key='text', lenient=False):
     """Yield the documents of one file, streaming. lenient: skip a plain file that is not UTF-8 (corpus)."""
     if path.endswith(JSONL_EXTS):
-        # what a truncated / corrupt compressed file (or the disk) raises while it is read; gzip's BadGzipFile is an OSError
-        unreadable = (OSError, EOFError)
-        if path.endswith(('.zst', '.zstd')):
-            try:
-                import zstandard
-            except ImportError:
-                raise UserError(f"{path}: reading .zst needs zstandard (pip install zstandard)") from None
-            unreadable += (zstandard.ZstdError,)
-        lineno = 0
-        try:
-            with _open_text(path) as f:
-                for lineno, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        obj = json.loads(line)
-                    except ValueError as e:
-                        raise UserError(f"{path}:{lineno}: invalid JSON ({getattr(e, 'msg', e)})") from None
-                    if not isinstance(obj, dict) or text_key not in obj:
-                        keys = list(obj)[:8] if isinstance(obj, dict) else type(obj).__name__
-                        raise UserError(f"{path}:{lineno}: no text key '{text_key}' (found: {keys}; set text_key=...)")
-                    if not isinstance(obj[text_key], str):
-                        raise UserError(f"{path}:{lineno}: '{text_key}' is {type(obj[text_key]).__name__}, not a string")
-                    yield obj[text_key]
-        except UnicodeDecodeError as e:
-            raise UserError(f"{path}:{lineno + 1}: not UTF-8 ({e.reason})") from None
-        except unreadable as e:
-            raise UserError(f"{path}:{lineno + 1}: unreadable ({type(e).__name__}: {e})") from None
+        yield from _read_jsonl(path, text_key)
     elif path.endswith(PARQUET_EXTS):
-        try:
-            import pyarrow as pa
-            import pyarrow.parquet as pq
-        except ImportError:
-            raise UserError(f"{path}: reading .parquet needs pyarrow (pip install pyarrow)") from None
-        try:
-            pf = pq.ParquetFile(path)
-        except (pa.ArrowException, OSError) as e:  # not parquet / corrupt: ArrowInvalid; unreadable: OSError
-            raise UserError(f"{path}: unreadable parquet ({e})") from None
-        if text_key not in pf.schema_arrow.names:
-            raise UserError(f"{path}: no text key '{text_key}' (columns: {pf.schema_arrow.names[:8]}; set text_key=...)")
-        kind = pf.schema_arrow.field(text_key).type
-        if str(kind) not in ('string', 'large_string', 'string_view'):
-            raise UserError(f"{path}: column '{text_key}' holds {kind}, not strings (set text_key=...)")
-        for batch in pf.iter_batches(batch_size=1024, columns=[text_key]):
-            for text in batch.column(0).to_pylist():
-                yield text if text is not None else ''
+        yield from _read_parquet(path, text_key)
     else:
         try:
             with open(path, encoding='utf-8') as f:
@@ -175,6 +139,51 @@ def read_documents(path, text_key='text', lenient=False):
         except OSError as e:  # unreadable (permissions, a directory named as a file ...)
             raise UserError(f"{path}: cannot read ({e.strerror})") from None
         yield text
+
+
+def _read_jsonl(path, text_key):
+    # what a truncated / corrupt compressed file (or the disk) raises while it is read; gzip's BadGzipFile is an OSError
+    unreadable = (OSError, EOFError) + ((_zstandard(path).ZstdError,) if path.endswith(('.zst', '.zstd')) else ())
+    lineno = 0
+    try:
+        with _open_text(path) as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except ValueError as e:
+                    raise UserError(f"{path}:{lineno}: invalid JSON ({getattr(e, 'msg', e)})") from None
+                if not isinstance(obj, dict) or text_key not in obj:
+                    keys = list(obj)[:8] if isinstance(obj, dict) else type(obj).__name__
+                    raise UserError(f"{path}:{lineno}: no text key '{text_key}' (found: {keys}; set text_key=...)")
+                if not isinstance(obj[text_key], str):
+                    raise UserError(f"{path}:{lineno}: '{text_key}' is {type(obj[text_key]).__name__}, not a string")
+                yield obj[text_key]
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}:{lineno + 1}: not UTF-8 ({e.reason})") from None
+    except unreadable as e:
+        raise UserError(f"{path}:{lineno + 1}: unreadable ({type(e).__name__}: {e})") from None
+
+
+def _read_parquet(path, text_key):
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise UserError(f"{path}: reading .parquet needs pyarrow (pip install pyarrow)") from None
+    try:
+        pf = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as e:  # not parquet / corrupt: ArrowInvalid; unreadable: OSError
+        raise UserError(f"{path}: unreadable parquet ({e})") from None
+    if text_key not in pf.schema_arrow.names:
+        raise UserError(f"{path}: no text key '{text_key}' (columns: {pf.schema_arrow.names[:8]}; set text_key=...)")
+    kind = pf.schema_arrow.field(text_key).type
+    if str(kind) not in ('string', 'large_string', 'string_view'):
+        raise UserError(f"{path}: column '{text_key}' holds {kind}, not strings (set text_key=...)")
+    for batch in pf.iter_batches(batch_size=1024, columns=[text_key]):
+        for text in batch.column(0).to_pylist():
+            yield text if text is not None else ''
 
 
 def iter_documents(files, text_key='text', lenient=False):
