@@ -364,8 +364,8 @@ def train_tokenizer_into(files, out_dir, tmps, corpus, text_key, val_fraction, s
 
 def tokenize_stream(docs, fixed_split, writers, stats, tok, tok_path, np_dtype, bos, eos, bar, min_tokens, max_tokens,
                     max_docs, num_proc, val_fraction, seed, **_):
-    """Tokenize one stream of documents into the split writers, filtered. Each document goes to fixed_split,
-    or (None) to val by its seeded coin. Counts go to stats[split]; returns the number of documents read."""
+    """Tokenize one stream of documents into the split writers, filtered. Each document goes to fixed_split, or
+    (fixed_split None) to val or train by its seeded coin. Counts go to stats[split]; returns the documents read."""
     n_special = int(bos) + int(eos)
     index, kept, n_tok, t0 = 0, 0, 0, time.time()
     batches = encode_documents(docs, tok_path, num_proc, bos, eos)
