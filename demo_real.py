@@ -18,6 +18,7 @@ import os
 import sys
 import sysconfig
 
+from errors import pyplot, save_figure, write_text_atomic
 from prepare_data import write_jsonl_atomic
 
 # -----------------------------------------------------------------------------
@@ -28,7 +29,7 @@ skip_packages = 'test,encodings'  # stdlib packages left out altogether (comma-s
 doc_kb = 256  # a document is cut at the first file boundary past this many KB
 out_dir = 'out-real'  # eval JSONs: ppl-{method}.json, passkey-{method}-{length}.json (stage report)
 methods = 'original,linear,pi,pose'  # table rows
-plot = 'out-real/demo-real.png'  # '' = no plot (needs matplotlib)
+plot = 'out-real/demo-real.png'  # '' = no plot; without matplotlib: a note, no plot
 # -----------------------------------------------------------------------------
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
 # -----------------------------------------------------------------------------
@@ -130,13 +131,9 @@ elif stage == 'report':
            "Goals (+ holds, - fails, ? not measured):", goals(res)]
     text = '\n'.join(out)
     print(text)
-    with open(os.path.join(out_dir, 'results.txt.tmp'), 'w') as f:
-        f.write(text + '\n')
-    os.replace(os.path.join(out_dir, 'results.txt.tmp'), os.path.join(out_dir, 'results.txt'))
-    if plot:
-        import matplotlib
-        matplotlib.use('Agg')
-        import matplotlib.pyplot as plt
+    write_text_atomic(os.path.join(out_dir, 'results.txt'), text + '\n')
+    plt = pyplot(f'plot={plot!r}', required=False) if plot else None  # the table is written already
+    if plt is not None:
         fig, axes = plt.subplots(1, 2, figsize=(10, 4))
         for m, r in res.items():
             for ax, key in zip(axes, ('ppl', 'passkey')):
@@ -151,8 +148,7 @@ elif stage == 'report':
             ax.legend()
         fig.suptitle('SmolLM2-135M-Instruct, 8k -> 16k')
         fig.tight_layout()
-        fig.savefig(plot + '.tmp.png', dpi=120)
-        os.replace(plot + '.tmp.png', plot)
+        save_figure(fig, plot)
         print(f"wrote {plot}")
 else:
     fail(f"stage must be 'sources' or 'report', got {stage!r}")

@@ -31,7 +31,7 @@ import re
 import numpy as np
 from tqdm import tqdm
 
-from errors import UserError, run
+from errors import UserError, pyplot, run, save_figure, write_text_atomic
 from prepare_data import write_jsonl_atomic
 
 # -----------------------------------------------------------------------------
@@ -317,20 +317,11 @@ def stage_report():
     plot(runs, labels)
 
 
-def write_text_atomic(path, text):
-    with open(path + '.tmp', 'w') as f:
-        f.write(text)
-    os.replace(path + '.tmp', path)
-
-
 def plot(runs, labels):
     """ppl and passkey vs length: the mean over the seeds, with a min-max band when there are several."""
-    try:
-        import matplotlib
-        matplotlib.use('Agg')
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print('note: matplotlib is not installed: no plots (pip install matplotlib)')
+    path = os.path.join(out_dir, 'demo.png')
+    plt = pyplot(f'the plot {path}', required=False)  # the tables are written already
+    if plt is None:
         return
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, kind in zip(axes, ('ppl', 'passkey')):
@@ -354,9 +345,7 @@ def plot(runs, labels):
         ax.legend(fontsize=8)
     fig.suptitle(f'nanoPoSE demo: L_c = {train_len} -> L_t = {target_len}, seeds {" ".join(map(str, runs))}')
     fig.tight_layout()
-    path = os.path.join(out_dir, 'demo.png')
-    fig.savefig(path + '.tmp', format='png', dpi=120)
-    os.replace(path + '.tmp', path)
+    save_figure(fig, path)
     print(f'wrote {path}')
 
 

@@ -6,6 +6,10 @@ One error idiom for every entry script (train.py, prepare_data.py, eval_*.py, sa
   `error: ...` and exits with e.code (2; 1 for faults of the run or the machine), no traceback;
 - Ctrl-C: one line, exit 130; whoever was writing removes their temp files on the way out (`writing`);
 - anything else is a bug and keeps its traceback.
+
+And the two ways a script's output goes wrong without it being a bug: a half-written file (`atomic_path`: write
+a temp name beside the file, renamed when complete; write_text_atomic / write_json_atomic / save_figure use it)
+and a missing optional dependency (`pyplot`: matplotlib, needed for plots only).
 """
 import errno
 import json
@@ -77,6 +81,56 @@ def writing(path, temps=()):
         if not isinstance(e, (KeyboardInterrupt, SystemExit, GeneratorExit)) and is_disk_full(e):
             raise UserError(f'no space left on device writing {path}', code=1) from None
         raise
+
+
+@contextmanager
+def atomic_path(path):
+    """Yields `path + '.tmp'` (in path's directory, created if missing) to write to; when the block completes
+    it is renamed to `path`, so `path` is never half-written. On failure or Ctrl-C the temp file is removed and
+    a full disk is one line naming `path` (`writing`). Not for directories (checkpoints have their own rename)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + '.tmp'
+    with writing(path, temps=[tmp]):
+        yield tmp
+        os.replace(tmp, path)
+
+
+def write_text_atomic(path, text):
+    with atomic_path(path) as tmp:
+        with open(tmp, 'w', encoding='utf-8') as f:
+            f.write(text)
+
+
+def write_json_atomic(path, obj):
+    with atomic_path(path) as tmp:
+        with open(tmp, 'w', encoding='utf-8') as f:
+            json.dump(obj, f, indent=1)
+
+
+def pyplot(what, required=True):
+    """matplotlib.pyplot on the file-only Agg backend, for `what` (e.g. "plot='ppl.png'"). Without matplotlib:
+    a UserError naming `what` when the user asked for that plot (required: the eval scripts call this before
+    their work), else one `note:` line and None (bench / demo reports: the plot is a by-product of results
+    already written, not worth failing a long run at its end)."""
+    try:
+        import matplotlib
+    except ImportError:
+        msg = f"{what} needs matplotlib (pip install matplotlib)"
+        if required:
+            raise UserError(msg) from None
+        print(f"note: {msg}: no plot")
+        return None
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def save_figure(fig, path, dpi=120):
+    """fig as `path` (format from its extension, png when none), written atomically; the figure is closed."""
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format=os.path.splitext(path)[1].lstrip('.') or 'png', dpi=dpi)
+    import matplotlib.pyplot as plt
+    plt.close(fig)
 
 
 def say_error(msg):

@@ -19,6 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import eval_passkey  # noqa: E402
 import eval_ppl  # noqa: E402
 import prepare_data  # noqa: E402
+import errors  # noqa: E402
 from data_format import open_split  # noqa: E402
 from errors import UserError  # noqa: E402
 from test_prepare_data import make_hf_tokenizer, word_docs  # noqa: E402
@@ -203,11 +204,11 @@ def test_disk_full_names_the_path_and_leaves_no_temp_files(run, tmp_path, monkey
     def full(obj, f, **kw):
         f.write('{"half": ')
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-    monkeypatch.setattr(eval_ppl.json, 'dump', full)
+    monkeypatch.setattr(json, 'dump', full)
     path = str(tmp_path / 'r.json')
     with pytest.raises(UserError, match=f'no space left on device writing {path}'):
-        eval_ppl.write_json_atomic(path, {'ppl': 1.0})
-    assert 'r.json' not in files(tmp_path) and 'r.json.tmp' not in files(tmp_path)
+        errors.write_json_atomic(path, {'ppl': 1.0})
+    assert not [f for f in files(tmp_path) if f.startswith('r.json')]  # neither the result nor its temp
 
 
 def test_ctrl_c_is_one_line_exit_130_and_nothing_half_written(run, tmp_path):
@@ -314,3 +315,26 @@ def test_help_lists_exactly_the_config_keys():
         assert proc.returncode == 0, err
         listed = [l.split('=')[0].strip() for l in out.splitlines()[2:]]
         assert listed == expect[name], (name, listed)
+
+
+def test_atomic_writes_and_missing_matplotlib(run, tmp_path, monkeypatch, capsys):
+    """A write that fails leaves the old file and no temp; a plot without matplotlib: a one-line error before
+    an eval's work, a note for the bench / demo reports (their numbers are written already)."""
+    path = str(tmp_path / 'a.txt')
+    errors.write_text_atomic(path, 'old')
+    with pytest.raises(RuntimeError):
+        with errors.atomic_path(path) as tmp:
+            open(tmp, 'w').write('half')
+            raise RuntimeError
+    assert open(path).read() == 'old' and files(tmp_path) == ['a.txt']
+    monkeypatch.setitem(sys.modules, 'matplotlib', None)  # import matplotlib -> ImportError
+    assert errors.pyplot('the plot x.png', required=False) is None
+    assert capsys.readouterr().out == 'note: the plot x.png needs matplotlib (pip install matplotlib): no plot\n'
+    png, out = str(tmp_path / 'p.png'), str(tmp_path / 'r.json')
+    for module, cfg in ((eval_ppl, dict(data_dir=run['data'], num_docs=None, tokenizer=None)),
+                        (eval_passkey, dict(tokenizer=None, num_trials=1))):
+        for k, v in dict(cfg, model=run['hf'], lengths=[64], device='cpu', out=out, plot=png).items():
+            monkeypatch.setattr(module, k, v)
+        with pytest.raises(UserError, match=f"plot='{png}' needs matplotlib"):
+            module.main()
+    assert files(tmp_path) == ['a.txt']
