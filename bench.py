@@ -19,7 +19,7 @@ Sections (`only`, comma-separated):
   train    tokens/s and MFU of training steps at (batch_size, seq_len). MFU = model.flops_per_token(seq_len)
            * tokens/s / peak; peak = the datasheet bf16 peak of the GPU, or on CPU the measured peak of a
            large matmul on this machine (so a CPU MFU means "fraction of what torch.mm reaches here").
-  eval     sliding-window perplexity throughput: eval_ppl.sliding_window_nll (our model, chunked loss) vs
+  eval     sliding-window perplexity throughput: eval_common.sliding_window_nll (our model, chunked loss) vs
            transformers' LlamaForCausalLM on the same checkpoint (tokens/s and ratio; same NLL checked).
   sampler  sample_positions.draws_per_second for pose / randpos at 2k->16k and 2k->128k.
   prepare  prepare_data.prepare() on stdlib text with a given tokenizer vs the bare tokenizer's encode.
@@ -42,6 +42,7 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 
+from errors import pyplot, save_figure, write_json_atomic
 from hf_checkpoint import save_pretrained
 from model import ModelArgs, Transformer
 from perf import gpu_peak_flops, wrap_blocks
@@ -125,13 +126,6 @@ results = {'config': {k: globals()[k] for k in ('preset', 'device', 'dtype', 'co
                                                 'hidden_dim', 'vocab_size')},
            'machine': {'torch': torch.__version__, 'cpu_threads': torch.get_num_threads(), 'nproc': os.cpu_count(),
                        'gpu': torch.cuda.get_device_name() if cuda else None}}
-
-
-def write_json_atomic(path, obj):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path + '.tmp', 'w') as f:
-        json.dump(obj, f, indent=1)
-    os.replace(path + '.tmp', path)
 
 
 def sync():
@@ -293,12 +287,8 @@ def bench_fig3():
 
 
 def plot_fig3(rows):
-    try:
-        import matplotlib
-        matplotlib.use('Agg')
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print('note: matplotlib not installed, no Fig. 3 plot (pip install matplotlib)')
+    plt = pyplot(f"the Fig. 3 plot (plot={plot!r})", required=False)  # the numbers are in `out` already
+    if plt is None:
         return
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for method, style in (('full', 'o-'), ('pose', 's-')):
@@ -313,9 +303,7 @@ def plot_fig3(rows):
         ax.legend()
     fig.suptitle(f'Training cost vs target length (L_c = {train_len}, {device}, {dtype})')
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(plot)), exist_ok=True)
-    fig.savefig(plot + '.tmp.png', dpi=120)
-    os.replace(plot + '.tmp.png', plot)
+    save_figure(fig, plot)
     print(f'wrote {plot}')
 
 
@@ -348,7 +336,7 @@ def bench_eval():
         print('\n== eval: skipped: transformers is not installed (a dev dependency: pip install -r requirements-dev.txt)')
         results['eval'] = {'skipped': 'transformers not installed'}
         return
-    from eval_ppl import load_model, sliding_window_nll
+    from eval_common import load_model, sliding_window_nll
     with tempfile.TemporaryDirectory() as tmp:
         save_pretrained(build_model(eval_len), tmp, tokenizer_dir=None)  # random weights: no tokenizer
         ours = load_model(tmp, dtype=dtype, device=device)
@@ -434,7 +422,7 @@ def peak_growth(fn):
 
 def bench_evalcpu():
     import transformers
-    from eval_ppl import load_model, sliding_window_nll
+    from eval_common import load_model, sliding_window_nll
     if not os.path.isfile('/proc/self/clear_refs'):
         fail('evalcpu reads peak RSS from /proc (Linux only)')
     with tempfile.TemporaryDirectory() as tmp:

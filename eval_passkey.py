@@ -41,9 +41,9 @@ import time
 import numpy as np
 import torch
 
-from errors import UserError, run
+from errors import UserError, pyplot, run, save_figure, write_json_atomic
+from eval_common import check_run, load_model, model_name, torch_dtype
 from model import KVCache
-from eval_ppl import check_out, check_plot, default_out, length_warnings, load_model, model_name, write_json_atomic
 
 TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
         "I will quiz you about the important information there.")
@@ -54,7 +54,7 @@ QUESTION = "What is the pass key? The pass key is"
 ANSWER_RE = re.compile(r'\d+')  # the official script's answer: the first number in the generated text
 
 # -----------------------------------------------------------------------------
-# reusable pieces (tests and bench.py import these)
+# this script's pieces (tests and demo_report.py import them; the shared ones live in eval_common.py)
 
 
 def filler_text(n):
@@ -197,7 +197,8 @@ def depth_bins_for(depths):
     return [(i / 10, (i + 1) / 10 - (1e-12 if i < 9 else 0), f"{i / 10:.1f}-{(i + 1) / 10:.1f}") for i in range(10)]
 
 
-def format_table(rows, lengths):
+def accuracy_text(rows, lengths):
+    """accuracy_table's rows as text: one line per depth row (then 'all'), lengths as columns."""
     w = max(len(r) for r in rows)
     lines = [f"{'depth':<{w}} " + ' '.join(f"{L:>7}" for L in lengths)]
     for label, accs in rows.items():
@@ -207,9 +208,7 @@ def format_table(rows, lengths):
 
 def plot_heatmap(rows, lengths, path, title=''):
     """Accuracy heatmap: depth rows x length columns, written atomically."""
-    import matplotlib  # lazy: only --plot needs it
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
+    plt = pyplot(f"plot={path!r}")
     labels = [r for r in rows if r != 'all']
     grid = np.array([[np.nan if rows[r][L] is None else rows[r][L] for L in lengths] for r in labels])
     fig, ax = plt.subplots(figsize=(1.0 + 0.8 * len(lengths), 1.0 + 0.4 * len(labels)))
@@ -225,10 +224,7 @@ def plot_heatmap(rows, lengths, path, title=''):
     ax.set_title(title, fontsize=9)
     fig.colorbar(im, ax=ax, label='accuracy')
     fig.tight_layout()
-    tmp = path + '.tmp'
-    fig.savefig(tmp, format=os.path.splitext(path)[1].lstrip('.') or 'png', dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 # -----------------------------------------------------------------------------
@@ -255,10 +251,7 @@ def main():
 
     from tokenizer import check_same_tokenizer, load_tokenizer, sha256_file
 
-    if not model:
-        raise UserError("--model=<HF model dir> is required")
-    if not os.path.isfile(os.path.join(model, 'config.json')):
-        raise UserError(f"model dir not found or has no config.json: {model}")
+    path = check_run('passkey', model, rope_scaling, out, overwrite, plot)
     if not lengths or any(not isinstance(L, int) or L < 1 for L in lengths):
         raise UserError(f"lengths must be a list of positive ints, got {lengths!r}")
     if depths is not None and any(not 0 <= d <= 1 for d in depths):
@@ -267,14 +260,11 @@ def main():
         raise UserError(f"num_trials must be >= 1, got {num_trials}")
     if max_new_tokens < 1:
         raise UserError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    path = check_out(out or default_out('passkey', model, rope_scaling), overwrite)
-    check_plot(plot)
+    torch_dtype(dtype, device)  # a bad dtype fails here, before the work
     tok = load_tokenizer(tokenizer or model)
     if tokenizer and check_tokenizer:
         check_same_tokenizer(sha256_file(tok.path), f"tokenizer='{tokenizer}'", model, 'check_tokenizer')
-    net = load_model(model, rope_scaling, max_position_embeddings, dtype, device)
-    for w in length_warnings(lengths, net.args.max_position_embeddings):
-        print(w)
+    net = load_model(model, rope_scaling, max_position_embeddings, dtype, device, lengths)
 
     trials, hints, t0 = [], {}, time.time()
     for L, depth, key in tqdm(make_trials(lengths, num_trials, depths, seed), desc='passkey'):
@@ -308,7 +298,7 @@ def main():
         'seconds': dt, 'trials': trials,
     }
     write_json_atomic(path, result)
-    print(format_table(rows, lengths))
+    print(accuracy_text(rows, lengths))
     print('settings: ' + ', '.join(f"{k}={v}" for k, v in result['settings'].items()))
     print(f"wrote {path}")
     if plot:

@@ -32,120 +32,12 @@ import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-import rope_config
-from errors import UserError, run, writing
+from errors import UserError, pyplot, run, save_figure, write_json_atomic
+from eval_common import check_plot, check_run, load_model, result_label, sliding_window_nll, window_spans
 
 # -----------------------------------------------------------------------------
-# reusable pieces (tests and bench.py import these)
-
-
-def window_spans(n, window, stride=None, mode='sliding', add_bos=False, windows='aligned'):
-    """Windows over a document of n tokens: list of (b, first, end).
-    Input = ([BOS] if add_bos) + doc[b : b + window - add_bos]; it scores doc tokens first..end-1.
-    windows='aligned' (ours): the last window is right-aligned (always full) and every window also scores
-    the token after its input (its last logits). 'official' (the authors' compute_perplexity): windows at
-    0, s, 2s, ... until one reaches the end (the last may be short), each scoring only the tokens its own
-    input holds past the previous window's end; mode='truncate' there = the doc cut to one window's input."""
-    nbos = int(bool(add_bos))
-    n_doc = window - nbos  # document tokens per window
-    if n_doc < 1:
-        raise UserError(f"window {window} is too short")
-    if windows not in ('aligned', 'official'):
-        raise UserError(f"windows must be 'aligned' or 'official', got {windows!r}")
-    if windows == 'official':
-        return official_spans(n, n_doc, stride, mode, nbos)
-    stride = window if stride is None else stride  # None: windows whose scored tokens are disjoint
-    if not 1 <= stride <= window:  # a larger stride would leave tokens no window can predict
-        raise UserError(f"stride must be in [1, window={window}], got {stride}")
-    spans, scored, b = [], 1 - nbos, 0  # doc[0] has no prediction unless a BOS precedes it
-    while scored < n:
-        b = min(b, max(n - n_doc, 0))  # the last window is right-aligned: always a full window
-        end = min(b + n_doc + 1, n)  # the last input token predicts doc[b + n_doc] when it exists
-        spans.append((b, scored, end))
-        scored = end
-        b += stride
-        if mode == 'truncate':
-            break
-    return spans
-
-
-def official_spans(n, n_doc, stride, mode, nbos):
-    # dwzhu-pku/PoSE src/eval_ppl.py: end = min(b + n_doc, n); the window's labels are its last
-    # end - prev_end input tokens (the BOS, when the window holds it, predicts doc[0])
-    if mode == 'truncate':  # x[0:max_tokenized_len], step = max_tokenized_len: one window
-        n, stride = min(n, n_doc), n_doc
-    stride = n_doc if stride is None else stride
-    if not 1 <= stride <= n_doc:  # a larger step would count unscored tokens in the official code
-        raise UserError(f"stride must be in [1, {n_doc}] (the window's document tokens), got {stride}")
-    spans, prev = [], 1 - nbos
-    for b in range(0, n, stride):
-        end = min(b + n_doc, n)
-        spans.append((b, prev, end))
-        prev = end
-        if end == n:
-            break
-    return spans
-
-
-def chunk_nll(h, weight, targets):
-    """sum of -log p(targets) for rows h [n, dim] under lm_head `weight`, holding one [n, vocab] fp32 block:
-    logsumexp computed in place (no second block for log_softmax, as F.cross_entropy would make)."""
-    logits = F.linear(h, weight).float()  # [n, vocab]
-    picked = logits.gather(1, targets[:, None])[:, 0].double().sum()
-    m = logits.amax(-1, keepdim=True)
-    lse = logits.sub_(m).exp_().sum(-1).log_() + m[:, 0]
-    return (lse.double().sum() - picked).item()
-
-
-@torch.inference_mode()
-def sliding_window_nll(model, tokens, window, stride=None, mode='sliding', add_bos=False, bos_id=None,
-                       device='cpu', pbar=None, chunk=256, windows='aligned'):
-    """(sum of NLL in nats, number of scored tokens) of one document (1-D int array) under `model`.
-    Only the scored positions go through lm_head, `chunk` rows at a time in fp32: no [T, vocab] logits,
-    and with overlapping windows (stride < window) most of lm_head's work is skipped."""
-    if mode not in ('sliding', 'truncate'):
-        raise UserError(f"mode must be 'sliding' or 'truncate', got {mode!r}")
-    if add_bos and bos_id is None:
-        raise UserError("add_bos=True but the tokenizer/model has no BOS token id (set --add_bos=False)")
-    nbos = int(bool(add_bos))
-    doc = torch.as_tensor(np.asarray(tokens, dtype=np.int64))
-    nll, count = 0.0, 0
-    for b, first, end in window_spans(len(doc), window, stride, mode, add_bos, windows):
-        ctx = doc[b:b + window - nbos]
-        if nbos:
-            ctx = torch.cat([torch.tensor([bos_id]), ctx])
-        h = model.forward_hidden(ctx[None].to(device))[0]  # [T, dim], after the final norm
-        # doc token j is predicted at input position j - 1 - b + nbos
-        h = h[first - 1 - b + nbos:end - 1 - b + nbos]  # [end - first, dim]: the scored positions only
-        targets = doc[first:end].to(device)
-        for i in range(0, end - first, chunk):
-            nll += chunk_nll(h[i:i + chunk], model.lm_head.weight, targets[i:i + chunk])
-        count += end - first
-        if pbar is not None:
-            pbar.update(1)
-    return nll, count
-
-
-def load_model(path, rope_scaling=None, max_position_embeddings=None, dtype='auto', device='cpu'):
-    """Our Transformer from an HF dir, in eval mode; rope_scaling / max_position_embeddings None = the checkpoint's."""
-    from hf_checkpoint import load_pretrained
-    from model import INFER_CHUNK
-    if not os.path.isfile(os.path.join(path, 'config.json')):
-        raise UserError(f"model dir not found or has no config.json: {path}")
-    pt_dtype = {'auto': torch.bfloat16 if 'cuda' in str(device) else torch.float32, 'float32': torch.float32,
-                'bfloat16': torch.bfloat16, 'float16': torch.float16}.get(dtype)
-    if pt_dtype is None:
-        raise UserError(f"dtype must be auto/float32/bfloat16/float16, got {dtype!r}")
-    overrides = {}
-    if rope_scaling is not None:
-        overrides['rope_scaling'] = rope_scaling
-    if max_position_embeddings is not None:
-        overrides['max_position_embeddings'] = max_position_embeddings
-    net = load_pretrained(path, dtype=pt_dtype, device=device, **overrides).eval()
-    net.infer_chunk = INFER_CHUNK  # no autograd here: the row-chunked forward (model.py)
-    return net
+# this script's pieces (tests import them; the shared ones live in eval_common.py)
 
 
 def select_docs(doc_lens, min_len, num_docs, seed, draw='random'):
@@ -163,20 +55,6 @@ def select_docs(doc_lens, min_len, num_docs, seed, draw='random'):
     return [int(i) for i in ok]
 
 
-def length_warnings(lengths, max_position_embeddings):
-    return [f"warning: length {L} > max_position_embeddings {max_position_embeddings}: positions beyond "
-            f"what the model is configured for" for L in lengths if L > max_position_embeddings]
-
-
-def write_json_atomic(path, obj):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + '.tmp'
-    with writing(path, temps=[tmp]):  # a full disk or Ctrl-C: no temp file left, one line naming the path
-        with open(tmp, 'w') as f:
-            json.dump(obj, f, indent=1)
-        os.replace(tmp, path)  # never a half-written result
-
-
 def check_vocab(docs, vocab_size, what):
     """Token ids the model has no embedding for would be an IndexError deep inside the forward."""
     top = max((int(d.max()) for d in docs if len(d)), default=-1)
@@ -184,8 +62,8 @@ def check_vocab(docs, vocab_size, what):
         raise UserError(f"{what} has token id {top} >= the model's vocab_size {vocab_size}: tokenized for another model?")
 
 
-def format_table(results):
-    """Paper-style table: one row per result, window lengths as columns."""
+def ppl_table(results):
+    """Paper-style table of result dicts: one row per result (its label), window lengths as columns."""
     lengths = sorted({int(L) for r in results for L in r['ppl']})
     name_w = max([5] + [len(r['label']) for r in results])
     lines = [f"{'model':<{name_w}} " + ' '.join(f"{L:>9}" for L in lengths)]
@@ -196,56 +74,9 @@ def format_table(results):
     return '\n'.join(lines)
 
 
-def model_name(model_dir):
-    """A model's short name: its directory's, or for train.py's export `<run>/hf` (every export is named hf)
-    and checkpoint dirs such as `<run>/checkpoint-1000` the run's name first."""
-    parts = os.path.normpath(os.path.abspath(model_dir)).split(os.sep)
-    name = parts[-1]
-    if name == 'hf' or name.startswith(('checkpoint', 'ckpt')):
-        name = parts[-2] if name == 'hf' else f"{parts[-2]}-{name}"
-    return name
-
-
-def result_label(model_dir, rope_scaling):
-    label = model_name(model_dir)
-    if rope_scaling:
-        label += f" +{rope_config.rope_type(rope_scaling)}x{rope_scaling.get('factor', '')}"
-    return label
-
-
-def default_out(kind, model_dir, rope_scaling, protocol=None):
-    """out/<kind>-<model>[-<rope override>][-<protocol>].json: one name per model, scaling override and protocol."""
-    name = result_label(model_dir, rope_scaling).replace(' +', '-')
-    name = ''.join(c if c.isalnum() or c in '-_.' else '_' for c in name)
-    return os.path.join('out', f"{kind}-{name}{'-' + protocol if protocol else ''}.json")
-
-
-def check_out(path, overwrite):
-    """Refuse (before any work) to replace an existing result unless overwrite=True."""
-    if os.path.isdir(path):
-        raise UserError(f"out={path!r} is a directory: give a .json file path")
-    if os.path.exists(path) and not overwrite:
-        raise UserError(f"{path} exists: pass --overwrite=True to replace it, or --out=<another path>")
-    return path
-
-
-def check_plot(path):
-    """--plot (before the work): matplotlib is there and the path is a file path."""
-    if not path:
-        return
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        raise UserError(f"plot={path!r} needs matplotlib: pip install matplotlib") from None
-    if os.path.isdir(path):
-        raise UserError(f"plot={path!r} is a directory: give a .png file path")
-
-
 def plot_results(results, path):
     """ppl vs window length, log y, one line per result; written atomically."""
-    import matplotlib  # lazy: only --plot needs it
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
+    plt = pyplot(f"plot={path!r}")
     import matplotlib.ticker
     fig, ax = plt.subplots(figsize=(6, 4))
     for r in results:
@@ -265,11 +96,7 @@ def plot_results(results, path):
     ax.grid(True, which='both', alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    ext = os.path.splitext(path)[1].lstrip('.') or 'png'
-    tmp = path + '.tmp'
-    fig.savefig(tmp, format=ext, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def load_result(path):
@@ -423,12 +250,12 @@ def evaluate(net, docs, st, use_bos, bos_id):
     ppl, nll, counts, tps = {}, {}, {}, {}
     stride_ = st['stride'] or None
     for L in st['lengths']:
-        spans = [window_spans(len(d), L, stride_, st['mode'], use_bos, st['windows']) for d in docs]
+        spans = [window_spans(len(d), L, stride_, st['mode'], use_bos, st['windows']) for d in docs]  # once per L
         total, n, t0 = 0.0, 0, time.time()
         with tqdm(total=sum(map(len, spans)), desc=f"L={L}", leave=False) as bar:
-            for d in docs:
+            for d, sp in zip(docs, spans):
                 s, c = sliding_window_nll(net, d, L, stride_, st['mode'], use_bos, bos_id, device, bar,
-                                          windows=st['windows'])
+                                          windows=st['windows'], spans=sp)
                 total, n = total + s, n + c
         dt = time.time() - t0
         ppl[str(L)], nll[str(L)], counts[str(L)] = math.exp(total / n), total, n
@@ -441,33 +268,26 @@ def evaluate(net, docs, st, use_bos, bos_id):
 
 def main():
     if plot_inputs and not model:  # only overlay existing results
-        check_plot(plot)
-        results = [load_result(p) for p in plot_inputs]
-        print(format_table(results))
         if not plot:
             raise UserError("plot_inputs given without --plot=<png path>")
+        check_plot(plot)
+        results = [load_result(p) for p in plot_inputs]
+        print(ppl_table(results))
         plot_results(results, plot)
         print(f"wrote {plot}")
         return
-    if not model:
-        raise UserError("--model=<HF model dir> is required")
-    if not os.path.isfile(os.path.join(model, 'config.json')):  # before reading any data
-        raise UserError(f"model dir not found or has no config.json: {model}")
+    path = check_run('ppl', model, rope_scaling, out, overwrite, plot, protocol)  # before reading any data
     if bool(data_dir) == bool(input):
         raise UserError("give exactly one of --data_dir (a prepared split) or --input (raw text files)")
     given = {k: globals()[k] for k in SETTING_KEYS}
     st = resolve_protocol(protocol, given)
-    path = check_out(out or default_out('ppl', model, rope_scaling, protocol), overwrite)
-    check_plot(plot)
     docs, ids, data_info, bos_id = load_docs(st)
 
-    net = load_model(model, rope_scaling, max_position_embeddings, st['dtype'], device)
+    net = load_model(model, rope_scaling, max_position_embeddings, st['dtype'], device, st['lengths'])
     check_vocab(docs, net.args.vocab_size, f"data_dir='{data_dir}'" if data_dir else 'the tokenized input')
     use_bos = st['add_bos'] and bos_id is not None
     if st['add_bos'] and not use_bos:  # e.g. Qwen2: its tokenizer prepends nothing, so neither do we
         print("note: the tokenizer has no BOS token: windows start with document text (add_bos ignored)")
-    for w in length_warnings(st['lengths'], net.args.max_position_embeddings):
-        print(w)
     ppl, nll, counts, tps = evaluate(net, docs, st, use_bos, bos_id)
 
     result = {
@@ -482,7 +302,7 @@ def main():
         'doc_ids': ids, 'doc_lens': [int(len(d)) for d in docs],
     }
     write_json_atomic(path, result)
-    print(format_table([result]))
+    print(ppl_table([result]))
     print(format_settings(result))
     print(f"wrote {path}")
     if plot:
