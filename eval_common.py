@@ -1,7 +1,7 @@
 """
 What the eval scripts share: eval_ppl.py and eval_passkey.py (and bench.py, which times the same NLL path).
 
-- the sliding-window NLL (window_spans, score_windows, sliding_window_nll): eval_ppl.py's core, its window rules
+- the sliding-window NLL (window_spans, chunk_nll, sliding_window_nll): eval_ppl.py's core, its window rules
   described at the top of eval_ppl.py;
 - the opening of an eval run: check_run (the checks before any work: a model dir, a free result path, a plot
   that can be drawn) and load_model (the checkpoint in eval mode, the length warnings printed);
