@@ -31,7 +31,6 @@ Sections (`only`, comma-separated):
 Results: printed tables + one JSON (`out`, written atomically) + the Fig. 3 plot (`plot`, needs matplotlib).
 """
 import json
-import math
 import os
 import statistics
 import sys
