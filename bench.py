@@ -210,6 +210,8 @@ def human(nbytes):
 
 # ----------------------------------------------------------------------------- fig3: PoSE vs full-length cost
 def bench_fig3():
+    # 74 lines, kept whole: the paper's Fig. 3 (memory and time per step, PoSE vs full-length, over target
+    # lengths) is one measurement loop and its one table / plot, read together
     rng = np.random.default_rng(seed)
     lengths = [train_len * f for f in factors]
     model = build_model(max(lengths))
