@@ -113,3 +113,21 @@ def test_report_lines_by_hand(monkeypatch):
     claim = next(line for line in lines if 'Original ppl rises past L_c' in line)
     assert claim.split()[0] == '+?' and claim.endswith('unmeasured')  # seed 2 has no ppl at 512
     assert set(per_seed) == {1, 2}
+
+
+def test_claims_over_the_seeds_whose_original_retrieves(monkeypatch):
+    """Seed 1's Original retrieves at L_c, seed 2's does not: the claims are listed once over both seeds and once
+    over seed 1 alone; when every seed (or none) retrieves, there is no second list."""
+    monkeypatch.setattr(demo_report, 'train_len', 128)
+    monkeypatch.setattr(demo_report, 'target_len', 512)
+    pk = lambda a, b: {'passkey': {128: a, 512: b}}  # noqa: E731
+    runs = {1: {'original': pk(0.95, 0.0), 'pose': pk(1.0, 0.9)}, 2: {'original': pk(0.1, 0.0), 'pose': pk(0.2, 0.1)}}
+    lines, _ = demo_report.report_lines(runs, ['original', 'pose'])
+    head = 'Claims over the seeds whose Original retrieves at L_c (passkey >= 0.9): 1'
+    assert lines.count(head) == 1
+    pose = [line.split()[0] for line in lines if 'PoSE passkey >= 0.9 at every length' in line]
+    assert pose == ['+-', '+']  # both seeds; then seed 1 alone
+    after = lines[lines.index(head) + 1:]
+    assert not any('Original passkey >= 0.9 at L_c' in line for line in after)  # true by selection: not repeated
+    runs[2] = runs[1]
+    assert not any(line.startswith('Claims over') for line in demo_report.report_lines(runs, ['original', 'pose'])[0])
