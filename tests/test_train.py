@@ -355,8 +355,8 @@ def test_configs_set_only_train_keys_and_follow_the_paper(monkeypatch):
                 (1000, 2e-5, 10, 'linear'), name
             assert cfg['batch_size'] * cfg['gradient_accumulation_steps'] * 8 == 64, name
     demo = open('demo.sh').read()
-    assert 'train.py config/demo_pretrain.py' in demo and 'for m in pose randpos full; do' in demo and \
-        'train.py config/demo_$m.py' in demo
+    assert 'train.py config/demo_pretrain.py' in demo and 'train.py config/demo_$2.py' in demo  # extend seed method
+    assert all(f'echo "extend $seed {m}"' in demo for m in ('pose', 'randpos', 'full'))  # each method is a job
 
 
 def test_full_on_pose_documents_and_doc_cap(tmp_path, monkeypatch):
