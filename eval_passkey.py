@@ -34,6 +34,7 @@ after the prompt, none more than max_new_tokens. The tests check this against pl
 greedy decoding + the regex. `pred_ids` (the teacher-forced argmax on the key's tokens) is kept for
 partial credit.
 """
+import math
 import os
 import re
 import time
@@ -52,6 +53,65 @@ FILLER_WORDS = FILLER.split()  # the unit of filler: a word (~1.5 tokens), fine 
 KEY_LINE = "The pass key is {key}. Remember it. {key} is the pass key."
 QUESTION = "What is the pass key? The pass key is"
 ANSWER_RE = re.compile(r'\d+')  # the official script's answer: the first number in the generated text
+
+# -----------------------------------------------------------------------------
+# statistics: every accuracy gets its 95% Wilson interval; two methods run on the same trials (the same
+# keys, depths and lengths) are compared pairwise (demo reports import these)
+
+
+def wilson(k, n, z=1.96):
+    """95% Wilson score interval (lo, hi) of k successes in n trials; (0, 1) when n = 0."""
+    if n == 0:
+        return 0.0, 1.0
+    p = k / n
+    mid = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0.0, mid - half), min(1.0, mid + half)
+
+
+def mcnemar_exact(a, b):
+    """Two-sided exact McNemar p on paired verdicts a[i], b[i] (bools): a binomial test of the discordant
+    pairs, B(n01 + n10, 1/2). 1.0 when no pair is discordant."""
+    n01 = sum(1 for x, y in zip(a, b) if x and not y)
+    n10 = sum(1 for x, y in zip(a, b) if y and not x)
+    n, k = n01 + n10, min(n01, n10)
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
+
+
+def wilcoxon_signed_rank(x, y):
+    """Two-sided Wilcoxon signed-rank p on paired values x[i] - y[i], exact: zero differences dropped
+    (Wilcoxon's rule), tied |d| get mid-ranks, and the null distribution of the positive rank sum is
+    counted over all 2^n sign patterns of those ranks (a dynamic programme over doubled ranks).
+    Returns (p, n used)."""
+    d = [float(u) - float(v) for u, v in zip(x, y) if float(u) != float(v)]
+    n = len(d)
+    if n == 0:
+        return 1.0, 0
+    order = sorted(range(n), key=lambda i: abs(d[i]))
+    r2 = [0] * n  # doubled mid-ranks: integers even with ties
+    i = 0
+    while i < n:
+        j = i
+        while j + 1 < n and abs(d[order[j + 1]]) == abs(d[order[i]]):
+            j += 1
+        for t in range(i, j + 1):
+            r2[order[t]] = i + j + 2  # 2 * mean of ranks i+1 .. j+1
+        i = j + 1
+    t_obs = sum(r for r, v in zip(r2, d) if v > 0)
+    counts = {0: 1}  # doubled positive rank sum -> number of sign patterns
+    for r in r2:
+        nxt = dict(counts)
+        for s, c in counts.items():
+            nxt[s + r] = nxt.get(s + r, 0) + c
+        counts = nxt
+    total = 2 ** n
+    lo = sum(c for s, c in counts.items() if s <= t_obs) / total
+    hi = sum(c for s, c in counts.items() if s >= t_obs) / total
+    return min(1.0, 2 * min(lo, hi)), n
+
 
 # -----------------------------------------------------------------------------
 # this script's pieces (tests and demo_report.py import them; the shared ones live in eval_common.py)
@@ -134,31 +194,53 @@ def speculate(gen, guess, decode):
 
 
 @torch.inference_mode()
-def greedy_passkey(model, prompt, guess, key, decode, max_new_tokens=10, eos_id=None, device='cpu'):
+def extend_cache(model, cache, cached, ids, device='cpu'):
+    """Make `cache` hold `ids`: keep the longest prefix they share with `cached` (the ids it holds now) and
+    run only the rest. Trials at one length and depth share the filler before the key, so each trial
+    after the first pays for the tokens from its key on. Returns the ids the cache now holds."""
+    n = min(len(cached), len(ids))
+    diff = np.flatnonzero(np.asarray(cached[:n]) != np.asarray(ids[:n]))
+    c = int(diff[0]) if len(diff) else n  # tokens shared with what the cache holds
+    cache.truncate(c)
+    if c < len(ids):
+        model.forward_hidden(torch.tensor(ids[c:], dtype=torch.long, device=device)[None], cache=cache)
+    return list(ids)
+
+
+@torch.inference_mode()
+def greedy_passkey(model, prompt, guess, key, decode, max_new_tokens=10, eos_id=None, device='cpu',
+                   cache=None):
     """Greedy decoding after `prompt` (ids) judged like the official script (first number == key). The prompt
     runs once into a KV cache; each forward then runs the prompt's last token + the confirmed tokens + a guessed
     continuation (the key, then one more position that shows whether the number ends) and keeps the model's
     argmax up to the first miss, so one forward usually decides a trial and each one adds at least one
     generated token. Stops once the verdict is fixed, at EOS, or after max_new_tokens (what the official
-    script's generate(max_new_tokens=10) sees).
-    Returns (passed, generated ids, teacher-forced argmax at the guess's positions, forwards run)."""
+    script's generate(max_new_tokens=10) sees). `cache`: a KVCache already holding prompt[:-1]
+    (extend_cache); None = a new one. The first forward also gives the key's teacher-forced log-likelihood,
+    log p(guess | prompt) in nats: a graded score of every trial, passed or failed.
+    Returns (passed, generated ids, teacher-forced argmax at the guess's positions, key log-prob, forwards)."""
     P = len(prompt) - 1  # tokens kept in the cache: the prompt but its last, whose output is the first token
-    cache = KVCache(model.args.n_layers)
-    model.forward_hidden(torch.tensor(prompt[:P], dtype=torch.long, device=device)[None], cache=cache)
-    gen, tf_pred, n_fwd = [], None, 0
+    if cache is None:
+        cache = KVCache(model.args.n_layers)
+        extend_cache(model, cache, [], prompt[:P], device)
+    gen, tf_pred, key_lp, n_fwd = [], None, None, 0
     while True:
         spec = speculate(gen, guess, decode)
         ids = torch.tensor([prompt[P]] + gen + spec, dtype=torch.long, device=device)[None]
         h = model.forward_hidden(ids, cache=cache)[0, len(gen):]  # positions predicting gen's next tokens
         cache.truncate(P)  # the guess may be wrong: the next forward reruns everything after the prompt
-        pred = model.lm_head(h).float().argmax(-1).tolist()  # [len(spec) + 1]: no [T, vocab] logits
+        logits = model.lm_head(h).float()  # [len(spec) + 1, vocab]: no [T, vocab] logits
+        pred = logits.argmax(-1).tolist()
+        if n_fwd == 0:  # gen is empty, so spec is the whole guess and rows 0 .. len(guess)-1 predict it
+            lp = logits[:len(guess)].log_softmax(-1)
+            key_lp = float(lp.gather(1, torch.tensor(guess, device=lp.device)[:, None]).sum())
+            tf_pred = pred[:len(guess)]
         n_fwd += 1
-        tf_pred = pred[:len(guess)] if tf_pred is None else tf_pred
         for j, t in enumerate(pred):
             gen.append(t)
             state = answer_state(decode(gen), key, done=t == eos_id or len(gen) >= max_new_tokens)
             if state is not None:
-                return state, gen, tf_pred, n_fwd
+                return state, gen, tf_pred, key_lp, n_fwd
             if j == len(spec) or t != spec[j]:  # the guess is wrong from here: its later argmaxes mean nothing
                 break
 
@@ -266,6 +348,9 @@ def main():
         check_same_tokenizer(sha256_file(tok.path), f"tokenizer='{tokenizer}'", model, 'check_tokenizer')
     net = load_model(model, rope_scaling, max_position_embeddings, dtype, device, lengths)
 
+    # 'dynamic' RoPE rescales with the sequence length, so its cached keys depend on the forward that made them
+    reuse = (net.args.rope_scaling or {}).get('rope_type') != 'dynamic'
+    cache, cached = KVCache(net.args.n_layers), []  # the prompt prefix shared with the previous trial
     trials, hints, t0 = [], {}, time.time()
     for L, depth, key in tqdm(make_trials(lengths, num_trials, depths, seed), desc='passkey'):
         ids, p, n_filler, n_before = build_passkey_prompt(tok, L, key, depth, hints.get(L))
@@ -275,12 +360,14 @@ def main():
                             f"{net.args.vocab_size}: not the model's tokenizer?")
         prompt = tok.encode(make_passkey_prompt(n_filler, key, depth)[0], bos=True)  # what generation sees
         guess = ids[len(prompt):] if ids[:len(prompt)] == prompt else ids[p:]
-        ok, gen, tf_pred, n_fwd = greedy_passkey(net, prompt, guess, key, tok.decode, max_new_tokens,
-                                                 tok.eos_id, device)
+        if reuse:
+            cached = extend_cache(net, cache, cached, prompt[:-1], device)
+        ok, gen, tf_pred, key_lp, n_fwd = greedy_passkey(net, prompt, guess, key, tok.decode, max_new_tokens,
+                                                         tok.eos_id, device, cache if reuse else None)
         trials.append({'length': L, 'tokens': len(ids), 'depth_requested': depth,
                        'depth': n_before / n_filler if n_filler else 0.0, 'n_filler': n_filler, 'key': key,
                        'answer_ids': list(ids[p:]), 'pred_ids': tf_pred[:len(ids) - p], 'output_ids': gen,
-                       'output': tok.decode(gen), 'forwards': n_fwd, 'pass': ok})
+                       'output': tok.decode(gen), 'forwards': n_fwd, 'key_logprob': key_lp, 'pass': ok})
     dt = time.time() - t0
 
     rows = accuracy_table(trials, lengths, depths)
@@ -294,11 +381,18 @@ def main():
                      'max_new_tokens': max_new_tokens, 'scoring': 'official: greedy, int(first \\d+) == key',
                      'dtype': dtype, 'torch_dtype': str(next(net.parameters()).dtype), 'device': device},
         'accuracy': {str(L): rows['all'][L] for L in lengths},
+        'passed': {str(L): sum(t['pass'] for t in trials if t['length'] == L) for L in lengths},
+        'count': {str(L): sum(t['length'] == L for t in trials) for L in lengths},
+        'wilson95': {str(L): wilson(sum(t['pass'] for t in trials if t['length'] == L),
+                                    sum(t['length'] == L for t in trials)) for L in lengths},
         'accuracy_by_depth': {r: {str(L): a for L, a in accs.items()} for r, accs in rows.items() if r != 'all'},
         'seconds': dt, 'trials': trials,
     }
     write_json_atomic(path, result)
     print(accuracy_text(rows, lengths))
+    for L in lengths:
+        lo, hi = result['wilson95'][str(L)]
+        print(f"{L}: {result['passed'][str(L)]}/{result['count'][str(L)]} passed, 95% Wilson [{lo:.2f}, {hi:.2f}]")
     print('settings: ' + ', '.join(f"{k}={v}" for k, v in result['settings'].items()))
     print(f"wrote {path}")
     if plot:

@@ -2,7 +2,9 @@
 tiny random checkpoint (perplexity by a token-by-token brute force, greedy decoding step by step), the
 paper's prompt template written out by hand, and a real (sentencepiece) tokenizer trained here."""
 import io
+import itertools
 import json
+import math
 import os
 import re
 import shutil
@@ -20,6 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import eval_common  # noqa: E402
 import eval_passkey  # noqa: E402
+import model  # noqa: E402
 import eval_ppl  # noqa: E402
 from errors import UserError  # noqa: E402
 from hf_checkpoint import load_pretrained  # noqa: E402
@@ -408,7 +411,8 @@ def test_passkey_official_semantics(env, output, passes):
     for script in (tok.encode(output, bos=False), tok.encode(output, bos=False) + [tok.eos_id]):
         net, next_token = scripted_model(prompt, script, env['ours'].args.vocab_size, other)
         ref, ref_gen = official_verdict(next_token, prompt, key, tok)
-        ok, gen, _, n_fwd = eval_passkey.greedy_passkey(net, prompt, guess, key, tok.decode, eos_id=tok.eos_id)
+        ok, gen, _, _, n_fwd = eval_passkey.greedy_passkey(net, prompt, guess, key, tok.decode,
+                                                            eos_id=tok.eos_id)
         assert ok == ref == passes, (output, tok.decode(ref_gen))
         assert gen == ref_gen[:len(gen)]  # the same greedy tokens, stopped once the verdict is fixed
         assert n_fwd <= len(gen)
@@ -426,18 +430,87 @@ def test_passkey_equals_greedy_decoding(env):
         ids, p, _ = eval_passkey.encode_trial(tok, n, key, depth)
         prompt = ids[:p]
         ref_ok, ref_gen = official_verdict(next_token, prompt, key, tok)
-        ok, gen, tf_pred, _ = eval_passkey.greedy_passkey(ours, prompt, ids[p:], key, tok.decode, eos_id=tok.eos_id)
+        ok, gen, tf_pred, key_lp, _ = eval_passkey.greedy_passkey(ours, prompt, ids[p:], key, tok.decode,
+                                                                  eos_id=tok.eos_id)
         assert ok == ref_ok and gen == ref_gen[:len(gen)]
         assert tf_pred[0] == ref_gen[0]  # the teacher-forced first prediction is greedy's first token
+        # the key's log-likelihood: transformers' full forward over prompt + key, log-softmax summed
+        lp = hf(torch.tensor(ids)[None]).logits[0].detach().float().log_softmax(-1)
+        ref_lp = sum(float(lp[i - 1, ids[i]]) for i in range(p, len(ids)))
+        assert abs(key_lp - ref_lp) < 1e-3 * max(1.0, abs(ref_lp)), (key_lp, ref_lp)
         n_fail += not ok
         # the key = the first number greedy writes (when it writes one): a trial that must pass
         digits = [t for t in ref_gen if tok.decode([t]).strip().isdigit()]
         if digits:
             key2 = re.search(r'\d+', tok.decode(ref_gen)).group()
-            ok2, gen2, _, _ = eval_passkey.greedy_passkey(ours, prompt, ids[p:], key2, tok.decode, eos_id=tok.eos_id)
+            ok2, gen2, *_ = eval_passkey.greedy_passkey(ours, prompt, ids[p:], key2, tok.decode,
+                                                        eos_id=tok.eos_id)
             assert ok2 == official_verdict(next_token, prompt, key2, tok)[0] and gen2 == ref_gen[:len(gen2)]
             n_pass += ok2
     assert n_fail == 4 and n_pass >= 1, n_pass  # a random model does not know the key
+
+
+def test_passkey_prefix_reuse(env):
+    """Trials run over one cache that keeps the prefix shared with the previous trial (extend_cache) give
+    the verdicts, tokens and key log-likelihoods of trials that each start from an empty cache."""
+    tok, ours = env['tok'], env['ours']
+    cache, cached = model.KVCache(ours.args.n_layers), []
+    for key, depth, n in [('12345', 0.5, 8), ('80808', 0.5, 8), ('31415', 0.2, 8), ('31415', 0.2, 8)]:
+        ids, p, _ = eval_passkey.encode_trial(tok, n, key, depth)
+        prompt = ids[:p]
+        fresh = eval_passkey.greedy_passkey(ours, prompt, ids[p:], key, tok.decode, eos_id=tok.eos_id)
+        cached = eval_passkey.extend_cache(ours, cache, cached, prompt[:-1])
+        assert len(cache) == len(prompt) - 1
+        reused = eval_passkey.greedy_passkey(ours, prompt, ids[p:], key, tok.decode, eos_id=tok.eos_id,
+                                             cache=cache)
+        assert reused[:3] == fresh[:3] and abs(reused[3] - fresh[3]) < 1e-4
+
+
+def test_wilson_interval():
+    """The Wilson interval's ends are the p where the score test just rejects: |k/n - p| = z sqrt(p(1-p)/n),
+    found here by bisection on each side of k/n."""
+    z = 1.96
+    for k, n in [(0, 5), (4, 5), (5, 5), (31, 180), (116, 180), (1, 1)]:
+        def f(q):
+            return abs(k / n - q) - z * math.sqrt(q * (1 - q) / n)
+
+        def root(lo, hi):  # f changes sign once on [lo, hi]
+            s_lo = f(lo) > 0
+            for _ in range(100):
+                mid = (lo + hi) / 2
+                lo, hi = (mid, hi) if (f(mid) > 0) == s_lo else (lo, mid)
+            return (lo + hi) / 2
+        ends = (0.0 if k == 0 else root(0.0, k / n), 1.0 if k == n else root(k / n, 1.0))
+        got = eval_passkey.wilson(k, n)
+        assert abs(got[0] - ends[0]) < 1e-9 and abs(got[1] - ends[1]) < 1e-9, (k, n, got, ends)
+
+
+def test_paired_tests_brute_force():
+    """Exact McNemar and Wilcoxon signed-rank p-values against enumerating every sign pattern."""
+    rng = np.random.default_rng(0)
+    for _ in range(40):
+        n = int(rng.integers(1, 11))
+        a, b = rng.random(n) < 0.6, rng.random(n) < 0.4
+        disc = [(x, y) for x, y in zip(a, b) if x != y]
+        m = len(disc)
+        k = sum(1 for x, y in disc if x)
+        # two-sided: patterns whose count of "a wins" is at least as far from m/2 as the observed one
+        extreme = sum(1 for bits in itertools.product([0, 1], repeat=m)
+                      if abs(sum(bits) - m / 2) >= abs(k - m / 2))
+        assert abs(eval_passkey.mcnemar_exact(list(a), list(b)) - (extreme / 2 ** m if m else 1.0)) < 1e-12
+        x = np.round(rng.normal(size=n), 1)  # rounding makes ties and zeros
+        d = [v for v in x if v != 0]
+        absd = [abs(v) for v in d]
+        # mid-ranks by counting: 1 + #smaller + (#equal - 1) / 2
+        ranks = [1 + sum(u < v for u in absd) + (sum(u == v for u in absd) - 1) / 2 for v in absd]
+        t = sum(r for r, v in zip(ranks, d) if v > 0)
+        mean = sum(ranks) / 2
+        total = list(itertools.product([0, 1], repeat=len(d)))
+        extreme = sum(1 for bits in total
+                      if abs(sum(r for r, s in zip(ranks, bits) if s) - mean) >= abs(t - mean) - 1e-9)
+        p, used = eval_passkey.wilcoxon_signed_rank(x, np.zeros(n))
+        assert used == len(d)
+        assert abs(p - (extreme / len(total) if d else 1.0)) < 1e-12, (x, p)
 
 
 def test_accuracy_by_depth_bins():
@@ -553,7 +626,7 @@ def test_passkey_accuracy_by_depth_is_an_independent_count(env, monkeypatch, dep
         words_before = len(text.split('\n')[1].split())
         assert words_before == round(depth * n_filler)
         seen.append((length, depth, words_before / n_filler, int(key) % 3 != 0))
-        return int(key) % 3 != 0, [], [], 1
+        return int(key) % 3 != 0, [], [], -1.0, 1
     monkeypatch.setattr(eval_passkey, 'make_passkey_prompt', capture)
     monkeypatch.setattr(eval_passkey, 'greedy_passkey', verdict)
     out = str(env['tmp'] / f'pk-count-{depths is None}.json')

@@ -111,7 +111,7 @@ def test_passkey_passes_at_1k(smollm2, ours, hf_model):
     _, _, n_filler, _ = eval_passkey.build_passkey_prompt(tok, 1024, key, depth)
     prompt = tok.encode(eval_passkey.make_passkey_prompt(n_filler, key, depth)[0], bos=True)
     guess = tok.encode(eval_passkey.make_passkey_prompt(n_filler, key, depth)[0] + ' ' + key)[len(prompt):]
-    ok, gen, _, _ = eval_passkey.greedy_passkey(ours, prompt, guess, key, tok.decode, 10, tok.eos_id)
+    ok, gen, *_ = eval_passkey.greedy_passkey(ours, prompt, guess, key, tok.decode, 10, tok.eos_id)
     ref = hf_model.generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False)[0, len(prompt):].tolist()
     assert ok, f"predicted {tok.decode(gen)!r}"
     assert tok.decode(ref).strip().startswith(key) and ref[:len(gen)] == gen
