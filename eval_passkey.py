@@ -246,12 +246,14 @@ def greedy_passkey(model, prompt, guess, key, decode, max_new_tokens=10, eos_id=
 
 
 def make_trials(lengths, num_trials, depths, seed):
-    """[(length, depth, key)]: num_trials per length (x depth); random depth when depths is None (the paper)."""
+    """[(length, depth, key)]: num_trials per length (x depth); random depth when depths is None (the paper).
+    Trial i at a length (and grid depth j) draws from its own stream (seed, length, j, i): every method run
+    with the same seed gets the same trials (paired), and a run with more trials extends one with fewer."""
     trials = []
     for L in lengths:
-        rng = np.random.default_rng([seed, L])  # per length: adding a length leaves the others' trials alone
-        for d in (depths if depths is not None else [None]):
-            for _ in range(num_trials):
+        for j, d in enumerate(depths if depths is not None else [None]):
+            for i in range(num_trials):
+                rng = np.random.default_rng([seed, L, j, i])
                 key = str(int(rng.integers(10000, 100000)))  # 5 digits
                 trials.append((L, float(rng.random()) if d is None else float(d), key))
     return trials

@@ -466,6 +466,21 @@ def test_passkey_prefix_reuse(env):
         assert reused[:3] == fresh[:3] and abs(reused[3] - fresh[3]) < 1e-4
 
 
+def test_trials_paired_and_nested():
+    """The same seed gives every method the same trials; more trials extend fewer (per length and depth);
+    adding a length leaves the others' trials alone; keys are 5-digit numbers."""
+    few = eval_passkey.make_trials([100, 200], 2, [0.1, 0.9], seed=7)
+    many = eval_passkey.make_trials([300, 200], 5, [0.1, 0.9], seed=7)
+    for L in (200,):
+        for d in (0.1, 0.9):
+            a = [t for t in few if t[0] == L and t[1] == d]
+            b = [t for t in many if t[0] == L and t[1] == d]
+            assert len(a) == 2 and b[:2] == a
+    keys = [k for *_, k in many]
+    assert all(len(k) == 5 for k in keys) and len(set(keys)) > len(keys) // 2
+    assert eval_passkey.make_trials([100], 3, None, 7) == eval_passkey.make_trials([100], 3, None, 7)
+
+
 def test_wilson_interval():
     """The Wilson interval's ends are the p where the score test just rejects: |k/n - p| = z sqrt(p(1-p)/n),
     found here by bisection on each side of k/n."""
