@@ -57,13 +57,18 @@ exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator
 # -----------------------------------------------------------------------------
 # rows without training, then the trained kinds (row = <kind>-s<seed>)
 BASE_ROWS = {'original': 'Original', 'yarn4': 'YaRN-only x4', 'yarn2': 'YaRN-only x2',
-             'linear2': 'PI-only x2 (linear)'}
-TRAINED = {'pose32k': 'PoSE 8k->32k', 'contig32k': 'Contiguous 8k', 'pose16k': 'PoSE 2k->16k',
-           'contig16k': 'Contiguous 2k'}
-ORDER = ['original', 'pose32k', 'contig32k', 'yarn4', 'pose16k', 'contig16k', 'yarn2', 'linear2']
+             'yarn8': 'YaRN-only x8', 'linear4': 'PI-only x4 (linear)', 'linear2': 'PI-only x2 (linear)'}
+TRAINED = {'pose32k': 'PoSE 8k->32k', 'contig32k': 'Contiguous 8k', 'full32k': 'Full-length 32k',
+           'lpose32k': 'PoSE 8k->32k linear', 'lcontig32k': 'Contiguous 8k linear',
+           'pose64k': 'PoSE 8k->64k', 'contig64k': 'Contiguous 8k x8',
+           'pose16k': 'PoSE 2k->16k', 'contig16k': 'Contiguous 2k'}
+ORDER = ['original', 'pose32k', 'contig32k', 'full32k', 'yarn4', 'lpose32k', 'lcontig32k', 'linear4',
+         'pose64k', 'contig64k', 'yarn8', 'pose16k', 'contig16k', 'yarn2', 'linear2']
 # (PoSE, its control): the contiguous fine-tune isolates the skip-wise positions, the no-training row
-# with the same scaling isolates fine-tuning at all
-PAIRS = [('pose32k', 'contig32k'), ('pose32k', 'yarn4'), ('pose16k', 'contig16k'), ('pose16k', 'yarn2')]
+# with the same scaling isolates fine-tuning at all, full-length is the paper's upper bound
+PAIRS = [('pose32k', 'contig32k'), ('pose32k', 'yarn4'), ('pose32k', 'full32k'),
+         ('lpose32k', 'lcontig32k'), ('pose64k', 'contig64k'), ('pose64k', 'yarn8'),
+         ('pose16k', 'contig16k'), ('pose16k', 'yarn2')]
 
 
 def package_documents(root, skip, doc_bytes):

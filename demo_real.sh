@@ -20,11 +20,14 @@
 #   half of it at 32k and for the other rows' 12k / 16k; 1 per depth at 4k / 8k)
 #   QUICK=1: 2 training steps of 512 tokens per run, 1 trial at 2k, perplexity at 1k / 2k on one document,
 #   into out-real-quick/ -- a smoke test of every stage, not results
+#   GPU=1: what a CPU cannot, on one CUDA GPU (JOBS=1, bf16), into out-real-gpu/: the paper regime with 40
+#   steps x 8 inputs, beside it the full-length 32k baseline (same documents), linear-scaled PoSE /
+#   Contiguous and the 8k -> 64k pair (YaRN x8); 50 passkey trials per length past the window
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PY:-.venv/bin/python}
 M=${MODEL:-$HOME/.cache/nanopose/smollm2-135m-instruct}
-D=data-real
+D=${DATA:-data-real}
 O=${OUT:-out-real}
 SEEDS=${SEEDS:-1337}
 TRIALS=${TRIALS:-4}
@@ -41,15 +44,26 @@ PK_SHORT="16384:$HALF 12288:$HALF 8192:1 4096:1"
 # perplexity (eval_ppl's default protocol): each document's first max(lengths) tokens, disjoint windows
 PPL_STD="[2048,8192,16384]"; STD_DOCS=2  # held-out stdlib packages (~50k tokens each)
 PPL_PROSE="[2048,16384]"; PROSE_DOCS=0  # the novels, all of them: 2k = short context kept, 16k = past the window
-TRAIN_ARGS=()
+TRAIN_ARGS=(); DEVICE=(--device=cpu --dtype=bfloat16)
 if [ "${QUICK:-0}" = 1 ]; then
-  O=out-real-quick; DEPTHS="[0.5]"; PK_PAPER="2048:1"; PK_SHORT="2048:1"; PPL_STD="[1024,2048]"
+  O=${OUT:-out-real-quick}; DEPTHS="[0.5]"; PK_PAPER="2048:1"; PK_SHORT="2048:1"; PPL_STD="[1024,2048]"
   PPL_PROSE="[1024,2048]"; STD_DOCS=1; PROSE_DOCS=1
   TRAIN_ARGS=(--max_iters=2 --warmup_iters=1 --gradient_accumulation_steps=1 --train_len=512 --save_interval=1)
 fi
+if [ "${GPU:-0}" = 1 ]; then
+  O=${OUT:-out-real-gpu}; JOBS=1; DEVICE=(--device=cuda --dtype=bfloat16); PPL_PROSE="[2048,16384,32768]"
+  TRAIN_ARGS=(--device=cuda --max_iters=40 --gradient_accumulation_steps=8 --warmup_iters=4 --save_interval=0)
+  if [ "${QUICK:-0}" = 1 ]; then  # the GPU profile's jobs at QUICK's size (GPU_DEVICE=cpu: a test on a CPU)
+    DEVICE=(--device=${GPU_DEVICE:-cuda} --dtype=bfloat16); PPL_PROSE="[1024,2048]"
+    TRAIN_ARGS=(--device=${GPU_DEVICE:-cuda} --max_iters=2 --warmup_iters=1 --gradient_accumulation_steps=1
+                --train_len=512 --save_interval=0)
+  fi
+fi
 YARN4="{'rope_type':'yarn','factor':4.0,'original_max_position_embeddings':8192}"
 YARN2="{'rope_type':'yarn','factor':2.0,'original_max_position_embeddings':8192}"
+YARN8="{'rope_type':'yarn','factor':8.0,'original_max_position_embeddings':8192}"
 LINEAR2="{'rope_type':'linear','factor':2.0}"
+LINEAR4="{'rope_type':'linear','factor':4.0}"
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1  # one thread per job: the numbers do not depend on the core count
 T0=$(date +%s)
 step() { echo "=== [demo-real +$(( $(date +%s) - T0 ))s] $*"; }
@@ -76,7 +90,9 @@ model_args() {
     original) echo "--model=$M" ;;
     yarn4)    echo "--model=$M --rope_scaling=$YARN4 --max_position_embeddings=32768" ;;
     yarn2)    echo "--model=$M --rope_scaling=$YARN2 --max_position_embeddings=16384" ;;
+    yarn8)    echo "--model=$M --rope_scaling=$YARN8 --max_position_embeddings=65536" ;;
     linear2)  echo "--model=$M --rope_scaling=$LINEAR2 --max_position_embeddings=16384" ;;
+    linear4)  echo "--model=$M --rope_scaling=$LINEAR4 --max_position_embeddings=32768" ;;
     *)        echo "--model=$O/$1/hf" ;;
   esac
 }
@@ -85,22 +101,35 @@ wait_model() {  # a trained row's eval waits for its training job (queued before
   until [ -f $O/$1/hf/config.json ]; do [ -f $O/$1.failed ] && return 1; sleep 5; done
 }
 
+run_of() {  # a trained kind -> its config and the overrides that make it
+  case $1 in  # contig*: the contiguous control, one chunk = positions 0 .. L_c-1
+    pose32k)    echo "config/real_pose_32k.py" ;;
+    contig32k)  echo "config/real_pose_32k.py --num_chunks=1" ;;
+    pose16k)    echo "config/real_pose_16k.py" ;;
+    contig16k)  echo "config/real_pose_16k.py --num_chunks=1" ;;
+    full32k)    echo "config/real_pose_32k.py --method=full --train_len=32768 --full_min_doc=8192" ;;
+    lpose32k)   echo "config/real_pose_32k.py --rope_scaling={'rope_type':'linear'}" ;;
+    lcontig32k) echo "config/real_pose_32k.py --rope_scaling={'rope_type':'linear'} --num_chunks=1" ;;
+    pose64k)    echo "config/real_pose_32k.py --target_len=65536" ;;
+    contig64k)  echo "config/real_pose_32k.py --target_len=65536 --num_chunks=1" ;;
+  esac
+}
 train() {  # row: pose32k-s1337 | contig16k-s1 | ...
   [ -f $O/$1/hf/config.json ] && return 0
-  local kind=${1%-s*} seed=${1##*-s} chunks=2 init=$M
-  [[ $kind == contig* ]] && chunks=1  # the contiguous control: one chunk, positions 0 .. L_c-1
+  local init=$M
   [ -f $O/$1/latest ] && init=resume
   rm -f $O/$1.failed
-  $PY train.py config/real_pose_${kind//[a-z]/}k.py --init_from="$init" --out_dir=$O/$1 --seed=$seed \
-      --num_chunks=$chunks "${TRAIN_ARGS[@]}" || { touch $O/$1.failed; return 1; }
+  # shellcheck disable=SC2046  # run_of's words have no spaces
+  $PY train.py $(run_of ${1%-s*}) --init_from="$init" --out_dir=$O/$1 --seed=${1##*-s} "${TRAIN_ARGS[@]}" \
+      || { touch $O/$1.failed; return 1; }
 }
-passkey() {  # row length trials-per-depth
+passkey() {  # row length[,length...] trials-per-depth
   local f=$O/passkey-$1-$2.json
   [ -f $f ] && return 0
   wait_model $1
   # shellcheck disable=SC2046  # model_args' words are --key=value pairs without spaces
   $PY eval_passkey.py $(model_args $1) --lengths="[$2]" --depths="$DEPTHS" --num_trials=$3 --seed=7 \
-      --device=cpu --dtype=bfloat16 --out=$f
+      "${DEVICE[@]}" --out=$f
 }
 ppl() {  # row corpus (stdlib | prose)
   local f=$O/ppl-$2-$1.json
@@ -109,7 +138,7 @@ ppl() {  # row corpus (stdlib | prose)
   local data=(--data_dir=$D --split=val --lengths="$PPL_STD" --num_docs=$STD_DOCS)
   [ $2 = prose ] && data=(--data_dir=$D/prose --split=train --lengths="$PPL_PROSE" --num_docs=$PROSE_DOCS)
   # shellcheck disable=SC2046
-  $PY eval_ppl.py $(model_args $1) "${data[@]}" --device=cpu --dtype=bfloat16 --out=$f
+  $PY eval_ppl.py $(model_args $1) "${data[@]}" "${DEVICE[@]}" --out=$f
 }
 job() {  # one job line, its output in $O/log-<job>.txt; a failure is reported, the other jobs go on
   local log=$O/log-${*// /-}.txt t0
@@ -117,11 +146,21 @@ job() {  # one job line, its output in $O/log-<job>.txt; a failure is reported, 
   if "$@" > "$log" 2>&1; then step "done $* ($(( $(date +%s) - t0 ))s)"
   else step "FAILED $* (see $log)"; tail -n 3 "$log"; return 1; fi
 }
-export -f model_args wait_model train passkey ppl job step
-export PY M D O DEPTHS PPL_STD PPL_PROSE STD_DOCS PROSE_DOCS YARN4 YARN2 LINEAR2 T0
-export TRAIN_ARGS_STR="${TRAIN_ARGS[*]}"  # (an array does not pass to the jobs' shells)
+export -f model_args run_of wait_model train passkey ppl job step
+export PY M D O DEPTHS PPL_STD PPL_PROSE STD_DOCS PROSE_DOCS YARN4 YARN2 YARN8 LINEAR2 LINEAR4 T0
+export TRAIN_ARGS_STR="${TRAIN_ARGS[*]}" DEVICE_STR="${DEVICE[*]}"  # (arrays do not pass to the jobs' shells)
 
+gpu_jobs() {  # GPU=1: one job per row and length list (a process start costs more than a trial there)
+  local s=${SEEDS%% *} r L32="16384,24576,32768" L64="16384,32768,49152,65536"
+  [ "${QUICK:-0}" = 1 ] && L32=2048 && L64=2048
+  for r in pose32k contig32k full32k lpose32k lcontig32k pose64k contig64k; do echo "train $r-s$s"; done
+  for r in pose32k-s$s contig32k-s$s full32k-s$s yarn4 lpose32k-s$s lcontig32k-s$s linear4 original; do
+    echo "passkey $r $L32 10"; echo "ppl $r prose"
+  done
+  for r in pose64k-s$s contig64k-s$s yarn8; do echo "passkey $r $L64 10"; echo "ppl $r prose"; done
+}
 jobs_in_order() {  # the paper regime first; within it the lengths past the window first
+  [ "${GPU:-0}" = 1 ] && { gpu_jobs; return; }
   local s first=${SEEDS%% *}
   for s in $SEEDS; do echo "train pose32k-s$s"; echo "train contig32k-s$s"; done
   for L in $PK_PAPER; do
@@ -140,7 +179,8 @@ jobs_in_order() {  # the paper regime first; within it the lengths past the wind
 }
 step "3-4/5 train and evaluate: seeds $SEEDS, $JOBS jobs at a time, one thread each"
 rc=0
-jobs_in_order | xargs -P "$JOBS" -I{} bash -c 'TRAIN_ARGS=($TRAIN_ARGS_STR); job {}' || rc=1
+jobs_in_order | xargs -P "$JOBS" -I{} bash -c 'TRAIN_ARGS=($TRAIN_ARGS_STR); DEVICE=($DEVICE_STR); job {}' \
+  || rc=1
 
 step "5/5 report"
 $PY demo_real.py --stage=report --out_dir=$O --seeds="$SEEDS" --plot=$O/demo-real.png
