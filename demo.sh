@@ -62,7 +62,11 @@ mkdir -p "$O"
 if [ ! -f $D/short/meta.json ]; then
   step "1/5 data: stdlib split + tokenizer sample"
   $PY demo_report.py --stage=sources --src_dir=$D/src
-  $PY prepare_data.py --input=$D/src/tok.jsonl --train_tokenizer=1024 --out_dir=$D/tok
+  if [ -n "$BASE" ]; then  # a given base brings its tokenizer: the data must be tokenized with it
+    mkdir -p $D/tok && cp "${BASE%% *}/tokenizer.model" $D/tok/tokenizer.model
+  else
+    $PY prepare_data.py --input=$D/src/tok.jsonl --train_tokenizer=1024 --out_dir=$D/tok
+  fi
   step "1/5 data: passkey documents of exactly L_c+1 tokens"
   $PY demo_report.py --stage=passkey --src_dir=$D/src --tokenizer=$D/tok/tokenizer.model
   rm -rf $D/short  # pretraining: stdlib in 512-token pieces + passkey prompts + copy drills
@@ -104,7 +108,7 @@ probe() {  # base-dir model: the base's passkey at L_c on the probe keys
   fi
 }
 # (the pool runs these under `||`, where set -e does not act: each failure is returned by hand)
-evaluate() {  # dir name model-args...: a model's perplexity and passkey: dir/{ppl,passkey}-NAME.json
+evaluate() {  # dir name model-args: a model's perplexity and passkey into dir/{ppl,passkey}-NAME.json
   local S=$1 n=$2; shift 2
   [ -f $S/ppl-$n.json ] || $PY eval_ppl.py "$@" --data_dir=$D/ext --split=val --lengths="[$PK]" \
       --num_docs=20 --device=cpu --out=$S/ppl-$n.json || return 1
@@ -137,7 +141,7 @@ pool() {
     log=$1/log-${job// /-}.txt
     step "start $job (log: $log)"
     ( t0=$(date +%s)
-      if ! $job > "$log" 2>&1; then
+      if ! $job >> "$log" 2>&1; then  # appended: a resumed demo keeps the earlier output
         echo "error: $job failed, see $log:" >&2; tail -n 5 "$log" >&2; touch "$FAILED"; exit 1
       fi
       step "done $job ($(( $(date +%s) - t0 ))s)" ) &

@@ -533,8 +533,9 @@ def header_lines(runs, meta):
         how = f"the first with a probe >= {sel['min_probe']}" if sel['retrieves'] else \
             f"none reached {sel['min_probe']}: the most accurate"
         lines.append(f"  chosen of {len(sel['candidates'])} candidates, {how}:")
-        lines += [f"    {c['dir']} (pretraining seed {c['pretrain_seed']}): "
-                  + probe_text(c['probe']) for c in sel['candidates']]
+        seed_of = lambda c: '?' if c['pretrain_seed'] is None else c['pretrain_seed']  # noqa: E731
+        lines += [f"    {c['dir']} (pretraining seed {seed_of(c)}): " + probe_text(c['probe'])
+                  for c in sel['candidates']]
     eseeds = sorted({r[m]['eval_seed'] for r in runs.values() for m in r
                      if r[m].get('eval_seed') is not None})
     if eseeds:

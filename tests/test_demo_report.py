@@ -74,6 +74,11 @@ def make_fixture(root, seed2=True):
           {'model': '/x/original/hf', 'sha256': 'ab' * 32, 'pretrain_seed': 3})
     write(os.path.join(root, 'probe-passkey.json'),
           {'passed': {'128': 9}, 'count': {'128': 10}, 'settings': {'seed': 1007}})
+    probe = {'passed': 5, 'count': 10, 'accuracy': 0.5, 'wilson95': list(wilson_roots(5, 10))}
+    write(os.path.join(root, 'selection.json'),
+          {'min_probe': 0.9, 'retrieves': True, 'chosen': root,
+           'candidates': [{'dir': '/other', 'pretrain_seed': None, 'probe': probe},
+                          {'dir': root, 'pretrain_seed': 3, 'probe': {**probe, 'passed': 9}}]})
     seeds = {1: (POSE1, CONTIG1, {'128': 10.5, '512': 10.4}, {'128': 10.0, '512': 30.0}, NONE),
              2: (POSE2, CONTIG2, {'128': 14.4, '512': 10.4}, {'128': 10.0, '512': 9.0},
                  [1] + [0] * 9)}
@@ -121,6 +126,8 @@ def test_report_counts_intervals_paired_tests_and_claims(tmp_path, monkeypatch, 
     lo, hi = wilson_roots(9, 10)
     assert f'eval_passkey seed 1007): 9/10 = 0.90 [95% Wilson {lo:.2f}-{hi:.2f}]' in out
     assert 'eval_passkey seed 7 for every method' in out
+    assert 'chosen of 2 candidates, the first with a probe >= 0.9:' in out
+    assert '/other (pretraining seed ?): 5/10 = 0.50 [95% Wilson' in out
     # the pooled passkey table: the base's trials once (10), an extension method's over 2 seeds (20)
     table = lines[next(i for i, line in enumerate(lines) if line.startswith('Passkey retrieval')):]
     orig = next(line for line in table if line.startswith('Original'))
