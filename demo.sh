@@ -39,7 +39,7 @@ cd "$(dirname "$0")"
 PY=${PY:-.venv/bin/python}
 SEEDS=${SEEDS:-1}
 BASE=${BASE:-}
-BASE_SEED=${BASE_SEED:-3}  # the README table's pretraining seed whose Original retrieved at L_c
+BASE_SEED=${BASE_SEED:-3}  # the pretraining seed: 3 gave the README table a base that retrieves at L_c
 TRIALS=${TRIALS:-30}
 EVAL_SEED=7  # eval_passkey's keys and depths for every model and seed: fixed, so trials are paired
 PROBE_SEED=1007  # the base probe's keys and depths: not the evaluation's
@@ -108,7 +108,7 @@ probe() {  # base-dir model: the base's passkey at L_c on the probe keys
   fi
 }
 # (the pool runs these under `||`, where set -e does not act: each failure is returned by hand)
-evaluate() {  # dir name model-args: a model's perplexity and passkey into dir/{ppl,passkey}-NAME.json
+evaluate() {  # dir name model-args: a model's perplexity and passkey, dir/{ppl,passkey}-NAME.json
   local S=$1 n=$2; shift 2
   [ -f $S/ppl-$n.json ] || $PY eval_ppl.py "$@" --data_dir=$D/ext --split=val --lengths="[$PK]" \
       --num_docs=20 --device=cpu --out=$S/ppl-$n.json || return 1
