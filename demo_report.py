@@ -279,9 +279,9 @@ def stage_select():
 
 
 def read_evals(run_dir, ms, logs):
-    """{method: {'ppl': {L: ppl}, 'passkey': {L: acc}, 'trials': {L: [trial]}, 'logp': {L: mean key
-    log-likelihood}, 'eval_seed': seed, 'step_ms': {0: ms}} from one dir's eval JSONs and the train
-    logs `logs` ({method: log.jsonl}); a missing file leaves its entries out."""
+    """{method: {'ppl': {L: ppl}, 'passkey': {L: acc}, 'trials': {L: [trial]}, 'nll': {L: the key's
+    mean negative log-likelihood}, 'eval_seed': seed, 'step_ms': {0: ms}} from one dir's eval JSONs
+    and the train logs `logs` ({method: log.jsonl}); a missing file leaves its entries out."""
     out = {}
     for m in ms:
         row = out[m] = {}
@@ -294,7 +294,7 @@ def read_evals(run_dir, ms, logs):
             row['passkey'] = {int(L): v for L, v in r['accuracy'].items()}
             row['trials'] = {L: [t for t in r['trials'] if int(t['length']) == L]
                              for L in row['passkey']}
-            row['logp'] = {L: float(np.mean([t['key_logprob'] for t in ts]))
+            row['nll'] = {L: -float(np.mean([t['key_logprob'] for t in ts]))
                            for L, ts in row['trials'].items()
                            if ts and all(t.get('key_logprob') is not None for t in ts)}
             row['eval_seed'] = r.get('settings', {}).get('seed')
@@ -458,14 +458,17 @@ def mean_section(runs, labels, title, kind, fmt):
     Ls = lengths_of(runs, labels, kind)
     if not Ls:
         return []
-    w, cw = max(len(LABELS.get(m, m)) for m in labels) + 2, 20 if len(runs) > 1 else 9
-    head = ''.join(f'{L:>{cw}}' for L in Ls) if kind != 'step_ms' else f"{'ms':>{cw}}"
-    lines = [title, f"{'method':<{w}}" + head]
+    rows = {}
     for m in labels:
         rs = seed_rows(runs, m)
-        cells = [cell([r[m][kind][L] for r in rs if L in r.get(m, {}).get(kind, {})], fmt,
-                      len(rs) > 1) for L in Ls]
-        lines.append(f'{LABELS.get(m, m):<{w}}' + ''.join(f'{c:>{cw}}' for c in cells))
+        rows[m] = [cell([r[m][kind][L] for r in rs if L in r.get(m, {}).get(kind, {})], fmt,
+                        len(rs) > 1) for L in Ls]
+    w = max(len(LABELS.get(m, m)) for m in labels) + 2
+    cw = max(9, max(len(c) for cells in rows.values() for c in cells) + 2)
+    head = ''.join(f'{L:>{cw}}' for L in Ls) if kind != 'step_ms' else f"{'ms':>{cw}}"
+    lines = [title, f"{'method':<{w}}" + head]
+    lines += [f'{LABELS.get(m, m):<{w}}' + ''.join(f'{c:>{cw}}' for c in cells)
+              for m, cells in rows.items()]
     return lines + ['']
 
 
@@ -554,8 +557,9 @@ def report_lines(runs, labels, meta=None):
     title = f'Perplexity on held-out stdlib files (eval_ppl.py), window length L{over}:'
     lines += mean_section(runs, labels, title, 'ppl', '.2f')
     lines += passkey_section(runs, labels)
-    title = f"Passkey: the key's teacher-forced log-likelihood (nats, mean over the trials){over}:"
-    lines += mean_section(runs, labels, title, 'logp', '.2f')
+    title = (f"Passkey: the key's teacher-forced negative log-likelihood (nats, mean over the "
+             f"trials; lower is better){over}:")
+    lines += mean_section(runs, labels, title, 'nll', '.2f')
     lines += paired_lines(tests, seed_list)
     title = 'Training step time (train.py log, mean over the steps after the first):'
     lines += mean_section(runs, labels, title, 'step_ms', '.0f')
@@ -584,7 +588,7 @@ def results_json(runs, labels, meta, per_seed, tests):
     intervals), the pooled counts, the paired tests and the claims."""
     def row(r):
         out = {k: {str(L): v for L, v in r[k].items()}
-               for k in ('ppl', 'passkey', 'logp', 'step_ms') if k in r}
+               for k in ('ppl', 'passkey', 'nll', 'step_ms') if k in r}
         for L, ts in r.get('trials', {}).items():
             k, n = sum(bool(t['pass']) for t in ts), len(ts)
             out.setdefault('passed', {})[str(L)], out.setdefault('count', {})[str(L)] = k, n
