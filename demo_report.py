@@ -218,7 +218,8 @@ def stage_base():
         with open(weights + '.sha256') as f:
             expected, where = (f.read().split() or [''])[0], weights + '.sha256'
     if expected and expected.lower() != sha:
-        raise UserError(f"base='{base}': model.safetensors has sha256 {sha}, {where}: {expected}")
+        raise UserError(f"base='{base}': model.safetensors has sha256 {sha}, but {where} "
+                        f"expects {expected}")
     d = os.path.join(out_dir, f'base-{sha[:12]}')
     path = os.path.join(d, 'base.json')
     old = read_json(path) if os.path.isfile(path) else {}  # the same weights: keep a known seed
