@@ -1,11 +1,12 @@
-# make demo, step 2: extend the Original 4x, L_c = 128 -> L_t = 512, with PoSE: 128-token inputs in 2 chunks
-# whose position ids get random skip offsets up to L_t, YaRN scaling (factor 512 / 128 = 4).
-# Same data mix as pretraining (data-demo/short). The baselines (demo_randpos.py, demo_full.py) exec this file:
-# every setting below except method / train_len / data: same steps, batch and learning rate.
-# Why YaRN and not linear here, why 4x and not 8x: measured, see the README's demo section.
+# make demo, step 3: extend the Original 4x, L_c = 128 -> L_t = 512, with PoSE: 128-token inputs
+# in 2 chunks whose position ids get random skip offsets up to L_t, YaRN scaling (factor 512 / 128
+# = 4). The baselines (demo_contig.py, demo_randpos.py, demo_full.py) exec this file: every
+# setting below but method / train_len / num_chunks: the same data, steps, batch and learning
+# rate. Why YaRN and not linear here, why 4x and not 8x: measured, see the README's demo section.
+# demo.sh sets init_from (the base model), out_dir and seed per run.
 #   python train.py config/demo_pose.py
 init_from = 'out-demo/seed-1/original/hf'
-data_dir = 'data-demo/short'
+data_dir = 'data-demo/ext'  # the stdlib pieces alone: no passkey prompt (pretraining has them)
 out_dir = 'out-demo/seed-1/pose'
 method = 'pose'
 train_len = 128  # L_c

@@ -1,6 +1,8 @@
-# make demo, step 1: the "Original" model -- a tiny LLaMA pretrained from scratch at a short window
-# L_c = 128 on Python stdlib source (512-token pieces) + 40% synthetic passkey prompts of exactly L_c + 1 tokens
-# + 20% random-word copy drills, all documents fresh (demo_report.py says why that matters).
+# make demo, step 2: the "Original" model -- a tiny LLaMA pretrained from scratch at a short
+# window L_c = 128 on Python stdlib source (512-token pieces) + 40% synthetic passkey prompts of
+# exactly L_c + 1 tokens + 20% random-word copy drills, all documents fresh (demo_report.py says
+# why that matters). Only pretraining sees the passkey prompts; demo.sh sets out_dir and seed per
+# run.
 #   python train.py config/demo_pretrain.py
 init_from = 'scratch'
 model_args = dict(dim=128, n_layers=4, n_heads=4, n_kv_heads=4, hidden_dim=384)  # vocab_size from the data
