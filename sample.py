@@ -13,7 +13,7 @@ first when the tokenizer uses one. Generation stops at EOS (the tokenizer's, con
 generation_config.json's) or after max_new_tokens. temperature=0 is greedy decoding (transformers'
 generate(do_sample=False), token for token); else each token is drawn from
 softmax(logits / temperature) over the top_k most likely tokens. Prompt + max_new_tokens must fit in
-the model's max_position_embeddings (after PoSE: its target length L_t), unless allow_beyond_max=True.
+the model's max_position_embeddings (after PoSE: its target length L_t) unless allow_beyond_max.
 """
 import os
 import sys
@@ -85,8 +85,9 @@ def generate(net, cache, logits, max_new_tokens, temperature=0.0, top_k=None, eo
 
 def detokenize(decode, ids, context=()):
     """Yields the text of the token stream `ids` piece by piece, each as soon as it is final:
-    decoded with the tokens before it (`context`: the prompt's last ones), since a tokenizer may drop
-    a first token's leading space, and held back while it ends in U+FFFD (a character's first bytes)."""
+    decoded after the tokens before it (`context`: the prompt's last ones), since a tokenizer may
+    drop a first token's leading space, and held back while it ends in U+FFFD (a character's first
+    bytes)."""
     toks = list(context)
     start, done = 0, len(toks)  # decode(toks[start:done]) has been written (or is context)
     text = shown = ''
