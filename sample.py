@@ -154,16 +154,21 @@ def check_config():
     return text + ('\n' + question if question else '')
 
 
-def check_length(n_prompt, args):
-    """prompt + max_new_tokens within the positions the model is configured for (and Mistral's
-    sliding window)."""
-    total = n_prompt + max_new_tokens
-    sw = args.sliding_window
+def check_prompt(ids, args):
+    """The prompt's ids against the model's config.json (ModelArgs, before the weights are read): in
+    its vocab, and prompt + max_new_tokens within the positions the model is configured for (the
+    max_position_embeddings override, else its own) and Mistral's sliding window."""
+    if not ids:
+        raise UserError("the prompt encodes to no tokens")
+    if max(ids) >= args.vocab_size:
+        raise UserError(f"the tokenizer of {model} gives token id {max(ids)} >= the model's "
+                        f"vocab_size {args.vocab_size}")
+    n_prompt, total, sw = len(ids), len(ids) + max_new_tokens, args.sliding_window
     what = f"prompt ({n_prompt} tokens) + max_new_tokens ({max_new_tokens}) = {total}"
     if sw is not None and total > sw:  # past the window HF Mistral masks what model.py attends to
         raise UserError(f"{what} > sliding_window={sw} of {model}: not supported "
                         "(model.py has no sliding-window mask)")
-    mpe = args.max_position_embeddings
+    mpe = max_position_embeddings or args.max_position_embeddings
     if total > mpe and not allow_beyond_max:
         raise UserError(f"{what} > max_position_embeddings={mpe} of {model}: shorten the prompt or "
                         "max_new_tokens, or set --max_position_embeddings (with --rope_scaling) or "
@@ -174,22 +179,20 @@ def check_length(n_prompt, args):
 
 
 def main():
-    from hf_checkpoint import load_pretrained
+    from hf_checkpoint import args_from_hf_config, load_pretrained
     from tokenizer import load_tokenizer
 
     text = check_config()
     tok = load_tokenizer(model)
     ids = tok.encode(text, bos=True)
+    cfg_path = os.path.join(model, 'config.json')
+    check_prompt(ids, args_from_hf_config(read_json(cfg_path), cfg_path))
     overrides = {k: v for k, v in (('rope_scaling', rope_scaling),
                                    ('max_position_embeddings', max_position_embeddings))
                  if v is not None}
     dt = DTYPES.get(dtype) or (torch.bfloat16 if 'cuda' in str(device) else torch.float32)
     net = load_pretrained(model, dtype=dt, device=device, **overrides)
     net.infer_chunk = INFER_CHUNK  # the prompt's forward in row chunks (model.py): long ones fit
-    check_length(len(ids), net.args)
-    if max(ids) >= net.args.vocab_size:
-        raise UserError(f"the tokenizer of {model} gives token id {max(ids)} >= the model's "
-                        f"vocab_size {net.args.vocab_size}")
     eos = eos_token_ids(model, tok, net.args)
     generator = torch.Generator(device=device).manual_seed(seed)
 
@@ -212,4 +215,4 @@ def main():
 
 if __name__ == '__main__':
     exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
-    run(main)
+    run(main, interrupted='interrupted (Ctrl-C)')
