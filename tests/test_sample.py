@@ -1,7 +1,7 @@
-"""sample.py against independent references: transformers' generate(do_sample=False) on the same tiny random
-checkpoints (greedy, token for token, and the streamed text as the tokenizer decodes the whole output), and
-the model's own next-token probabilities from transformers for the sampled first token (a chi-square test
-of softmax(logits / T) over the top k)."""
+"""sample.py against independent references: transformers' generate(do_sample=False) on the same
+tiny random checkpoints (greedy, token for token; the streamed text as the tokenizer decodes the
+whole output), and the model's next-token probabilities from transformers for the sampled first
+token (a chi-square test of softmax(logits / T) over the top k)."""
 import io
 import os
 import subprocess
@@ -20,7 +20,7 @@ from tokenizer import load_tokenizer  # noqa: E402
 
 TEXT = """It was a bright cold day in April, and the clocks were striking thirteen.
 The quick brown fox jumps over the lazy dog while the farmer sleeps under the old oak tree.
-Call me Ishmael. Some years ago, never mind how long precisely, I thought I would sail about a little.
+Call me Ishmael. Some years ago, never mind how long precisely, I thought I would sail about.
 In a hole in the ground there lived a hobbit, not a nasty dirty wet hole filled with worms.
 Numbers such as 12345, 67890, 24680 and 13579 appear in reports, tables and long documents."""
 PROMPT = "Call me Ishmael. In a hole in the ground there lived a hobbit. The quick brown fox"
@@ -37,7 +37,7 @@ def one_thread():
 
 
 def tiny_hf(tmp, name, vocab, arch, seed):
-    """A tiny random transformers model saved as an HF dir; weights large enough that context matters."""
+    """A tiny random transformers model as an HF dir (weights large enough that context matters)."""
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
     common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=MAX_POS,
@@ -49,8 +49,8 @@ def tiny_hf(tmp, name, vocab, arch, seed):
         hf = Qwen2ForCausalLM(Qwen2Config(**common, bos_token_id=None, tie_word_embeddings=True))
         with torch.no_grad():
             for layer in hf.model.layers:
-                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
-                    proj.bias.normal_(0, 0.3)
+                for name in ('q_proj', 'k_proj', 'v_proj'):
+                    getattr(layer.self_attn, name).bias.normal_(0, 0.3)
     path = str(tmp / name)
     hf.eval().save_pretrained(path)
     return path, hf
@@ -60,10 +60,11 @@ def tiny_hf(tmp, name, vocab, arch, seed):
 def env(tmp_path_factory):
     import sentencepiece as spm
     tmp = tmp_path_factory.mktemp('sample')
-    buf = io.BytesIO()  # a Llama-style sentencepiece model: unk 0, bos 1, eos 2, digits split, byte fallback
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(TEXT.splitlines()), model_writer=buf, vocab_size=400,
-                                   model_type='bpe', split_digits=True, byte_fallback=True, unk_id=0,
-                                   bos_id=1, eos_id=2, pad_id=-1, hard_vocab_limit=False, minloglevel=2)
+    buf = io.BytesIO()  # a Llama-style sentencepiece model: unk 0, bos 1, eos 2, byte fallback
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(TEXT.splitlines()), model_writer=buf, vocab_size=400,
+        model_type='bpe', split_digits=True, byte_fallback=True, unk_id=0, bos_id=1, eos_id=2,
+        pad_id=-1, hard_vocab_limit=False, minloglevel=2)
     vocab = spm.SentencePieceProcessor(model_proto=buf.getvalue()).get_piece_size()
     llama, hf = tiny_hf(tmp, 'llama', vocab, 'llama', seed=0)
     (tmp / 'llama' / 'tokenizer.model').write_bytes(buf.getvalue())
@@ -97,9 +98,12 @@ def test_greedy_equals_transformers_generate(env, arch):
 
 
 def run_cli(*args):
-    env = dict(os.environ, OMP_NUM_THREADS='1')
-    return subprocess.run([sys.executable, 'sample.py', *args], cwd=ROOT, capture_output=True, text=True,
+    # bytes decoded here: text=True would turn a generated '\r' into '\n'
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONIOENCODING='utf-8')
+    proc = subprocess.run([sys.executable, 'sample.py', *args], cwd=ROOT, capture_output=True,
                           timeout=300, env=env)
+    proc.stdout, proc.stderr = proc.stdout.decode('utf-8'), proc.stderr.decode('utf-8')
+    return proc
 
 
 def generated_stdout(proc, n_args):
@@ -111,41 +115,57 @@ def generated_stdout(proc, n_args):
 
 
 def test_cli_streams_the_greedy_text(env, tmp_path):
-    """The CLI from a prompt file + question: the streamed text is the tokenizer's decode of transformers'
-    greedy output (after the prompt), and the run stops at max_new_tokens or EOS."""
+    """The CLI from a prompt file + question: the streamed text is the tokenizer's decode of
+    transformers' greedy output (after the prompt), and the run stops at max_new_tokens or EOS."""
     tok = env['tok']
     doc = '\n'.join(TEXT.splitlines()[:2])
     (tmp_path / 'doc.txt').write_text(doc)
     question = 'What did the clocks do?'
     ids = tok.encode(doc + '\n' + question, bos=True)
     ref = hf_greedy(env['hf'], ids, 40)
-    args = [f"--model={env['llama']}", f"--prompt_file={tmp_path / 'doc.txt'}", f'--question={question}',
-            '--temperature=0', '--max_new_tokens=40', '--device=cpu']
+    args = [f"--model={env['llama']}", f"--prompt_file={tmp_path / 'doc.txt'}",
+            f'--question={question}', '--temperature=0', '--max_new_tokens=40', '--device=cpu']
     out = generated_stdout(run_cli(*args), len(args))
     assert out == tok.decode(ids + ref)[len(tok.decode(ids)):] + '\n'
 
 
-def test_detokenize_streams_the_whole_decode(env):
-    """Pieces streamed token by token, multi-byte characters split over byte tokens included, join to the
-    decode of the whole output, none ending in a half character."""
-    tok = env['tok']
+def byte_level_bpe(tmp):
+    """A tokenizer.json of the Llama 3 / Qwen2 kind: byte-level BPE (a character may split)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    hf = Tokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=['<s>', '</s>'],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    hf.train_from_iterator(TEXT.splitlines(), trainer)
+    hf.save(str(tmp / 'tokenizer.json'))
+    return load_tokenizer(str(tmp / 'tokenizer.json'))
+
+
+@pytest.mark.parametrize('kind', ['sentencepiece', 'byte-level BPE'])
+def test_detokenize_streams_the_whole_decode(env, tmp_path, kind):
+    """Pieces streamed token by token, multi-byte characters split over byte tokens included, join
+    to the decode of the whole output, none ending in a half character."""
+    tok = env['tok'] if kind == 'sentencepiece' else byte_level_bpe(tmp_path)
     context = tok.encode('The quick brown fox', bos=True)
     rng = np.random.default_rng(0)
     texts = [' jumps over the lazy dog.', ' ça coûte 12€ — 東京', 'über\nnaïve 🙂 ok']
     for text in texts:
-        gen = tok.encode(text, bos=False) + [2]
+        gen = tok.encode(text, bos=False) + [tok.eos_id]
         pieces = list(sample.detokenize(tok.decode, gen, context[-sample.CONTEXT_TOKENS:]))
         assert ''.join(pieces) == tok.decode(context + gen)[len(tok.decode(context)):]
         assert not any(p.endswith('\ufffd') for p in pieces) and len(pieces) > 1
-    for _ in range(20):  # random tokens (byte pieces too): the joined stream is still the whole decode
-        gen = rng.integers(3, tok.vocab_size, 30).tolist()
+    assert any(tok.decode([t]) == '\ufffd' for t in tok.encode(texts[1], bos=False))  # split chars
+    for _ in range(20):  # random tokens (byte pieces too): the stream joins to the whole decode
+        gen = rng.integers(2, tok.vocab_size, 30).tolist()
         pieces = sample.detokenize(tok.decode, gen, context[-sample.CONTEXT_TOKENS:])
         assert ''.join(pieces) == tok.decode(context + gen)[len(tok.decode(context)):]
 
 
 def test_seeded_sampling_is_reproducible_and_top_k_1_is_greedy(env):
     ids, path = env['ids'], env['llama']
-    gen = lambda seed, **kw: ours_generate(path, ids, 30, generator=torch.Generator().manual_seed(seed), **kw)  # noqa: E731
+    def gen(seed, **kw):
+        return ours_generate(path, ids, 30, generator=torch.Generator().manual_seed(seed), **kw)
     a, b, c = (gen(s, temperature=1.5, top_k=50) for s in (7, 7, 8))
     assert a == b and a != c
     assert gen(7, temperature=1.0, top_k=1) == hf_greedy(env['hf'], ids, 30)
@@ -170,7 +190,7 @@ def test_sampling_draws_from_tempered_top_k_softmax(env):
              for s in range(n)]
     counts = {t: draws.count(t) for t in set(draws)}
 
-    def chi2(p):  # bins with an expected count < 5 pooled into one, tokens outside p counted there too
+    def chi2(p):  # bins expecting < 5 draws pooled into one, draws outside p counted there too
         obs, exp, pool_o, pool_e = [], [], 0, 0.0
         for t, q in p.items():
             if n * q >= 5:
@@ -202,7 +222,7 @@ def test_bad_input(env, tmp_path, monkeypatch, capsys):
     n_prompt = len(env['ids'])
     cases = [
         (dict(model=str(tmp_path / 'nope')), 'model dir not found.*nope'),
-        (dict(prompt='', prompt_file=str(tmp_path / 'missing.txt')), 'prompt_file not found.*missing.txt'),
+        (dict(prompt='', prompt_file=str(tmp_path / 'missing.txt')), 'prompt_file not found'),
         (dict(prompt_file=str(tmp_path / 'missing.txt')), 'exactly one of.*both'),
         (dict(prompt=''), 'exactly one of.*neither'),
         (dict(temperature=-0.5), r'temperature must be a number >= 0.*-0\.5'),
@@ -210,8 +230,8 @@ def test_bad_input(env, tmp_path, monkeypatch, capsys):
         (dict(top_k=-3), 'top_k must be.*-3'),
         (dict(top_k=2.5), r'top_k must be.*2\.5'),
         (dict(max_new_tokens=0), 'max_new_tokens must be an int >= 1, got 0'),
-        (dict(max_new_tokens=MAX_POS), rf'prompt \({n_prompt} tokens\) \+ max_new_tokens \({MAX_POS}\) = '
-                                       rf'{n_prompt + MAX_POS} > max_position_embeddings={MAX_POS}'),
+        (dict(max_new_tokens=MAX_POS), rf'prompt \({n_prompt} tokens\) \+ max_new_tokens '
+         rf'\({MAX_POS}\) = {n_prompt + MAX_POS} > max_position_embeddings={MAX_POS}'),
     ]
     for bad, msg in cases:
         with pytest.raises(UserError, match=msg):
@@ -221,13 +241,24 @@ def test_bad_input(env, tmp_path, monkeypatch, capsys):
     with pytest.raises(UserError, match='latin1.txt: not UTF-8'):
         run_main(monkeypatch, **dict(ok, prompt='', prompt_file=str(tmp_path / 'latin1.txt')))
     monkeypatch.undo()
-    # an override allows the longer run: a larger max_position_embeddings, or allow_beyond_max (a warning)
+    # an override allows the longer run: max_position_embeddings, or allow_beyond_max (warned)
     run_main(monkeypatch, **dict(ok, max_new_tokens=MAX_POS, max_position_embeddings=2 * MAX_POS))
     assert 'warning' not in capsys.readouterr().err
     monkeypatch.undo()
-    run_main(monkeypatch, **dict(ok, max_new_tokens=MAX_POS, allow_beyond_max=True, temperature=0.0))
+    run_main(monkeypatch, **dict(ok, max_new_tokens=MAX_POS, allow_beyond_max=True, temperature=0))
     assert 'warning' in capsys.readouterr().err
     # the CLI (errors.run, the same for every UserError above): one line, exit 2, no traceback
-    proc = run_cli(f"--model={env['llama']}", '--device=cpu', f'--prompt={PROMPT}', f'--max_new_tokens={MAX_POS}')
+    proc = run_cli(f"--model={env['llama']}", '--device=cpu', f'--prompt={PROMPT}',
+                   f'--max_new_tokens={MAX_POS}')
     assert proc.returncode == 2 and proc.stderr.strip().count('\n') == 0, proc.stderr
     assert proc.stderr.startswith('error:') and f'max_position_embeddings={MAX_POS}' in proc.stderr
+
+
+def test_samples_after_the_first_reuse_the_prompt_cache(env, monkeypatch, capsys):
+    """num_samples greedy runs from one prefill: each is transformers' greedy text (the cache is cut
+    back to the prompt between samples)."""
+    tok, ids = env['tok'], env['ids']
+    ref = tok.decode(ids + hf_greedy(env['hf'], ids, 20))[len(tok.decode(ids)):]
+    run_main(monkeypatch, model=env['llama'], prompt=PROMPT, device='cpu', temperature=0,
+             max_new_tokens=20, num_samples=3)
+    assert capsys.readouterr().out == (ref + '\n---------------\n') * 3
