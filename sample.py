@@ -136,7 +136,10 @@ def check_config():
         raise UserError(f"temperature must be a number >= 0 (0 = greedy), got {temperature!r}")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0):
         raise UserError(f"top_k must be None or an int >= 0 (0 = the whole vocab), got {top_k!r}")
-    for key, v in (('max_new_tokens', max_new_tokens), ('num_samples', num_samples)):
+    ints = {'max_new_tokens': max_new_tokens, 'num_samples': num_samples}
+    if max_position_embeddings is not None:
+        ints['max_position_embeddings'] = max_position_embeddings
+    for key, v in ints.items():
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise UserError(f"{key} must be an int >= 1, got {v!r}")
     if dtype != 'auto' and dtype not in DTYPES:
@@ -168,7 +171,7 @@ def check_prompt(ids, args):
     if sw is not None and total > sw:  # past the window HF Mistral masks what model.py attends to
         raise UserError(f"{what} > sliding_window={sw} of {model}: not supported "
                         "(model.py has no sliding-window mask)")
-    mpe = max_position_embeddings or args.max_position_embeddings
+    mpe = max_position_embeddings or args.max_position_embeddings  # (0 is refused by check_config)
     if total > mpe and not allow_beyond_max:
         raise UserError(f"{what} > max_position_embeddings={mpe} of {model}: shorten the prompt or "
                         "max_new_tokens, or set --max_position_embeddings (with --rope_scaling) or "

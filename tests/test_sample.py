@@ -3,7 +3,9 @@ tiny random checkpoints (greedy, token for token; the streamed text as the token
 whole output), and the model's next-token probabilities from transformers for the sampled first
 token (a chi-square test of softmax(logits / T) over the top k)."""
 import io
+import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -230,6 +232,7 @@ def test_bad_input(env, tmp_path, monkeypatch, capsys):
         (dict(top_k=-3), 'top_k must be.*-3'),
         (dict(top_k=2.5), r'top_k must be.*2\.5'),
         (dict(max_new_tokens=0), 'max_new_tokens must be an int >= 1, got 0'),
+        (dict(max_position_embeddings=0), 'max_position_embeddings must be an int >= 1, got 0'),
         (dict(max_new_tokens=MAX_POS), rf'prompt \({n_prompt} tokens\) \+ max_new_tokens '
          rf'\({MAX_POS}\) = {n_prompt + MAX_POS} > max_position_embeddings={MAX_POS}'),
     ]
@@ -237,6 +240,14 @@ def test_bad_input(env, tmp_path, monkeypatch, capsys):
         with pytest.raises(UserError, match=msg):
             run_main(monkeypatch, **dict(ok, **bad))
         monkeypatch.undo()
+    mistral = tmp_path / 'mistral'  # the same weights read as a Mistral with a 64-token window
+    shutil.copytree(env['llama'], mistral)
+    cfg = json.loads((mistral / 'config.json').read_text())
+    cfg.update(architectures=['MistralForCausalLM'], model_type='mistral', sliding_window=64)
+    (mistral / 'config.json').write_text(json.dumps(cfg))
+    with pytest.raises(UserError, match=rf'= {n_prompt + 30} > sliding_window=64'):
+        run_main(monkeypatch, **dict(ok, model=str(mistral), max_new_tokens=30))
+    monkeypatch.undo()
     (tmp_path / 'latin1.txt').write_bytes('caf\xe9'.encode('latin-1'))
     with pytest.raises(UserError, match='latin1.txt: not UTF-8'):
         run_main(monkeypatch, **dict(ok, prompt='', prompt_file=str(tmp_path / 'latin1.txt')))
