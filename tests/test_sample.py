@@ -166,6 +166,7 @@ def test_detokenize_streams_the_whole_decode(env, tmp_path, kind):
 
 def test_seeded_sampling_is_reproducible_and_top_k_1_is_greedy(env):
     ids, path = env['ids'], env['llama']
+
     def gen(seed, **kw):
         return ours_generate(path, ids, 30, generator=torch.Generator().manual_seed(seed), **kw)
     a, b, c = (gen(s, temperature=1.5, top_k=50) for s in (7, 7, 8))
