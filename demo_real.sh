@@ -51,7 +51,8 @@ if [ "${QUICK:-0}" = 1 ]; then
   TRAIN_ARGS=(--max_iters=2 --warmup_iters=1 --gradient_accumulation_steps=1 --train_len=512 --save_interval=1)
 fi
 if [ "${GPU:-0}" = 1 ]; then
-  O=${OUT:-out-real-gpu}; JOBS=1; DEVICE=(--device=cuda --dtype=bfloat16); PPL_PROSE="[2048,16384,32768]"
+  O=${OUT:-out-real-gpu}; DEVICE=(--device=cuda --dtype=bfloat16); PPL_PROSE="[2048,16384,32768]"
+  [ "${GPU_DEVICE:-cuda}" = cuda ] && JOBS=1  # one GPU
   TRAIN_ARGS=(--device=cuda --max_iters=40 --gradient_accumulation_steps=8 --warmup_iters=4 --save_interval=0)
   if [ "${QUICK:-0}" = 1 ]; then  # the GPU profile's jobs at QUICK's size (GPU_DEVICE=cpu: a test on a CPU)
     DEVICE=(--device=${GPU_DEVICE:-cuda} --dtype=bfloat16); PPL_PROSE="[1024,2048]"
@@ -119,9 +120,11 @@ train() {  # row: pose32k-s1337 | contig16k-s1 | ...
   local init=$M
   [ -f $O/$1/latest ] && init=resume
   rm -f $O/$1.failed
+  local quick=()  # QUICK's 512-token inputs: full-length then trains at 512
+  [[ $1 == full* ]] && [ "${QUICK:-0}" = 1 ] && quick=(--target_len=512 --full_min_doc=0)
   # shellcheck disable=SC2046  # run_of's words have no spaces
   $PY train.py $(run_of ${1%-s*}) --init_from="$init" --out_dir=$O/$1 --seed=${1##*-s} "${TRAIN_ARGS[@]}" \
-      || { touch $O/$1.failed; return 1; }
+      "${quick[@]}" || { touch $O/$1.failed; return 1; }
 }
 passkey() {  # row length[,length...] trials-per-depth
   local f=$O/passkey-$1-$2.json
@@ -147,7 +150,7 @@ job() {  # one job line, its output in $O/log-<job>.txt; a failure is reported, 
   else step "FAILED $* (see $log)"; tail -n 3 "$log"; return 1; fi
 }
 export -f model_args run_of wait_model train passkey ppl job step
-export PY M D O DEPTHS PPL_STD PPL_PROSE STD_DOCS PROSE_DOCS YARN4 YARN2 YARN8 LINEAR2 LINEAR4 T0
+export PY M D O QUICK DEPTHS PPL_STD PPL_PROSE STD_DOCS PROSE_DOCS YARN4 YARN2 YARN8 LINEAR2 LINEAR4 T0
 export TRAIN_ARGS_STR="${TRAIN_ARGS[*]}" DEVICE_STR="${DEVICE[*]}"  # (arrays do not pass to the jobs' shells)
 
 gpu_jobs() {  # GPU=1: one job per row and length list (a process start costs more than a trial there)

@@ -83,3 +83,62 @@ def test_gutenberg_books(monkeypatch):
             "*** END OF THIS PROJECT GUTENBERG EBOOK TWO ***\n")
     assert demo_real.gutenberg_books(text) == ["Chapter 1\nIt was.\n", "Two begins.\n"]
     assert demo_real.first_kb("a\n\nb" * 1000, 1).endswith('a\n') and len(demo_real.first_kb("x" * 10, 1)) == 10
+
+
+ENGLISH = ("It was a bright cold day in April, and the clocks were striking thirteen. The quick brown fox "
+           "jumps over the lazy dog. Call me Ishmael. In a hole in the ground there lived a hobbit. "
+           "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+           "There is an important info hidden inside a lot of irrelevant text. What is the pass key? "
+           "The pass key is 12345. Remember it. 67890 is the pass key. ")
+
+
+def test_gpu_profile_runs_at_toy_size_on_cpu(tmp_path):
+    """GPU=1 QUICK=1 GPU_DEVICE=cpu: every job of the GPU profile (the full-length, linear and 64k runs
+    included) trains, exports and evaluates a tiny model end to end, and the report pairs its rows."""
+    import io
+
+    import sentencepiece as spm
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(ENGLISH.split('. ')), model_writer=buf,
+                                   vocab_size=400, model_type='bpe', split_digits=True, byte_fallback=True,
+                                   unk_id=0, bos_id=1, eos_id=2, pad_id=-1, hard_vocab_limit=False,
+                                   minloglevel=2)
+    vocab = spm.SentencePieceProcessor(model_proto=buf.getvalue()).get_piece_size()
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
+                      tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    model = tmp_path / 'model'
+    LlamaForCausalLM(cfg).save_pretrained(model)
+    (model / 'tokenizer.model').write_bytes(buf.getvalue())
+    rng = np.random.default_rng(0)
+    words = ENGLISH.split()
+
+    def docs(n, n_words):
+        return [' '.join(rng.choice(words, n_words)) for _ in range(n)]
+    data = tmp_path / 'data'
+    for split, texts in (('train', docs(6, 800)), ('val', docs(2, 1500)), ('prose', docs(2, 1500))):
+        with open(tmp_path / f'{split}.jsonl', 'w') as f:
+            f.writelines(json.dumps({'text': t}) + '\n' for t in texts)
+    py = sys.executable
+    for args in ([f'--input={tmp_path}/train.jsonl', f'--val_input={tmp_path}/val.jsonl', f'--out_dir={data}'],
+                 [f'--input={tmp_path}/prose.jsonl', '--shuffle=False', f'--out_dir={data}/prose']):
+        r = subprocess.run([py, 'prepare_data.py', f'--tokenizer={model}', *args], cwd=ROOT,
+                           capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+    out = tmp_path / 'out'
+    env = dict(os.environ, PY=py, MODEL=str(model), DATA=str(data), OUT=str(out), GPU='1', QUICK='1',
+               GPU_DEVICE='cpu', JOBS='2')
+    r = subprocess.run(['bash', 'demo_real.sh'], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert 'FAILED' not in r.stdout
+    for row in ('full32k-s1337', 'lpose32k-s1337', 'pose64k-s1337', 'contig64k-s1337'):
+        assert (out / row / 'hf' / 'config.json').is_file()
+        pk = json.load(open(out / f'passkey-{row}-2048.json'))
+        assert pk['count']['2048'] == 1 and pk['trials'][0]['key_logprob'] < 0
+    full = json.load(open(out / 'full32k-s1337' / 'hf' / 'config.json'))
+    assert full['max_position_embeddings'] == 512  # QUICK's full-length run trains at its input length
+    text = open(out / 'results.txt').read()
+    assert 'Full-length 32k' in text and 'PoSE 8k->64k' in text and 'YaRN-only x8' in text
