@@ -19,7 +19,7 @@ Sections (`only`, comma-separated):
   train    tokens/s and MFU of training steps at (batch_size, seq_len). MFU = model.flops_per_token(seq_len)
            * tokens/s / peak; peak = the datasheet bf16 peak of the GPU, or on CPU the measured peak of a
            large matmul on this machine (so a CPU MFU means "fraction of what torch.mm reaches here").
-  eval     sliding-window perplexity throughput: eval_common.sliding_window_nll (our model, chunked loss) vs
+  eval     sliding-window perplexity throughput: eval_ppl.sliding_window_nll (our model, chunked loss) vs
            transformers' LlamaForCausalLM on the same checkpoint (tokens/s and ratio; same NLL checked).
   sampler  sample_positions.draws_per_second for pose / randpos at 2k->16k and 2k->128k.
   prepare  prepare_data.prepare() on stdlib text with a given tokenizer vs the bare tokenizer's encode.
@@ -337,7 +337,7 @@ def bench_eval():
         print('\n== eval: skipped: transformers is not installed (a dev dependency: pip install -r requirements-dev.txt)')
         results['eval'] = {'skipped': 'transformers not installed'}
         return
-    from eval_common import load_model, sliding_window_nll
+    from eval_ppl import load_model, sliding_window_nll
     with tempfile.TemporaryDirectory() as tmp:
         save_pretrained(build_model(eval_len), tmp, tokenizer_dir=None)  # random weights: no tokenizer
         ours = load_model(tmp, dtype=dtype, device=device)
@@ -423,7 +423,7 @@ def peak_growth(fn):
 
 def bench_evalcpu():
     import transformers
-    from eval_common import load_model, sliding_window_nll
+    from eval_ppl import load_model, sliding_window_nll
     if not os.path.isfile('/proc/self/clear_refs'):
         fail('evalcpu reads peak RSS from /proc (Linux only)')
     with tempfile.TemporaryDirectory() as tmp:

@@ -37,7 +37,11 @@ def _cfg_check(key, value, where):
     return value
 
 
-if any(_a in ('-h', '--help') for _a in _sys.argv[1:]):
+# only the script being run reads the command line: a script imported by another (eval_passkey imports
+# eval_ppl) keeps its defaults
+_cfg_argv = _sys.argv[1:] if __name__ == '__main__' else []
+
+if any(_a in ('-h', '--help') for _a in _cfg_argv):
     # the config keys are the first assignments of the script's current globals above the line that runs us
     # (module level, or inside `if __name__ == '__main__':`); show each with its comment
     with open(_sys.argv[0]) as _f:
@@ -55,7 +59,7 @@ if any(_a in ('-h', '--help') for _a in _sys.argv[1:]):
             _cfg_say('  ' + _lines[_n.lineno - 1].strip())
     raise SystemExit(0)
 
-for _arg in _sys.argv[1:]:
+for _arg in _cfg_argv:
     if not _arg.startswith('--'):
         # a config file: run it in a scratch namespace, then apply only what it assigned
         if not _os.path.isfile(_arg):

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from errors import UserError, pyplot, run, save_figure, write_json_atomic
-from eval_common import check_run, load_model, model_name, torch_dtype
+from eval_ppl import check_run, load_model, model_name, torch_dtype
 from model import KVCache
 
 TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "

@@ -24,6 +24,10 @@ windows='aligned' (ours): the last window is right-aligned to the end of the tex
 and a window also scores the token after its input. windows='official' (the authors' compute_perplexity,
 used by the paper's numbers): the last window may be short and a window scores only tokens inside its
 input. stride 0 = disjoint windows; mode='truncate' keeps only the first window of each document.
+
+Read top to bottom: config; the sliding-window NLL (window_spans, chunk_nll, sliding_window_nll); the
+protocols; the opening of an eval run that eval_passkey.py imports too (check_run, load_model, result
+names); then this script's run (documents, evaluate, table, plot, main).
 """
 import json
 import math
@@ -32,82 +36,138 @@ import time
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from tqdm import tqdm
 
+import rope_config
 from errors import UserError, pyplot, run, save_figure, write_json_atomic
-from eval_common import check_plot, check_run, load_model, result_label, sliding_window_nll, window_spans
+from hf_checkpoint import load_pretrained
+from model import INFER_CHUNK
 
 # -----------------------------------------------------------------------------
-# this script's pieces (tests import them; the shared ones live in eval_common.py)
+# config (python eval_ppl.py [config.py] [--key=value ...])
+model = ''  # HF-format model dir (ours or a stock Llama/Mistral/Qwen2); '' with plot_inputs = only plot
+rope_scaling = None  # None = the checkpoint's own; a dict (HF semantics) overrides it (PI-only baseline)
+max_position_embeddings = None  # None = the checkpoint's own; else an override (the length warning's too)
+data_dir = ''  # a prepare_data.py output dir ...
+split = 'val'  # ... and its split
+input = None  # ... or raw text: files/dirs/globs (a list or comma-separated); see data_format.find_files
+text_key = 'text'  # the text field of .jsonl / .parquet input
+tokenizer = None  # tokenizer for `input` (None = the model dir's)
+protocol = 'nanopose'  # nanopose | paper_table1 | paper_table2 | official | official_pg19 (PROTOCOLS)
+# the settings below: None = the protocol's value
+lengths = None  # evaluation window lengths L (the table's columns)
+stride = None  # window start advances by this many tokens (paper: 1024; 16384 at 128k); 0 = disjoint
+mode = None  # 'sliding' or 'truncate' (score only the first window of each document)
+windows = None  # 'aligned' (ours: full right-aligned windows) or 'official' (the authors' code)
+add_bos = None  # prepend BOS to every window (paper, official); a document's own leading BOS is dropped
+num_docs = None  # documents used (paper: 50; 20 at 128k); 0 = all
+draw = None  # 'random' (with `seed`, the paper) or 'first' (in data order, the authors' script)
+min_doc_len = None  # only documents with at least this many tokens (BOS not counted)
+doc_tokens = None  # score the first doc_tokens tokens of each doc; 0 = all
+seed = 1337  # document selection (draw='random')
+check_tokenizer = True  # refuse data / a tokenizer whose fingerprint differs from the model's (False: skip)
+device = 'cuda' if torch.cuda.is_available() else 'cpu'
+dtype = None  # 'auto' = bfloat16 on CUDA, float32 on CPU; or 'float32' / 'bfloat16' / 'float16'
+out = ''  # JSON results path ('' = out/ppl-<model>[-<rope override>]-<protocol>.json)
+overwrite = False  # replace an existing `out` (else: refuse before evaluating)
+plot = ''  # PNG path: ppl vs length of this run and of plot_inputs
+plot_inputs = []  # more result JSON files to overlay in the plot
+# -----------------------------------------------------------------------------
+exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
+
+# -----------------------------------------------------------------------------
+# sliding-window NLL (the windows: see the top of this file); bench.py times this path
 
 
-def select_docs(doc_lens, min_len, num_docs, seed, draw='random'):
-    """Indices of `num_docs` documents with >= min_len tokens (num_docs None or 0: all), in index order:
-    drawn with `seed` (draw='random', the paper) or the first ones (draw='first', the authors' script)."""
-    doc_lens = np.asarray(doc_lens)
-    ok = np.flatnonzero(doc_lens >= min_len)
-    if len(ok) == 0:
-        longest = int(doc_lens.max()) if len(doc_lens) else 0
-        raise UserError(f"no document has >= {min_len} tokens (the longest has {longest}); "
-                         f"lower lengths/min_doc_len or use longer documents")
-    if num_docs and num_docs < len(ok):
-        ok = ok[:num_docs] if draw == 'first' else \
-            np.sort(np.random.default_rng(seed).choice(ok, size=num_docs, replace=False))
-    return [int(i) for i in ok]
+def window_spans(n, window, stride=None, mode='sliding', add_bos=False, windows='aligned'):
+    """Windows over a document of n tokens: list of (b, first, end).
+    Input = ([BOS] if add_bos) + doc[b : b + window - add_bos]; it scores doc tokens first..end-1.
+    windows='aligned' (ours): the last window is right-aligned (always full) and every window also scores
+    the token after its input (its last logits). 'official' (the authors' compute_perplexity): windows at
+    0, s, 2s, ... until one reaches the end (the last may be short), each scoring only the tokens its own
+    input holds past the previous window's end; mode='truncate' there = the doc cut to one window's input."""
+    nbos = int(bool(add_bos))
+    n_doc = window - nbos  # document tokens per window
+    if n_doc < 1:
+        raise UserError(f"window {window} is too short")
+    if windows not in ('aligned', 'official'):
+        raise UserError(f"windows must be 'aligned' or 'official', got {windows!r}")
+    if windows == 'official':
+        return official_spans(n, n_doc, stride, mode, nbos)
+    stride = window if stride is None else stride  # None: windows whose scored tokens are disjoint
+    if not 1 <= stride <= window:  # a larger stride would leave tokens no window can predict
+        raise UserError(f"stride must be in [1, window={window}], got {stride}")
+    spans, scored, b = [], 1 - nbos, 0  # doc[0] has no prediction unless a BOS precedes it
+    while scored < n:
+        b = min(b, max(n - n_doc, 0))  # the last window is right-aligned: always a full window
+        end = min(b + n_doc + 1, n)  # the last input token predicts doc[b + n_doc] when it exists
+        spans.append((b, scored, end))
+        scored = end
+        b += stride
+        if mode == 'truncate':
+            break
+    return spans
 
 
-def check_vocab(docs, vocab_size, what):
-    """Token ids the model has no embedding for would be an IndexError deep inside the forward."""
-    top = max((int(d.max()) for d in docs if len(d)), default=-1)
-    if top >= vocab_size:
-        raise UserError(f"{what} has token id {top} >= the model's vocab_size {vocab_size}: tokenized for another model?")
+def official_spans(n, n_doc, stride, mode, nbos):
+    # dwzhu-pku/PoSE src/eval_ppl.py: end = min(b + n_doc, n); the window's labels are its last
+    # end - prev_end input tokens (the BOS, when the window holds it, predicts doc[0])
+    if mode == 'truncate':  # x[0:max_tokenized_len], step = max_tokenized_len: one window
+        n, stride = min(n, n_doc), n_doc
+    stride = n_doc if stride is None else stride
+    if not 1 <= stride <= n_doc:  # a larger step would count unscored tokens in the official code
+        raise UserError(f"stride must be in [1, {n_doc}] (the window's document tokens), got {stride}")
+    spans, prev = [], 1 - nbos
+    for b in range(0, n, stride):
+        end = min(b + n_doc, n)
+        spans.append((b, prev, end))
+        prev = end
+        if end == n:
+            break
+    return spans
 
 
-def ppl_table(results):
-    """Paper-style table of result dicts: one row per result (its label), window lengths as columns."""
-    lengths = sorted({int(L) for r in results for L in r['ppl']})
-    name_w = max([5] + [len(r['label']) for r in results])
-    lines = [f"{'model':<{name_w}} " + ' '.join(f"{L:>9}" for L in lengths)]
-    for r in results:
-        cells = [r['ppl'].get(str(L)) for L in lengths]
-        lines.append(f"{r['label']:<{name_w}} " + ' '.join(
-            f"{'-':>9}" if c is None else f"{c:>9.3g}" if c >= 1e5 else f"{c:>9.3f}" for c in cells))
-    return '\n'.join(lines)
+def chunk_nll(h, weight, targets):
+    """sum of -log p(targets) for rows h [n, dim] under lm_head `weight`, holding one [n, vocab] fp32 block:
+    logsumexp computed in place (no second block for log_softmax, as F.cross_entropy would make)."""
+    logits = F.linear(h, weight).float()  # [n, vocab]
+    picked = logits.gather(1, targets[:, None])[:, 0].double().sum()
+    m = logits.amax(-1, keepdim=True)
+    lse = logits.sub_(m).exp_().sum(-1).log_() + m[:, 0]
+    return (lse.double().sum() - picked).item()
 
 
-def plot_results(results, path):
-    """ppl vs window length, log y, one line per result; written atomically."""
-    plt = pyplot(f"plot={path!r}")
-    import matplotlib.ticker
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for r in results:
-        xs = sorted(int(L) for L in r['ppl'])
-        ax.plot(xs, [r['ppl'][str(L)] for L in xs], marker='o', label=r['label'])
-    ax.set_xscale('log', base=2)
-    ax.set_yscale('log')
-    ticks = sorted({int(L) for r in results for L in r['ppl']})
-    ax.set_xticks(ticks, [f"{L // 1024}k" if L % 1024 == 0 else str(L) for L in ticks])
-    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
-    ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter('%g'))
-    lo, hi = ax.get_ylim()
-    if hi / lo < 10:  # within one decade only minor ticks fall inside: label them
-        ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter('%g'))
-    ax.set_xlabel('evaluation window (tokens)')
-    ax.set_ylabel('perplexity')
-    ax.grid(True, which='both', alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    save_figure(fig, path)
-
-
-def load_result(path):
-    if not os.path.isfile(path):
-        raise UserError(f"result file not found: {path}")
-    with open(path) as f:
-        r = json.load(f)
-    if 'ppl' not in r:
-        raise UserError(f"{path}: not an eval_ppl.py result (no 'ppl' key)")
-    r.setdefault('label', result_label(r.get('model', path), r.get('rope_scaling')))
-    return r
+@torch.inference_mode()
+def sliding_window_nll(model, tokens, window, stride=None, mode='sliding', add_bos=False, bos_id=None,
+                       device='cpu', pbar=None, chunk=256, windows='aligned', spans=None):
+    """(sum of NLL in nats, number of scored tokens) of one document (1-D int array) under `model`.
+    Only the scored positions go through lm_head, `chunk` rows at a time in fp32: no [T, vocab] logits,
+    and with overlapping windows (stride < window) most of lm_head's work is skipped. `spans`: this
+    document's window_spans(...) of the same settings, when the caller computed them already."""
+    if mode not in ('sliding', 'truncate'):
+        raise UserError(f"mode must be 'sliding' or 'truncate', got {mode!r}")
+    if add_bos and bos_id is None:
+        raise UserError("add_bos=True but the tokenizer/model has no BOS token id (set --add_bos=False)")
+    nbos = int(bool(add_bos))
+    doc = torch.as_tensor(np.asarray(tokens, dtype=np.int64))
+    nll, count = 0.0, 0
+    if spans is None:
+        spans = window_spans(len(doc), window, stride, mode, add_bos, windows)
+    for b, first, end in spans:
+        ctx = doc[b:b + window - nbos]
+        if nbos:
+            ctx = torch.cat([torch.tensor([bos_id]), ctx])
+        h = model.forward_hidden(ctx[None].to(device))[0]  # [T, dim], after the final norm
+        # doc token j is predicted at input position j - 1 - b + nbos
+        h = h[first - 1 - b + nbos:end - 1 - b + nbos]  # [end - first, dim]: the scored positions only
+        targets = doc[first:end].to(device)
+        for i in range(0, end - first, chunk):
+            nll += chunk_nll(h[i:i + chunk], model.lm_head.weight, targets[i:i + chunk])
+        count += end - first
+        if pbar is not None:
+            pbar.update(1)
+    return nll, count
 
 
 # -----------------------------------------------------------------------------
@@ -176,34 +236,168 @@ def format_settings(r):
     return '\n'.join(lines)
 
 
+def select_docs(doc_lens, min_len, num_docs, seed, draw='random'):
+    """Indices of `num_docs` documents with >= min_len tokens (num_docs None or 0: all), in index order:
+    drawn with `seed` (draw='random', the paper) or the first ones (draw='first', the authors' script)."""
+    doc_lens = np.asarray(doc_lens)
+    ok = np.flatnonzero(doc_lens >= min_len)
+    if len(ok) == 0:
+        longest = int(doc_lens.max()) if len(doc_lens) else 0
+        raise UserError(f"no document has >= {min_len} tokens (the longest has {longest}); "
+                         f"lower lengths/min_doc_len or use longer documents")
+    if num_docs and num_docs < len(ok):
+        ok = ok[:num_docs] if draw == 'first' else \
+            np.sort(np.random.default_rng(seed).choice(ok, size=num_docs, replace=False))
+    return [int(i) for i in ok]
+
+
 # -----------------------------------------------------------------------------
-# config (python eval_ppl.py [config.py] [--key=value ...])
-model = ''  # HF-format model dir (ours or a stock Llama/Mistral/Qwen2); '' with plot_inputs = only plot
-rope_scaling = None  # None = the checkpoint's own; a dict (HF semantics) overrides it, e.g. the paper's PI-only baseline
-max_position_embeddings = None  # None = the checkpoint's own; else an override (also what the length warning checks)
-data_dir = ''  # a prepare_data.py output dir ...
-split = 'val'  # ... and its split
-input = None  # ... or raw text: files/dirs/globs (a list or comma-separated); a .txt is one document, .jsonl/.parquet one per record
-text_key = 'text'  # the text field of .jsonl / .parquet input
-tokenizer = None  # tokenizer for `input` (None = the model dir's)
-protocol = 'nanopose'  # nanopose | paper_table1 | paper_table2 | official | official_pg19 (PROTOCOLS); None below = its value
-lengths = None  # evaluation window lengths L (the table's columns)
-stride = None  # window start advances by this many tokens (paper: 1024; 16384 at 128k); 0 = disjoint windows
-mode = None  # 'sliding' or 'truncate' (score only the first window of each document)
-windows = None  # 'aligned' (ours: full right-aligned windows) or 'official' (the authors' compute_perplexity)
-add_bos = None  # prepend BOS to every window (paper, official); a leading BOS of a document is always dropped first
-num_docs = None  # documents used (paper: 50; 20 at 128k); 0 = all
-draw = None  # 'random' (with `seed`, the paper) or 'first' (in data order, the authors' script)
-min_doc_len = None  # only documents with at least this many tokens (BOS not counted)
-doc_tokens = None  # score the first doc_tokens tokens of each doc; 0 = all
-seed = 1337  # document selection (draw='random')
-check_tokenizer = True  # refuse data (or a tokenizer) whose fingerprint differs from the model's tokenizer (False: skip)
-device = 'cuda' if torch.cuda.is_available() else 'cpu'
-dtype = None  # 'auto' = bfloat16 on CUDA, float32 on CPU; or 'float32' / 'bfloat16' / 'float16' (the authors')
-out = ''  # JSON results path ('' = out/ppl-<model>[-<rope override>]-<protocol>.json)
-overwrite = False  # replace an existing `out` (else: refuse before evaluating)
-plot = ''  # PNG path: ppl vs length of this run and of plot_inputs
-plot_inputs = []  # more result JSON files to overlay in the plot
+# the opening of an eval run (eval_passkey.py imports these too)
+
+
+DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}  # + 'auto'
+
+
+def check_run(kind, model_dir, rope_scaling, out, overwrite, plot, protocol=None):
+    """The checks both eval scripts make before any work; returns the result path (`out`, or the default name
+    out/<kind>-<model>[-<rope override>][-<protocol>].json). The model dir is read for real by load_model."""
+    if not model_dir:
+        raise UserError("--model=<HF model dir> is required")
+    if not os.path.isfile(os.path.join(model_dir, 'config.json')):
+        raise UserError(f"model dir not found or has no config.json: {model_dir}")
+    path = check_out(out or default_out(kind, model_dir, rope_scaling, protocol), overwrite)
+    check_plot(plot)
+    return path
+
+
+def check_out(path, overwrite):
+    """Refuse (before any work) to replace an existing result unless overwrite=True."""
+    if os.path.isdir(path):
+        raise UserError(f"out={path!r} is a directory: give a .json file path")
+    if os.path.exists(path) and not overwrite:
+        raise UserError(f"{path} exists: pass --overwrite=True to replace it, or --out=<another path>")
+    return path
+
+
+def check_plot(path):
+    """--plot (before the work): matplotlib is there and the path is a file path."""
+    if not path:
+        return
+    pyplot(f"plot={path!r}")
+    if os.path.isdir(path):
+        raise UserError(f"plot={path!r} is a directory: give a .png file path")
+
+
+def torch_dtype(dtype, device):
+    """'auto' = bfloat16 on CUDA, float32 elsewhere; or a name in DTYPES."""
+    if dtype == 'auto':
+        return torch.bfloat16 if 'cuda' in str(device) else torch.float32
+    if dtype not in DTYPES:
+        raise UserError(f"dtype must be auto/{'/'.join(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def load_model(path, rope_scaling=None, max_position_embeddings=None, dtype='auto', device='cpu', lengths=()):
+    """Our Transformer from an HF dir, in eval mode; rope_scaling / max_position_embeddings None = the
+    checkpoint's. Prints a warning for each of `lengths` past the model's max_position_embeddings."""
+    overrides = {}
+    if rope_scaling is not None:
+        overrides['rope_scaling'] = rope_scaling
+    if max_position_embeddings is not None:
+        overrides['max_position_embeddings'] = max_position_embeddings
+    net = load_pretrained(path, dtype=torch_dtype(dtype, device), device=device, **overrides).eval()
+    net.infer_chunk = INFER_CHUNK  # no autograd here: the row-chunked forward (model.py)
+    for w in length_warnings(lengths, net.args.max_position_embeddings):
+        print(w)
+    return net
+
+
+def length_warnings(lengths, max_position_embeddings):
+    return [f"warning: length {L} > max_position_embeddings {max_position_embeddings}: positions beyond "
+            f"what the model is configured for" for L in lengths if L > max_position_embeddings]
+
+
+def model_name(model_dir):
+    """A model's short name: its directory's, or for train.py's export `<run>/hf` (every export is named hf)
+    and checkpoint dirs such as `<run>/checkpoint-1000` the run's name first."""
+    parts = os.path.normpath(os.path.abspath(model_dir)).split(os.sep)
+    name = parts[-1]
+    if name == 'hf' or name.startswith(('checkpoint', 'ckpt')):
+        name = parts[-2] if name == 'hf' else f"{parts[-2]}-{name}"
+    return name
+
+
+def result_label(model_dir, rope_scaling):
+    label = model_name(model_dir)
+    if rope_scaling:
+        label += f" +{rope_config.rope_type(rope_scaling)}x{rope_scaling.get('factor', '')}"
+    return label
+
+
+def default_out(kind, model_dir, rope_scaling, protocol=None):
+    """out/<kind>-<model>[-<rope override>][-<protocol>].json: one name per model, scaling override and protocol."""
+    name = result_label(model_dir, rope_scaling).replace(' +', '-')
+    name = ''.join(c if c.isalnum() or c in '-_.' else '_' for c in name)
+    return os.path.join('out', f"{kind}-{name}{'-' + protocol if protocol else ''}.json")
+
+
+# -----------------------------------------------------------------------------
+# this script's run: documents, windows, results
+
+
+def check_vocab(docs, vocab_size, what):
+    """Token ids the model has no embedding for would be an IndexError deep inside the forward."""
+    top = max((int(d.max()) for d in docs if len(d)), default=-1)
+    if top >= vocab_size:
+        raise UserError(f"{what} has token id {top} >= the model's vocab_size {vocab_size}: tokenized for another model?")
+
+
+def ppl_table(results):
+    """Paper-style table of result dicts: one row per result (its label), window lengths as columns."""
+    lengths = sorted({int(L) for r in results for L in r['ppl']})
+    name_w = max([5] + [len(r['label']) for r in results])
+    lines = [f"{'model':<{name_w}} " + ' '.join(f"{L:>9}" for L in lengths)]
+    for r in results:
+        cells = [r['ppl'].get(str(L)) for L in lengths]
+        lines.append(f"{r['label']:<{name_w}} " + ' '.join(
+            f"{'-':>9}" if c is None else f"{c:>9.3g}" if c >= 1e5 else f"{c:>9.3f}" for c in cells))
+    return '\n'.join(lines)
+
+
+def plot_results(results, path):
+    """ppl vs window length, log y, one line per result; written atomically."""
+    plt = pyplot(f"plot={path!r}")
+    import matplotlib.ticker
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in results:
+        xs = sorted(int(L) for L in r['ppl'])
+        ax.plot(xs, [r['ppl'][str(L)] for L in xs], marker='o', label=r['label'])
+    ax.set_xscale('log', base=2)
+    ax.set_yscale('log')
+    ticks = sorted({int(L) for r in results for L in r['ppl']})
+    ax.set_xticks(ticks, [f"{L // 1024}k" if L % 1024 == 0 else str(L) for L in ticks])
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter('%g'))
+    lo, hi = ax.get_ylim()
+    if hi / lo < 10:  # within one decade only minor ticks fall inside: label them
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter('%g'))
+    ax.set_xlabel('evaluation window (tokens)')
+    ax.set_ylabel('perplexity')
+    ax.grid(True, which='both', alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def load_result(path):
+    if not os.path.isfile(path):
+        raise UserError(f"result file not found: {path}")
+    with open(path) as f:
+        r = json.load(f)
+    if 'ppl' not in r:
+        raise UserError(f"{path}: not an eval_ppl.py result (no 'ppl' key)")
+    r.setdefault('label', result_label(r.get('model', path), r.get('rope_scaling')))
+    return r
 
 
 def load_docs(st):
@@ -246,7 +440,6 @@ def load_docs(st):
 
 def evaluate(net, docs, st, use_bos, bos_id):
     """Per window length: ppl, NLL sum, scored tokens, input tokens/s (dicts keyed by str(L))."""
-    from tqdm import tqdm
     ppl, nll, counts, tps = {}, {}, {}, {}
     stride_ = st['stride'] or None
     for L in st['lengths']:
@@ -312,5 +505,4 @@ def main():
 
 
 if __name__ == '__main__':
-    exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
     run(main)
