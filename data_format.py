@@ -9,11 +9,18 @@ chunks inside ONE document, so documents stay whole and separate; a data_dir hol
 Everything is written under temp names and renamed at the end, meta.json last: a directory with meta.json
 is complete, an interrupted run leaves nothing that looks complete.
 
-The writer's pieces and the readers live here, in one small file, so the layout is stated once and the two
-sides cannot drift; train and eval import this, not the pipeline script (its process pool, its sentencepiece
-trainer, its input readers). The pipeline itself (inputs -> tokens -> these files) is prepare_data.py.
+Every reader lives here, so nobody imports the pipeline script prepare_data.py (inputs -> tokens -> these
+files; its process pool and sentencepiece trainer): the readers of the input text files (find_files,
+read_documents: .txt, .jsonl[.gz/.zst], .parquet; also eval_ppl.py's --input and the demos' corpora), the
+split writer's pieces (the layout stated once, so writer and readers cannot drift) and the readers of a
+prepared data_dir (read_meta, open_split: train.py, eval_ppl.py).
 """
+import glob
+import gzip
+import io
+import json
 import os
+import sysconfig
 
 import numpy as np
 
@@ -24,7 +31,7 @@ def split_paths(data_dir, split):
     return os.path.join(data_dir, f'{split}.bin'), os.path.join(data_dir, f'{split}.idx')
 
 
-# ----------------------------------------------------------------------------- writing
+# ----------------------------------------------------------------------------- writing a data_dir (prepare_data.py)
 class SplitWriter:
     """Appends documents to {split}.bin.tmp / {split}.idx.tmp; the caller renames them when the run is complete."""
 
@@ -71,7 +78,139 @@ def shuffle_split(bin_path, idx_path, np_dtype, rng, tmps):
     os.replace(idx_path + '.shuf', idx_path)
 
 
-# ----------------------------------------------------------------------------- reading (train.py, eval_ppl.py)
+# ----------------------------------------------------------------------------- reading inputs
+# the text files prepare_data.py tokenizes (and eval_ppl.py's --input, the demos' corpora)
+PLAIN_EXTS = ('.txt',)  # picked up from directories; an explicitly named file of any extension is plain text
+JSONL_EXTS = ('.jsonl', '.jsonl.gz', '.jsonl.zst', '.jsonl.zstd')
+PARQUET_EXTS = ('.parquet',)
+
+def find_files(paths, what='input'):
+    """Expand files / directories (recursive, sorted) / globs into a sorted-per-entry list of files."""
+    if isinstance(paths, str):
+        paths = [p for p in paths.split(',') if p.strip()]
+    if not paths:
+        raise UserError(f"no {what} given (set {what}=FILES or corpus=python_stdlib)")
+    files = []
+    for p in paths:
+        p = os.path.expanduser(p.strip())
+        matches = sorted(glob.glob(p, recursive=True)) if glob.has_magic(p) else [p] if os.path.exists(p) else []
+        if not matches:
+            raise UserError(f"{what} not found: {p}")
+        for m in matches:
+            if os.path.isdir(m):
+                found = []
+                for d, dirs, names in os.walk(m):
+                    dirs[:] = sorted(x for x in dirs if not x.startswith('.'))
+                    found += [os.path.join(d, n) for n in sorted(names) if not n.startswith('.')
+                              and n.endswith(PLAIN_EXTS + JSONL_EXTS + PARQUET_EXTS)]
+                if not found:
+                    raise UserError(f"no input files found in {m} (looked for {', '.join(PLAIN_EXTS + JSONL_EXTS + PARQUET_EXTS)})")
+                files += found
+            else:
+                files.append(m)
+    return files
+
+
+def corpus_files(name):
+    """An embedded corpus: real text present on every machine without a download."""
+    if name != 'python_stdlib':
+        raise UserError(f"unknown corpus '{name}' (available: python_stdlib)")
+    root = sysconfig.get_paths()['stdlib']
+    files = []
+    for d, dirs, names in os.walk(root):
+        dirs[:] = sorted(x for x in dirs if x not in ('site-packages', 'dist-packages', '__pycache__') and not x.startswith('.'))
+        files += [os.path.join(d, n) for n in sorted(names) if n.endswith('.py')]
+    if not files:
+        raise UserError(f"corpus python_stdlib: no .py files under {root}")
+    return files
+
+
+def _zstandard(path):
+    try:
+        import zstandard
+    except ImportError:
+        raise UserError(f"{path}: reading .zst needs zstandard (pip install zstandard)") from None
+    return zstandard
+
+
+def _open_text(path):
+    if path.endswith('.gz'):
+        return gzip.open(path, 'rt', encoding='utf-8')
+    if path.endswith(('.zst', '.zstd')):  # streaming: the decompressed file never sits in memory
+        return io.TextIOWrapper(_zstandard(path).ZstdDecompressor().stream_reader(open(path, 'rb')), encoding='utf-8')
+    return open(path, encoding='utf-8')
+
+
+def read_documents(path, text_key='text', lenient=False):
+    """Yield the documents of one file, streaming. lenient: skip a plain file that is not UTF-8 (corpus)."""
+    if path.endswith(JSONL_EXTS):
+        yield from _read_jsonl(path, text_key)
+    elif path.endswith(PARQUET_EXTS):
+        yield from _read_parquet(path, text_key)
+    else:
+        try:
+            with open(path, encoding='utf-8') as f:
+                text = f.read()
+        except UnicodeDecodeError as e:
+            if lenient:
+                return
+            raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        except OSError as e:  # unreadable (permissions, a directory named as a file ...)
+            raise UserError(f"{path}: cannot read ({e.strerror})") from None
+        yield text
+
+
+def _read_jsonl(path, text_key):
+    # what a truncated / corrupt compressed file (or the disk) raises while it is read; gzip's BadGzipFile is an OSError
+    unreadable = (OSError, EOFError) + ((_zstandard(path).ZstdError,) if path.endswith(('.zst', '.zstd')) else ())
+    lineno = 0
+    try:
+        with _open_text(path) as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except ValueError as e:
+                    raise UserError(f"{path}:{lineno}: invalid JSON ({getattr(e, 'msg', e)})") from None
+                if not isinstance(obj, dict) or text_key not in obj:
+                    keys = list(obj)[:8] if isinstance(obj, dict) else type(obj).__name__
+                    raise UserError(f"{path}:{lineno}: no text key '{text_key}' (found: {keys}; set text_key=...)")
+                if not isinstance(obj[text_key], str):
+                    raise UserError(f"{path}:{lineno}: '{text_key}' is {type(obj[text_key]).__name__}, not a string")
+                yield obj[text_key]
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}:{lineno + 1}: not UTF-8 ({e.reason})") from None
+    except unreadable as e:
+        raise UserError(f"{path}:{lineno + 1}: unreadable ({type(e).__name__}: {e})") from None
+
+
+def _read_parquet(path, text_key):
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise UserError(f"{path}: reading .parquet needs pyarrow (pip install pyarrow)") from None
+    try:
+        pf = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as e:  # not parquet / corrupt: ArrowInvalid; unreadable: OSError
+        raise UserError(f"{path}: unreadable parquet ({e})") from None
+    if text_key not in pf.schema_arrow.names:
+        raise UserError(f"{path}: no text key '{text_key}' (columns: {pf.schema_arrow.names[:8]}; set text_key=...)")
+    kind = pf.schema_arrow.field(text_key).type
+    if str(kind) not in ('string', 'large_string', 'string_view'):
+        raise UserError(f"{path}: column '{text_key}' holds {kind}, not strings (set text_key=...)")
+    for batch in pf.iter_batches(batch_size=1024, columns=[text_key]):
+        for text in batch.column(0).to_pylist():
+            yield text if text is not None else ''
+
+
+def iter_documents(files, text_key='text', lenient=False):
+    for path in files:
+        yield from read_documents(path, text_key, lenient)
+
+
+# ----------------------------------------------------------------------------- reading a data_dir (train, evals)
 def read_meta(data_dir):
     """meta.json of a prepared dataset, checked: a broken one is named here, not deep inside a reader."""
     path = os.path.join(data_dir, 'meta.json')

@@ -18,8 +18,7 @@ import os
 import sys
 import sysconfig
 
-from errors import pyplot, save_figure, write_text_atomic
-from prepare_data import write_jsonl_atomic
+from errors import pyplot, save_figure, write_jsonl_atomic, write_text_atomic
 
 # -----------------------------------------------------------------------------
 stage = 'report'  # 'sources' | 'report'

@@ -31,8 +31,7 @@ import re
 import numpy as np
 from tqdm import tqdm
 
-from errors import UserError, pyplot, run, save_figure, write_text_atomic
-from prepare_data import write_jsonl_atomic
+from errors import UserError, pyplot, run, save_figure, write_jsonl_atomic, write_text_atomic
 
 # -----------------------------------------------------------------------------
 stage = 'report'  # 'sources' | 'passkey' | 'report'
@@ -65,7 +64,7 @@ def read_jsonl(path):
 
 def stage_sources():
     """The stdlib split by file into train / val, and a tokenizer sample with passkey prompts mixed in."""
-    from prepare_data import corpus_files
+    from data_format import corpus_files
     from eval_passkey import make_passkey_prompt
     rng = np.random.default_rng([seed, 0])
     files = [p for p in corpus_files('python_stdlib') if not set(p.split(os.sep)) & {'test', 'tests', 'idle_test'}]

@@ -8,7 +8,8 @@ One error idiom for every entry script (train.py, prepare_data.py, eval_*.py, sa
 - anything else is a bug and keeps its traceback.
 
 And the two ways a script's output goes wrong without it being a bug: a half-written file (`atomic_path`: write
-a temp name beside the file, renamed when complete; write_text_atomic / write_json_atomic / save_figure use it)
+a temp name beside the file, renamed when complete; write_text_atomic / write_json_atomic /
+write_jsonl_atomic / save_figure use it)
 and a missing optional dependency (`pyplot`: matplotlib, needed for plots only).
 """
 import errno
@@ -16,6 +17,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 from contextlib import contextmanager
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
@@ -95,6 +97,29 @@ def atomic_path(path):
         os.replace(tmp, path)
 
 
+def check_writable(path, key, exts=(), directory=False):
+    """Before any work: the output `path` given as config key `key` can be written -- a file path with one
+    of `exts` (when given) or, directory=True, a directory path -- and its nearest existing directory takes
+    a new file (probed: permissions, a read-only filesystem). Returns path."""
+    if directory and os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"{key}={path!r} is a file, not a directory")
+    if not directory and os.path.isdir(path):
+        raise UserError(f"{key}={path!r} is a directory: give a file path")
+    if exts and not directory and not path.lower().endswith(tuple(exts)):
+        raise UserError(f"{key}={path!r}: expected a {' / '.join(exts)} file")
+    d = os.path.abspath(path if directory else os.path.dirname(os.path.abspath(path)))
+    while not os.path.exists(d):
+        d = os.path.dirname(d)
+    if not os.path.isdir(d):
+        raise UserError(f"{key}={path!r}: {d} is a file, not a directory")
+    try:
+        with tempfile.TemporaryFile(dir=d):
+            pass
+    except OSError as e:
+        raise UserError(f"{key}={path!r}: cannot write in {d} ({e.strerror})") from None
+    return path
+
+
 def write_text_atomic(path, text):
     with atomic_path(path) as tmp:
         with open(tmp, 'w', encoding='utf-8') as f:
@@ -105,6 +130,15 @@ def write_json_atomic(path, obj):
     with atomic_path(path) as tmp:
         with open(tmp, 'w', encoding='utf-8') as f:
             json.dump(obj, f, indent=1)
+
+
+def write_jsonl_atomic(path, texts):
+    """texts as a .jsonl file of {"text": ...} lines (prepare_data.py's input format)."""
+    with atomic_path(path) as tmp:
+        with open(tmp, 'w', encoding='utf-8') as f:
+            for t in texts:
+                f.write(json.dumps({'text': t}) + '\n')
+    print(f"wrote {path} ({len(texts)} documents, {sum(map(len, texts)) / 1e6:.1f} MB)")
 
 
 def pyplot(what, required=True):

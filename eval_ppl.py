@@ -40,9 +40,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import rope_config
+from data_format import find_files, open_split, read_documents, read_meta
 from errors import UserError, pyplot, run, save_figure, write_json_atomic
 from hf_checkpoint import load_pretrained
 from model import INFER_CHUNK
+from tokenizer import check_same_tokenizer, load_tokenizer, sha256_file
 
 # -----------------------------------------------------------------------------
 # config (python eval_ppl.py [config.py] [--key=value ...])
@@ -402,9 +404,6 @@ def load_result(path):
 
 def load_docs(st):
     """(documents as int arrays cut to doc_tokens, their ids, data description, bos_id) for settings st."""
-    import prepare_data  # the input files' readers
-    from data_format import open_split, read_meta
-    from tokenizer import check_same_tokenizer, load_tokenizer, sha256_file
     if data_dir:
         tokens, offsets = open_split(data_dir, split)
         meta = read_meta(data_dir)
@@ -420,14 +419,14 @@ def load_docs(st):
         docs = [np.asarray(tokens[offsets[i]:offsets[i + 1]]) for i in ids]
         data_info = {'data_dir': os.path.abspath(data_dir), 'split': split, 'tokenizer': meta.get('tokenizer')}
     else:
-        files = prepare_data.find_files(input)  # files, dirs, globs (comma-separated or a list)
+        files = find_files(input)  # files, dirs, globs (comma-separated or a list)
         tok = load_tokenizer(tokenizer or model)
         if tokenizer and check_tokenizer:
             check_same_tokenizer(sha256_file(tok.path), f"tokenizer='{tokenizer}'", model, 'check_tokenizer')
         bos_id = tok.bos_id
         all_docs, where = [], []  # .txt/.md: one document per file; .jsonl(.gz/.zst)/.parquet: one per record
         for p in files:
-            for k, text in enumerate(prepare_data.read_documents(p, text_key)):
+            for k, text in enumerate(read_documents(p, text_key)):
                 all_docs.append(np.asarray(tok.encode(text, bos=False, eos=False), dtype=np.int64))
                 where.append([os.path.abspath(p), k])
         ids = select_docs([len(d) for d in all_docs], st['min_doc_len'], st['num_docs'], seed, st['draw'])

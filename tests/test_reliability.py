@@ -18,7 +18,6 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import eval_passkey  # noqa: E402
 import eval_ppl  # noqa: E402
-import prepare_data  # noqa: E402
 import errors  # noqa: E402
 from data_format import open_split  # noqa: E402
 from errors import UserError  # noqa: E402
@@ -284,12 +283,13 @@ def test_prepare_data_and_readers_name_the_file(tmp_path):
     make_hf_tokenizer(tmp_path / 'tok', 50)
     tok = str(tmp_path / 'tok')
     pq.write_table(pa.table({'text': [1, 2, 3]}), tmp_path / 'ints.parquet')
-    with pytest.raises(UserError, match=f"{tmp_path / 'ints.parquet'}: column 'text' holds int64, not strings"):
-        prepare_data.prepare(input=str(tmp_path / 'ints.parquet'), tokenizer=tok, out_dir=str(tmp_path / 'o'), progress=False)
-    assert not os.path.exists(tmp_path / 'o')
     (tmp_path / 'a_file').write_text('')
-    with pytest.raises(UserError, match=f"out_dir='{tmp_path / 'a_file'}' is a file"):
-        prepare_data.prepare(input=str(tmp_path / 'ints.parquet'), tokenizer=tok, out_dir=str(tmp_path / 'a_file'))
+    refused_all([
+        (('prepare_data.py', f"--input={tmp_path / 'ints.parquet'}", f'--tokenizer={tok}', f"--out_dir={tmp_path / 'o'}"),
+         [f"{tmp_path / 'ints.parquet'}: column 'text' holds int64, not strings"]),
+        (('prepare_data.py', f"--input={tmp_path / 'ints.parquet'}", f'--tokenizer={tok}',
+          f"--out_dir={tmp_path / 'a_file'}"), [f"out_dir='{tmp_path / 'a_file'}' is a file"])])
+    assert not os.path.exists(tmp_path / 'o')
     d = make_data(str(tmp_path / 'd'))
     meta = json.load(open(os.path.join(d, 'meta.json')))
     for bad, needle in [({'dtype': 'uint17'}, "dtype='uint17'"), ({'vocab_size': 'big'}, "vocab_size='big'"),
