@@ -5,9 +5,10 @@ MFU, eval throughput against transformers, sampler speed and data-preparation sp
     python bench.py                                   # every CPU section on a tiny model (a few minutes)
     python bench.py --only=fig3 --train_len=128        # Fig. 3 only: L_t = L_c x {1,2,...,64}
     python bench.py --only=train --dtype=bfloat16 --compile=True --batch_size=16 --seq_len=256
-    python bench.py --preset=gpu_1b --only=train       # CUDA only: ~1B-shaped model, MFU at 2k
-    python bench.py --preset=gpu_7b --only=evalmem     # CUDA only: peak memory of a 128k-token eval window, 7B shape
-    python bench.py --preset=gpu_1b --only=fig3        # CUDA only: Fig. 3 at 2k x {1..64} (full-length OOMs: recorded)
+    # one GPU, real shapes (config files; --key=value after them still wins):
+    python bench.py config/bench/gpu_1b.py --only=train    # ~1B-shaped model, MFU at 2k
+    python bench.py config/bench/gpu_7b.py --only=evalmem  # peak memory of eval_ppl on a 128k window, 7B
+    python bench.py config/bench/gpu_1b.py --only=fig3     # Fig. 3 at 2k x {1..64} (full-length OOMs: recorded)
 
 Sections (`only`, comma-separated):
   fig3     one training step (fwd + bwd + AdamW) of PoSE (train_len tokens, position ids up to L_t) and of
@@ -24,13 +25,16 @@ Sections (`only`, comma-separated):
   sampler  sample_positions.draws_per_second for pose / randpos at 2k->16k and 2k->128k.
   prepare  prepare_data.py (run as a process) on stdlib text with a given tokenizer vs the bare
            tokenizer's encode.
-  evalmem  (CUDA) peak memory of one eval_len-token forward with the chunked loss (no [T, vocab] logits).
+  evalmem  (CUDA) peak memory of eval_ppl.py on one window of eval_len input tokens: its sliding_window_nll
+           over the model as load_model sets it up (the row-chunked no-grad forward, only the scored
+           positions through lm_head, no [T, vocab] logits); weights included.
   evalcpu  one window of SmolLM2-135M's shape (or evalcpu_model), fp32 on this CPU: eval_ppl's NLL path vs
            transformers' model(x).logits + log_softmax. Peak RSS growth over the loaded models (VmHWM, reset
            through /proc/self/clear_refs after malloc_trim, so each run starts from what it really holds)
            and wall time (alternating, best of `iters`), with the ratios side by side; same NLL checked.
 Results: printed tables + one JSON (`out`, written atomically) + the Fig. 3 plot (`plot`, needs matplotlib).
 """
+import importlib.util
 import json
 import os
 import statistics
@@ -44,16 +48,16 @@ import numpy as np
 import torch
 
 from data_format import corpus_files
-from errors import pyplot, save_figure, write_json_atomic
+from errors import PLOT_EXTS, UserError, check_writable, pyplot, run, save_figure, write_json_atomic
+from eval_ppl import load_model, sliding_window_nll
 from hf_checkpoint import save_pretrained
-from model import ModelArgs, Transformer
+from model import INFER_CHUNK, ModelArgs, Transformer
 from perf import gpu_peak_flops, wrap_blocks
 import sample_positions
 from tokenizer import load_tokenizer
 
 # -----------------------------------------------------------------------------
-only = 'fig3,train,eval,sampler,prepare'  # sections to run: fig3 | train | eval | sampler | prepare | evalmem | evalcpu
-preset = ''  # '' = the shape below | 'gpu_1b' (TinyLlama-1.1B shape) | 'gpu_7b' (Llama-2-7B shape); CUDA only
+only = 'fig3,train,eval,sampler,prepare'  # sections (comma-separated): the names in SECTIONS below
 device = 'cuda' if torch.cuda.is_available() else 'cpu'  # 'cpu' | 'cuda'
 dtype = 'float32'  # compute dtype: 'float32' | 'bfloat16' (autocast over fp32 weights, as train.py)
 compile = False  # torch.compile each block (as train.py)
@@ -93,42 +97,9 @@ plot = 'out-bench/fig3.png'  # Fig. 3 plot ('' = none)
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
 # -----------------------------------------------------------------------------
 
-PRESETS = {  # GPU-only shapes: they need a real accelerator to mean anything
-    'gpu_1b': dict(dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, hidden_dim=5632, vocab_size=32000,
-                   batch_size=4, seq_len=2048, train_len=2048, dtype='bfloat16', compile=True),
-    'gpu_7b': dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, hidden_dim=11008, vocab_size=32000,
-                   eval_len=131072, dtype='bfloat16', train_len=2048),
-}
-
-
-def fail(msg):
-    print(f'error: {msg}', file=sys.stderr)
-    sys.exit(2)
-
-
-if preset:
-    if preset not in PRESETS:
-        fail(f"preset='{preset}': expected '' or one of {sorted(PRESETS)}")
-    if not torch.cuda.is_available():
-        fail(f"preset='{preset}' is a GPU shape: it needs CUDA (none here); run the CPU sections without --preset")
-    globals().update({k: v for k, v in PRESETS[preset].items() if not any(a.startswith(f'--{k}=') for a in sys.argv)})
-sections = [s.strip() for s in only.split(',') if s.strip()]
-for s in sections:
-    if s not in ('fig3', 'train', 'eval', 'sampler', 'prepare', 'evalmem', 'evalcpu'):
-        fail(f"only: unknown section '{s}' (fig3, train, eval, sampler, prepare, evalmem, evalcpu)")
-if device.startswith('cuda') and not torch.cuda.is_available():
-    fail(f"device='{device}' but CUDA is not available")
-if dtype not in ('float32', 'bfloat16'):
-    fail(f"dtype='{dtype}': expected 'float32' or 'bfloat16'")
-if threads:
-    torch.set_num_threads(threads)
 cuda = device.startswith('cuda')
 autocast = torch.autocast('cuda' if cuda else 'cpu', dtype=torch.bfloat16) if dtype == 'bfloat16' else nullcontext()
-results = {'config': {k: globals()[k] for k in ('preset', 'device', 'dtype', 'compile', 'activation_checkpointing',
-                                                'threads', 'seed', 'dim', 'n_layers', 'n_heads', 'n_kv_heads',
-                                                'hidden_dim', 'vocab_size')},
-           'machine': {'torch': torch.__version__, 'cpu_threads': torch.get_num_threads(), 'nproc': os.cpu_count(),
-                       'gpu': torch.cuda.get_device_name() if cuda else None}}
+results = {}  # section -> its numbers; written to `out` after every section
 
 
 def sync():
@@ -341,7 +312,6 @@ def bench_eval():
         print('\n== eval: skipped: transformers is not installed (a dev dependency: pip install -r requirements-dev.txt)')
         results['eval'] = {'skipped': 'transformers not installed'}
         return
-    from eval_ppl import load_model, sliding_window_nll
     with tempfile.TemporaryDirectory() as tmp:
         save_pretrained(build_model(eval_len), tmp, tokenizer_dir=None)  # random weights: no tokenizer
         ours = load_model(tmp, dtype=dtype, device=device)
@@ -383,22 +353,20 @@ def bench_eval():
 
 
 def bench_evalmem():
-    if not cuda:
-        fail('evalmem measures CUDA peak memory: it needs a GPU (try --preset=gpu_7b on one)')
     model = build_model(eval_len).to(torch.bfloat16 if dtype == 'bfloat16' else torch.float32).eval()
-    x = torch.randint(0, vocab_size, (1, eval_len), device=device)
+    model.infer_chunk = INFER_CHUNK  # as eval_ppl.load_model sets it: the row-chunked no-grad forward
+    doc = np.random.default_rng(seed).integers(0, vocab_size, eval_len + 1)  # one window: eval_len inputs
     torch.cuda.reset_peak_memory_stats()
     sync()
     t0 = time.perf_counter()
-    with torch.inference_mode():
-        _, loss = model(x, targets=x)
+    nll, n = sliding_window_nll(model, doc, eval_len, device=device)
     sync()
     r = {'eval_len': eval_len, 'peak_bytes': torch.cuda.max_memory_allocated(), 'seconds': time.perf_counter() - t0,
-         'weights_bytes': sum(p.numel() * p.element_size() for p in model.parameters())}
+         'weights_bytes': sum(p.numel() * p.element_size() for p in model.parameters()), 'nll_per_token': nll / n}
     results['evalmem'] = r
-    print(f"\n== evalmem: one {eval_len}-token window, {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B params, "
-          f"{dtype}: peak {r['peak_bytes'] / 1e9:.1f} GB (weights {r['weights_bytes'] / 1e9:.1f} GB), "
-          f"{r['seconds']:.1f} s")
+    print(f"\n== evalmem: eval_ppl's NLL over one {eval_len}-token window, "
+          f"{sum(p.numel() for p in model.parameters()) / 1e9:.2f}B params, {dtype}: peak "
+          f"{r['peak_bytes'] / 1e9:.1f} GB (weights {r['weights_bytes'] / 1e9:.1f} GB), {r['seconds']:.1f} s")
 
 
 # ----------------------------------------------------------------------------- eval memory / time on CPU, real shape
@@ -427,9 +395,6 @@ def peak_growth(fn):
 
 def bench_evalcpu():
     import transformers
-    from eval_ppl import load_model, sliding_window_nll
-    if not os.path.isfile('/proc/self/clear_refs'):
-        fail('evalcpu reads peak RSS from /proc (Linux only)')
     with tempfile.TemporaryDirectory() as tmp:
         path = evalcpu_model
         if not path:  # random weights of the real shape, saved once and loaded by both
@@ -535,8 +500,42 @@ def bench_prepare():
 
 SECTIONS = {'fig3': bench_fig3, 'train': bench_train, 'eval': bench_eval, 'sampler': bench_sampler,
             'prepare': bench_prepare, 'evalmem': bench_evalmem, 'evalcpu': bench_evalcpu}
-print(f"bench: {', '.join(sections)} on {device} ({torch.get_num_threads()} threads), {dtype}")
-for s in sections:
-    SECTIONS[s]()
-    write_json_atomic(out, results)  # after every section: a crash later keeps what was measured
-print(f'wrote {out}')
+
+
+def main():
+    sections = [s.strip() for s in only.split(',') if s.strip()]
+    for s in sections:
+        if s not in SECTIONS:
+            raise UserError(f"only: unknown section '{s}' (known: {', '.join(SECTIONS)})")
+    if device not in ('cpu', 'cuda') and not device.startswith('cuda:'):
+        raise UserError(f"device='{device}': expected 'cpu', 'cuda' or 'cuda:N'")
+    if cuda and not torch.cuda.is_available():
+        raise UserError(f"device='{device}' but CUDA is not available")
+    if dtype not in ('float32', 'bfloat16'):
+        raise UserError(f"dtype='{dtype}': expected 'float32' or 'bfloat16'")
+    if 'evalmem' in sections and not cuda:
+        raise UserError("only=evalmem measures CUDA peak memory: it needs device='cuda' "
+                        "(config/bench/gpu_7b.py on a GPU)")
+    if 'evalcpu' in sections and not os.path.isfile('/proc/self/clear_refs'):
+        raise UserError('only=evalcpu reads peak RSS from /proc (Linux only)')
+    if 'evalcpu' in sections and importlib.util.find_spec('transformers') is None:
+        raise UserError('only=evalcpu compares with transformers: pip install -r requirements-dev.txt')
+    check_writable(out, 'out', exts=('.json',))
+    if plot and 'fig3' in sections:
+        check_writable(plot, 'plot', exts=PLOT_EXTS)
+    if threads:
+        torch.set_num_threads(threads)
+    results.update(config={k: globals()[k] for k in (
+        'device', 'dtype', 'compile', 'activation_checkpointing', 'threads', 'seed', 'dim', 'n_layers', 'n_heads',
+        'n_kv_heads', 'hidden_dim', 'vocab_size')}, machine={
+        'torch': torch.__version__, 'cpu_threads': torch.get_num_threads(), 'nproc': os.cpu_count(),
+        'gpu': torch.cuda.get_device_name() if cuda else None})
+    print(f"bench: {', '.join(sections)} on {device} ({torch.get_num_threads()} threads), {dtype}")
+    for s in sections:
+        SECTIONS[s]()
+        write_json_atomic(out, results)  # after every section: a crash later keeps what was measured
+    print(f'wrote {out}')
+
+
+if __name__ == '__main__':
+    run(main, interrupted=f'interrupted (Ctrl-C): stopped; {out} holds only the sections that finished')

@@ -21,6 +21,7 @@ import tempfile
 from contextlib import contextmanager
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+PLOT_EXTS = ('.png', '.pdf', '.svg')  # figure formats matplotlib writes with no extra package
 
 
 class UserError(ValueError):
