@@ -4,8 +4,11 @@
 #   python train.py config/pose_16k.py --batch_size=4 --rope_scaling="{'rope_type': 'yarn', 'factor': 8.0}"
 # runs the config file (plain Python; it may only assign keys the script already has) and then the
 # --key=value overrides. A typo is an error that names the key (inside a config file too); a value of
-# the wrong type is an error naming key, value and expected type (int -> float is allowed, and a
-# default of None accepts anything). Helper variables in a config file start with '_'. Only rank 0 prints, so torchrun logs stay readable.
+# the wrong type is an error naming key, value and expected type (int -> float is allowed). A key takes
+# its default's type (a dict key also None), so --seed=None is refused; a key whose default is None
+# takes None or the type(s) the script declares in a dict CONFIG_TYPES = {key: type or tuple of types}
+# above the exec line (undeclared: anything). Helper variables in a config file start with '_'. Only
+# rank 0 prints, so torchrun logs stay readable.
 import ast as _ast
 import builtins as _builtins  # scripts have a `compile` config key that shadows the builtin
 import os as _os
@@ -19,21 +22,31 @@ def _cfg_say(msg):
 
 def _cfg_fail(msg):
     # one clear line, no traceback: this is the user's input, not our bug
-    _sys.stderr.write(f"config error: {msg}\n")
+    _sys.stderr.write(f"error: {msg}\n")
     raise SystemExit(2)
+
+
+def _cfg_types(key):
+    # the types a key takes: those the script declares for it in CONFIG_TYPES, else its default's (a dict
+    # key may also be None: no dict, e.g. rope_scaling=None = the model's own); None: anything goes
+    default, declared = globals()[key], globals().get('CONFIG_TYPES', {}).get(key)
+    want = declared if declared is not None else None if default is None else \
+        (dict, type(None)) if isinstance(default, dict) else type(default)
+    return want if want is None or isinstance(want, tuple) else (want,)
 
 
 def _cfg_check(key, value, where):
     """Validate one assignment against the script's defaults; returns the (possibly widened) value."""
-    if key not in globals() or key.startswith('_'):
+    if key not in globals() or key.startswith('_') or key.isupper() or key == 'config_keys':
         _cfg_fail(f"unknown config key '{key}' ({where})")
-    default = globals()[key]
-    if default is None or value is None:
+    want = _cfg_types(key)
+    if want is None or (value is None and globals()[key] is None):  # undeclared, or the default itself
         return value
-    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+    if float in want and isinstance(value, int) and not isinstance(value, bool):
         return float(value)  # --learning_rate=1 means 1.0
-    if isinstance(default, bool) != isinstance(value, bool) or not isinstance(value, type(default)):
-        _cfg_fail(f"{key}={value!r} ({where}): expected {type(default).__name__}, got {type(value).__name__}")
+    if not isinstance(value, want) or (isinstance(value, bool) and bool not in want):
+        names = ' or '.join('None' if t is type(None) else t.__name__ for t in want)
+        _cfg_fail(f"{key}={value!r} ({where}): expected {names}, got {type(value).__name__}")
     return value
 
 
@@ -81,7 +94,8 @@ for _arg in _cfg_argv:
         if '=' not in _arg:
             _cfg_fail(f"expected --key=value, got '{_arg}'")
         _key, _val = _arg[2:].split('=', 1)
-        if not isinstance(globals().get(_key), str):  # a str key takes the text as is (--out_dir=123)
+        # a str key takes the text as is (--out_dir=123); so does one declared str whose default is None
+        if _key not in globals() or _cfg_types(_key) != (str,) or (globals()[_key] is None and _val == 'None'):
             try:
                 _val = _ast.literal_eval(_val)  # numbers, bools, None, lists, dicts ...
             except (SyntaxError, ValueError):

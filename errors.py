@@ -1,18 +1,22 @@
 """
-One error idiom for every entry script (train.py, prepare_data.py, eval_*.py, sample_positions.py):
+One error idiom for every entry script (train.py, prepare_data.py, eval_*.py, sample_positions.py,
+bench.py, convert_gguf.py, the demos):
 
-- input that cannot be used (a file, key or value), or a machine that refuses (a full disk), is raised as
-  UserError('one line naming the culprit') where it enters; `run(main)` catches it once, prints
+- input that cannot be used (a file, key or value), or a machine that refuses (a full disk), is raised
+  as UserError('one line naming the culprit') where it enters; `run(main)` catches it once, prints
   `error: ...` and exits with e.code (2; 1 for faults of the run or the machine), no traceback;
 - Ctrl-C: one line, exit 130; whoever was writing removes their temp files on the way out (`writing`);
 - anything else is a bug and keeps its traceback.
 
-And the two ways a script's output goes wrong without it being a bug: a half-written file (`atomic_path`: write
-a temp name beside the file, renamed when complete; write_text_atomic / write_json_atomic /
-write_jsonl_atomic / save_figure use it)
-and a missing optional dependency (`pyplot`: matplotlib, needed for plots only).
+And the ways a script's output goes wrong without it being a bug, each stopped here: an output path that
+cannot be written, found only after the work (`check_writable`, before it); two runs writing one result
+(`claim`); a half-written file (`atomic_path`: write a temp name beside the file, renamed when complete;
+write_text_atomic / write_json_atomic / write_jsonl_atomic / save_figure use it); a missing optional
+dependency (`pyplot`: matplotlib, needed for plots only).
 """
+import atexit
 import errno
+import fcntl
 import json
 import os
 import shutil
@@ -96,6 +100,48 @@ def atomic_path(path):
     with writing(path, temps=[tmp]):
         yield tmp
         os.replace(tmp, path)
+    release(path)
+
+
+_claims = {}  # absolute path -> (fd, lock path) of every result name this process has claimed
+
+
+def claim(path, key='out'):
+    """Claim the result name `path` (config key `key`) for this process, before its work: an exclusive flock
+    on path + '.lock', which the OS drops when the process ends however it ends, so a second run started with
+    the same path is refused while this one runs, and a lock file a killed run left behind blocks nobody.
+    The claim ends when the result is written (atomic_path) or the process exits."""
+    if os.path.abspath(path) in _claims:
+        return path
+    lock = path + '.lock'
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held = os.stat(lock).st_ino == os.fstat(fd).st_ino  # not a lock file its holder removed meanwhile
+    except (BlockingIOError, FileNotFoundError):
+        held = False
+    if not held:
+        os.close(fd)
+        raise UserError(f"{key}={path!r}: another run is writing it now (it holds {lock})")
+    _claims[os.path.abspath(path)] = (fd, lock)
+    return path
+
+
+def release(path):
+    """End this process's claim on `path`, if it holds one: the lock file goes, then the lock."""
+    fd, lock = _claims.pop(os.path.abspath(path), (None, None))
+    if fd is None:
+        return
+    try:
+        if os.stat(lock).st_ino == os.fstat(fd).st_ino:
+            os.remove(lock)
+    except OSError:
+        pass
+    os.close(fd)
+
+
+atexit.register(lambda: [release(p) for p in list(_claims)])
 
 
 def check_writable(path, key, exts=(), directory=False):

@@ -32,6 +32,7 @@ names); then this script's run (documents, evaluate, table, plot, main).
 import json
 import math
 import os
+import re
 import time
 
 import numpy as np
@@ -41,7 +42,8 @@ from tqdm import tqdm
 
 import rope_config
 from data_format import find_files, open_split, read_documents, read_meta
-from errors import UserError, pyplot, run, save_figure, write_json_atomic
+from errors import (PLOT_EXTS, UserError, check_writable, claim, pyplot, read_json, release, run, save_figure,
+                    write_json_atomic)
 from hf_checkpoint import load_pretrained
 from model import INFER_CHUNK
 from tokenizer import check_same_tokenizer, load_tokenizer, sha256_file
@@ -75,6 +77,9 @@ out = ''  # JSON results path ('' = out/ppl-<model>[-<rope override>]-<protocol>
 overwrite = False  # replace an existing `out` (else: refuse before evaluating)
 plot = ''  # PNG path: ppl vs length of this run and of plot_inputs
 plot_inputs = []  # more result JSON files to overlay in the plot
+CONFIG_TYPES = {'rope_scaling': dict, 'max_position_embeddings': int, 'input': (str, list), 'tokenizer': str,
+                'lengths': list, 'stride': int, 'mode': str, 'windows': str, 'add_bos': bool, 'num_docs': int,
+                'draw': str, 'min_doc_len': int, 'doc_tokens': int, 'dtype': str}  # keys whose default is None
 # -----------------------------------------------------------------------------
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
 
@@ -222,6 +227,10 @@ def resolve_protocol(name, overrides):
     for k in ('min_doc_len', 'doc_tokens', 'num_docs', 'stride'):  # 0: doc_tokens all, num_docs all, disjoint
         if not isinstance(st[k], int) or isinstance(st[k], bool) or st[k] < 0:
             raise UserError(f"{k} must be an int >= 0, got {st[k]!r}")
+    for k in ('doc_tokens', 'min_doc_len'):  # a column labelled L must be scored with windows of L tokens
+        if (st[k] or k == 'min_doc_len') and st[k] + int(st['add_bos'] is True) < max(L):
+            raise UserError(f"{k}={st[k]} is shorter than the window L={max(L)} (with add_bos={st['add_bos']}): "
+                            f"that column would be scored with shorter windows; raise {k} or lower lengths")
     for k, ok in (('draw', ('random', 'first')), ('mode', ('sliding', 'truncate')), ('windows', ('aligned', 'official')),
                   ('add_bos', (True, False)), ('dtype', ('auto', 'float32', 'bfloat16', 'float16'))):
         if st[k] not in ok:
@@ -232,9 +241,10 @@ def resolve_protocol(name, overrides):
 def format_settings(r):
     """The lines printed under a table: protocol, every setting, the documents."""
     st, ids = r['settings'], r.get('doc_ids', [])
+    asked = f" of num_docs={st['num_docs']} asked" if len(ids) < (st.get('num_docs') or 0) else ''
     lines = [f"protocol {r.get('protocol', '?')}: {PROTOCOLS.get(r.get('protocol'), {}).get('about', '')}",
              'settings: ' + ', '.join(f"{k}={st[k]}" for k in st if k != 'lengths'),
-             f"documents ({len(ids)}): {ids}"]
+             f"documents ({len(ids)}{asked}): {ids}"]
     return '\n'.join(lines)
 
 
@@ -261,37 +271,51 @@ DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch
 
 
 def check_run(kind, model_dir, rope_scaling, out, overwrite, plot, protocol=None):
-    """The checks both eval scripts make before any work; returns the result path (`out`, or the default name
-    out/<kind>-<model>[-<rope override>][-<protocol>].json). The model dir is read for real by load_model."""
+    """The checks both eval scripts make before any work; returns the result path (`out`, or the default
+    name out/<kind>-<model>[-<rope override>][-<protocol>].json), claimed for this run. The model dir is
+    read for real by load_model."""
     if not model_dir:
         raise UserError("--model=<HF model dir> is required")
     if not os.path.isfile(os.path.join(model_dir, 'config.json')):
         raise UserError(f"model dir not found or has no config.json: {model_dir}")
-    path = check_out(out or default_out(kind, model_dir, rope_scaling, protocol), overwrite)
     check_plot(plot)
-    return path
+    return check_out(out or default_out(kind, model_dir, rope_scaling, protocol), overwrite)
 
 
 def check_out(path, overwrite):
-    """Refuse (before any work) to replace an existing result unless overwrite=True."""
-    if os.path.isdir(path):
-        raise UserError(f"out={path!r} is a directory: give a .json file path")
+    """Before any work: `path` is a .json file path we can write, no other run is writing it (claimed here
+    until the result is written), and it is not an existing result unless overwrite=True."""
+    check_writable(path, 'out', exts=('.json',))
+    claim(path, 'out')
     if os.path.exists(path) and not overwrite:
+        release(path)
         raise UserError(f"{path} exists: pass --overwrite=True to replace it, or --out=<another path>")
     return path
 
 
 def check_plot(path):
-    """--plot (before the work): matplotlib is there and the path is a file path."""
+    """--plot (before the work): matplotlib is there, and the path is a figure file path we can write."""
     if not path:
         return
     pyplot(f"plot={path!r}")
-    if os.path.isdir(path):
-        raise UserError(f"plot={path!r} is a directory: give a .png file path")
+    check_writable(path, 'plot', exts=PLOT_EXTS)
+
+
+def check_device(device):
+    """'cpu', or 'cuda' / 'cuda:N' on a machine that has it (before any work)."""
+    if device == 'cpu':
+        return
+    if not re.fullmatch(r'cuda(:\d+)?', str(device)):
+        raise UserError(f"device={device!r}: expected 'cpu', 'cuda' or 'cuda:N'")
+    if not torch.cuda.is_available():
+        raise UserError(f"device={device!r} but CUDA is not available here")
+    if ':' in device and int(device[5:]) >= torch.cuda.device_count():
+        raise UserError(f"device={device!r} but this machine has {torch.cuda.device_count()} CUDA device(s)")
 
 
 def torch_dtype(dtype, device):
-    """'auto' = bfloat16 on CUDA, float32 elsewhere; or a name in DTYPES."""
+    """'auto' = bfloat16 on CUDA, float32 elsewhere; or a name in DTYPES. The device is checked too."""
+    check_device(device)
     if dtype == 'auto':
         return torch.bfloat16 if 'cuda' in str(device) else torch.float32
     if dtype not in DTYPES:
@@ -392,12 +416,12 @@ def plot_results(results, path):
 
 
 def load_result(path):
+    """An eval_ppl.py result JSON (--plot_inputs), checked: a missing or broken file is named."""
     if not os.path.isfile(path):
-        raise UserError(f"result file not found: {path}")
-    with open(path) as f:
-        r = json.load(f)
-    if 'ppl' not in r:
-        raise UserError(f"{path}: not an eval_ppl.py result (no 'ppl' key)")
+        raise UserError(f"plot_inputs: result file not found: {path}")
+    r = read_json(path)
+    if not isinstance(r.get('ppl'), dict) or not all(isinstance(v, (int, float)) for v in r['ppl'].values()):
+        raise UserError(f"{path}: not an eval_ppl.py result (no 'ppl' dict of numbers)")
     r.setdefault('label', result_label(r.get('model', path), r.get('rope_scaling')))
     return r
 
@@ -459,6 +483,7 @@ def evaluate(net, docs, st, use_bos, bos_id):
 
 
 def main():
+    check_device(device)
     if plot_inputs and not model:  # only overlay existing results
         if not plot:
             raise UserError("plot_inputs given without --plot=<png path>")
@@ -469,11 +494,18 @@ def main():
         print(f"wrote {plot}")
         return
     path = check_run('ppl', model, rope_scaling, out, overwrite, plot, protocol)  # before reading any data
+    others = [load_result(p) for p in plot_inputs]  # the plot's other lines, read before the work
     if bool(data_dir) == bool(input):
         raise UserError("give exactly one of --data_dir (a prepared split) or --input (raw text files)")
+    if max_position_embeddings is not None and max_position_embeddings < 1:
+        raise UserError(f"max_position_embeddings must be >= 1 (or None: the checkpoint's), "
+                        f"got {max_position_embeddings}")
     given = {k: globals()[k] for k in SETTING_KEYS}
     st = resolve_protocol(protocol, given)
     docs, ids, data_info, bos_id = load_docs(st)
+    if st['num_docs'] and len(ids) < st['num_docs']:  # the result is not over what the protocol asks
+        print(f"warning: num_docs={st['num_docs']} (protocol {protocol}) but only {len(ids)} document(s) have "
+              f">= {st['min_doc_len']} tokens: the result is over {len(ids)}")
 
     net = load_model(model, rope_scaling, max_position_embeddings, st['dtype'], device, st['lengths'])
     check_vocab(docs, net.args.vocab_size, f"data_dir='{data_dir}'" if data_dir else 'the tokenized input')
@@ -489,7 +521,8 @@ def main():
         'max_position_embeddings': net.args.max_position_embeddings,
         'data': data_info, 'protocol': protocol,
         'overridden': sorted(k for k, v in given.items() if v is not None),  # settings not the protocol's
-        'settings': dict(st, add_bos=use_bos, seed=seed, device=device, torch_dtype=str(next(net.parameters()).dtype)),
+        'settings': dict(st, add_bos=use_bos, seed=seed, device=device,
+                         torch_dtype=str(next(net.parameters()).dtype)),
         'ppl': ppl, 'nll': nll, 'tokens': counts, 'tokens_per_s': tps,
         'doc_ids': ids, 'doc_lens': [int(len(d)) for d in docs],
     }
@@ -498,8 +531,7 @@ def main():
     print(format_settings(result))
     print(f"wrote {path}")
     if plot:
-        results = [result] + [load_result(p) for p in plot_inputs]
-        plot_results(results, plot)
+        plot_results([result] + others, plot)
         print(f"wrote {plot}")
 
 
