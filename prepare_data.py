@@ -1,15 +1,16 @@
 """
 Text corpora -> token memmap + document index, for PoSE training and evaluation.
 
-    python prepare_data.py --input=pile/*.jsonl.zst --tokenizer=/models/Llama-2-7b-hf --min_tokens=2048
+    python prepare_data.py --input=pile/*.jsonl.zst --tokenizer=/models/Llama-2-7b-hf \
+        --min_tokens=2048
     python prepare_data.py --corpus=python_stdlib --train_tokenizer=2048 --out_dir=data-demo
 
 PoSE samples its chunks inside ONE document, so documents stay whole and separate: out_dir gets
-{split}.bin (tokens), {split}.idx (document offsets) and meta.json for split in train / val -- the format
-is data_format.py's, which also holds every reader (of these inputs, and of out_dir for train.py /
-eval_*.py), so no other script imports this one. Everything is written under temp names and renamed at
-the end, meta.json last; temp files a killed run left behind are removed by the next run. Tokenizing
-uses tokenizer.py's `load_tokenizer`, as train and eval do.
+{split}.bin (tokens), {split}.idx (document offsets) and meta.json for split in train / val -- the
+format is data_format.py's, which also holds every reader (of these inputs, and of out_dir for
+train.py / eval_*.py), so no other script imports this one. Everything is written under temp names
+and renamed at the end, meta.json last; temp files a killed run left behind are removed by the next
+run. Tokenizing uses tokenizer.py's `load_tokenizer`, as train and eval do.
 
 Inputs (files, directories searched recursively, or glob patterns): .jsonl / .jsonl.gz /
 .jsonl.zst (one JSON object per line, text under `text_key`), .parquet (column `text_key`),
@@ -31,21 +32,22 @@ from contextlib import contextmanager
 import numpy as np
 from tqdm import tqdm
 
-from data_format import SplitWriter, corpus_files, find_files, iter_documents, shuffle_split, split_paths
+from data_format import (SplitWriter, corpus_files, find_files, iter_documents, shuffle_split,
+                         split_paths)
 from errors import UserError, check_writable, is_disk_full, remove, run
 from tokenizer import Tokenizer, resolve_tokenizer, sha256_file
 
 # -----------------------------------------------------------------------------
 # config (nanoGPT style: python prepare_data.py [config.py] [--key=value ...])
 input = None  # files / dirs / globs: a list, or a comma-separated string (None: use `corpus`)
-corpus = ''  # an embedded corpus instead of `input`: 'python_stdlib' (this Python's stdlib .py files)
-val_input = None  # separate validation files (same forms as `input`); else `val_fraction` of `input`
+corpus = ''  # an embedded corpus instead of `input`: 'python_stdlib' (this Python's stdlib .py)
+val_input = None  # separate validation files (same forms as `input`); else val_fraction of input
 val_fraction = 0.0  # fraction of documents sent to the val split (a seeded per-document coin)
 out_dir = 'data'  # where {split}.bin / {split}.idx / meta.json go
 tokenizer = ''  # sentencepiece .model, HF tokenizer.json, or an HF model directory holding either
 train_tokenizer = 0  # >0: train a sentencepiece model of this vocab size on the inputs and use it
 tokenizer_type = 'bpe'  # for train_tokenizer: 'bpe' or 'unigram'
-tokenizer_sample_mb = 20.0  # for train_tokenizer: train on the first this-many MB of the train documents
+tokenizer_sample_mb = 20.0  # for train_tokenizer: train on the first this-many MB of train docs
 text_key = 'text'  # the field holding the text in .jsonl / .parquet
 min_tokens = 0  # drop documents shorter than this (tokens incl. BOS/EOS; the paper keeps >= 2048)
 max_tokens = 0  # truncate documents to this many tokens (0 = no limit; official PoSE code: 5 * L_c)
@@ -56,7 +58,8 @@ dtype = ''  # '' = uint16 when vocab_size <= 65536 else uint32; or force 'uint16
 shuffle = True  # seeded permutation of each split's documents (a second pass over the .bin)
 seed = 1337  # for val_fraction and shuffle
 num_proc = 1  # tokenizer worker processes (output order is the input order regardless)
-CONFIG_TYPES = {'input': (str, list), 'val_input': (str, list)}  # the type of each key whose default is None
+# the types of the keys whose default is None (configurator.py)
+CONFIG_TYPES = {'input': (str, list), 'val_input': (str, list)}
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and not k.isupper()
                and isinstance(v, (int, float, bool, str, list, type(None)))]
@@ -70,14 +73,17 @@ def is_val(index, seed, fraction):
     return int.from_bytes(h, 'little') < fraction * 2 ** 64
 
 
-# ----------------------------------------------------------------------------- tokenizing (ordered, parallel)
+# ----------------------------------------------------------------------------- tokenizing
+# ordered and parallel
 _worker_tok = None
 
 
 def _init_worker(tok_path):
     global _worker_tok
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the main process, which stops us cleanly
-    os.environ['TOKENIZERS_PARALLELISM'] = 'false'  # one core per worker: num_proc is the parallelism
+    # Ctrl-C is for the main process, which stops us cleanly
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # one core per worker: num_proc is the parallelism
+    os.environ['TOKENIZERS_PARALLELISM'] = 'false'
     _worker_tok = Tokenizer(tok_path)
 
 
@@ -88,7 +94,8 @@ def _encode_worker(texts, bos, eos):
 def _pack(lists):
     # one flat array + lengths: cheap to send between processes
     lens = np.fromiter((len(x) for x in lists), dtype=np.int64, count=len(lists))
-    flat = np.fromiter(itertools.chain.from_iterable(lists), dtype=np.int64, count=int(lens.sum()))  # C loop, ~0.1 us/token
+    # C loop, ~0.1 us/token
+    flat = np.fromiter(itertools.chain.from_iterable(lists), dtype=np.int64, count=int(lens.sum()))
     return flat, lens
 
 
@@ -116,7 +123,8 @@ def encode_documents(docs, tok_path, num_proc=1, bos=True, eos=False):
         for batch in _batches(docs):
             yield _pack(tok.encode_batch(batch, bos, eos))
         return
-    pool = mp.get_context('fork' if sys.platform == 'linux' else 'spawn').Pool(num_proc, _init_worker, (tok_path,))
+    context = mp.get_context('fork' if sys.platform == 'linux' else 'spawn')
+    pool = context.Pool(num_proc, _init_worker, (tok_path,))
     pending = deque()
     try:
         for batch in _batches(docs):
@@ -142,7 +150,8 @@ def train_sentencepiece(docs, vocab_size, model_path, model_type='bpe', sample_m
     folding, no dummy prefix) so decode(encode(text)) == text for code and any text without '▁'."""
     import sentencepiece as spm
 
-    failed = []  # an error inside the iterator would reach us as sentencepiece's RuntimeError: keep it
+    # an error inside the iterator would reach us as sentencepiece's RuntimeError: keep it
+    failed = []
 
     def pieces():  # <= 4 KB pieces cut at line ends: sentencepiece skips over-long "sentences"
         try:
@@ -167,42 +176,50 @@ def train_sentencepiece(docs, vocab_size, model_path, model_type='bpe', sample_m
                 return
 
     model = io.BytesIO()
-    # the trainer's sentence shuffle and sampling draw from its own generator: seeded, the same docs give the
-    # same tokenizer whatever the thread count (checked: three trainings, one sha256)
+    # the trainer's sentence shuffle and sampling draw from its own generator: seeded, the same docs
+    # give the same tokenizer whatever the thread count
     spm.set_random_generator_seed(1337)
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=pieces(), model_writer=model, vocab_size=vocab_size, model_type=model_type,
-            byte_fallback=True, character_coverage=0.9995, split_digits=True,
-            normalization_rule_name='identity', remove_extra_whitespaces=False, add_dummy_prefix=False,
-            allow_whitespace_only_pieces=True, user_defined_symbols=['\n'],  # newline: always its own piece
+            sentence_iterator=pieces(), model_writer=model, vocab_size=vocab_size,
+            model_type=model_type, byte_fallback=True, character_coverage=0.9995, split_digits=True,
+            normalization_rule_name='identity', remove_extra_whitespaces=False,
+            add_dummy_prefix=False,
+            # newline: always its own piece
+            allow_whitespace_only_pieces=True, user_defined_symbols=['\n'],
             unk_id=0, bos_id=1, eos_id=2, pad_id=-1, max_sentence_length=1 << 16,
-            input_sentence_size=1 << 20, shuffle_input_sentence=True, num_threads=min(8, os.cpu_count() or 1),
-            minloglevel=2)
+            input_sentence_size=1 << 20, shuffle_input_sentence=True,
+            num_threads=min(8, os.cpu_count() or 1), minloglevel=2)
     except RuntimeError as e:
         if failed:
             raise failed[0] from None
-        raise UserError(f"train_tokenizer={vocab_size}: sentencepiece failed: {str(e).strip().splitlines()[-1]}") from None
+        why = str(e).strip().splitlines()[-1]
+        raise UserError(f"train_tokenizer={vocab_size}: sentencepiece failed: {why}") from None
     if failed:
         raise failed[0]
     with open(model_path, 'wb') as f:
         f.write(model.getvalue())
 
 
-LLAMA_TOKENIZER_CONFIG = {  # lets transformers load a trained tokenizer.model as a LlamaTokenizer
-    'tokenizer_class': 'LlamaTokenizer', 'bos_token': '<s>', 'eos_token': '</s>', 'unk_token': '<unk>',
-    'pad_token': None, 'add_bos_token': True, 'add_eos_token': False, 'add_prefix_space': False,
-    'legacy': False, 'clean_up_tokenization_spaces': False, 'model_max_length': 1 << 30}
+# lets transformers load a trained tokenizer.model as a LlamaTokenizer
+LLAMA_TOKENIZER_CONFIG = {
+    'tokenizer_class': 'LlamaTokenizer', 'bos_token': '<s>', 'eos_token': '</s>',
+    'unk_token': '<unk>', 'pad_token': None, 'add_bos_token': True, 'add_eos_token': False,
+    'add_prefix_space': False, 'legacy': False, 'clean_up_tokenization_spaces': False,
+    'model_max_length': 1 << 30}
+
 
 # ----------------------------------------------------------------------------- the pipeline
 # main() below runs the steps in order; each step gets what it uses as arguments.
-TEMP_NAMES = [f'{s}.{ext}.tmp{shuf}' for s in ('train', 'val') for ext in ('bin', 'idx') for shuf in ('', '.shuf')] \
-    + ['meta.json.tmp', 'tokenizer.model.tmp', 'tokenizer_config.json.tmp']  # every temp name a run writes
+# every temp name a run writes
+TEMP_NAMES = [f'{s}.{ext}.tmp{shuf}' for s in ('train', 'val') for ext in ('bin', 'idx')
+              for shuf in ('', '.shuf')]
+TEMP_NAMES += ['meta.json.tmp', 'tokenizer.model.tmp', 'tokenizer_config.json.tmp']
 
 
 def check_config():
-    """The config, checked before anything is written -> (files, val_files or None, splits, tokenizer path
-    or None when it is to be trained)."""
+    """The config, checked before anything is written -> (files, val_files or None, splits,
+    tokenizer path or None when it is to be trained)."""
     if bool(input) == bool(corpus):
         raise UserError("set exactly one of input=FILES or corpus=python_stdlib")
     files = corpus_files(corpus) if corpus else find_files(input)
@@ -210,23 +227,30 @@ def check_config():
     for bad, msg in [
             (not 0.0 <= val_fraction < 1.0, f"val_fraction={val_fraction}: must be in [0, 1)"),
             (val_files and val_fraction, "set val_input or val_fraction, not both"),
-            (min(min_tokens, max_tokens, max_docs) < 0, "min_tokens, max_tokens, max_docs must be >= 0"),
+            (min(min_tokens, max_tokens, max_docs) < 0,
+             "min_tokens, max_tokens, max_docs must be >= 0"),
             (num_proc < 1, f"num_proc={num_proc}: must be >= 1"),
-            (max_tokens and min_tokens > max_tokens, f"min_tokens={min_tokens} > max_tokens={max_tokens}"),
-            (dtype not in ('', 'uint16', 'uint32'), f"dtype={dtype!r}: use '', 'uint16' or 'uint32'"),
-            (tokenizer and train_tokenizer, "set tokenizer=PATH or train_tokenizer=VOCAB, not both"),
-            (tokenizer_type not in ('bpe', 'unigram'), f"tokenizer_type={tokenizer_type!r}: use 'bpe' or 'unigram'")]:
+            (max_tokens and min_tokens > max_tokens,
+             f"min_tokens={min_tokens} > max_tokens={max_tokens}"),
+            (dtype not in ('', 'uint16', 'uint32'),
+             f"dtype={dtype!r}: use '', 'uint16' or 'uint32'"),
+            (tokenizer and train_tokenizer,
+             "set tokenizer=PATH or train_tokenizer=VOCAB, not both"),
+            (tokenizer_type not in ('bpe', 'unigram'),
+             f"tokenizer_type={tokenizer_type!r}: use 'bpe' or 'unigram'")]:
         if bad:
             raise UserError(msg)
     tok_path = None if train_tokenizer else resolve_tokenizer(tokenizer)
     check_writable(out_dir, 'out_dir', directory=True)
-    return files, val_files, ['train', 'val'] if (val_files or val_fraction) else ['train'], tok_path
+    splits = ['train', 'val'] if (val_files or val_fraction) else ['train']
+    return files, val_files, splits, tok_path
 
 
 @contextmanager
 def removed_on_failure(out_dir, made_out_dir, tmps, handles):
-    """If the block fails or Ctrl-C arrives: the writers and bars in `handles` are closed, the temp files in
-    `tmps` removed (and out_dir when this run made it and it is still empty), then a full disk is one line."""
+    """If the block fails or Ctrl-C arrives: the writers and bars in `handles` are closed, the temp
+    files in `tmps` removed (and out_dir when this run made it and it is still empty), then a full
+    disk is one line."""
     try:
         yield
     except BaseException as e:
@@ -245,8 +269,9 @@ def removed_on_failure(out_dir, made_out_dir, tmps, handles):
 
 
 def train_tokenizer_into(docs, out_dir, tmps, vocab_size, model_type, sample_mb):
-    """Train a sentencepiece model on `docs` (the train documents, never val ones) into out_dir: tokenizer.model
-    and tokenizer_config.json, under temp names (outputs like the .bin: renamed at the commit) -> the temp .model."""
+    """Train a sentencepiece model on `docs` (the train documents, never val ones) into out_dir:
+    tokenizer.model and tokenizer_config.json, under temp names (outputs like the .bin: renamed at
+    the commit) -> the temp .model."""
     path = os.path.join(out_dir, 'tokenizer.model.tmp')
     tmps += [path, os.path.join(out_dir, 'tokenizer_config.json.tmp')]
     train_sentencepiece(docs, vocab_size, path, model_type, sample_mb)
@@ -255,9 +280,10 @@ def train_tokenizer_into(docs, out_dir, tmps, vocab_size, model_type, sample_mb)
     return os.path.abspath(path)
 
 
-def tokenize_stream(batches, split_of, writers, stats, np_dtype, n_special, min_tokens, max_tokens, max_docs, bar):
-    """Encoded batches (encode_documents) into the split writers, filtered: document i goes to split_of(i).
-    Counts go to stats[split]; returns the documents read."""
+def tokenize_stream(batches, split_of, writers, stats, np_dtype, n_special, min_tokens, max_tokens,
+                    max_docs, bar):
+    """Encoded batches (encode_documents) into the split writers, filtered: document i goes to
+    split_of(i). Counts go to stats[split]; returns the documents read."""
     index, kept, n_tok, t0 = 0, 0, 0, time.time()
     for flat, lens in batches:
         if flat.size and flat.max() > np.iinfo(np_dtype).max:
@@ -287,8 +313,8 @@ def tokenize_stream(batches, split_of, writers, stats, np_dtype, n_special, min_
 
 
 def commit(out_dir, splits, meta, tmps, trained):
-    """Temp names -> final names. meta.json goes away first and comes back last: at no moment does a directory
-    holding a mix of two runs look complete."""
+    """Temp names -> final names. meta.json goes away first and comes back last: at no moment does a
+    directory holding a mix of two runs look complete."""
     meta_path = os.path.join(out_dir, 'meta.json')
     tmps.append(meta_path + '.tmp')
     with open(meta_path + '.tmp', 'w') as f:
@@ -297,7 +323,8 @@ def commit(out_dir, splits, meta, tmps, trained):
         if os.path.exists(stale):
             os.remove(stale)
     finals = [p for s in splits for p in split_paths(out_dir, s)]
-    finals += [os.path.join(out_dir, n) for n in ('tokenizer.model', 'tokenizer_config.json')] if trained else []
+    if trained:
+        finals += [os.path.join(out_dir, n) for n in ('tokenizer.model', 'tokenizer_config.json')]
     for p in finals + [meta_path]:
         os.replace(p + '.tmp', p)
 
@@ -317,8 +344,8 @@ def main():
         if train_tokenizer:
             train_docs = (t for i, t in enumerate(iter_documents(files, text_key, bool(corpus)))
                           if not (val_fraction and is_val(i, seed, val_fraction)))
-            tok_path = train_tokenizer_into(train_docs, out_dir, tmps, train_tokenizer, tokenizer_type,
-                                            tokenizer_sample_mb)
+            tok_path = train_tokenizer_into(train_docs, out_dir, tmps, train_tokenizer,
+                                            tokenizer_type, tokenizer_sample_mb)
             tok_final = tok_path.removesuffix('.tmp')  # its name after the commit
         tok = Tokenizer(tok_path)
         if dtype == 'uint16' and tok.vocab_size > 2 ** 16:
@@ -327,52 +354,63 @@ def main():
         np_dtype = np.dtype(dtype or ('uint16' if tok.vocab_size <= 2 ** 16 else 'uint32'))
         bos, eos = add_bos and tok.bos_id is not None, add_eos and tok.eos_id is not None
 
-        # 3) stream documents -> tokens -> {split}.bin.tmp / {split}.idx.tmp: the train inputs (every
-        # document to train, or each to val / train by its seeded coin), then the val_input files
+        # 3) stream documents -> tokens -> {split}.bin.tmp / {split}.idx.tmp: the train inputs
+        # (every document to train, or each to val / train by its seeded coin), then val_input's
         writers = {}
         for s in splits:
             tmps.extend(p + '.tmp' for p in split_paths(out_dir, s))
             writers[s] = SplitWriter(out_dir, s)
             handles.append(writers[s])
-        stats = {s: dict(docs=0, tokens=0, dropped_short=0, dropped_empty=0, truncated=0) for s in splits}
-        coin = lambda i: 'val' if val_fraction and is_val(i, seed, val_fraction) else 'train'  # noqa: E731
+        stats = {s: dict(docs=0, tokens=0, dropped_short=0, dropped_empty=0, truncated=0)
+                 for s in splits}
+        def coin(i):
+            return 'val' if val_fraction and is_val(i, seed, val_fraction) else 'train'
+        streams = [('train', files, lambda i: 'train'), ('val', val_files, lambda i: 'val')] \
+            if val_files else [('+'.join(splits), files, coin)]
         docs_read = {}
-        for name, stream, split_of in ([('train', files, lambda i: 'train'), ('val', val_files, lambda i: 'val')]
-                                       if val_files else [('+'.join(splits), files, coin)]):
+        for name, stream, split_of in streams:
             bar = tqdm(desc=f'tokenizing {name}', unit=' docs', mininterval=0.5)
-            handles.append(bar)  # closed on error too, so the error line is the last thing on stderr
-            batches = encode_documents(iter_documents(stream, text_key, bool(corpus)), tok_path, num_proc, bos, eos)
-            docs_read[name] = tokenize_stream(batches, split_of, writers, stats, np_dtype, int(bos) + int(eos),
-                                              min_tokens, max_tokens, max_docs, bar)
+            # closed on error too, so the error line is the last thing on stderr
+            handles.append(bar)
+            batches = encode_documents(iter_documents(stream, text_key, bool(corpus)), tok_path,
+                                       num_proc, bos, eos)
+            docs_read[name] = tokenize_stream(batches, split_of, writers, stats, np_dtype,
+                                              int(bos) + int(eos), min_tokens, max_tokens, max_docs,
+                                              bar)
             bar.close()
         for h in handles:
             h.close()
         if not stats['train']['docs']:
-            raise UserError(f"no training documents kept: {stats['train']} (check min_tokens / inputs)")
+            raise UserError(f"no training documents kept: {stats['train']} "
+                            f"(check min_tokens / inputs)")
 
         # 4) optional seeded permutation, then commit
         if shuffle:
             for k, s in enumerate(splits):
-                shuffle_split(writers[s].bin_tmp, writers[s].idx_tmp, np_dtype, np.random.default_rng([seed, k]), tmps)
+                shuffle_split(writers[s].bin_tmp, writers[s].idx_tmp, np_dtype,
+                              np.random.default_rng([seed, k]), tmps)
         meta = dict(
             tokenizer=tok_final, tokenizer_sha256=sha256_file(tok_path),
             vocab_size=tok.vocab_size, dtype=np_dtype.name, bos_id=tok.bos_id if bos else None,
             eos_id=tok.eos_id, add_bos=bos, add_eos=eos, splits=stats, docs_read=docs_read,
             filters=dict(min_tokens=min_tokens, max_tokens=max_tokens, max_docs=max_docs,
                          val_fraction=val_fraction, shuffle=shuffle, seed=seed),
-            sources=dict(corpus=corpus or None, text_key=text_key, input=[os.path.abspath(p) for p in files],
+            sources=dict(corpus=corpus or None, text_key=text_key,
+                         input=[os.path.abspath(p) for p in files],
                          val_input=[os.path.abspath(p) for p in val_files] if val_files else None),
-            trained_tokenizer=dict(vocab_size=train_tokenizer, type=tokenizer_type, sample_mb=tokenizer_sample_mb)
-            if train_tokenizer else None,
+            trained_tokenizer=dict(vocab_size=train_tokenizer, type=tokenizer_type,
+                                   sample_mb=tokenizer_sample_mb) if train_tokenizer else None,
             created=time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()))
         commit(out_dir, splits, meta, tmps, trained=bool(train_tokenizer))
 
-    print(f"{'split':<6} {'docs':>10} {'tokens':>14} {'mean len':>9} {'short':>8} {'empty':>7} {'truncated':>9}")
+    print(f"{'split':<6} {'docs':>10} {'tokens':>14} {'mean len':>9} {'short':>8} {'empty':>7} "
+          f"{'truncated':>9}")
     for s, st in meta['splits'].items():
-        print(f"{s:<6} {st['docs']:>10,} {st['tokens']:>14,} {st['tokens'] / max(st['docs'], 1):>9.0f} "
+        mean = st['tokens'] / max(st['docs'], 1)
+        print(f"{s:<6} {st['docs']:>10,} {st['tokens']:>14,} {mean:>9.0f} "
               f"{st['dropped_short']:>8,} {st['dropped_empty']:>7,} {st['truncated']:>9,}")
-    print(f"wrote {out_dir} ({meta['dtype']}, vocab {meta['vocab_size']}, tokenizer {meta['tokenizer']}) "
-          f"in {time.time() - t0:.1f}s")
+    print(f"wrote {out_dir} ({meta['dtype']}, vocab {meta['vocab_size']}, tokenizer "
+          f"{meta['tokenizer']}) in {time.time() - t0:.1f}s")
 
 
 if __name__ == '__main__':
