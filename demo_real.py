@@ -34,9 +34,8 @@ import zipfile
 
 import numpy as np
 
-from errors import UserError, pyplot, run, save_figure, write_text_atomic
+from errors import UserError, pyplot, run, save_figure, write_jsonl_atomic, write_text_atomic
 from eval_passkey import mcnemar_exact, wilcoxon_signed_rank, wilson
-from prepare_data import write_jsonl_atomic
 
 # -----------------------------------------------------------------------------
 stage = 'report'  # 'sources' | 'prose' | 'report'

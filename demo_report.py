@@ -34,9 +34,8 @@ import numpy as np
 from tqdm import tqdm
 
 from errors import (UserError, pyplot, read_json, run, save_figure, write_json_atomic,
-                    write_text_atomic)
+                    write_jsonl_atomic, write_text_atomic)
 from eval_passkey import mcnemar_exact, wilcoxon_signed_rank, wilson
-from prepare_data import write_jsonl_atomic
 from tokenizer import sha256_file
 
 # -----------------------------------------------------------------------------
@@ -79,7 +78,7 @@ def read_jsonl(path):
 
 def stage_sources():
     """The stdlib split by file into train / val, and a tokenizer sample with passkey prompts mixed in."""
-    from prepare_data import corpus_files
+    from data_format import corpus_files
     from eval_passkey import make_passkey_prompt
     rng = np.random.default_rng([seed, 0])
     files = [p for p in corpus_files('python_stdlib') if not set(p.split(os.sep)) & {'test', 'tests', 'idle_test'}]

