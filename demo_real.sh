@@ -162,14 +162,21 @@ gpu_jobs() {  # GPU=1: one job per row and length list (a process start costs mo
   done
   for r in pose64k-s$s contig64k-s$s yarn8; do echo "passkey $r $L64 10"; echo "ppl $r prose"; done
 }
-jobs_in_order() {  # the paper regime first; within it the lengths past the window first
+jobs_in_order() {  # the paper regime's decisive pair first, at the two lengths past the window first
   [ "${GPU:-0}" = 1 ] && { gpu_jobs; return; }
-  local s first=${SEEDS%% *}
+  local s r L first=${SEEDS%% *}
+  # shellcheck disable=SC2086  # the lists split into their "length:trials" words
+  set -- $PK_PAPER
+  local far=("$1" "${2:-}") rest=("${@:3}")
   for s in $SEEDS; do echo "train pose32k-s$s"; echo "train contig32k-s$s"; done
-  for L in $PK_PAPER; do
-    for s in $SEEDS; do echo "passkey pose32k-s$s ${L/:/ }"; echo "passkey contig32k-s$s ${L/:/ }"; done
+  for L in "${far[@]}"; do
+    [ -n "$L" ] && for s in $SEEDS; do for r in pose32k contig32k; do echo "passkey $r-s$s ${L/:/ }"; done; done
+  done
+  for L in "${far[@]}"; do [ -n "$L" ] && echo "passkey yarn4 ${L/:/ }"; done
+  for r in original yarn4 pose32k-s$first contig32k-s$first; do echo "ppl $r prose"; done
+  for L in "${rest[@]}"; do
+    for s in $SEEDS; do for r in pose32k contig32k; do echo "passkey $r-s$s ${L/:/ }"; done; done
     echo "passkey yarn4 ${L/:/ }"
-    [ "$L" = "${PK_PAPER%% *}" ] && for r in original yarn4 pose32k-s$first contig32k-s$first; do echo "ppl $r prose"; done
   done
   for s in $SEEDS; do echo "train pose16k-s$s"; echo "train contig16k-s$s"; done
   for L in $PK_SHORT; do
