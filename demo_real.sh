@@ -154,13 +154,13 @@ export PY M D O QUICK DEPTHS PPL_STD PPL_PROSE STD_DOCS PROSE_DOCS YARN4 YARN2 Y
 export TRAIN_ARGS_STR="${TRAIN_ARGS[*]}" DEVICE_STR="${DEVICE[*]}"  # (arrays do not pass to the jobs' shells)
 
 gpu_jobs() {  # GPU=1: one job per row and length list (a process start costs more than a trial there)
-  local s=${SEEDS%% *} r L32="16384,24576,32768" L64="16384,32768,49152,65536"
-  [ "${QUICK:-0}" = 1 ] && L32=2048 && L64=2048
+  local s=${SEEDS%% *} r L32="16384,24576,32768" L64="16384,32768,49152,65536" n=10
+  [ "${QUICK:-0}" = 1 ] && L32=2048 && L64=2048 && n=1
   for r in pose32k contig32k full32k lpose32k lcontig32k pose64k contig64k; do echo "train $r-s$s"; done
   for r in pose32k-s$s contig32k-s$s full32k-s$s yarn4 lpose32k-s$s lcontig32k-s$s linear4 original; do
-    echo "passkey $r $L32 10"; echo "ppl $r prose"
+    echo "passkey $r $L32 $n"; echo "ppl $r prose"
   done
-  for r in pose64k-s$s contig64k-s$s yarn8; do echo "passkey $r $L64 10"; echo "ppl $r prose"; done
+  for r in pose64k-s$s contig64k-s$s yarn8; do echo "passkey $r $L64 $n"; echo "ppl $r prose"; done
 }
 jobs_in_order() {  # the paper regime's decisive pair first, at the two lengths past the window first
   [ "${GPU:-0}" = 1 ] && { gpu_jobs; return; }
