@@ -739,6 +739,11 @@ def test_needle_prompts_length_depths_and_needles(env, task):
     tok = env['tok']
     trials = eval_passkey.make_needle_trials(task, [600, 1500], 2, [0.0, 0.5, 1.0], 3)
     trials += eval_passkey.make_needle_trials(task, [900], 3, None, 4)
+    tied = [('comet', '1111111', 0.5), ('otter', '2222222', 0.0), ('maple', '3333333', 0.5),
+            ('apple', '4444444', 0.5)]  # three needles at one depth: in their order
+    if task == 'multivalue':
+        tied = [('comet', v, d) for _, v, d in tied]
+    trials.append((600, 0.5, tied, trials[0][3]))
     for L, depth, needles, asked in trials:
         k = len(needles)
         assert k == 4 and needles[0][2] == depth
@@ -793,6 +798,8 @@ def test_needle_tasks_equal_greedy_and_regex(env, monkeypatch, task):
         gen = greedy_reference(next_token, prompt, len(t['answer_ids']) + 10, tok.eos_id)
         ok = needle_verdict(task, tok.decode(gen), t['expected'])
         assert t['pass'] == ok and t['output_ids'] == gen[:len(t['output_ids'])]
+        if task != 'multikey' and not ok:  # a missing value may still come: the whole budget is run
+            assert t['output_ids'] == gen
         verdicts.setdefault(str(t['length']), []).append(ok)
         if i == 0:  # the answer's teacher-forced log-likelihood: a full forward over prompt + answer
             ids = prompt + t['answer_ids']
@@ -815,7 +822,8 @@ def test_needle_tasks_equal_greedy_and_regex(env, monkeypatch, task):
     ('multivalue', '1234567, 1234567.', False),  # one value missing
     ('multiquery', ': 7654321\n1234567\n', True),
     ('multiquery', '1234567, 76543210', False),  # the second value has a digit too many
-    ('multiquery', 'x x x x x x x x x x x x x x x x x x x x x x x x x x x x x 1234567, 7654321', False),
+    ('multiquery', 'x x x x x 1234567, 7654321', True),  # 27 tokens: the answer's 17 + 10, the budget
+    ('multiquery', 'x x x x x x 1234567, 7654321', False),  # the last digit past the budget
 ])
 def test_needle_verdict_semantics(env, task, output, passes):
     """What eval_passkey runs for a trial (trial_prompt, greedy_passkey with its key or judge, the
