@@ -682,11 +682,11 @@ def test_bad_input(env, tmp_path, monkeypatch):
 
 
 # -----------------------------------------------------------------------------
-# the needle tasks (multikey, multivalue, multiquery): the templates written out here, a plain greedy
-# loop in transformers and a regex scorer as the references
+# the needle tasks (multikey, multivalue, multiquery): the templates written out here, a plain
+# greedy loop in transformers and a regex scorer as the references
 
-NEEDLE_INTRO = ("Some special magic numbers are hidden within the following text. Make sure to memorize "
-                "it. I will quiz you about the numbers afterwards.")
+NEEDLE_INTRO = ("Some special magic numbers are hidden within the following text. Make sure to "
+                "memorize it. I will quiz you about the numbers afterwards.")
 NEEDLE_RE = re.compile(r'One of the special magic numbers for ([a-z]+) is: (\d{7})\.')
 NEEDLE_TASKS = ('multikey', 'multivalue', 'multiquery')
 
@@ -701,8 +701,9 @@ def needle_question(task, words):
 
 
 def needle_text(task, n, needles, asked_words):
-    """The prompt by hand: the intro, then the filler (FILLER's words from the start again after each
-    needle) with needle i after round(depth_i * n) words (ties in needle order), then the question."""
+    """The prompt by hand: the intro, then the filler (FILLER's words from the start again after
+    each needle) with needle i after round(depth_i * n) words (ties in needle order), then the
+    question."""
     words = FILLER.split()
     at = [round(d * n) for _, _, d in needles]
     lines, prev = [NEEDLE_INTRO], 0
@@ -733,9 +734,9 @@ def greedy_reference(next_token, prompt, budget, eos_id):
 
 @pytest.mark.parametrize('task', NEEDLE_TASKS)
 def test_needle_prompts_length_depths_and_needles(env, task):
-    """Prompts within 1% of the length; each needle exactly once, after round(d n) filler words at the
-    depth it was given (so in depth order), the first at the trial's depth; the question asks for the
-    asked words; the answer (asked values joined by ', ') is what follows the prompt."""
+    """Prompts within 1% of the length; each needle exactly once, after round(d n) filler words at
+    the depth it was given (so in depth order), the first at the trial's depth; the question asks
+    for the asked words; the answer (asked values joined by ', ') is what follows the prompt."""
     tok = env['tok']
     trials = eval_passkey.make_needle_trials(task, [600, 1500], 2, [0.0, 0.5, 1.0], 3)
     trials += eval_passkey.make_needle_trials(task, [900], 3, None, 4)
@@ -749,7 +750,8 @@ def test_needle_prompts_length_depths_and_needles(env, task):
         assert k == 4 and needles[0][2] == depth
         words = [w for w, _, _ in needles]
         assert len(set(words)) == (1 if task == 'multivalue' else k)
-        assert len({v for _, v, _ in needles}) == k and all(re.fullmatch(r'[1-9]\d{6}', v) for _, v, _ in needles)
+        values = [v for _, v, _ in needles]
+        assert len(set(values)) == k and all(re.fullmatch(r'[1-9]\d{6}', v) for v in values)
         assert asked == {'multikey': [0], 'multivalue': [0, 1, 2, 3], 'multiquery': [0, 1]}[task]
         ids, p, n, _ = eval_passkey.build_needle_prompt(tok, task, L, needles, asked)
         assert 0.99 * L <= len(ids) <= L
@@ -767,22 +769,25 @@ def test_needle_prompts_length_depths_and_needles(env, task):
             d = next(d for w2, v2, d in needles if (w2, v2) == (w, v))
             assert sum(len(lines[i].split()) for i in filler if i < line_no) == round(d * n)
         before = [round(d * n) for _, _, d in needles]
-        assert [g for _, g in found] == [needles[i][:2] for i in sorted(range(k), key=lambda i: (before[i], i))]
-        q = re.fullmatch(r'What (?:is|are all) the special magic numbers? for (.+?) mentioned .*', lines[-1])
-        assert q and re.split(r', | and ', q.group(1)) == list(dict.fromkeys(words[i] for i in asked))
+        order = sorted(range(k), key=lambda i: (before[i], i))
+        assert [g for _, g in found] == [needles[i][:2] for i in order]
+        q = re.fullmatch(r'What (?:is|are all) the special magic numbers? for (.+?) mentioned .*',
+                         lines[-1])
+        assert q
+        assert re.split(r', | and ', q.group(1)) == list(dict.fromkeys(words[i] for i in asked))
 
 
 @pytest.mark.parametrize('task', NEEDLE_TASKS)
 def test_needle_tasks_equal_greedy_and_regex(env, monkeypatch, task):
-    """eval_passkey.py --task=<task> against the references: each trial's prompt rebuilt here from its
-    recorded needles, transformers' greedy tokens (full recompute each step, up to the answer's tokens
-    + 10) scored by the regex; the same verdicts and tokens, the answer's log-likelihood, and the
-    per-length passed / count / Wilson interval counted from those verdicts."""
+    """eval_passkey.py --task=<task> against the references: each trial's prompt rebuilt here from
+    its recorded needles, transformers' greedy tokens (full recompute each step, up to the answer's
+    tokens + 10) scored by the regex; the same verdicts and tokens, the answer's log-likelihood, and
+    the per-length passed / count / Wilson interval counted from those verdicts."""
     tok, hf = env['tok'], env['hf']
     next_token = lambda ids: int(hf(torch.tensor(ids)[None]).logits[0, -1].argmax())  # noqa: E731
     out, png = str(env['tmp'] / f'{task}.json'), str(env['tmp'] / f'{task}.png')
-    run_main(monkeypatch, eval_passkey, model=env['plain'], task=task, lengths=[500, 700], num_trials=2,
-             depths=None, seed=9, device='cpu', out=out, overwrite=True, plot=png)
+    run_main(monkeypatch, eval_passkey, model=env['plain'], task=task, lengths=[500, 700],
+             num_trials=2, depths=None, seed=9, device='cpu', out=out, overwrite=True, plot=png)
     r = json.load(open(out))
     assert r['settings']['task'] == task and r['settings']['seed'] == 9
     assert {'multikey': ['num_needles'], 'multivalue': ['num_values'],
@@ -793,7 +798,8 @@ def test_needle_tasks_equal_greedy_and_regex(env, monkeypatch, task):
         needles = [(x['word'], x['value'], x['depth']) for x in t['needles']]
         text = needle_text(task, t['n_filler'], needles, list(dict.fromkeys(t['asked'])))
         prompt = tok.encode(text, bos=True)
-        assert prompt + t['answer_ids'] == tok.encode(text + ' ' + ', '.join(t['expected']), bos=True)
+        answer = ' ' + ', '.join(t['expected'])
+        assert prompt + t['answer_ids'] == tok.encode(text + answer, bos=True)
         assert 0.99 * t['length'] <= len(prompt) + len(t['answer_ids']) <= t['length']
         gen = greedy_reference(next_token, prompt, len(t['answer_ids']) + 10, tok.eos_id)
         ok = needle_verdict(task, tok.decode(gen), t['expected'])
@@ -801,7 +807,7 @@ def test_needle_tasks_equal_greedy_and_regex(env, monkeypatch, task):
         if task != 'multikey' and not ok:  # a missing value may still come: the whole budget is run
             assert t['output_ids'] == gen
         verdicts.setdefault(str(t['length']), []).append(ok)
-        if i == 0:  # the answer's teacher-forced log-likelihood: a full forward over prompt + answer
+        if i == 0:  # the answer's teacher-forced log-likelihood: one forward over prompt + answer
             ids = prompt + t['answer_ids']
             lp = hf(torch.tensor(ids)[None]).logits[0].detach().float().log_softmax(-1)
             ref = sum(float(lp[j - 1, ids[j]]) for j in range(len(prompt), len(ids)))
@@ -822,7 +828,7 @@ def test_needle_tasks_equal_greedy_and_regex(env, monkeypatch, task):
     ('multivalue', '1234567, 1234567.', False),  # one value missing
     ('multiquery', ': 7654321\n1234567\n', True),
     ('multiquery', '1234567, 76543210', False),  # the second value has a digit too many
-    ('multiquery', 'x x x x x 1234567, 7654321', True),  # 27 tokens: the answer's 17 + 10, the budget
+    ('multiquery', 'x x x x x 1234567, 7654321', True),  # 27 tokens = the answer's 17 + 10
     ('multiquery', 'x x x x x x 1234567, 7654321', False),  # the last digit past the budget
 ])
 def test_needle_verdict_semantics(env, task, output, passes):
@@ -833,7 +839,8 @@ def test_needle_verdict_semantics(env, task, output, passes):
     if task == 'multivalue':
         needles = [('apple', v, d) for _, v, d in needles]
     asked = {'multikey': [0], 'multivalue': [0, 1], 'multiquery': [0, 1]}[task]
-    ids, p, text, _, key, judge = eval_passkey.trial_prompt(tok, task, (450, 0.3, needles, asked), None)
+    trial = (450, 0.3, needles, asked)
+    ids, p, text, _, key, judge = eval_passkey.trial_prompt(tok, task, trial, None)
     prompt = tok.encode(text, bos=True)
     guess, budget = ids[p:], len(ids) - p + 10
     other = tok.encode(' the', bos=False)[-1]
@@ -851,11 +858,12 @@ def test_needle_trials_paired(env, monkeypatch):
     """Two models run with one seed see the same needles, asked words and depths (paired trials);
     more trials extend fewer; another seed draws other needles."""
     runs = []
+    spm_file = str(env['tmp'] / 'llama' / 'tokenizer.model')  # the scaled model's dir has none
     for m in ('plain', 'scaled'):
         out = str(env['tmp'] / f'paired-{m}.json')
-        run_main(monkeypatch, eval_passkey, model=env[m], task='multiquery', lengths=[500], num_trials=3,
-                 depths=None, seed=21, device='cpu', out=out, overwrite=True, check_tokenizer=False,
-                 tokenizer=str(env['tmp'] / 'llama' / 'tokenizer.model'))  # the scaled dir has none
+        run_main(monkeypatch, eval_passkey, model=env[m], task='multiquery', lengths=[500],
+                 num_trials=3, depths=None, seed=21, device='cpu', out=out, overwrite=True,
+                 check_tokenizer=False, tokenizer=spm_file)
         runs.append([(t['needles'], t['asked'], t['key'], t['depth_requested'], t['tokens'])
                      for t in json.load(open(out))['trials']])
     assert runs[0] == runs[1] and len({k for _, _, k, _, _ in runs[0]}) == 3
@@ -869,7 +877,7 @@ def test_needle_trials_paired(env, monkeypatch):
 
 
 def test_passkey_task_unchanged(env, monkeypatch):
-    """task='passkey' is the default run: the same JSON (but the timing), and no needle field in it."""
+    """task='passkey' is the default run: the same JSON (but the timing), no needle field in it."""
     results = []
     for extra in ({}, {'task': 'passkey'}):
         out = str(env['tmp'] / f'pk-task-{len(extra)}.json')
@@ -881,16 +889,18 @@ def test_passkey_task_unchanged(env, monkeypatch):
     assert results[0] == results[1]
     assert not {'task', 'num_needles', 'num_values', 'num_queries'} & set(results[0]['settings'])
     assert results[0]['settings']['max_new_tokens'] == 10
-    assert all(set(t) == {'length', 'tokens', 'depth_requested', 'depth', 'n_filler', 'key', 'answer_ids',
-                          'pred_ids', 'output_ids', 'output', 'forwards', 'key_logprob', 'pass'}
-               for t in results[0]['trials'])
+    fields = {'length', 'tokens', 'depth_requested', 'depth', 'n_filler', 'key', 'answer_ids',
+              'pred_ids', 'output_ids', 'output', 'forwards', 'key_logprob', 'pass'}
+    assert all(set(t) == fields for t in results[0]['trials'])
 
 
 def test_needle_bad_input(env, monkeypatch, tmp_path):
     out = str(tmp_path / 'x.json')
-    base = dict(model=env['plain'], device='cpu', out=out, num_needles=4, num_queries=2, max_new_tokens=None)
+    base = dict(model=env['plain'], device='cpu', out=out, num_needles=4, num_queries=2,
+                max_new_tokens=None)
     for config, msg in [({'task': 'needle'}, "task='needle'"),
-                        ({'task': 'multiquery', 'num_needles': 2, 'num_queries': 3}, 'num_queries=3'),
+                        ({'task': 'multiquery', 'num_needles': 2, 'num_queries': 3},
+                         'num_queries=3'),
                         ({'task': 'multikey', 'num_needles': 0}, 'num_needles=0'),
                         ({'task': 'multivalue', 'max_new_tokens': 0}, 'max_new_tokens')]:
         with pytest.raises(UserError, match=msg):
