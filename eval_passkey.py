@@ -514,9 +514,8 @@ seed = 1337  # keys and depths
 check_tokenizer = True  # refuse a tokenizer whose fingerprint differs from the model's own (False: skip)
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 dtype = 'auto'  # 'auto' = bfloat16 on CUDA, float32 on CPU; or 'float32' / 'bfloat16' / 'float16'
-# greedy tokens a trial may generate; None = the passkey's 10 (the official script), the needle
-# tasks' expected answer tokens + 10; decided trials stop early
-max_new_tokens = None
+# decided trials stop early; None = the official 10 for the passkey, the answer's tokens + 10 else
+max_new_tokens = None  # greedy tokens a trial may generate (None: the task's own budget)
 task = 'passkey'  # 'passkey' (the paper's) or a needle task: 'multikey', 'multivalue', 'multiquery'
 num_needles = 4  # multikey / multiquery: needles in the prompt (multikey: 1 asked + distractors)
 num_values = 4  # multivalue: values of the one key, all asked
