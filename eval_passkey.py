@@ -33,6 +33,24 @@ over the cache. A trial stops as soon as its verdict is fixed, so most trials ta
 after the prompt, none more than max_new_tokens. The tests check this against plain
 greedy decoding + the regex. `pred_ids` (the teacher-forced argmax on the key's tokens) is kept for
 partial credit.
+
+RULER-style needle tasks (`task`; Hsieh et al. 2024) on the same filler, lengths, depths and
+verdict machinery; a needle is the line "One of the special magic numbers for <word> is: <value>."
+(a 7-digit value; words from WORDS):
+    multikey    num_needles needles with distinct words, one asked: "What is the special magic
+                number for <word> mentioned in the provided text? The special magic number for
+                <word> mentioned in the provided text is"; passes iff int(first number) == its value
+    multivalue  num_values needles of one word, all asked ("What are all the special magic numbers
+                for <word> ... are"); passes iff every value is among the output's numbers (in
+                any order)
+    multiquery  num_needles needles, the first num_queries asked at once ("... for <w1>, <w2> and
+                <w3> ..."); passes iff every asked value is among the output's numbers
+The first needle (the asked one; for multiquery the first asked) sits at the trial's depth, the
+others at depths uniform in [0, 1] drawn from the trial's stream; the filler is split at
+round(d * n) words for each needle (ties keep the needles' order). The expected answer is the asked
+values joined by ", " after a space; it takes the key's place in the 1% length fit, the speculative
+guess and `key_logprob` (its teacher-forced log-likelihood). The output budget is the answer's
+tokens + 10 unless max_new_tokens is set.
 """
 import math
 import os
@@ -53,6 +71,22 @@ FILLER_WORDS = FILLER.split()  # the unit of filler: a word (~1.5 tokens), fine 
 KEY_LINE = "The pass key is {key}. Remember it. {key} is the pass key."
 QUESTION = "What is the pass key? The pass key is"
 ANSWER_RE = re.compile(r'\d+')  # the official script's answer: the first number in the generated text
+TASKS = ('passkey', 'multikey', 'multivalue', 'multiquery')
+# the needle tasks' prompt (RULER's niah templates)
+NEEDLE_TASK = ("Some special magic numbers are hidden within the following text. Make sure to "
+               "memorize it. I will quiz you about the numbers afterwards.")
+NEEDLE_LINE = "One of the special magic numbers for {word} is: {value}."
+QUESTION_ONE = ("What is the special magic number for {words} mentioned in the provided text? "
+                "The special magic number for {words} mentioned in the provided text is")
+QUESTION_ALL = ("What are all the special magic numbers for {words} mentioned in the provided "
+                "text? The special magic numbers for {words} mentioned in the provided text are")
+# the needles' keys: distinct English words, none of them in the filler or the templates
+WORDS = ('anchor', 'apple', 'badger', 'banjo', 'basket', 'beacon', 'cactus', 'camel', 'candle',
+         'canyon', 'cobalt', 'comet', 'copper', 'dagger', 'falcon', 'fossil', 'garnet', 'glacier',
+         'harbor', 'hazel', 'island', 'jasmine', 'kettle', 'lantern', 'lemon', 'magnet', 'maple',
+         'marble', 'meadow', 'mirror', 'nectar', 'orchid', 'otter', 'pepper', 'pigeon', 'pillow',
+         'quartz', 'rabbit', 'ribbon', 'saddle', 'salmon', 'spruce', 'tiger', 'timber', 'tulip',
+         'velvet', 'walnut', 'willow')
 
 # -----------------------------------------------------------------------------
 # statistics: every accuracy gets its 95% Wilson interval; two methods run on the same trials (the same
@@ -131,26 +165,33 @@ def make_passkey_prompt(n_filler, key, depth):
     return '\n'.join(lines), n_before
 
 
-def encode_trial(tok, n_filler, key, depth):
-    """(ids of BOS + prompt + answer, n_prompt, n_before): ids[n_prompt:] are the answer (the key's tokens)."""
-    text, n_before = make_passkey_prompt(n_filler, key, depth)
+def encode_answer(tok, text, answer, what):
+    """(ids of BOS + text + answer, n_prompt): ids[n_prompt:] are the answer's tokens."""
     prompt = tok.encode(text, bos=True, eos=False)
-    full = tok.encode(text + ' ' + key, bos=True, eos=False)
+    full = tok.encode(text + answer, bos=True, eos=False)
     p = 0  # the answer starts where the two encodings part (a tokenizer may re-split the last prompt token)
     while p < min(len(prompt), len(full)) and prompt[p] == full[p]:
         p += 1
     if p == len(full):
-        raise UserError(f"tokenizer lost the key {key!r}: prompt + key encodes to the prompt's tokens")
-    return full, p, n_before
+        raise UserError(f"tokenizer lost the {what} {answer.strip()!r}: prompt + {what} encodes "
+                        f"to the prompt's tokens")
+    return full, p
 
 
-def build_passkey_prompt(tok, length, key, depth, hint=None):
-    """Largest filler count n with len(BOS + prompt + answer) <= length; must be within 1% of length.
-    Returns (ids, n_prompt, n_filler, n_before). `hint`: an n that was right for this length before."""
-    def size(n):
-        return len(encode_trial(tok, n, key, depth)[0])
+def encode_trial(tok, n_filler, key, depth):
+    """(ids of BOS + prompt + answer, n_prompt, n_before): ids[n_prompt:] are the answer (the key's
+    tokens)."""
+    text, n_before = make_passkey_prompt(n_filler, key, depth)
+    return (*encode_answer(tok, text, ' ' + key, 'key'), n_before)
+
+
+def fit_filler(size, length, hint, what):
+    """Largest filler count n with size(n) <= length tokens; must be within 1% of length. size(n):
+    the token count of BOS + prompt + answer with n filler words. `hint`: an n that was right for
+    this length before."""
     if size(0) > length:
-        raise UserError(f"length {length} is shorter than the passkey prompt without filler ({size(0)} tokens)")
+        raise UserError(f"length {length} is shorter than the {what} prompt without filler "
+                        f"({size(0)} tokens)")
     if hint is not None and size(max(hint - 8, 0)) <= length:
         lo, hi = max(hint - 8, 0), hint + 8  # a different key changes the count by a few tokens only
     else:
@@ -160,11 +201,59 @@ def build_passkey_prompt(tok, length, key, depth, hint=None):
     while hi - lo > 1:  # the token count grows with n
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if size(mid) <= length else (lo, mid)
-    ids, p, n_before = encode_trial(tok, lo, key, depth)
-    if length - len(ids) > 0.01 * length:
-        raise UserError(f"cannot build a passkey prompt within 1% of length {length}: "
-                         f"got {len(ids)} tokens (one filler word is too coarse at this length)")
-    return ids, p, lo, n_before
+    if length - size(lo) > 0.01 * length:
+        raise UserError(f"cannot build a {what} prompt within 1% of length {length}: "
+                        f"got {size(lo)} tokens (one filler word is too coarse at this length)")
+    return lo
+
+
+def build_passkey_prompt(tok, length, key, depth, hint=None):
+    """Largest filler count n with len(BOS + prompt + answer) <= length; must be within 1% of
+    length. Returns (ids, n_prompt, n_filler, n_before). `hint`: an n that was right for this length
+    before."""
+    n = fit_filler(lambda n: len(encode_trial(tok, n, key, depth)[0]), length, hint, 'passkey')
+    ids, p, n_before = encode_trial(tok, n, key, depth)
+    return ids, p, n, n_before
+
+
+# -----------------------------------------------------------------------------
+# the needle tasks (RULER-style): a trial is its needles [(word, value, depth)] and those asked
+
+
+def needle_answer(needles, asked):
+    """The expected answer text: the asked values joined by ', ', after a space."""
+    return ' ' + ', '.join(needles[i][1] for i in asked)
+
+
+def make_needle_prompt(task, n_filler, needles, asked):
+    """(prompt text ending in the question, each needle's filler words before it): needle i after
+    round(depth_i * n_filler) filler words; needles at one position keep their order. Each filler
+    part starts the repetition afresh, as the passkey's two do."""
+    at = [int(round(d * n_filler)) for _, _, d in needles]
+    lines, prev = [NEEDLE_TASK], 0
+    for i in sorted(range(len(needles)), key=lambda i: (at[i], i)):
+        word, value, _ = needles[i]
+        lines += [filler_text(at[i] - prev), NEEDLE_LINE.format(word=word, value=value)]
+        prev = at[i]
+    words = [needles[i][0] for i in asked]
+    if task == 'multivalue':
+        words = words[:1]  # one word, all its values asked
+    listed = words[0] if len(words) == 1 else ', '.join(words[:-1]) + ' and ' + words[-1]
+    question = QUESTION_ONE if task == 'multikey' else QUESTION_ALL
+    lines += [filler_text(n_filler - prev), question.format(words=listed)]
+    return '\n'.join(lines), at
+
+
+def build_needle_prompt(tok, task, length, needles, asked, hint=None):
+    """fit_filler for a needle trial: (ids of BOS + prompt + answer, n_prompt, n_filler, the
+    needles' word positions)."""
+    answer = needle_answer(needles, asked)
+
+    def encode(n):
+        return encode_answer(tok, make_needle_prompt(task, n, needles, asked)[0], answer, 'answer')
+    n = fit_filler(lambda n: len(encode(n)[0]), length, hint, task)
+    ids, p = encode(n)
+    return ids, p, n, make_needle_prompt(task, n, needles, asked)[1]
 
 
 def answer_state(text, key, done):
@@ -179,6 +268,18 @@ def answer_state(text, key, done):
         return int(m.group()) == int(key)
     v = int(m.group())  # digits so far; int() ignores leading zeros, as the official comparison does
     return None if str(int(key)).startswith(str(v) if v else '') else False
+
+
+def all_values_state(text, values, done):
+    """The verdict generalised to several asked values: True once every value is among the
+    numbers (`\\d+`, compared by int) of the output, False if one is still missing when done, None
+    while more tokens could add it. A number at the end of the text (or before a U+FFFD) counts
+    once it has ended."""
+    found = {int(m.group()) for m in ANSWER_RE.finditer(text)
+             if done or (m.end() < len(text) and text[m.end()] != '\ufffd')}
+    if all(int(v) in found for v in values):
+        return True
+    return False if done else None
 
 
 def speculate(gen, guess, decode):
@@ -209,7 +310,7 @@ def extend_cache(model, cache, cached, ids, device='cpu'):
 
 @torch.inference_mode()
 def greedy_passkey(model, prompt, guess, key, decode, max_new_tokens=10, eos_id=None, device='cpu',
-                   cache=None):
+                   cache=None, judge=None):
     """Greedy decoding after `prompt` (ids) judged like the official script (first number == key). The prompt
     runs once into a KV cache; each forward then runs the prompt's last token + the confirmed tokens + a guessed
     continuation (the key, then one more position that shows whether the number ends) and keeps the model's
@@ -218,6 +319,8 @@ def greedy_passkey(model, prompt, guess, key, decode, max_new_tokens=10, eos_id=
     script's generate(max_new_tokens=10) sees). `cache`: a KVCache already holding prompt[:-1]
     (extend_cache); None = a new one. The first forward also gives the key's teacher-forced log-likelihood,
     log p(guess | prompt) in nats: a graded score of every trial, passed or failed.
+    `judge(text, done)`: another verdict in answer_state's terms (the needle tasks'
+    all_values_state); None = the key's.
     Returns (passed, generated ids, teacher-forced argmax at the guess's positions, key log-prob, forwards)."""
     P = len(prompt) - 1  # tokens kept in the cache: the prompt but its last, whose output is the first token
     if cache is None:
@@ -238,24 +341,54 @@ def greedy_passkey(model, prompt, guess, key, decode, max_new_tokens=10, eos_id=
         n_fwd += 1
         for j, t in enumerate(pred):
             gen.append(t)
-            state = answer_state(decode(gen), key, done=t == eos_id or len(gen) >= max_new_tokens)
+            done = t == eos_id or len(gen) >= max_new_tokens
+            text = decode(gen)
+            state = answer_state(text, key, done) if judge is None else judge(text, done)
             if state is not None:
                 return state, gen, tf_pred, key_lp, n_fwd
             if j == len(spec) or t != spec[j]:  # the guess is wrong from here: its later argmaxes mean nothing
                 break
 
 
-def make_trials(lengths, num_trials, depths, seed):
-    """[(length, depth, key)]: num_trials per length (x depth); random depth when depths is None (the paper).
-    Trial i at a length (and grid depth j) draws from its own stream (seed, length, j, i): every method run
-    with the same seed gets the same trials (paired), and a run with more trials extends one with fewer."""
-    trials = []
+def trial_streams(lengths, num_trials, depths, seed):
+    """(length, grid depth or None, rng) per trial: trial i at a length (and grid depth j) draws
+    from its own stream (seed, length, j, i): every method run with the same seed gets the same
+    trials (paired), and a run with more trials extends one with fewer."""
     for L in lengths:
         for j, d in enumerate(depths if depths is not None else [None]):
             for i in range(num_trials):
-                rng = np.random.default_rng([seed, L, j, i])
-                key = str(int(rng.integers(10000, 100000)))  # 5 digits
-                trials.append((L, float(rng.random()) if d is None else float(d), key))
+                yield L, d, np.random.default_rng([seed, L, j, i])
+
+
+def make_trials(lengths, num_trials, depths, seed):
+    """[(length, depth, key)]: num_trials per length (x depth); random depth when depths is None
+    (the paper). Trial i at a length (and grid depth j) draws from its own stream
+    (trial_streams)."""
+    trials = []
+    for L, d, rng in trial_streams(lengths, num_trials, depths, seed):
+        key = str(int(rng.integers(10000, 100000)))  # 5 digits
+        trials.append((L, float(rng.random()) if d is None else float(d), key))
+    return trials
+
+
+def make_needle_trials(task, lengths, num_trials, depths, seed, num_needles=4, num_values=4,
+                       num_queries=2):
+    """[(length, depth, needles, asked)] per trial as make_trials (the same streams): needles
+    [(word, 7-digit value, depth)], the first at the trial's depth, the others at uniform depths;
+    asked: the indices of the needles whose values the question asks for (multikey [0]; multivalue
+    all, one word; multiquery the first num_queries). Words and values distinct within a trial."""
+    k = num_values if task == 'multivalue' else num_needles
+    trials = []
+    for L, d, rng in trial_streams(lengths, num_trials, depths, seed):
+        depth = float(rng.random()) if d is None else float(d)
+        words = [WORDS[w] for w in rng.choice(len(WORDS), size=k, replace=False)]
+        if task == 'multivalue':
+            words = words[:1] * k
+        values = [str(int(v) + 10 ** 6) for v in rng.choice(9 * 10 ** 6, size=k, replace=False)]
+        at = [depth] + [float(x) for x in rng.random(k - 1)]
+        asked = {'multikey': [0], 'multivalue': list(range(k)),
+                 'multiquery': list(range(num_queries))}[task]
+        trials.append((L, depth, list(zip(words, values, at)), asked))
     return trials
 
 
@@ -290,7 +423,7 @@ def accuracy_text(rows, lengths):
     return '\n'.join(lines)
 
 
-def plot_heatmap(rows, lengths, path, title=''):
+def plot_heatmap(rows, lengths, path, title='', ylabel='depth of the key'):
     """Accuracy heatmap: depth rows x length columns, written atomically."""
     plt = pyplot(f"plot={path!r}")
     labels = [r for r in rows if r != 'all']
@@ -304,11 +437,68 @@ def plot_heatmap(rows, lengths, path, title=''):
     ax.set_xticks(range(len(lengths)), [str(L) for L in lengths], rotation=45)
     ax.set_yticks(range(len(labels)), labels)
     ax.set_xlabel('prompt length (tokens)')
-    ax.set_ylabel('depth of the key')
+    ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
     fig.colorbar(im, ax=ax, label='accuracy')
     fig.tight_layout()
     save_figure(fig, path)
+
+
+def trial_prompt(tok, task, trial, hint):
+    """One trial's prompt: (ids of BOS + prompt + answer, n_prompt, prompt text, the trial's JSON
+    fields, the key for answer_state, a judge for greedy_passkey or None)."""
+    if task == 'passkey':
+        L, depth, key = trial
+        ids, p, n_filler, n_before = build_passkey_prompt(tok, L, key, depth, hint)
+        text = make_passkey_prompt(n_filler, key, depth)[0]
+        rec = {'length': L, 'tokens': len(ids), 'depth_requested': depth,
+               'depth': n_before / n_filler if n_filler else 0.0, 'n_filler': n_filler, 'key': key}
+        return ids, p, text, rec, key, None
+    L, depth, needles, asked = trial
+    ids, p, n, at = build_needle_prompt(tok, task, L, needles, asked, hint)
+    text = make_needle_prompt(task, n, needles, asked)[0]
+    values = [needles[i][1] for i in asked]
+    rec = {'length': L, 'tokens': len(ids), 'depth_requested': depth,
+           'depth': at[0] / n if n else 0.0, 'n_filler': n,
+           'key': needle_answer(needles, asked).strip(),
+           'needles': [{'word': w, 'value': v, 'depth': a / n if n else 0.0}
+                       for (w, v, _), a in zip(needles, at)],
+           'asked': [needles[i][0] for i in asked], 'expected': values}
+    if task == 'multikey':  # one value asked: the passkey's verdict on it
+        return ids, p, text, rec, values[0], None
+    return ids, p, text, rec, None, lambda text, done: all_values_state(text, values, done)
+
+
+def check_task():
+    """The task keys (before the work): a known task, needle counts that fit the word list."""
+    if task not in TASKS:
+        raise UserError(f"task={task!r}: expected one of {', '.join(TASKS)}")
+    if task in ('multikey', 'multiquery') and not 1 <= num_needles <= len(WORDS):
+        raise UserError(f"num_needles={num_needles}: expected 1 .. {len(WORDS)} (the words in "
+                        f"WORDS)")
+    if task == 'multivalue' and num_values < 1:
+        raise UserError(f"num_values must be >= 1, got {num_values}")
+    if task == 'multiquery' and not 1 <= num_queries <= num_needles:
+        raise UserError(f"num_queries={num_queries}: expected 1 .. num_needles ({num_needles})")
+    if max_new_tokens is not None and max_new_tokens < 1:
+        raise UserError(f"max_new_tokens must be >= 1 (or None: the task's own), "
+                        f"got {max_new_tokens}")
+
+
+def task_settings():
+    """The JSON's settings that name the task: none for the passkey (its JSON is as it was)."""
+    if task == 'passkey':
+        return {}
+    counts = {'multikey': {'num_needles': num_needles}, 'multivalue': {'num_values': num_values},
+              'multiquery': {'num_needles': num_needles, 'num_queries': num_queries}}[task]
+    return {'task': task, **counts,
+            'needle_depths': 'the first at the trial depth, the others uniform in [0, 1]'}
+
+
+SCORING = {'passkey': 'official: greedy, int(first \\d+) == key',
+           'multikey': 'greedy, int(first \\d+) == the asked value',
+           'multivalue': 'greedy, every asked value among the \\d+ of the output',
+           'multiquery': 'greedy, every asked value among the \\d+ of the output'}
 
 
 # -----------------------------------------------------------------------------
@@ -324,12 +514,44 @@ seed = 1337  # keys and depths
 check_tokenizer = True  # refuse a tokenizer whose fingerprint differs from the model's own (False: skip)
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 dtype = 'auto'  # 'auto' = bfloat16 on CUDA, float32 on CPU; or 'float32' / 'bfloat16' / 'float16'
-max_new_tokens = 10  # greedy tokens a trial may generate (the official script: 10); decided trials stop early
-out = ''  # JSON results path ('' = out/passkey-<model>[-<rope override>].json)
+# decided trials stop early; None = the official 10 for the passkey, the answer's tokens + 10 else
+max_new_tokens = None  # greedy tokens a trial may generate (None: the task's own budget)
+task = 'passkey'  # 'passkey' (the paper's) or a needle task: 'multikey', 'multivalue', 'multiquery'
+num_needles = 4  # multikey / multiquery: needles in the prompt (multikey: 1 asked + distractors)
+num_values = 4  # multivalue: values of the one key, all asked
+num_queries = 2  # multiquery: needles asked at once (the first num_queries of the num_needles)
+out = ''  # JSON results path ('' = out/<task>-<model>[-<rope override>].json)
 overwrite = False  # replace an existing `out` (else: refuse before evaluating)
 plot = ''  # heatmap PNG path ('' = none)
 CONFIG_TYPES = {'rope_scaling': dict, 'max_position_embeddings': int, 'tokenizer': str,
-                'depths': list}  # keys whose default is None
+                'depths': list, 'max_new_tokens': int}  # keys whose default is None
+
+
+def result_json(trials, rows, net, tok, seconds):
+    """The run's JSON: settings, per length accuracy, passed / count and the 95% Wilson interval,
+    the depth rows, every trial."""
+    settings = {'lengths': lengths, 'num_trials': num_trials, 'depths': depths, 'seed': seed,
+                'max_new_tokens': max_new_tokens if max_new_tokens is not None else
+                10 if task == 'passkey' else 'answer tokens + 10',
+                'scoring': SCORING[task], 'dtype': dtype,
+                'torch_dtype': str(next(net.parameters()).dtype), 'device': device}
+    passed = {L: sum(t['pass'] for t in trials if t['length'] == L) for L in lengths}
+    count = {L: sum(t['length'] == L for t in trials) for L in lengths}
+    return {
+        'model': os.path.abspath(model),
+        'rope_scaling': rope_scaling if rope_scaling is not None else net.args.rope_scaling,
+        'rope_scaling_override': rope_scaling is not None,
+        'max_position_embeddings': net.args.max_position_embeddings,
+        'tokenizer': tok.files,
+        'settings': {**task_settings(), **settings},
+        'accuracy': {str(L): rows['all'][L] for L in lengths},
+        'passed': {str(L): passed[L] for L in lengths},
+        'count': {str(L): count[L] for L in lengths},
+        'wilson95': {str(L): wilson(passed[L], count[L]) for L in lengths},
+        'accuracy_by_depth': {r: {str(L): a for L, a in accs.items()} for r, accs in rows.items()
+                              if r != 'all'},
+        'seconds': seconds, 'trials': trials,
+    }
 
 
 def main():
@@ -337,7 +559,8 @@ def main():
 
     from tokenizer import check_same_tokenizer, load_tokenizer, sha256_file
 
-    path = check_run('passkey', model, rope_scaling, out, overwrite, plot)
+    check_task()
+    path = check_run(task, model, rope_scaling, out, overwrite, plot)
     if not lengths or any(not isinstance(L, int) or L < 1 for L in lengths):
         raise UserError(f"lengths must be a list of positive ints, got {lengths!r}")
     if depths is not None and (not depths or any(isinstance(d, bool) or not isinstance(d, (int, float))
@@ -349,8 +572,6 @@ def main():
                         f"got {max_position_embeddings}")
     if num_trials < 1:
         raise UserError(f"num_trials must be >= 1, got {num_trials}")
-    if max_new_tokens < 1:
-        raise UserError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     torch_dtype(dtype, device)  # a bad dtype fails here, before the work
     tok = load_tokenizer(tokenizer or model)
     if tokenizer and check_tokenizer:
@@ -360,52 +581,46 @@ def main():
     # 'dynamic' RoPE rescales with the sequence length, so its cached keys depend on the forward that made them
     reuse = (net.args.rope_scaling or {}).get('rope_type') != 'dynamic'
     cache, cached = KVCache(net.args.n_layers), []  # the prompt prefix shared with the previous trial
+    if task == 'passkey':
+        todo = make_trials(lengths, num_trials, depths, seed)
+    else:
+        todo = make_needle_trials(task, lengths, num_trials, depths, seed, num_needles, num_values,
+                                  num_queries)
     trials, hints, t0 = [], {}, time.time()
-    for L, depth, key in tqdm(make_trials(lengths, num_trials, depths, seed), desc='passkey'):
-        ids, p, n_filler, n_before = build_passkey_prompt(tok, L, key, depth, hints.get(L))
-        hints[L] = n_filler
+    for trial in tqdm(todo, desc=task):
+        ids, p, text, rec, key, judge = trial_prompt(tok, task, trial, hints.get(trial[0]))
+        hints[trial[0]] = rec['n_filler']
         if max(ids) >= net.args.vocab_size:
             raise UserError(f"the tokenizer ({tok.path}) gives token id {max(ids)} >= the model's vocab_size "
                             f"{net.args.vocab_size}: not the model's tokenizer?")
-        prompt = tok.encode(make_passkey_prompt(n_filler, key, depth)[0], bos=True)  # what generation sees
+        prompt = tok.encode(text, bos=True)  # what generation sees
         guess = ids[len(prompt):] if ids[:len(prompt)] == prompt else ids[p:]
+        # the budget: the official 10 for the passkey; the needle tasks' whole answer + 10
+        budget = max_new_tokens or (10 if task == 'passkey' else len(ids) - p + 10)
         if reuse:
             cached = extend_cache(net, cache, cached, prompt[:-1], device)
-        ok, gen, tf_pred, key_lp, n_fwd = greedy_passkey(net, prompt, guess, key, tok.decode, max_new_tokens,
-                                                         tok.eos_id, device, cache if reuse else None)
-        trials.append({'length': L, 'tokens': len(ids), 'depth_requested': depth,
-                       'depth': n_before / n_filler if n_filler else 0.0, 'n_filler': n_filler, 'key': key,
-                       'answer_ids': list(ids[p:]), 'pred_ids': tf_pred[:len(ids) - p], 'output_ids': gen,
-                       'output': tok.decode(gen), 'forwards': n_fwd, 'key_logprob': key_lp, 'pass': ok})
+        ok, gen, tf_pred, key_lp, n_fwd = greedy_passkey(
+            net, prompt, guess, key, tok.decode, budget, tok.eos_id, device,
+            cache if reuse else None, judge)
+        trials.append({**rec, 'answer_ids': list(ids[p:]), 'pred_ids': tf_pred[:len(ids) - p],
+                       'output_ids': gen, 'output': tok.decode(gen), 'forwards': n_fwd,
+                       'key_logprob': key_lp, 'pass': ok})
     dt = time.time() - t0
 
     rows = accuracy_table(trials, lengths, depths)
-    result = {
-        'model': os.path.abspath(model),
-        'rope_scaling': rope_scaling if rope_scaling is not None else net.args.rope_scaling,
-        'rope_scaling_override': rope_scaling is not None,
-        'max_position_embeddings': net.args.max_position_embeddings,
-        'tokenizer': tok.files,
-        'settings': {'lengths': lengths, 'num_trials': num_trials, 'depths': depths, 'seed': seed,
-                     'max_new_tokens': max_new_tokens, 'scoring': 'official: greedy, int(first \\d+) == key',
-                     'dtype': dtype, 'torch_dtype': str(next(net.parameters()).dtype), 'device': device},
-        'accuracy': {str(L): rows['all'][L] for L in lengths},
-        'passed': {str(L): sum(t['pass'] for t in trials if t['length'] == L) for L in lengths},
-        'count': {str(L): sum(t['length'] == L for t in trials) for L in lengths},
-        'wilson95': {str(L): wilson(sum(t['pass'] for t in trials if t['length'] == L),
-                                    sum(t['length'] == L for t in trials)) for L in lengths},
-        'accuracy_by_depth': {r: {str(L): a for L, a in accs.items()} for r, accs in rows.items() if r != 'all'},
-        'seconds': dt, 'trials': trials,
-    }
+    result = result_json(trials, rows, net, tok, dt)
     write_json_atomic(path, result)
     print(accuracy_text(rows, lengths))
     for L in lengths:
         lo, hi = result['wilson95'][str(L)]
-        print(f"{L}: {result['passed'][str(L)]}/{result['count'][str(L)]} passed, 95% Wilson [{lo:.2f}, {hi:.2f}]")
+        print(f"{L}: {result['passed'][str(L)]}/{result['count'][str(L)]} passed, "
+              f"95% Wilson [{lo:.2f}, {hi:.2f}]")
     print('settings: ' + ', '.join(f"{k}={v}" for k, v in result['settings'].items()))
     print(f"wrote {path}")
     if plot:
-        plot_heatmap(rows, lengths, plot, title=model_name(model))
+        name = model_name(model) if task == 'passkey' else f"{model_name(model)}: {task}"
+        plot_heatmap(rows, lengths, plot, name, 'depth of the key' if task == 'passkey' else
+                     'first needle depth')
         print(f"wrote {plot}")
 
 

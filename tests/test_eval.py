@@ -679,3 +679,233 @@ def test_bad_input(env, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match='length 20 is shorter than the passkey prompt'):
         run_main(monkeypatch, eval_passkey, model=env['plain'], lengths=[20], num_trials=1, device='cpu', out=out)
     assert not os.path.exists(out)
+
+
+# -----------------------------------------------------------------------------
+# the needle tasks (multikey, multivalue, multiquery): the templates written out here, a plain
+# greedy loop in transformers and a regex scorer as the references
+
+NEEDLE_INTRO = ("Some special magic numbers are hidden within the following text. Make sure to "
+                "memorize it. I will quiz you about the numbers afterwards.")
+NEEDLE_RE = re.compile(r'One of the special magic numbers for ([a-z]+) is: (\d{7})\.')
+NEEDLE_TASKS = ('multikey', 'multivalue', 'multiquery')
+
+
+def needle_question(task, words):
+    if task == 'multikey':
+        return (f"What is the special magic number for {words[0]} mentioned in the provided text? "
+                f"The special magic number for {words[0]} mentioned in the provided text is")
+    listed = words[0] if len(words) == 1 else ', '.join(words[:-1]) + ' and ' + words[-1]
+    return (f"What are all the special magic numbers for {listed} mentioned in the provided text? "
+            f"The special magic numbers for {listed} mentioned in the provided text are")
+
+
+def needle_text(task, n, needles, asked_words):
+    """The prompt by hand: the intro, then the filler (FILLER's words from the start again after
+    each needle) with needle i after round(depth_i * n) words (ties in needle order), then the
+    question."""
+    words = FILLER.split()
+    at = [round(d * n) for _, _, d in needles]
+    lines, prev = [NEEDLE_INTRO], 0
+    for i in sorted(range(len(needles)), key=lambda i: (at[i], i)):
+        lines.append(' '.join(words[j % len(words)] for j in range(at[i] - prev)))
+        lines.append(f"One of the special magic numbers for {needles[i][0]} is: {needles[i][1]}.")
+        prev = at[i]
+    lines.append(' '.join(words[j % len(words)] for j in range(n - prev)))
+    return '\n'.join(lines + [needle_question(task, asked_words)])
+
+
+def needle_verdict(task, output, values):
+    """The scorer: multikey, int(first number) == the value; else every value among the numbers."""
+    nums = [int(x) for x in re.findall(r'\d+', output)]
+    if task == 'multikey':
+        return bool(nums) and nums[0] == int(values[0])
+    return all(int(v) in nums for v in values)
+
+
+def greedy_reference(next_token, prompt, budget, eos_id):
+    ids = list(prompt)
+    for _ in range(budget):
+        ids.append(next_token(ids))
+        if ids[-1] == eos_id:
+            break
+    return ids[len(prompt):]
+
+
+@pytest.mark.parametrize('task', NEEDLE_TASKS)
+def test_needle_prompts_length_depths_and_needles(env, task):
+    """Prompts within 1% of the length; each needle exactly once, after round(d n) filler words at
+    the depth it was given (so in depth order), the first at the trial's depth; the question asks
+    for the asked words; the answer (asked values joined by ', ') is what follows the prompt."""
+    tok = env['tok']
+    trials = eval_passkey.make_needle_trials(task, [600, 1500], 2, [0.0, 0.5, 1.0], 3)
+    trials += eval_passkey.make_needle_trials(task, [900], 3, None, 4)
+    tied = [('comet', '1111111', 0.5), ('otter', '2222222', 0.0), ('maple', '3333333', 0.5),
+            ('apple', '4444444', 0.5)]  # three needles at one depth: in their order
+    if task == 'multivalue':
+        tied = [('comet', v, d) for _, v, d in tied]
+    trials.append((600, 0.5, tied, trials[0][3]))
+    for L, depth, needles, asked in trials:
+        k = len(needles)
+        assert k == 4 and needles[0][2] == depth
+        words = [w for w, _, _ in needles]
+        assert len(set(words)) == (1 if task == 'multivalue' else k)
+        values = [v for _, v, _ in needles]
+        assert len(set(values)) == k and all(re.fullmatch(r'[1-9]\d{6}', v) for v in values)
+        assert asked == {'multikey': [0], 'multivalue': [0, 1, 2, 3], 'multiquery': [0, 1]}[task]
+        ids, p, n, _ = eval_passkey.build_needle_prompt(tok, task, L, needles, asked)
+        assert 0.99 * L <= len(ids) <= L
+        text = needle_text(task, n, needles, list(dict.fromkeys(words[i] for i in asked)))
+        answer = ' ' + ', '.join(needles[i][1] for i in asked)
+        assert ids == tok.encode(text + answer, bos=True) and ids[:p] == tok.encode(text, bos=True)
+        assert tok.decode(ids[p:]).strip() == answer.strip()
+        lines = text.split('\n')
+        found = [(i, NEEDLE_RE.fullmatch(line)) for i, line in enumerate(lines)]
+        found = [(i, m.groups()) for i, m in found if m]
+        assert sorted(g for _, g in found) == sorted((w, v) for w, v, _ in needles)  # each once
+        filler = [i for i in range(1, len(lines) - 1) if not NEEDLE_RE.fullmatch(lines[i])]
+        assert sum(len(lines[i].split()) for i in filler) == n
+        for line_no, (w, v) in found:  # filler words before the needle = round(depth n)
+            d = next(d for w2, v2, d in needles if (w2, v2) == (w, v))
+            assert sum(len(lines[i].split()) for i in filler if i < line_no) == round(d * n)
+        before = [round(d * n) for _, _, d in needles]
+        order = sorted(range(k), key=lambda i: (before[i], i))
+        assert [g for _, g in found] == [needles[i][:2] for i in order]
+        q = re.fullmatch(r'What (?:is|are all) the special magic numbers? for (.+?) mentioned .*',
+                         lines[-1])
+        assert q
+        assert re.split(r', | and ', q.group(1)) == list(dict.fromkeys(words[i] for i in asked))
+
+
+@pytest.mark.parametrize('task', NEEDLE_TASKS)
+def test_needle_tasks_equal_greedy_and_regex(env, monkeypatch, task):
+    """eval_passkey.py --task=<task> against the references: each trial's prompt rebuilt here from
+    its recorded needles, transformers' greedy tokens (full recompute each step, up to the answer's
+    tokens + 10) scored by the regex; the same verdicts and tokens, the answer's log-likelihood, and
+    the per-length passed / count / Wilson interval counted from those verdicts."""
+    tok, hf = env['tok'], env['hf']
+    next_token = lambda ids: int(hf(torch.tensor(ids)[None]).logits[0, -1].argmax())  # noqa: E731
+    out, png = str(env['tmp'] / f'{task}.json'), str(env['tmp'] / f'{task}.png')
+    run_main(monkeypatch, eval_passkey, model=env['plain'], task=task, lengths=[500, 700],
+             num_trials=2, depths=None, seed=9, device='cpu', out=out, overwrite=True, plot=png)
+    r = json.load(open(out))
+    assert r['settings']['task'] == task and r['settings']['seed'] == 9
+    assert {'multikey': ['num_needles'], 'multivalue': ['num_values'],
+            'multiquery': ['num_needles', 'num_queries']}[task] == \
+        [k for k in r['settings'] if k.startswith('num_') and k != 'num_trials']
+    verdicts = {}
+    for i, t in enumerate(r['trials']):
+        needles = [(x['word'], x['value'], x['depth']) for x in t['needles']]
+        text = needle_text(task, t['n_filler'], needles, list(dict.fromkeys(t['asked'])))
+        prompt = tok.encode(text, bos=True)
+        answer = ' ' + ', '.join(t['expected'])
+        assert prompt + t['answer_ids'] == tok.encode(text + answer, bos=True)
+        assert 0.99 * t['length'] <= len(prompt) + len(t['answer_ids']) <= t['length']
+        gen = greedy_reference(next_token, prompt, len(t['answer_ids']) + 10, tok.eos_id)
+        ok = needle_verdict(task, tok.decode(gen), t['expected'])
+        assert t['pass'] == ok and t['output_ids'] == gen[:len(t['output_ids'])]
+        if task != 'multikey' and not ok:  # a missing value may still come: the whole budget is run
+            assert t['output_ids'] == gen
+        verdicts.setdefault(str(t['length']), []).append(ok)
+        if i == 0:  # the answer's teacher-forced log-likelihood: one forward over prompt + answer
+            ids = prompt + t['answer_ids']
+            lp = hf(torch.tensor(ids)[None]).logits[0].detach().float().log_softmax(-1)
+            ref = sum(float(lp[j - 1, ids[j]]) for j in range(len(prompt), len(ids)))
+            assert abs(t['key_logprob'] - ref) < 1e-3 * max(1.0, abs(ref))
+    for L, oks in verdicts.items():
+        assert r['passed'][L] == sum(oks) and r['count'][L] == len(oks) == 2
+        assert r['wilson95'][L] == list(eval_passkey.wilson(sum(oks), len(oks)))
+    assert open(png, 'rb').read(8) == b'\x89PNG\r\n\x1a\n'
+
+
+@pytest.mark.parametrize('task,output,passes', [
+    ('multikey', '1234567.', True),
+    ('multikey', ' is: 1234567\n', True),
+    ('multikey', '12345678', False),           # the value's digits then one more
+    ('multikey', '7654321, 1234567.', False),  # a distractor's value first
+    ('multivalue', '1234567, 7654321.', True),
+    ('multivalue', '7654321 and 1234567 and 5', True),  # any order, more numbers allowed
+    ('multivalue', '1234567, 1234567.', False),  # one value missing
+    ('multiquery', ': 7654321\n1234567\n', True),
+    ('multiquery', '1234567, 76543210', False),  # the second value has a digit too many
+    ('multiquery', 'x x x x x 1234567, 7654321', True),  # 27 tokens = the answer's 17 + 10
+    ('multiquery', 'x x x x x x 1234567, 7654321', False),  # the last digit past the budget
+])
+def test_needle_verdict_semantics(env, task, output, passes):
+    """What eval_passkey runs for a trial (trial_prompt, greedy_passkey with its key or judge, the
+    answer + 10 token budget) == a plain greedy loop + the regex scorer, on scripted outputs."""
+    tok = env['tok']
+    needles = [('apple', '1234567', 0.3), ('tiger', '7654321', 0.6), ('lemon', '5555555', 0.1)]
+    if task == 'multivalue':
+        needles = [('apple', v, d) for _, v, d in needles]
+    asked = {'multikey': [0], 'multivalue': [0, 1], 'multiquery': [0, 1]}[task]
+    trial = (450, 0.3, needles, asked)
+    ids, p, text, _, key, judge = eval_passkey.trial_prompt(tok, task, trial, None)
+    prompt = tok.encode(text, bos=True)
+    guess, budget = ids[p:], len(ids) - p + 10
+    other = tok.encode(' the', bos=False)[-1]
+    for script in (tok.encode(output, bos=False), tok.encode(output, bos=False) + [tok.eos_id]):
+        net, next_token = scripted_model(prompt, script, env['ours'].args.vocab_size, other)
+        ref_gen = greedy_reference(next_token, prompt, budget, tok.eos_id)
+        ref = needle_verdict(task, tok.decode(ref_gen), [needles[i][1] for i in asked])
+        ok, gen, *_ = eval_passkey.greedy_passkey(net, prompt, guess, key, tok.decode, budget,
+                                                  tok.eos_id, judge=judge)
+        assert ok == ref == passes, (output, tok.decode(ref_gen))
+        assert gen == ref_gen[:len(gen)]
+
+
+def test_needle_trials_paired(env, monkeypatch):
+    """Two models run with one seed see the same needles, asked words and depths (paired trials);
+    more trials extend fewer; another seed draws other needles."""
+    runs = []
+    spm_file = str(env['tmp'] / 'llama' / 'tokenizer.model')  # the scaled model's dir has none
+    for m in ('plain', 'scaled'):
+        out = str(env['tmp'] / f'paired-{m}.json')
+        run_main(monkeypatch, eval_passkey, model=env[m], task='multiquery', lengths=[500],
+                 num_trials=3, depths=None, seed=21, device='cpu', out=out, overwrite=True,
+                 check_tokenizer=False, tokenizer=spm_file)
+        runs.append([(t['needles'], t['asked'], t['key'], t['depth_requested'], t['tokens'])
+                     for t in json.load(open(out))['trials']])
+    assert runs[0] == runs[1] and len({k for _, _, k, _, _ in runs[0]}) == 3
+    few = eval_passkey.make_needle_trials('multikey', [500, 900], 2, [0.1, 0.9], 5)
+    many = eval_passkey.make_needle_trials('multikey', [900], 4, [0.1, 0.9], 5)
+    for d in (0.1, 0.9):
+        a = [t for t in few if t[0] == 900 and t[1] == d]
+        assert a == [t for t in many if t[1] == d][:2]
+    other = eval_passkey.make_needle_trials('multikey', [500, 900], 2, [0.1, 0.9], 6)
+    assert [t[2] for t in other] != [t[2] for t in few]
+
+
+def test_passkey_task_unchanged(env, monkeypatch):
+    """task='passkey' is the default run: the same JSON (but the timing), no needle field in it."""
+    results = []
+    for extra in ({}, {'task': 'passkey'}):
+        out = str(env['tmp'] / f'pk-task-{len(extra)}.json')
+        run_main(monkeypatch, eval_passkey, model=env['plain'], lengths=[400], num_trials=3,
+                 depths=[0.5], seed=3, device='cpu', out=out, overwrite=True, **extra)
+        r = json.load(open(out))
+        r.pop('seconds')
+        results.append(r)
+    assert results[0] == results[1]
+    assert not {'task', 'num_needles', 'num_values', 'num_queries'} & set(results[0]['settings'])
+    assert results[0]['settings']['max_new_tokens'] == 10
+    fields = {'length', 'tokens', 'depth_requested', 'depth', 'n_filler', 'key', 'answer_ids',
+              'pred_ids', 'output_ids', 'output', 'forwards', 'key_logprob', 'pass'}
+    assert all(set(t) == fields for t in results[0]['trials'])
+
+
+def test_needle_bad_input(env, monkeypatch, tmp_path):
+    out = str(tmp_path / 'x.json')
+    base = dict(model=env['plain'], device='cpu', out=out, num_needles=4, num_queries=2,
+                max_new_tokens=None)
+    for config, msg in [({'task': 'needle'}, "task='needle'"),
+                        ({'task': 'multiquery', 'num_needles': 2, 'num_queries': 3},
+                         'num_queries=3'),
+                        ({'task': 'multikey', 'num_needles': 0}, 'num_needles=0'),
+                        ({'task': 'multivalue', 'max_new_tokens': 0}, 'max_new_tokens')]:
+        with pytest.raises(UserError, match=msg):
+            run_main(monkeypatch, eval_passkey, **{**base, **config})
+        assert not os.path.exists(out)
+    with pytest.raises(UserError, match='shorter than the multikey prompt'):
+        run_main(monkeypatch, eval_passkey, **base, task='multikey', lengths=[100])
+    assert not os.path.exists(out)
