@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import rope_config
+import rope
 from errors import UserError, pyplot
 
 DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}  # + 'auto'
@@ -194,7 +194,7 @@ def model_name(model_dir):
 def result_label(model_dir, rope_scaling):
     label = model_name(model_dir)
     if rope_scaling:
-        label += f" +{rope_config.rope_type(rope_scaling)}x{rope_scaling.get('factor', '')}"
+        label += f" +{rope.rope_type(rope_scaling)}x{rope_scaling.get('factor', '')}"
     return label
 
 

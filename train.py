@@ -31,7 +31,7 @@ from contextlib import nullcontext
 
 import numpy as np
 
-import rope_config
+import rope
 import sample_positions  # SAMPLERS (a module, so the configurator cannot mistake it for a config key)
 from errors import UserError, is_interrupt, remove, run, writing
 from data_format import open_split, read_meta
@@ -144,7 +144,7 @@ def check_config():
     if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
         raise UserError(f"out_dir='{out_dir}': {parent} is not a writable directory")
     if rope_scaling is not None:
-        rope_config.check(rope_scaling)
+        rope.check(rope_scaling)
 
 
 def read_train_state():
@@ -251,14 +251,13 @@ def build_model(meta, train_state):
             raise UserError(f'model_args: unknown ModelArgs field(s) {sorted(unknown)}')
         a = {'vocab_size': meta['vocab_size'], 'max_position_embeddings': train_len,
              'bos_token_id': meta.get('bos_id'), 'eos_token_id': meta.get('eos_id'), **model_args}
-        head_dim = a.get('head_dim') or a.get('dim', ModelArgs.dim) // a.get('n_heads', ModelArgs.n_heads)
-        a['rope_scaling'] = rope_config.rescale(rope_scaling, None, a['max_position_embeddings'], head_dim, target_len)
+        a['rope_scaling'] = rope.rescale(rope_scaling, None, a['max_position_embeddings'], target_len)
         margs = ModelArgs(**dict(a, max_position_embeddings=target_len))
         model = Transformer(margs)
         model.init_weights()
         tok = [p for p in meta.get('tokenizer_files') or [meta.get('tokenizer')] if p and os.path.isfile(p)]
         return model, margs, tok, None
-    # an HF checkpoint: the new scaling is relative to its original window (rope_config.rescale).
+    # an HF checkpoint: the new scaling is relative to its original window (rope.rescale).
     # fp32 master weights: FSDP2 / autocast compute in bf16, AdamW updates in fp32. Under torchrun only
     # rank 0 keeps the weights (one CPU copy per node, not one per GPU: 28 GB each for a 7B); the other
     # ranks check the checkpoint on the meta device and get their shards after fully_shard, below.
