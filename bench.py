@@ -43,8 +43,7 @@ import torch
 
 from errors import pyplot, save_figure, write_json_atomic
 from hf_checkpoint import save_pretrained
-from model import ModelArgs, Transformer
-from perf import gpu_peak_flops, wrap_blocks
+from model import ModelArgs, Transformer, gpu_peak_flops, wrap_blocks
 import sample_positions
 
 # -----------------------------------------------------------------------------

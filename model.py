@@ -13,6 +13,7 @@ from dataclasses import InitVar, dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.utils.checkpoint import checkpoint
 
 import rope
@@ -260,10 +261,45 @@ class Transformer(nn.Module):
         return None, loss
 
     def flops_per_token(self, seq_len):
-        """Training FLOPs per token: 6N (N = parameters in matmuls, lm_head included, embedding lookup not)
-        + the attention term 12 * n_layers * n_heads * head_dim * seq_len (nanoGPT/PaLM convention, non-causal)."""
+        """Training FLOPs per token: 6N (N = parameters in matmuls, lm_head included, embedding lookup
+        not) + the attention term 12 * n_layers * n_heads * head_dim * seq_len (nanoGPT/PaLM
+        convention, non-causal)."""
         a = self.args
         n = sum(p.numel() for p in self.parameters())
         if not a.tie_word_embeddings:
             n -= self.embed_tokens.weight.numel()
         return 6.0 * n + 12.0 * a.n_layers * a.n_heads * a.head_dim * seq_len
+
+    def estimate_mfu(self, seq_len, tokens_per_s, peak_flops):
+        """Model FLOPs utilization: flops_per_token(seq_len) * tokens_per_s / peak_flops (the peak of
+        every device together, e.g. world_size * gpu_peak_flops(name)); None without a peak."""
+        return self.flops_per_token(seq_len) * tokens_per_s / peak_flops if peak_flops else None
+
+
+# -----------------------------------------------------------------------------
+# bf16 dense tensor-core peak FLOP/s per device, first substring match on torch.cuda.get_device_name()
+# (so the more specific names come first: 'H100 PCIe' before 'H100', 'A10G' before 'A10', 'L40S'
+# before 'L4')
+PEAK_FLOPS = [('GH200', 989e12), ('H200', 989e12), ('H100 PCIe', 756e12), ('H100 NVL', 835e12),
+              ('H100', 989e12), ('H800', 989e12), ('B200', 2250e12), ('A100', 312e12), ('A800', 312e12),
+              ('A10G', 70e12), ('A10', 125e12), ('L40S', 362e12), ('L40', 181e12), ('L4', 121e12),
+              ('RTX 4090', 165e12), ('RTX 3090', 71e12), ('A6000', 155e12), ('V100', 125e12),
+              ('T4', 65e12)]
+
+
+def gpu_peak_flops(device_name):
+    """The datasheet bf16 peak of a GPU named `device_name`, or 0.0 when it is not in PEAK_FLOPS."""
+    return next((f for n, f in PEAK_FLOPS if n in device_name), 0.0)
+
+
+def wrap_blocks(model, activation_checkpointing, compile_blocks):
+    """Each transformer block in place: activation checkpointing (non-reentrant torch.utils.checkpoint:
+    recompute the block in backward), then torch.compile; train.py and bench.py both wrap with this, so
+    the benchmark measures what training runs. The state dict keys get the wrappers' prefixes
+    (torch.distributed.checkpoint's get_state_dict strips them)."""
+    for i, block in enumerate(model.layers):
+        if activation_checkpointing:
+            block = checkpoint_wrapper(block, preserve_rng_state=False)
+        if compile_blocks:
+            block = torch.compile(block)
+        model.layers[i] = block

@@ -35,7 +35,7 @@ import rope
 import sample_positions  # SAMPLERS (a module, so the configurator cannot mistake it for a config key)
 from errors import UserError, is_interrupt, remove, run, writing
 from data_format import open_split, read_meta
-from perf import gpu_peak_flops, wrap_blocks
+from model import gpu_peak_flops, wrap_blocks
 from tokenizer import TOKENIZER_FILES, check_same_tokenizer
 # torch and model.py are imported in init_torch(), after the config and the data are checked: a typo fails in a blink
 
@@ -81,7 +81,7 @@ save_interval = 200  # checkpoint every this many steps, and at the end (0 = onl
 log_interval = 1  # print + log.jsonl every this many steps
 seed = 1337  # data draws and scratch init
 check_tokenizer = True  # refuse data whose meta.json tokenizer fingerprint differs from the model's (False: skip)
-peak_flops = 0.0  # per-device peak FLOP/s for MFU; 0 = look up the GPU in perf.PEAK_FLOPS (n/a on CPU)
+peak_flops = 0.0  # per-device peak FLOP/s for MFU; 0 = look up the GPU in model.PEAK_FLOPS (n/a on CPU)
 wandb_log = False  # log to Weights & Biases (imported only when True)
 wandb_project = 'nanopose'  # wandb project
 wandb_run_name = 'pose'  # wandb run name
