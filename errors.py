@@ -142,7 +142,7 @@ def say_error(msg):
 def run(main, cleanup=None, interrupted='interrupted (Ctrl-C): stopped, no partial results written'):
     """The scripts' entry point: main(); UserError -> one line, exit e.code; Ctrl-C -> the line `interrupted`,
     exit 130; anything else propagates with its traceback. cleanup() runs in every case (e.g. to destroy the
-    process group)."""
+    process group). `interrupted` may be a function: the line is what it returns at the Ctrl-C."""
     code = 0
     try:
         main()
@@ -152,7 +152,7 @@ def run(main, cleanup=None, interrupted='interrupted (Ctrl-C): stopped, no parti
     except BaseException as e:  # Ctrl-C, also when a library wrapped it (dcp); anything else keeps its traceback
         if not is_interrupt(e):
             raise
-        say_error(interrupted)
+        say_error(interrupted() if callable(interrupted) else interrupted)
         code = 130
     finally:
         if cleanup is not None:
