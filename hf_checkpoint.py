@@ -9,16 +9,17 @@ does not remember where it was loaded from -- whoever exports names the tokenize
     save_pretrained(model, 'out/hf', tokenizer_dir='checkpoints/llama-7b')
 """
 import json
+import numbers
 import os
-import pickle
 import shutil
+import warnings
 from dataclasses import fields
 
 import torch
 
 import rope
 from errors import UserError, read_json
-from model import ARCH_NAMES, ModelArgs, Transformer
+from model import ARCH_NAMES, ModelArgs, Transformer, is_size
 # the tokenizer's files, copied beside an export: defined beside the tokenizer loader, which must not need torch
 from tokenizer import TOKENIZER_FILES
 
@@ -31,8 +32,8 @@ assert set(ARCHS.values()) == set(ARCH_NAMES)
 # config.json <-> ModelArgs
 
 def args_from_hf_config(cfg, where='config.json', **overrides):
-    """ModelArgs of an HF config.json dict (+ `overrides`, ModelArgs fields); errors name `where` (the
-    file) and the key. A rope_scaling override replaces the checkpoint's own (rope.rescale)."""
+    """ModelArgs of an HF config.json dict (+ `overrides`, ModelArgs fields); errors name `where`
+    (the file) and the key. A rope_scaling override replaces the checkpoint's own (rope.rescale)."""
     archs = cfg.get('architectures') or []
     name = archs[0] if archs else cfg.get('model_type')
     arch = ARCHS.get(name) or {'LLaMAForCausalLM': 'llama', 'llama': 'llama', 'mistral': 'mistral',
@@ -43,29 +44,40 @@ def args_from_hf_config(cfg, where='config.json', **overrides):
                     ('use_sliding_window', False), ('partial_rotary_factor', 1.0)):
         if cfg.get(key, ok) not in (ok, None):
             raise UserError(f"{where}: config key {key}={cfg[key]!r} is not supported (only {ok!r})")
-    missing = [k for k in ('hidden_size', 'num_hidden_layers', 'num_attention_heads', 'intermediate_size',
-                           'vocab_size') if not isinstance(cfg.get(k), int) or cfg[k] < 1]
-    if missing:
-        raise UserError(f"{where}: {missing[0]}={cfg.get(missing[0])!r}: expected a positive integer")
+    sizes = ('hidden_size', 'num_hidden_layers', 'num_attention_heads', 'intermediate_size',
+             'vocab_size')
+    optional = {'max_position_embeddings': 2048, 'num_key_value_heads': None, 'head_dim': None}
+    bad = [k for k in sizes if not is_size(cfg.get(k))] + \
+        [k for k, v in optional.items() if cfg.get(k, v) is not None and not is_size(cfg[k])]
+    if bad:
+        raise UserError(f"{where}: {bad[0]}={cfg.get(bad[0])!r}: expected a positive integer")
+    eps = cfg.get('rms_norm_eps', 1e-6)
+    if not (isinstance(eps, numbers.Real) and not isinstance(eps, bool) and 0 < eps < 1):
+        raise UserError(f"{where}: rms_norm_eps={eps!r}: expected a number in (0, 1)")
+    if not isinstance(cfg.get('tie_word_embeddings', False), bool):
+        raise UserError(f"{where}: tie_word_embeddings={cfg['tie_word_embeddings']!r}: "
+                        "expected a bool")
     rs, theta = rope.from_hf_config(cfg, where)
     mpe = cfg.get('max_position_embeddings', 2048)
     known = {f.name for f in fields(ModelArgs)}
     for k in overrides:
         if k not in known:
-            raise UserError(f"unknown model override {k!r} (ModelArgs fields: {', '.join(sorted(known))})")
+            raise UserError(f"unknown model override {k!r} "
+                            f"(ModelArgs fields: {', '.join(sorted(known))})")
     rope_where = where
     if 'rope_scaling' in overrides:
         # a new scaling replaces the checkpoint's own, relative to its original window; no factor:
         # the new max_position_embeddings / that window
-        rs = rope.rescale(overrides.pop('rope_scaling'), rs, mpe, overrides.get('max_position_embeddings'),
-                          where)
+        rs = rope.rescale(overrides.pop('rope_scaling'), rs, mpe,
+                          overrides.get('max_position_embeddings'), where)
         rope_where = 'rope_scaling'
     a = dict(
         dim=cfg['hidden_size'], n_layers=cfg['num_hidden_layers'], n_heads=cfg['num_attention_heads'],
         n_kv_heads=cfg.get('num_key_value_heads'), head_dim=cfg.get('head_dim'),
         hidden_dim=cfg['intermediate_size'], vocab_size=cfg['vocab_size'],
         norm_eps=cfg.get('rms_norm_eps', 1e-6), rope_theta=theta, max_position_embeddings=mpe,
-        qkv_bias=arch == 'qwen2', tie_word_embeddings=cfg.get('tie_word_embeddings', False), arch=arch,
+        qkv_bias=arch == 'qwen2', tie_word_embeddings=cfg.get('tie_word_embeddings', False),
+        arch=arch,
         bos_token_id=cfg.get('bos_token_id'), eos_token_id=cfg.get('eos_token_id'),
         sliding_window=cfg.get('sliding_window') if arch == 'mistral' else None)
     return ModelArgs(**(a | overrides), rope_scaling=rs, where=rope_where)
@@ -74,7 +86,8 @@ def args_from_hf_config(cfg, where='config.json', **overrides):
 def hf_config(args):
     """ModelArgs -> the config.json that transformers 4.45+, 5 and vLLM read: `rope_scaling` (from
     rope.export) + top-level `rope_theta`."""
-    rs, theta = rope.export(args.rope_scaling, args.head_dim, args.rope_theta, args.max_position_embeddings)
+    rs, theta = rope.export(args.rope_scaling, args.head_dim, args.rope_theta,
+                            args.max_position_embeddings)
     hf = {'architectures': [k for k in ARCHS if ARCHS[k] == args.arch], 'model_type': args.arch,
           'hidden_size': args.dim, 'intermediate_size': args.hidden_dim, 'num_hidden_layers': args.n_layers,
           'num_attention_heads': args.n_heads, 'num_key_value_heads': args.n_kv_heads, 'head_dim': args.head_dim,
@@ -235,14 +248,20 @@ def _tensor_readers(file):
             for name in f.keys():
                 yield name, (lambda n=name: get(f, n))
         return
-    # weights_only: a .bin must not run code; mmap (zip-format files): no full copy in RAM
+    # weights_only: a .bin must not run code (so whatever it raises is about the file, not a bug of
+    # ours); mmap (zip-format files): no full copy in RAM
     try:
-        try:
-            sd = torch.load(file, map_location='cpu', weights_only=True, mmap=True)
-        except RuntimeError:  # legacy (pre-zip) format cannot be memory-mapped
-            sd = torch.load(file, map_location='cpu', weights_only=True)
-    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as e:
+        with warnings.catch_warnings():  # a corrupt file's odd pickle protocol
+            warnings.simplefilter('ignore')
+            try:
+                sd = torch.load(file, map_location='cpu', weights_only=True, mmap=True)
+            except RuntimeError:  # legacy (pre-zip) format cannot be memory-mapped
+                sd = torch.load(file, map_location='cpu', weights_only=True)
+    except Exception as e:
         raise UserError(f"{file}: unreadable PyTorch weights file, truncated or corrupt? "
                         f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                           for k, v in sd.items()):
+        raise UserError(f"{file}: not a PyTorch state dict (a dict of named tensors)")
     for name in list(sd):
         yield name, (lambda n=name: sd.pop(n))

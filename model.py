@@ -8,6 +8,8 @@ tables, positions up to 1M work), for every RoPE type of rope.py. Hugging Face d
 logits; this file never touches a directory. Below the model: its FLOPs per token and MFU, and the
 per-block wrapping (activation checkpointing, torch.compile) that train.py and bench.py share.
 """
+import math
+import numbers
 from dataclasses import InitVar, dataclass
 
 import torch
@@ -50,9 +52,22 @@ class ModelArgs:
     bos_token_id: int | None = 1
     eos_token_id: int | list | None = 2
     sliding_window: int | None = None  # Mistral: forward refuses sequences longer than this (see Attention)
-    where: InitVar[str] = 'rope_scaling'  # names rope_scaling's source in errors (e.g. a config.json)
+    where: InitVar[str] = 'rope_scaling'  # rope_scaling's source, named in errors (a config.json)
 
     def __post_init__(self, where):
+        for k in ('dim', 'n_layers', 'n_heads', 'n_kv_heads', 'head_dim', 'hidden_dim',
+                  'vocab_size', 'max_position_embeddings', 'sliding_window'):
+            v = getattr(self, k)
+            if not (v is None and k in ('n_kv_heads', 'head_dim', 'sliding_window') or is_size(v)):
+                raise UserError(f"{k}={v!r}: expected a positive integer")
+        for k in ('norm_eps', 'rope_theta'):
+            v = getattr(self, k)
+            if not (isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+                    and v > 0):
+                raise UserError(f"{k}={v!r}: expected a finite number > 0")
+        if self.head_dim is None and self.dim % self.n_heads:
+            raise UserError(f"n_heads={self.n_heads} does not divide dim={self.dim} "
+                            "(or give head_dim)")
         self.n_kv_heads = self.n_kv_heads or self.n_heads
         self.head_dim = self.head_dim or self.dim // self.n_heads
         if self.arch not in ARCH_NAMES:
@@ -62,8 +77,12 @@ class ModelArgs:
         if self.qkv_bias != (self.arch == 'qwen2'):
             raise UserError(f"qkv_bias={self.qkv_bias} does not match arch={self.arch!r} "
                              "(only qwen2 has q/k/v biases)")
-        self.rope_scaling = rope.normalize(self.rope_scaling, self.head_dim, self.max_position_embeddings,
-                                           where)
+        self.rope_scaling = rope.normalize(self.rope_scaling, self.head_dim,
+                                           self.max_position_embeddings, where)
+
+
+def is_size(v):  # a positive int (not a bool)
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
 
 
 # -----------------------------------------------------------------------------
@@ -261,9 +280,9 @@ class Transformer(nn.Module):
         return None, loss
 
     def flops_per_token(self, seq_len):
-        """Training FLOPs per token: 6N (N = parameters in matmuls, lm_head included, embedding lookup
-        not) + the attention term 12 * n_layers * n_heads * head_dim * seq_len (nanoGPT/PaLM
-        convention, non-causal)."""
+        """Training FLOPs per token: 6N (N = parameters in matmuls, lm_head included, embedding
+        lookup not) + the attention term 12 * n_layers * n_heads * head_dim * seq_len (nanoGPT /
+        PaLM convention, non-causal)."""
         a = self.args
         n = sum(p.numel() for p in self.parameters())
         if not a.tie_word_embeddings:
@@ -271,20 +290,20 @@ class Transformer(nn.Module):
         return 6.0 * n + 12.0 * a.n_layers * a.n_heads * a.head_dim * seq_len
 
     def estimate_mfu(self, seq_len, tokens_per_s, peak_flops):
-        """Model FLOPs utilization: flops_per_token(seq_len) * tokens_per_s / peak_flops (the peak of
-        every device together, e.g. world_size * gpu_peak_flops(name)); None without a peak."""
+        """Model FLOPs utilization: flops_per_token(seq_len) * tokens_per_s / peak_flops (the peak
+        of every device together, e.g. world_size * gpu_peak_flops(name)); None without a peak."""
         return self.flops_per_token(seq_len) * tokens_per_s / peak_flops if peak_flops else None
 
 
 # -----------------------------------------------------------------------------
-# bf16 dense tensor-core peak FLOP/s per device, first substring match on torch.cuda.get_device_name()
-# (so the more specific names come first: 'H100 PCIe' before 'H100', 'A10G' before 'A10', 'L40S'
-# before 'L4')
+# bf16 dense tensor-core peak FLOP/s per device, first substring match on
+# torch.cuda.get_device_name() (so the more specific names come first: 'H100 PCIe' before 'H100',
+# 'A10G' before 'A10', 'L40S' before 'L4')
 PEAK_FLOPS = [('GH200', 989e12), ('H200', 989e12), ('H100 PCIe', 756e12), ('H100 NVL', 835e12),
-              ('H100', 989e12), ('H800', 989e12), ('B200', 2250e12), ('A100', 312e12), ('A800', 312e12),
-              ('A10G', 70e12), ('A10', 125e12), ('L40S', 362e12), ('L40', 181e12), ('L4', 121e12),
-              ('RTX 4090', 165e12), ('RTX 3090', 71e12), ('A6000', 155e12), ('V100', 125e12),
-              ('T4', 65e12)]
+              ('H100', 989e12), ('H800', 989e12), ('B200', 2250e12), ('A100', 312e12),
+              ('A800', 312e12), ('A10G', 70e12), ('A10', 125e12), ('L40S', 362e12), ('L40', 181e12),
+              ('L4', 121e12), ('RTX 4090', 165e12), ('RTX 3090', 71e12), ('A6000', 155e12),
+              ('V100', 125e12), ('T4', 65e12)]
 
 
 def gpu_peak_flops(device_name):
@@ -293,10 +312,10 @@ def gpu_peak_flops(device_name):
 
 
 def wrap_blocks(model, activation_checkpointing, compile_blocks):
-    """Each transformer block in place: activation checkpointing (non-reentrant torch.utils.checkpoint:
-    recompute the block in backward), then torch.compile; train.py and bench.py both wrap with this, so
-    the benchmark measures what training runs. The state dict keys get the wrappers' prefixes
-    (torch.distributed.checkpoint's get_state_dict strips them)."""
+    """Each transformer block in place: activation checkpointing (non-reentrant
+    torch.utils.checkpoint: recompute the block in backward), then torch.compile; train.py and
+    bench.py both wrap with this, so the benchmark measures what training runs. The state dict keys
+    get the wrappers' prefixes (torch.distributed.checkpoint's get_state_dict strips them)."""
     for i, block in enumerate(model.layers):
         if activation_checkpointing:
             block = checkpoint_wrapper(block, preserve_rng_state=False)
