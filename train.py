@@ -668,6 +668,24 @@ def prepare():
     return data, meta, ckpt_dir, state, model, margs, tokenizer_src, full_sd
 
 
+def start_run(model, margs, iter_num):
+    """Rank 0: out_dir made (a run it held removed first: overwrite=True, else refused above),
+    log.jsonl opened, the run described. -> the log file."""
+    if init_from != 'resume':
+        for n in run_files():  # (but for the model this run starts from)
+            if os.path.abspath(os.path.join(out_dir, n)) != os.path.abspath(init_from):
+                remove(os.path.join(out_dir, n))
+    os.makedirs(out_dir, exist_ok=True)
+    log_file = open_log(iter_num)
+    print(f'{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, world size '
+          f'{world_size}, {tokens_per_iter:,} tokens per step, method={method} '
+          f'train_len={train_len} target_len={target_len} rope_scaling={margs.rope_scaling}')
+    if wandb_log:
+        import wandb  # optional: only with wandb_log=True
+        wandb.init(project=wandb_project, name=wandb_run_name, config=config)
+    return log_file
+
+
 def main():
     try:
         data, meta, ckpt_dir, state, model, margs, tokenizer_src, full_sd = prepare()
@@ -691,20 +709,7 @@ def main():
     if not peak and device_type == 'cuda':
         peak = gpu_peak_flops(torch.cuda.get_device_name())
     data_identity = {k: meta.get(k) for k in DATA_IDENTITY}
-    log_file = None
-    if master:
-        if init_from != 'resume':  # overwrite=True (else refused above): the old run goes,
-            for n in run_files():  # but for the model this run starts from
-                if os.path.abspath(os.path.join(out_dir, n)) != os.path.abspath(init_from):
-                    remove(os.path.join(out_dir, n))
-        os.makedirs(out_dir, exist_ok=True)
-        log_file = open_log(iter_num)
-        print(f'{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, world size '
-              f'{world_size}, {tokens_per_iter:,} tokens per step, method={method} '
-              f'train_len={train_len} target_len={target_len} rope_scaling={margs.rope_scaling}')
-        if wandb_log:
-            import wandb  # optional: only with wandb_log=True
-            wandb.init(project=wandb_project, name=wandb_run_name, config=config)
+    log_file = start_run(model, margs, iter_num) if master else None
     try:
         if eval_interval > 0 and iter_num == 0:
             v = estimate_val_loss(model, data, autocast)
