@@ -58,8 +58,7 @@ from data_format import corpus_files
 from errors import PLOT_EXTS, UserError, check_writable, pyplot, run, save_figure, write_json_atomic
 from eval_ppl import load_model, sliding_window_nll
 from hf_checkpoint import save_pretrained
-from model import INFER_CHUNK, ModelArgs, Transformer
-from perf import gpu_peak_flops, wrap_blocks
+from model import INFER_CHUNK, ModelArgs, Transformer, gpu_peak_flops, wrap_blocks
 import sample_positions
 from tokenizer import load_tokenizer
 

@@ -23,8 +23,10 @@ def _cfg_say(msg):
 
 
 def _cfg_fail(msg):
-    # one clear line, no traceback: this is the user's input, not our bug
-    _sys.stderr.write(f"error: {msg}\n")
+    # one clear line, no traceback: this is the user's input, not our bug; every torchrun rank reads
+    # the same input, so rank 0 alone says it
+    if int(_os.environ.get('RANK', '0')) == 0:
+        _sys.stderr.write(f"error: {msg}\n")
     raise SystemExit(2)
 
 
@@ -81,8 +83,11 @@ for _arg in _cfg_argv:
         if not _os.path.isfile(_arg):
             _cfg_fail(f"config file not found: {_arg}")
         _cfg_say(f"Overriding config with {_arg}:")
-        with open(_arg) as _f:
-            _src = _f.read()
+        try:
+            with open(_arg, encoding='utf-8') as _f:
+                _src = _f.read()
+        except (OSError, UnicodeDecodeError) as _e:  # a directory, unreadable, not text
+            _cfg_fail(f"{_arg}: unreadable config file ({type(_e).__name__}: {_e})")
         _cfg_say(_src)
         _ns = {}
         try:

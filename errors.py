@@ -236,7 +236,8 @@ def run(main, cleanup=None,
         interrupted='interrupted (Ctrl-C): stopped, no partial results written'):
     """The scripts' entry point: main(); UserError -> one line, exit e.code; Ctrl-C -> the line
     `interrupted`, exit 130; anything else propagates with its traceback. cleanup() runs in every
-    case (e.g. to destroy the process group)."""
+    case (e.g. to destroy the process group). `interrupted` may be a function: the line is what it
+    returns at the Ctrl-C."""
     code = 0
     try:
         main()
@@ -247,7 +248,7 @@ def run(main, cleanup=None,
     except BaseException as e:
         if not is_interrupt(e):
             raise
-        say_error(interrupted)
+        say_error(interrupted() if callable(interrupted) else interrupted)
         code = 130
     finally:
         if cleanup is not None:

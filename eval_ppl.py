@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import rope_config
+import rope
 from data_format import find_files, open_split, read_documents, read_meta
 from errors import (PLOT_EXTS, UserError, check_writable, claim, pyplot, read_json, release, run,
                     save_figure, write_json_atomic)
@@ -392,7 +392,7 @@ def model_name(model_dir):
 def result_label(model_dir, rope_scaling):
     label = model_name(model_dir)
     if rope_scaling:
-        label += f" +{rope_config.rope_type(rope_scaling)}x{rope_scaling.get('factor', '')}"
+        label += f" +{rope.rope_type(rope_scaling)}x{rope_scaling.get('factor', '')}"
     return label
 
 

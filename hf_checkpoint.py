@@ -9,17 +9,17 @@ does not remember where it was loaded from -- whoever exports names the tokenize
     save_pretrained(model, 'out/hf', tokenizer_dir='checkpoints/llama-7b')
 """
 import json
+import numbers
 import os
-import pickle
 import shutil
-from dataclasses import fields, replace
+import warnings
+from dataclasses import fields
 
 import torch
 
-import rope_config
+import rope
 from errors import UserError, read_json
-from model import (ARCH_NAMES, ModelArgs, Transformer, longrope_attention_factor, ntk_theta, yarn_divisors,
-                   yarn_factor_attention, yarn_pose_attention_factor, yarn_pose_divisors)
+from model import ARCH_NAMES, ModelArgs, Transformer, is_size
 # the tokenizer's files, copied beside an export: defined beside the tokenizer loader, which must not need torch
 from tokenizer import TOKENIZER_FILES
 
@@ -31,8 +31,9 @@ assert set(ARCHS.values()) == set(ARCH_NAMES)
 # -----------------------------------------------------------------------------
 # config.json <-> ModelArgs
 
-def args_from_hf_config(cfg, where='config.json'):
-    """ModelArgs of an HF config.json dict; errors name `where` (the file) and the key."""
+def args_from_hf_config(cfg, where='config.json', **overrides):
+    """ModelArgs of an HF config.json dict (+ `overrides`, ModelArgs fields); errors name `where`
+    (the file) and the key. A rope_scaling override replaces the checkpoint's own (rope.rescale)."""
     archs = cfg.get('architectures') or []
     name = archs[0] if archs else cfg.get('model_type')
     arch = ARCHS.get(name) or {'LLaMAForCausalLM': 'llama', 'llama': 'llama', 'mistral': 'mistral',
@@ -43,27 +44,50 @@ def args_from_hf_config(cfg, where='config.json'):
                     ('use_sliding_window', False), ('partial_rotary_factor', 1.0)):
         if cfg.get(key, ok) not in (ok, None):
             raise UserError(f"{where}: config key {key}={cfg[key]!r} is not supported (only {ok!r})")
-    missing = [k for k in ('hidden_size', 'num_hidden_layers', 'num_attention_heads', 'intermediate_size',
-                           'vocab_size') if not isinstance(cfg.get(k), int) or cfg[k] < 1]
-    if missing:
-        raise UserError(f"{where}: {missing[0]}={cfg.get(missing[0])!r}: expected a positive integer")
-    rp, theta = rope_config.from_hf_config(cfg, where)
+    sizes = ('hidden_size', 'num_hidden_layers', 'num_attention_heads', 'intermediate_size',
+             'vocab_size')
+    optional = {'max_position_embeddings': 2048, 'num_key_value_heads': None, 'head_dim': None}
+    bad = [k for k in sizes if not is_size(cfg.get(k))] + \
+        [k for k, v in optional.items() if cfg.get(k, v) is not None and not is_size(cfg[k])]
+    if bad:
+        raise UserError(f"{where}: {bad[0]}={cfg.get(bad[0])!r}: expected a positive integer")
+    eps = cfg.get('rms_norm_eps', 1e-6)
+    if not (isinstance(eps, numbers.Real) and not isinstance(eps, bool) and 0 < eps < 1):
+        raise UserError(f"{where}: rms_norm_eps={eps!r}: expected a number in (0, 1)")
+    if not isinstance(cfg.get('tie_word_embeddings', False), bool):
+        raise UserError(f"{where}: tie_word_embeddings={cfg['tie_word_embeddings']!r}: "
+                        "expected a bool")
+    rs, theta = rope.from_hf_config(cfg, where)
     mpe = cfg.get('max_position_embeddings', 2048)
-    return ModelArgs(
+    known = {f.name for f in fields(ModelArgs)}
+    for k in overrides:
+        if k not in known:
+            raise UserError(f"unknown model override {k!r} "
+                            f"(ModelArgs fields: {', '.join(sorted(known))})")
+    rope_where = where
+    if 'rope_scaling' in overrides:
+        # a new scaling replaces the checkpoint's own, relative to its original window; no factor:
+        # the new max_position_embeddings / that window
+        rs = rope.rescale(overrides.pop('rope_scaling'), rs, mpe,
+                          overrides.get('max_position_embeddings'), where)
+        rope_where = 'rope_scaling'
+    a = dict(
         dim=cfg['hidden_size'], n_layers=cfg['num_hidden_layers'], n_heads=cfg['num_attention_heads'],
         n_kv_heads=cfg.get('num_key_value_heads'), head_dim=cfg.get('head_dim'),
         hidden_dim=cfg['intermediate_size'], vocab_size=cfg['vocab_size'],
-        norm_eps=cfg.get('rms_norm_eps', 1e-6), rope_theta=float(theta), rope_scaling=rp,
-        max_position_embeddings=mpe, qkv_bias=arch == 'qwen2',
-        tie_word_embeddings=cfg.get('tie_word_embeddings', False), arch=arch,
+        norm_eps=cfg.get('rms_norm_eps', 1e-6), rope_theta=theta, max_position_embeddings=mpe,
+        qkv_bias=arch == 'qwen2', tie_word_embeddings=cfg.get('tie_word_embeddings', False),
+        arch=arch,
         bos_token_id=cfg.get('bos_token_id'), eos_token_id=cfg.get('eos_token_id'),
         sliding_window=cfg.get('sliding_window') if arch == 'mistral' else None)
+    return ModelArgs(**(a | overrides), rope_scaling=rs, where=rope_where)
+
 
 def hf_config(args):
     """ModelArgs -> the config.json that transformers 4.45+, 5 and vLLM read: `rope_scaling` (from
-    export_rope_scaling) + top-level `rope_theta`."""
-    rs, theta = export_rope_scaling(args.rope_scaling, args.head_dim, args.rope_theta,
-                                    args.max_position_embeddings)
+    rope.export) + top-level `rope_theta`."""
+    rs, theta = rope.export(args.rope_scaling, args.head_dim, args.rope_theta,
+                            args.max_position_embeddings)
     hf = {'architectures': [k for k in ARCHS if ARCHS[k] == args.arch], 'model_type': args.arch,
           'hidden_size': args.dim, 'intermediate_size': args.hidden_dim, 'num_hidden_layers': args.n_layers,
           'num_attention_heads': args.n_heads, 'num_key_value_heads': args.n_kv_heads, 'head_dim': args.head_dim,
@@ -85,46 +109,6 @@ def hf_config(args):
 
 
 # -----------------------------------------------------------------------------
-# Export: one config that every reader computes the same RoPE from (tested: tests/test_export_compat.py;
-# what each reader reads: rope_config.ROPE_KEYS_READ / export_lint; README "Exported RoPE configs").
-
-def export_rope_scaling(rs, d, theta, mpe):
-    """Our rope_scaling -> (config.json rope_scaling, rope_theta).
-    ntk: a plain rope_theta. yarn and yarn_pose: `longrope` with per-dimension factors (short = long), since
-    transformers 4.45 reads a yarn config's original window from max_position_embeddings and ignores
-    mscale / truncate, while 5.x reads original_max_position_embeddings. longrope (so these too): the
-    attention factor written out, as attention_factor (transformers) and short_mscale / long_mscale (vLLM,
-    which ignores attention_factor). Both `rope_type` and `type` (transformers < 4.42 reads only `type`)."""
-    if not rs:
-        return None, theta
-    t = rs['rope_type']
-    if t == 'ntk':
-        return None, ntk_theta(rs, d, theta)
-    if t in ('yarn', 'yarn_pose'):
-        if t == 'yarn':
-            (s, attn), div = yarn_factor_attention(rs, mpe), yarn_divisors(rs, d, theta, mpe)
-        else:
-            s, attn, div = rs['factor'], yarn_pose_attention_factor(rs), yarn_pose_divisors(rs, d, theta)
-        rs = {'rope_type': 'longrope', 'short_factor': div.tolist(), 'long_factor': div.tolist(),
-              'factor': float(s), 'attention_factor': float(attn),
-              'original_max_position_embeddings': rs['original_max_position_embeddings']}
-    if rs['rope_type'] == 'longrope':
-        a = float(longrope_attention_factor(rs, mpe))
-        rs = dict(rs, attention_factor=a, short_mscale=a, long_mscale=a)
-    return dict(rs, type=rs['rope_type']), theta
-
-
-def export_notes(args, cfg):
-    """The export log: how our rope_type was written (when not as itself), then export_lint's findings."""
-    t = (args.rope_scaling or {}).get('rope_type')
-    how = {'ntk': 'no rope_scaling, rope_theta = base x alpha^(d/(d-2))',
-           'yarn': "'longrope' with per-dimension factors (short = long) + attention_factor: a 'yarn' config "
-                   "with original_max_position_embeddings reads wrong in transformers 4.45",
-           'yarn_pose': "'longrope' with per-dimension factors (short = long) + attention_factor"}
-    return ([f"rope_type {t!r} written as {how[t]}"] if t in how else []) + rope_config.export_lint(cfg)
-
-
-# -----------------------------------------------------------------------------
 # load / save
 
 def load_pretrained(path, dtype=torch.float32, device='cpu', **overrides):
@@ -134,18 +118,7 @@ def load_pretrained(path, dtype=torch.float32, device='cpu', **overrides):
     cfg_path = os.path.join(path, 'config.json')
     if not os.path.isfile(cfg_path):
         raise UserError(f"{cfg_path}: no config.json (not a Hugging Face model directory)")
-    args = args_from_hf_config(read_json(cfg_path), cfg_path)
-    known = {f.name for f in fields(ModelArgs)}
-    for k in overrides:
-        if k not in known:
-            raise UserError(f"unknown model override {k!r} (ModelArgs fields: {', '.join(sorted(known))})")
-    if overrides.get('rope_scaling') is not None:
-        # a new scaling replaces the checkpoint's own, relative to its original window; no factor:
-        # the new max_position_embeddings / that window
-        overrides['rope_scaling'] = rope_config.rescale(
-            overrides['rope_scaling'], args.rope_scaling, args.max_position_embeddings, args.head_dim,
-            overrides.get('max_position_embeddings'))
-    args = replace(args, **overrides)
+    args = args_from_hf_config(read_json(cfg_path), cfg_path, **overrides)
     with torch.device('meta'):
         model = Transformer(args)
     expected = {k: v for k, v in model.state_dict().items()
@@ -211,7 +184,8 @@ def save_pretrained(model, path, tokenizer_dir, state_dict=None, max_shard_size=
         with open(os.path.join(tmp, 'model.safetensors.index.json'), 'w') as f:
             json.dump(index, f, indent=2)
     cfg = hf_config(model.args)
-    for note in export_notes(model.args, cfg):  # the export log: what a reader may get wrong, and why
+    # the export log: what a reader may get wrong, and why
+    for note in rope.export_notes(model.args.rope_scaling, cfg):
         print(f'export {path}: {note}', flush=True)
     dt = str(next(iter(tensors.values())).dtype).replace('torch.', '')
     cfg.update(torch_dtype=dt, dtype=dt)
@@ -274,14 +248,20 @@ def _tensor_readers(file):
             for name in f.keys():
                 yield name, (lambda n=name: get(f, n))
         return
-    # weights_only: a .bin must not run code; mmap (zip-format files): no full copy in RAM
+    # weights_only: a .bin must not run code (so whatever it raises is about the file, not a bug of
+    # ours); mmap (zip-format files): no full copy in RAM
     try:
-        try:
-            sd = torch.load(file, map_location='cpu', weights_only=True, mmap=True)
-        except RuntimeError:  # legacy (pre-zip) format cannot be memory-mapped
-            sd = torch.load(file, map_location='cpu', weights_only=True)
-    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as e:
+        with warnings.catch_warnings():  # a corrupt file's odd pickle protocol
+            warnings.simplefilter('ignore')
+            try:
+                sd = torch.load(file, map_location='cpu', weights_only=True, mmap=True)
+            except RuntimeError:  # legacy (pre-zip) format cannot be memory-mapped
+                sd = torch.load(file, map_location='cpu', weights_only=True)
+    except Exception as e:
         raise UserError(f"{file}: unreadable PyTorch weights file, truncated or corrupt? "
                         f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                           for k, v in sd.items()):
+        raise UserError(f"{file}: not a PyTorch state dict (a dict of named tensors)")
     for name in list(sd):
         yield name, (lambda n=name: sd.pop(n))

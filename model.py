@@ -3,19 +3,22 @@ The LLaMA family (Llama 1/2/3, Mistral, Qwen2) in plain PyTorch, for PoSE.
 
 PoSE only changes position ids, so everything here takes arbitrary (non-contiguous) position ids:
 RoPE cos/sin are computed once per forward, in fp32, from the batch's own position ids (no cached
-tables, positions up to 1M work), for every Hugging Face RoPE scaling plus the paper's `ntk` and the
-official PoSE repo's `yarn_pose`. Hugging Face directories (config.json, weights, export) are read and
-written by hf_checkpoint.py, with transformers-identical logits; this file never touches a directory.
+tables, positions up to 1M work), for every RoPE type of rope.py. Hugging Face directories
+(config.json, weights, export) are read and written by hf_checkpoint.py, with transformers-identical
+logits; this file never touches a directory. Below the model: its FLOPs per token and MFU, and the
+per-block wrapping (activation checkpointing, torch.compile) that train.py and bench.py share.
 """
 import math
-from dataclasses import dataclass
+import numbers
+from dataclasses import InitVar, dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.utils.checkpoint import checkpoint
 
-import rope_config
+import rope
 from errors import UserError
 
 try:  # flash-attn's causal kernel on CUDA bf16/fp16; SDPA everywhere else
@@ -28,130 +31,6 @@ LOSS_CHUNK = 1024  # tokens per lm_head + fp32 cross-entropy chunk (Transformer.
 INFER_CHUNK = 512  # rows per chunk of the no-grad eval forward (Transformer.infer_chunk, set by the eval
 # scripts; 0 = off): norms, projections and the MLP run on this many rows, only attention sees all of T
 ARCH_NAMES = ('llama', 'mistral', 'qwen2')  # the LLaMA variants (hf_checkpoint.ARCHS: their HF class names)
-
-# -----------------------------------------------------------------------------
-# RoPE scaling: one small pure function per rope_type.
-# f(rs, d, theta, mpe, seq_len) -> (inv_freq fp32 [d/2], attention_factor)
-#   rs: the rope_scaling dict, d: head_dim, theta: rope_theta, mpe: max_position_embeddings,
-#   seq_len: 0-d int64 tensor = max position id in the batch + 1 (only dynamic/longrope read it).
-# All in fp32 with the same operation order as Meta's / transformers' code, so the frequencies are
-# bit-identical and logits still agree at positions ~1M (where one ulp of inv_freq is ~0.1 rad).
-
-def _pos_freqs(theta, d, device):  # theta^(2i/d), i < d/2: the wavelengths / 2pi
-    return theta ** (torch.arange(0, d, 2, device=device).float() / d)
-
-def _yarn_ramp(rs, d, theta, device):
-    # 0 for dimensions that extrapolate (short wavelengths), 1 for those that interpolate, linear between
-    orig = rs['original_max_position_embeddings']
-    corr_dim = lambda rot: d * math.log(orig / (rot * 2 * math.pi)) / (2 * math.log(theta))
-    lo, hi = corr_dim(rs.get('beta_fast') or 32), corr_dim(rs.get('beta_slow') or 1)
-    if rs.get('truncate', True):
-        lo, hi = math.floor(lo), math.ceil(hi)
-    lo, hi = max(lo, 0), min(hi, d - 1)
-    hi = hi + 0.001 if lo == hi else hi  # avoid 0/0, as in the YaRN reference code
-    return ((torch.arange(d // 2, dtype=torch.float32) - lo) / (hi - lo)).clamp(0, 1).to(device)
-
-def _yarn_mscale(s, m=1.0):
-    return 1.0 if s <= 1 else 0.1 * m * math.log(s) + 1.0
-
-def rope_default(rs, d, theta, mpe, seq_len):
-    return 1.0 / _pos_freqs(theta, d, seq_len.device), 1.0
-
-def rope_linear(rs, d, theta, mpe, seq_len):  # positions divided by `factor` (Position Interpolation)
-    return 1.0 / _pos_freqs(theta, d, seq_len.device) / rs['factor'], 1.0
-
-def ntk_theta(rs, d, theta):  # the paper's fixed NTK: base * alpha^(d/(d-2)); key `factor` (or `alpha`)
-    alpha = rs['factor'] if 'factor' in rs else rs['alpha']
-    return theta * alpha ** (d / (d - 2))
-
-def rope_ntk(rs, d, theta, mpe, seq_len):
-    return 1.0 / _pos_freqs(ntk_theta(rs, d, theta), d, seq_len.device), 1.0
-
-def rope_dynamic(rs, d, theta, mpe, seq_len):
-    # dynamic NTK, stateless: the base grows with the batch's largest position once it passes mpe
-    # (a fresh transformers model does exactly this; a used one keeps its largest length seen so far)
-    f = rs['factor']
-    base = theta * (f * seq_len.clamp(min=mpe) / mpe - (f - 1)) ** (d / (d - 2))  # fp32 0-d tensor
-    return 1.0 / base ** (torch.arange(0, d, 2, device=seq_len.device).float() / d), 1.0
-
-def yarn_factor_attention(rs, mpe):  # HF yarn's (s, attention_factor): s from factor, else mpe / original
-    s = rs.get('factor') or mpe / rs['original_max_position_embeddings']
-    attn = rs.get('attention_factor')
-    if attn is None:
-        m, m_all = rs.get('mscale'), rs.get('mscale_all_dim')
-        attn = _yarn_mscale(s, m) / _yarn_mscale(s, m_all) if m and m_all else _yarn_mscale(s)
-    return s, attn
-
-def rope_yarn(rs, d, theta, mpe, seq_len):  # HF YaRN blends frequencies: inv' = inv * ((1-g)/s + g)
-    s, attn = yarn_factor_attention(rs, mpe)
-    pf = _pos_freqs(theta, d, seq_len.device)
-    g = 1 - _yarn_ramp(rs, d, theta, seq_len.device)  # extrapolation weight
-    return 1.0 / (s * pf) * (1 - g) + 1.0 / pf * g, attn
-
-def yarn_divisors(rs, d, theta, mpe):
-    # the same frequencies as per-dimension divisors (inv' = inv / div, longrope's form), in fp64 so the
-    # exported factors are within an fp32 rounding of HF yarn's own inv_freq
-    s, _ = yarn_factor_attention(rs, mpe)
-    g = 1 - _yarn_ramp(rs, d, theta, 'cpu').double()
-    return 1.0 / ((1 - g) / s + g)
-
-def yarn_pose_divisors(rs, d, theta, device='cpu'):
-    # the official PoSE repo's "revised" YaRN blends wavelengths: inv' = inv / ((1-g)*s + g)
-    g = 1 - _yarn_ramp(rs, d, theta, device)  # extrapolation weight
-    return (1 - g) * rs['factor'] + g
-
-def yarn_pose_attention_factor(rs):  # the repo's mscale = 0.1 ln(s) + 1 unless attention_factor is given
-    a = rs.get('attention_factor')
-    return _yarn_mscale(rs['factor']) if a is None else a
-
-def rope_yarn_pose(rs, d, theta, mpe, seq_len):
-    div = yarn_pose_divisors(rs, d, theta, seq_len.device)
-    return 1.0 / _pos_freqs(theta, d, seq_len.device) / div, yarn_pose_attention_factor(rs)
-
-def rope_llama3(rs, d, theta, mpe, seq_len):
-    f, lo_f, hi_f = rs['factor'], rs['low_freq_factor'], rs['high_freq_factor']
-    orig = rs['original_max_position_embeddings']
-    inv = 1.0 / _pos_freqs(theta, d, seq_len.device)
-    wavelen = 2 * math.pi / inv
-    out = torch.where(wavelen > orig / lo_f, inv / f, inv)  # long wavelengths: interpolate fully
-    smooth = (orig / wavelen - lo_f) / (hi_f - lo_f)
-    medium = ~(wavelen < orig / hi_f) * ~(wavelen > orig / lo_f)
-    return torch.where(medium, (1 - smooth) * out / f + smooth * out, out), 1.0
-
-def longrope_attention_factor(rs, mpe):  # transformers 5's: attention_factor, else from factor (or mpe / original)
-    orig = rs['original_max_position_embeddings']
-    s = rs.get('factor') or mpe / orig
-    attn = rs.get('attention_factor')
-    if attn is None:
-        attn = 1.0 if s <= 1 else math.sqrt(1 + math.log(s) / math.log(orig))
-    return attn
-
-def rope_longrope(rs, d, theta, mpe, seq_len):
-    # per-dimension divisors; the long set once the batch's largest position passes the original window
-    orig = rs['original_max_position_embeddings']
-    attn = longrope_attention_factor(rs, mpe)
-    dev = seq_len.device
-    short = torch.tensor(rs['short_factor'], dtype=torch.float32, device=dev)
-    long = torch.tensor(rs['long_factor'], dtype=torch.float32, device=dev)
-    return 1.0 / (torch.where(seq_len > orig, long, short) * _pos_freqs(theta, d, dev)), attn
-
-ROPE_FUNCS = {'default': rope_default, 'linear': rope_linear, 'dynamic': rope_dynamic,
-              'yarn': rope_yarn, 'llama3': rope_llama3, 'longrope': rope_longrope,
-              'ntk': rope_ntk, 'yarn_pose': rope_yarn_pose}
-assert set(ROPE_FUNCS) == set(rope_config.ROPE_TYPES)  # the types and their keys: rope_config.py
-normalize_rope_scaling = rope_config.normalize  # (the name tests and older callers use)
-
-
-def rope_cos_sin(args, position_ids):
-    """position_ids [T] or [B,T] int64 -> cos, sin fp32 [B|1, T, 1, head_dim], shared by all layers."""
-    rs = args.rope_scaling or {'rope_type': 'default'}
-    seq_len = position_ids.max() + 1  # 0-d tensor: no host sync
-    inv, attn = ROPE_FUNCS[rs['rope_type']](rs, args.head_dim, args.rope_theta, args.max_position_embeddings, seq_len)
-    pos = position_ids if position_ids.dim() == 2 else position_ids[None]  # [B|1, T]
-    freqs = pos[..., None].float() * inv  # [B|1, T, d/2], fp32 like transformers
-    emb = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]  # [B|1, T, 1, d]
-    return emb.cos() * attn, emb.sin() * attn
-
 
 # -----------------------------------------------------------------------------
 @dataclass
@@ -173,8 +52,22 @@ class ModelArgs:
     bos_token_id: int | None = 1
     eos_token_id: int | list | None = 2
     sliding_window: int | None = None  # Mistral: forward refuses sequences longer than this (see Attention)
+    where: InitVar[str] = 'rope_scaling'  # rope_scaling's source, named in errors (a config.json)
 
-    def __post_init__(self):
+    def __post_init__(self, where):
+        for k in ('dim', 'n_layers', 'n_heads', 'n_kv_heads', 'head_dim', 'hidden_dim',
+                  'vocab_size', 'max_position_embeddings', 'sliding_window'):
+            v = getattr(self, k)
+            if not (v is None and k in ('n_kv_heads', 'head_dim', 'sliding_window') or is_size(v)):
+                raise UserError(f"{k}={v!r}: expected a positive integer")
+        for k in ('norm_eps', 'rope_theta'):
+            v = getattr(self, k)
+            if not (isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+                    and v > 0):
+                raise UserError(f"{k}={v!r}: expected a finite number > 0")
+        if self.head_dim is None and self.dim % self.n_heads:
+            raise UserError(f"n_heads={self.n_heads} does not divide dim={self.dim} "
+                            "(or give head_dim)")
         self.n_kv_heads = self.n_kv_heads or self.n_heads
         self.head_dim = self.head_dim or self.dim // self.n_heads
         if self.arch not in ARCH_NAMES:
@@ -184,7 +77,12 @@ class ModelArgs:
         if self.qkv_bias != (self.arch == 'qwen2'):
             raise UserError(f"qkv_bias={self.qkv_bias} does not match arch={self.arch!r} "
                              "(only qwen2 has q/k/v biases)")
-        self.rope_scaling = rope_config.normalize(self.rope_scaling, self.head_dim, self.max_position_embeddings)
+        self.rope_scaling = rope.normalize(self.rope_scaling, self.head_dim,
+                                           self.max_position_embeddings, where)
+
+
+def is_size(v):  # a positive int (not a bool)
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
 
 
 # -----------------------------------------------------------------------------
@@ -360,7 +258,7 @@ class Transformer(nn.Module):
         x = self.embed_tokens(idx)  # [B, T, dim]
         # angles and cos/sin in fp32, once for all layers; then in the model dtype, as transformers
         # (no [T, H, d] fp32 copies of q and k at 128k tokens; under autocast they stay fp32)
-        cos, sin = (t.to(x.dtype) for t in rope_cos_sin(self.args, position_ids.to(idx.device)))
+        cos, sin = (t.to(x.dtype) for t in rope.cos_sin(self.args, position_ids.to(idx.device)))
         if cache is None and (torch.is_grad_enabled() or not self.infer_chunk):  # training, wrapped blocks
             for layer in self.layers:
                 x = layer(x, cos, sin)
@@ -382,10 +280,45 @@ class Transformer(nn.Module):
         return None, loss
 
     def flops_per_token(self, seq_len):
-        """Training FLOPs per token: 6N (N = parameters in matmuls, lm_head included, embedding lookup not)
-        + the attention term 12 * n_layers * n_heads * head_dim * seq_len (nanoGPT/PaLM convention, non-causal)."""
+        """Training FLOPs per token: 6N (N = parameters in matmuls, lm_head included, embedding
+        lookup not) + the attention term 12 * n_layers * n_heads * head_dim * seq_len (nanoGPT /
+        PaLM convention, non-causal)."""
         a = self.args
         n = sum(p.numel() for p in self.parameters())
         if not a.tie_word_embeddings:
             n -= self.embed_tokens.weight.numel()
         return 6.0 * n + 12.0 * a.n_layers * a.n_heads * a.head_dim * seq_len
+
+    def estimate_mfu(self, seq_len, tokens_per_s, peak_flops):
+        """Model FLOPs utilization: flops_per_token(seq_len) * tokens_per_s / peak_flops (the peak
+        of every device together, e.g. world_size * gpu_peak_flops(name)); None without a peak."""
+        return self.flops_per_token(seq_len) * tokens_per_s / peak_flops if peak_flops else None
+
+
+# -----------------------------------------------------------------------------
+# bf16 dense tensor-core peak FLOP/s per device, first substring match on
+# torch.cuda.get_device_name() (so the more specific names come first: 'H100 PCIe' before 'H100',
+# 'A10G' before 'A10', 'L40S' before 'L4')
+PEAK_FLOPS = [('GH200', 989e12), ('H200', 989e12), ('H100 PCIe', 756e12), ('H100 NVL', 835e12),
+              ('H100', 989e12), ('H800', 989e12), ('B200', 2250e12), ('A100', 312e12),
+              ('A800', 312e12), ('A10G', 70e12), ('A10', 125e12), ('L40S', 362e12), ('L40', 181e12),
+              ('L4', 121e12), ('RTX 4090', 165e12), ('RTX 3090', 71e12), ('A6000', 155e12),
+              ('V100', 125e12), ('T4', 65e12)]
+
+
+def gpu_peak_flops(device_name):
+    """The datasheet bf16 peak of a GPU named `device_name`, or 0.0 when it is not in PEAK_FLOPS."""
+    return next((f for n, f in PEAK_FLOPS if n in device_name), 0.0)
+
+
+def wrap_blocks(model, activation_checkpointing, compile_blocks):
+    """Each transformer block in place: activation checkpointing (non-reentrant
+    torch.utils.checkpoint: recompute the block in backward), then torch.compile; train.py and
+    bench.py both wrap with this, so the benchmark measures what training runs. The state dict keys
+    get the wrappers' prefixes (torch.distributed.checkpoint's get_state_dict strips them)."""
+    for i, block in enumerate(model.layers):
+        if activation_checkpointing:
+            block = checkpoint_wrapper(block, preserve_rng_state=False)
+        if compile_blocks:
+            block = torch.compile(block)
+        model.layers[i] = block

@@ -144,11 +144,15 @@ def tokenizer_fingerprints(model_dir):
 def check_same_tokenizer(fingerprint, what, model_dir, key):
     """Data (or a tokenizer) made with one tokenizer is never used with a model of another: the sha256
     `fingerprint` of `what` (meta.json's tokenizer_sha256, or a tokenizer file's) must be one of the model's
-    tokenizer files. No fingerprint (hand-made data) or a model without tokenizer files: nothing to compare
-    (the callers still check the token ids against the model's vocab). `key` switches the check off."""
+    tokenizer files. No fingerprint (hand-made data): nothing to compare (the callers still check
+    the token ids against the model's vocab); a model without tokenizer files is refused. `key`
+    switches the check off."""
     have = tokenizer_fingerprints(model_dir)
-    if not fingerprint or not have or fingerprint in have.values():
+    if not fingerprint or fingerprint in have.values():
         return
+    if not have:
+        raise UserError(f"{model_dir} has no tokenizer file (tokenizer.model / tokenizer.json) "
+                        f"to check {what} against: add the model's tokenizer, or set {key}=False")
     theirs = ', '.join(f'{os.path.basename(p)} sha256 {h[:12]}' for p, h in have.items())
     raise UserError(f"{what} (tokenizer sha256 {fingerprint[:12]}) does not match {model_dir}'s tokenizer ({theirs}): "
                     f"tokenize with the model's own tokenizer, or set {key}=False if you are sure")

@@ -14,7 +14,7 @@ import torch
 from hf_logits import hf_logits
 from hf_checkpoint import save_pretrained
 from model import ModelArgs, Transformer
-from rope_config import export_lint
+from rope import export_lint
 from test_model import TOL, VOCAB, idx_for, positions
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -2,6 +2,7 @@
 (file, key or value), no traceback, and nothing half-written. Faults are injected, not provoked: a full disk
 is a monkeypatched write raising ENOSPC (the prelude of `script`), Ctrl-C is a real SIGINT."""
 import errno
+import importlib.util
 import json
 import os
 import shutil
@@ -171,7 +172,8 @@ def test_corrupt_checkpoints_and_weights_are_named(run, monkeypatch):
     ])
     make_hf_tokenizer(tmp / 'tok60', 60)
     for module, cfg in ((eval_ppl, dict(data_dir=run['data'], tokenizer=None)),
-                        (eval_passkey, dict(tokenizer=str(tmp / 'tok60'), num_trials=1))):
+                        (eval_passkey, dict(tokenizer=str(tmp / 'tok60'), num_trials=1,
+                                            check_tokenizer=False))):  # (the export has none)
         for k, v in dict(cfg, model=os.path.join(weights, 'hf'), lengths=[64], device='cpu', out=str(tmp / 'never.json')).items():
             monkeypatch.setattr(module, k, v)
         with pytest.raises(UserError, match=f'{st}: unreadable safetensors'):
@@ -212,8 +214,8 @@ def test_disk_full_names_the_path_and_leaves_no_temp_files(run, tmp_path, monkey
 
 def test_ctrl_c_is_one_line_exit_130_and_nothing_half_written(run, tmp_path):
     out = str(tmp_path / 'train')
-    train = script('train.py', *TINY, f"--data_dir={run['data']}", f'--out_dir={out}', '--max_iters=100000',
-                   '--save_interval=1', '--eval_interval=0')
+    train = script('train.py', *TINY, f"--data_dir={run['data']}", f'--out_dir={out}',
+                   '--max_iters=100000', '--save_interval=1', '--eval_interval=0')
     deadline = time.time() + 120
     while not os.path.exists(os.path.join(out, 'latest')):  # interrupt it in the middle of its checkpoints
         assert train.poll() is None and time.time() < deadline
@@ -222,7 +224,8 @@ def test_ctrl_c_is_one_line_exit_130_and_nothing_half_written(run, tmp_path):
     train.send_signal(signal.SIGINT)
     refused(train, 130, 'interrupted', os.path.join(out, 'latest'))
     assert not [f for f in files(out) if f.endswith('.tmp')] and 'hf' not in files(out)
-    assert os.path.isfile(os.path.join(out, open(os.path.join(out, 'latest')).read().strip(), 'train_state.json'))
+    name = open(os.path.join(out, 'latest')).read().strip()
+    assert os.path.isfile(os.path.join(out, name, 'train_state.json'))
     res = str(tmp_path / 'ppl.json')  # eval: stride 1 makes ~4000 windows, seconds of work
     ev = script('eval_ppl.py', f"--model={run['hf']}", f"--data_dir={run['data']}", '--split=train', '--lengths=[64]',
                 '--stride=1', '--num_docs=None', '--doc_tokens=0', '--device=cpu', f'--out={res}')
@@ -237,6 +240,231 @@ def test_ctrl_c_is_one_line_exit_130_and_nothing_half_written(run, tmp_path):
     assert err.rstrip().endswith('interrupted (Ctrl-C): stopped, no partial results written')  # after the bar
     assert err.count('interrupted') == 1 and files(tmp_path).count('ppl.json') == 0
     assert not [f for f in files(tmp_path) if f.endswith('.tmp')]
+
+
+# -----------------------------------------------------------------------------
+# train.py, round two: a new run never destroys another, the data and the tokenizer are checked by
+# their fingerprints, and every corrupt input ends in one line naming it
+
+
+def snapshot(d):
+    """{path relative to d: bytes} of every file under d: a run left intact compares equal."""
+    out = {}
+    for root, _, names in os.walk(d):
+        for n in names:
+            with open(os.path.join(root, n), 'rb') as f:
+                out[os.path.relpath(os.path.join(root, n), d)] = f.read()
+    return out
+
+
+def edit_json(path, fn):
+    with open(path) as f:
+        obj = json.load(f)
+    fn(obj)
+    with open(path, 'w') as f:
+        json.dump(obj, f)
+
+
+def finished(proc):
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0 and 'Traceback' not in err, (out[-1000:], err[-3000:])
+
+
+def test_a_new_run_refuses_an_out_dir_holding_another_run(run, tmp_path):
+    out = copy(run['out'], tmp_path / 'out')
+    before = snapshot(out)
+    common = [*TINY, f"--data_dir={run['data']}", f'--out_dir={out}', '--eval_interval=0']
+    refused(script('train.py', *common, '--max_iters=1'), 2, f"out_dir='{out}'",
+            'holds another run', 'ckpt-2', '--init_from=resume', '--overwrite=True')
+    assert snapshot(out) == before
+    finished(script('train.py', *common, '--max_iters=1', '--overwrite=True'))  # the way on
+    assert files(out) == ['ckpt-1', 'hf', 'latest', 'log.jsonl']
+    assert [json.loads(line)['iter'] for line in open(os.path.join(out, 'log.jsonl'))] == [1]
+
+
+def test_resume_checks_the_data_by_its_fingerprint(run, tmp_path):
+    """Data re-prepared with another tokenizer or another BOS convention is refused on resume; the
+    same data under another spelling of its path is not (the path is not the data's identity)."""
+    other_tok = copy(run['data'], tmp_path / 'other_tok')
+    no_bos = copy(run['data'], tmp_path / 'no_bos')
+    edit_json(os.path.join(other_tok, 'meta.json'), lambda m: m.update(tokenizer_sha256='ab' * 32))
+    edit_json(os.path.join(no_bos, 'meta.json'), lambda m: m.update(bos_id=1, add_bos=True))
+    out = copy(run['out'], tmp_path / 'out')
+    before = snapshot(out)
+    common = [*TINY, f'--out_dir={out}', '--init_from=resume', '--eval_interval=0', '--max_iters=3']
+    refused_all([
+        (('train.py', *common, f'--data_dir={other_tok}'), [other_tok, 'tokenizer_sha256']),
+        (('train.py', *common, f'--data_dir={no_bos}'), [no_bos, 'bos_id=1'])])
+    assert snapshot(out) == before
+    finished(script('train.py', *common, f"--data_dir={run['data']}/"))
+    assert json.load(open(os.path.join(out, 'ckpt-3', 'train_state.json')))['iter'] == 3
+
+
+def test_a_model_without_tokenizer_files_is_refused(run, tmp_path, monkeypatch):
+    """Data with a tokenizer fingerprint and a model dir without tokenizer files: nothing to compare
+    it with, so train and eval refuse, unless check_tokenizer=False."""
+    data = copy(run['data'], tmp_path / 'data')
+    edit_json(os.path.join(data, 'meta.json'),
+              lambda m: m.update(tokenizer='/elsewhere/tokenizer.json', tokenizer_sha256='ab' * 32))
+    common = [*TINY, f'--data_dir={data}', f"--init_from={run['hf']}", '--eval_interval=0',
+              '--max_iters=0']
+    refused(script('train.py', *common, f"--out_dir={tmp_path / 'never'}"), 2, run['hf'],
+            'no tokenizer file', 'check_tokenizer=False')
+    assert not os.path.exists(tmp_path / 'never')
+    finished(script('train.py', *common, f"--out_dir={tmp_path / 'unchecked'}",
+                    '--check_tokenizer=False'))
+    for k, v in dict(model=run['hf'], data_dir=data, tokenizer=None, num_docs=None, lengths=[64],
+                     device='cpu', out=str(tmp_path / 'never.json')).items():
+        monkeypatch.setattr(eval_ppl, k, v)
+    with pytest.raises(UserError, match=f"{run['hf']} has no tokenizer.*check_tokenizer=False"):
+        eval_ppl.main()
+    assert not os.path.exists(tmp_path / 'never.json')
+
+
+def test_rope_scaling_numbers_are_finite_and_bounded(run, tmp_path):
+    from hf_checkpoint import load_pretrained
+    common = [*TINY, f"--data_dir={run['data']}", f"--out_dir={tmp_path / 'never'}"]
+    refused_all([
+        (('train.py', *common, "--rope_scaling={'rope_type': 'linear', 'factor': 1e999}"),
+         ['rope_scaling', 'factor=inf']),
+        (('train.py', *common, "--rope_scaling={'rope_type': 'linear', 'factor': 1e308}"),
+         ['rope_scaling', 'factor=1e+308']),
+        (('train.py', *common, "--rope_scaling={'rope_type': 'yarn', 'beta_fast': 1e999}"),
+         ['rope_scaling', 'beta_fast=inf'])])
+    assert not os.path.exists(tmp_path / 'never')
+    model = copy(run['hf'], tmp_path / 'model')
+    edit_json(os.path.join(model, 'config.json'),
+              lambda c: c.update(rope_scaling={'rope_type': 'linear', 'factor': float('inf')}))
+    with pytest.raises(UserError, match=f"{os.path.join(model, 'config.json')}: factor=inf"):
+        load_pretrained(model)
+
+
+def test_resume_below_the_checkpoint_is_refused(run, tmp_path):
+    out = copy(run['out'], tmp_path / 'out')
+    before = snapshot(out)
+    refused(script('train.py', *TINY, f"--data_dir={run['data']}", f'--out_dir={out}',
+                   '--init_from=resume', '--eval_interval=0', '--max_iters=1'), 2,
+            'max_iters=1', 'iteration 2', os.path.join(out, 'ckpt-2', 'train_state.json'))
+    assert snapshot(out) == before
+
+
+def corrupt_train_inputs(run, tmp):
+    """[(train.py args, needles)]: one corrupt input each, in copies of the finished run, of its
+    export and of its data; and {name: run copy} of those that resume."""
+    runs = {n: copy(run['out'], tmp / n)
+            for n in ('iter', 'extra', 'latest', 'log', 'meta_cut', 'meta_gone')}
+    state = {n: os.path.join(d, 'ckpt-2', 'train_state.json') for n, d in runs.items()}
+    edit_json(state['iter'], lambda s: s.update(iter='4'))
+    edit_json(state['extra'], lambda s: s['model_args'].update(n_experts=8))
+    with open(os.path.join(runs['latest'], 'latest'), 'wb') as f:
+        f.write(b'\xff\xfeckpt-2\n')
+    log = os.path.join(runs['log'], 'log.jsonl')
+    lines = open(log).readlines()
+    open(log, 'w').writelines(lines[:1] + ['garbage\n'] + lines[1:])
+    meta = os.path.join(runs['meta_cut'], 'ckpt-2', '.metadata')
+    os.truncate(meta, os.path.getsize(meta) // 2)
+    os.remove(os.path.join(runs['meta_gone'], 'ckpt-2', '.metadata'))
+    models = {n: copy(run['hf'], tmp / f'model_{n}') for n in ('bin', 'eps', 'mpe0', 'mpe_str')}
+    os.remove(os.path.join(models['bin'], 'model.safetensors'))
+    with open(os.path.join(models['bin'], 'pytorch_model.bin'), 'wb') as f:
+        f.write(np.random.default_rng(17).bytes(3000))  # (random bytes torch.load fails on oddly)
+    for n, upd in (('eps', {'rms_norm_eps': 'x'}), ('mpe0', {'max_position_embeddings': 0}),
+                   ('mpe_str', {'max_position_embeddings': '64'})):
+        edit_json(os.path.join(models[n], 'config.json'), lambda c: c.update(upd))
+    big = copy(run['data'], tmp / 'big_ids')  # token ids up to 99 for a vocab of 64
+    tokens = np.fromfile(os.path.join(big, 'train.bin'), dtype=np.uint16)
+    tokens[::7] = 99
+    tokens.tofile(os.path.join(big, 'train.bin'))
+    common = [*TINY, '--eval_interval=0', '--max_iters=3']
+    new = [*common, f"--data_dir={run['data']}", f"--out_dir={tmp / 'never'}"]
+    sizes = "'n_layers': 2, 'hidden_dim': 172, 'max_position_embeddings': 64"
+    cases = [(('train.py', *common, f"--data_dir={run['data']}", f'--out_dir={runs[n]}',
+               '--init_from=resume'), needles) for n, needles in (
+        ('iter', [state['iter'], "iter='4'"]),
+        ('extra', [state['extra'], 'n_experts']),
+        ('latest', [os.path.join(runs['latest'], 'latest'), 'not the name of']),
+        ('log', [log, 'line 2']),
+        ('meta_cut', [os.path.join(runs['meta_cut'], 'ckpt-2'), '.metadata']),
+        ('meta_gone', [os.path.join(runs['meta_gone'], 'ckpt-2'), '.metadata']))]
+    cases += [(('train.py', *new, f'--init_from={models[n]}'), [os.path.join(models[n], f), needle])
+              for n, f, needle in (('bin', 'pytorch_model.bin', 'unreadable PyTorch'),
+                                   ('eps', 'config.json', "rms_norm_eps='x'"),
+                                   ('mpe0', 'config.json', 'max_position_embeddings=0'),
+                                   ('mpe_str', 'config.json', "max_position_embeddings='64'"))]
+    cases += [
+        (('train.py', *common, f'--data_dir={big}', f"--out_dir={tmp / 'never'}"),
+         [f"data_dir='{big}'", 'token id 99', 'vocab_size 64']),
+        (('train.py', *new, f"--model_args={{'dim': 64, 'n_heads': 5, {sizes}}}"),
+         ['model_args', 'n_heads=5', 'dim=64']),
+        (('train.py', *new, f"--model_args={{'dim': -64, 'n_heads': 4, {sizes}}}"),
+         ['model_args', 'dim=-64'])]
+    if importlib.util.find_spec('wandb') is None:
+        cases.append((('train.py', *new, '--wandb_log=True'), ['wandb_log=True', 'needs wandb']))
+    return cases, runs
+
+
+def test_corrupt_train_inputs_are_one_line(run, tmp_path):
+    """Each corrupt file a run reads ends in one line naming it; a resume leaves the run intact,
+    a new run writes nothing; a config file that is not UTF-8: configurator.py's one line."""
+    cases, runs = corrupt_train_inputs(run, tmp_path)
+    before = {n: snapshot(d) for n, d in runs.items()}
+    refused_all(cases)
+    assert {n: snapshot(d) for n, d in runs.items()} == before
+    assert not os.path.exists(tmp_path / 'never')
+    bad = tmp_path / 'bad_config.py'
+    bad.write_bytes(b'\xff\xfebatch_size = 2\n')
+    proc = script('train.py', str(bad))
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2 and 'Traceback' not in err, err
+    assert len(err.strip().splitlines()) == 1 and str(bad) in err and 'config error' in err, err
+
+
+def interrupt_when(proc, ready, deadline=120):
+    t = time.time() + deadline
+    while not ready():
+        assert proc.poll() is None and time.time() < t, proc.stderr.read()[-2000:]
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+
+
+def test_ctrl_c_twice_and_before_the_first_checkpoint(run, tmp_path):
+    """A second Ctrl-C 20 ms after the first cannot cut the cleanup short; a Ctrl-C before any
+    checkpoint says there is none (not a `latest` that does not exist)."""
+    out = str(tmp_path / 'twice')
+    train = script('train.py', *TINY, f"--data_dir={run['data']}", f'--out_dir={out}',
+                   '--max_iters=100000', '--save_interval=1', '--eval_interval=0')
+    interrupt_when(train, lambda: os.path.exists(os.path.join(out, 'latest')))
+    for _ in range(2):
+        time.sleep(0.02)
+        if train.poll() is None:
+            train.send_signal(signal.SIGINT)
+    refused(train, 130, 'interrupted', os.path.join(out, 'latest'))
+    assert not [f for f in files(out) if f.endswith('.tmp')] and 'hf' not in files(out)
+    name = open(os.path.join(out, 'latest')).read().strip()
+    assert os.path.isfile(os.path.join(out, name, 'train_state.json'))
+    out = str(tmp_path / 'early')
+    train = script('train.py', *TINY, f"--data_dir={run['data']}", f'--out_dir={out}',
+                   '--max_iters=100000', '--save_interval=0', '--eval_interval=0')
+    log = os.path.join(out, 'log.jsonl')
+    interrupt_when(train, lambda: os.path.exists(log) and os.path.getsize(log) > 0)
+    line = refused(train, 130, 'interrupted', 'no checkpoint', out)
+    assert 'latest' not in line and files(out) == ['log.jsonl']
+
+
+def test_torchrun_says_a_bad_input_once(run, tmp_path):
+    """Under torchrun every rank checks the input before the process group starts and rank 0 alone
+    prints the line (torchrun then adds its own failure summary, not ours to silence)."""
+    for bad, needle in (('--learning_rate=-1', 'learning_rate=-1.0'),
+                        ('--learnin_rate=1', 'learnin_rate')):
+        proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone',
+                               '--nproc_per_node=2', 'train.py', *TINY, f"--data_dir={run['data']}",
+                               f"--out_dir={tmp_path / 'never'}", bad],
+                              cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+        assert proc.returncode != 0
+        said = [line for line in proc.stderr.splitlines() if needle in line]
+        assert len(said) == 1, proc.stderr[-3000:]
+        assert said[0].startswith(('error:', 'config error:')), said
+    assert not os.path.exists(tmp_path / 'never')
 
 
 def test_eval_bad_input(run, tmp_path, monkeypatch):
@@ -271,9 +499,11 @@ def test_eval_bad_input(run, tmp_path, monkeypatch):
     os.makedirs(tmp_path / 'tok200')
     tok.save(str(tmp_path / 'tok200' / 'tokenizer.json'))
     with pytest.raises(UserError, match="gives token id .* >= the model's vocab_size 64"):
-        main(eval_passkey, tokenizer=str(tmp_path / 'tok200'), lengths=[300], num_trials=1)
+        main(eval_passkey, tokenizer=str(tmp_path / 'tok200'), lengths=[300], num_trials=1,
+             check_tokenizer=False)  # (the export has no tokenizer to check it against)
     with pytest.raises(UserError, match=f"tokenizer='{tmp_path / 'tok200'}'.*does not match {model}'s tokenizer"):
-        main(eval_passkey, model=model, tokenizer=str(tmp_path / 'tok200'), lengths=[300], num_trials=1)
+        main(eval_passkey, model=model, tokenizer=str(tmp_path / 'tok200'), lengths=[300], num_trials=1,
+             check_tokenizer=True)
     assert files(tmp_path).count('r.json') == 0
 
 

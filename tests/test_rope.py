@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from hf_checkpoint import load_pretrained, save_pretrained
-from model import ROPE_FUNCS, normalize_rope_scaling, rope_yarn, rope_yarn_pose
+from rope import TYPES, normalize, rope_yarn, rope_yarn_pose
 from test_model import HEAD_DIM, ROPE_CASES, TOL, hf_logits, idx_for, make_hf, our_logits, positions
 
 
@@ -144,9 +144,9 @@ def test_inv_freq_bit_identical_to_transformers():
                                                    **rope, rope_theta=theta))
             if 'factor' not in rope:
                 cfg.rope_parameters['factor'] = None
-            rs = normalize_rope_scaling(rope, 128, mpe)
+            rs = normalize(rope, 128, mpe)
             for seq_len in (100, mpe + 1, 1_000_000):
                 seq = torch.tensor(seq_len) if rope['rope_type'] == 'dynamic' else seq_len
                 ref, ref_attn = ROPE_INIT_FUNCTIONS[rope['rope_type']](cfg, 'cpu', seq_len=seq)
-                ours, attn = ROPE_FUNCS[rs['rope_type']](rs, 128, theta, mpe, torch.tensor(seq_len))
+                ours, attn = TYPES[rs['rope_type']][0](rs, 128, theta, mpe, torch.tensor(seq_len))
                 assert torch.equal(ours, ref) and attn == ref_attn, (rope['rope_type'], theta, seq_len)

@@ -368,16 +368,14 @@ def test_full_on_pose_documents_and_doc_cap(tmp_path, monkeypatch):
     np.concatenate([[0], np.cumsum(lens)]).astype(np.int64).tofile(tmp_path / 'train.idx')
     (tmp_path / 'meta.json').write_text(json.dumps({'dtype': 'uint16', 'vocab_size': 512, 'tokenizer': 'none',
                                                     'splits': {'train': {'docs': len(lens), 'tokens': sum(lens)}}}))
-    monkeypatch.setattr(sys, 'argv', ['train.py'])
+    monkeypatch.setattr(sys, 'argv', ['train.py', '--device=cpu'])  # the config, set as by a user
     import importlib
     train = importlib.import_module('train')
     monkeypatch.setattr(train, 'data_dir', str(tmp_path))
     monkeypatch.setattr(train, 'batch_size', 64)
-    monkeypatch.setattr(train, 'torch', torch)  # imported by main() in a run
-    monkeypatch.setattr(train, 'device_type', 'cpu', raising=False)
     for k, v in dict(method='full', train_len=128, target_len=128, full_min_doc=64, sampler_options={}).items():
         monkeypatch.setattr(train, k, v)
-    data = {'train': train.load_split('train')}
+    data = {'train': train.load_split('train', 512)}
     assert list(data['train'][2]) == [1, 2, 3, 4, 5]  # >= 65 tokens: PoSE's documents at L_c = 64
     x, y, p = train.get_batch(data, 'train', 0, 0)
     seen = set()
@@ -392,7 +390,7 @@ def test_full_on_pose_documents_and_doc_cap(tmp_path, monkeypatch):
     for k, v in dict(method='pose', train_len=32, target_len=256, full_min_doc=0, doc_cap=60,
                      sampler_options={'num_chunks': 2, 'content': 'uniform', 'chunking': 'paper'}).items():
         monkeypatch.setattr(train, k, v)
-    data = {'train': train.load_split('train')}
+    data = {'train': train.load_split('train', 512)}
     x, y, p = train.get_batch(data, 'train', 3, 0)
     assert 50 <= y.max() <= 60 and (y == x + 1).all()  # from the first 61 tokens only
     monkeypatch.setattr(train, 'doc_cap', 0)
