@@ -144,7 +144,8 @@ ppl() {  # row corpus (stdlib | prose)
   $PY eval_ppl.py $(model_args $1) "${data[@]}" "${DEVICE[@]}" --out=$f
 }
 job() {  # one job line, its output in $O/log-<job>.txt; a failure is reported, the other jobs go on
-  local log=$O/log-${*// /-}.txt t0
+  local name="$*" t0
+  local log=$O/log-${name// /-}.txt
   t0=$(date +%s)
   if "$@" > "$log" 2>&1; then step "done $* ($(( $(date +%s) - t0 ))s)"
   else step "FAILED $* (see $log)"; tail -n 3 "$log"; return 1; fi
