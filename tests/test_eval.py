@@ -56,13 +56,7 @@ def hf_llama(tmp, name, vocab, rope_scaling=None, seed=0):
     return path, hf
 
 
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    # tiny models on 2 shared cores: a second intra-op thread only adds contention (50x slower here)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')  # conftest.py
 
 
 @pytest.fixture(scope='module')

@@ -29,13 +29,7 @@ PROMPT = "Call me Ishmael. In a hole in the ground there lived a hobbit. The qui
 MAX_POS = 256
 
 
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    # tiny models on 2 shared cores: a second intra-op thread only adds contention
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')  # conftest.py
 
 
 def tiny_hf(tmp, name, vocab, arch, seed):
