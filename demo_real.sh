@@ -147,8 +147,8 @@ train() {  # row: pose32k-s1337 | contig16k-s1 | ...
   local quick=()  # QUICK's 512-token inputs: full-length then trains at 512
   [[ $1 == full* ]] && [ "${QUICK:-0}" = 1 ] && quick=(--target_len=512 --full_min_doc=0)
   # shellcheck disable=SC2046  # run_of's words have no spaces
-  $PY train.py $(run_of ${1%-s*}) --init_from="$init" --out_dir=$O/$1 --seed=${1##*-s} \
-      "${TRAIN_ARGS[@]}" "${quick[@]}" || { touch $O/$1.failed; return 1; }
+  $PY train.py $(run_of ${1%-s*}) --init_from="$init" --data_dir=$D --out_dir=$O/$1 \
+      --seed=${1##*-s} "${TRAIN_ARGS[@]}" "${quick[@]}" || { touch $O/$1.failed; return 1; }
 }
 passkey() {  # row length[,length...] trials-per-depth
   local f=$O/passkey-$1-$2.json
