@@ -614,7 +614,12 @@ def stage_report():
         meta['base'], meta['probe'] = read_probe(out_dir)
     if os.path.isfile(os.path.join(out_dir, 'selection.json')):
         meta['selection'] = read_json(os.path.join(out_dir, 'selection.json'))
+    if not os.path.isdir(out_dir):
+        raise UserError(f"out_dir={out_dir!r} is not a directory")
     runs = read_runs(seed_list, labels, meta.get('base'))
+    if not any(rows for r in runs.values() for rows in r.values()):
+        raise UserError(f"out_dir={out_dir!r} holds no eval results of {labels} for seeds "
+                        f"{seed_list} (passkey-*.json / ppl-*.json, here or in seed-S/)")
     lines, per_seed, tests = report_lines(runs, labels, meta)
     table = '\n'.join(lines)
     print(table)

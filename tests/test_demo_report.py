@@ -315,3 +315,13 @@ def test_claims_by_hand(monkeypatch):
         'RandPos ppl at L_t above PoSE': True,                           # 12 > 10.5
         'PoSE ppl at L_c within 10% of Original': False,                 # 11.5 > 1.1 * 10.0
     }
+
+
+def test_report_refuses_a_dir_without_results(tmp_path):
+    """A mistyped out_dir (missing, or holding no eval JSONs) is one line and exit 2, no report written."""
+    for d in (tmp_path / 'missing', tmp_path):
+        r = subprocess.run([sys.executable, 'demo_report.py', '--stage=report', f'--out_dir={d}'],
+                           cwd=ROOT, capture_output=True, text=True)
+        assert r.returncode == 2 and 'Traceback' not in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1 and str(d) in r.stderr
+        assert not os.path.exists(os.path.join(d, 'results.txt'))
