@@ -72,8 +72,14 @@ ALPHA = 0.05  # the goals' significance level for the paired tests
 
 
 def read_jsonl(path):
+    """The texts of a .jsonl file that stage sources wrote."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path} not found (run --stage=sources first, with the same src_dir)")
     with open(path, encoding='utf-8') as f:
-        return [json.loads(line)['text'] for line in f]
+        try:
+            return [json.loads(line)['text'] for line in f]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise UserError(f"{path}: not a .jsonl of {{\"text\": ...}} lines ({e})") from None
 
 
 def stage_sources():
@@ -132,7 +138,9 @@ def exact_passkey_doc(tok, length, rng, F):
             text = make_prompt_text(n, key, depth)
             if len(tok.encode(text, bos=True)) == length:
                 return text
-    raise ValueError(f"could not build a passkey prompt of exactly {length} tokens in 200 draws")
+    # the lengths come from train_len / target_len: a length the filler cannot hit is a config choice
+    raise UserError(f"could not build a passkey prompt of exactly {length} tokens in 200 draws "
+                    f"(train_len={train_len}: try another)")
 
 
 def make_prompt_text(n, key, depth):
@@ -159,8 +167,8 @@ def python_pieces(tok, texts, n_tokens):
 
 def stage_passkey():
     from tokenizer import load_tokenizer
-    tok = load_tokenizer(tokenizer)
     train = read_jsonl(os.path.join(src_dir, 'python_train.jsonl'))
+    tok = load_tokenizer(tokenizer)
     words = sorted({w for t in train for w in re.findall(r'\b[A-Za-z][a-z]{2,9}\b', t)})
     rng = np.random.default_rng([seed, 1])
     F = []
@@ -200,7 +208,8 @@ def passkey_eval_lengths(tok, rng):
             except UserError:  # this length cannot be built: try the next
                 continue
         else:
-            raise ValueError(f"no passkey prompt length in [{L - 11}, {L}] that eval_passkey.py can build")
+            raise UserError(f"no passkey prompt length in [{L - 11}, {L}] that eval_passkey.py "
+                            f"can build (train_len={train_len}, target_len={target_len})")
     return out
 
 
@@ -230,6 +239,8 @@ def stage_base():
 def read_probe(d):
     """(base.json, probe) of one base dir: the probe's passed / count / 95% Wilson interval at its
     one length (L_c) and its eval_passkey seed; probe = None without probe-passkey.json."""
+    if not os.path.isfile(os.path.join(d, 'base.json')):
+        raise UserError(f"{d}: no base.json (not a base dir from --stage=base)")
     info = read_json(os.path.join(d, 'base.json'))
     path = os.path.join(d, 'probe-passkey.json')
     if not os.path.isfile(path):
@@ -337,7 +348,7 @@ def paired_test(a, b):
     exact McNemar on the verdicts, Wilcoxon signed-rank on the key log-likelihoods (if present)."""
     same = lambda ts: [(t['key'], t.get('depth_requested')) for t in ts]  # noqa: E731
     if same(a) != same(b):
-        raise ValueError('PoSE and Contiguous were not evaluated on the same passkey trials '
+        raise UserError('PoSE and Contiguous were not evaluated on the same passkey trials '
                          '(another eval_passkey seed or num_trials?): no paired test')
     va, vb = [bool(t['pass']) for t in a], [bool(t['pass']) for t in b]
     out = {'n': len(a), 'passed': [sum(va), sum(vb)],
@@ -671,10 +682,7 @@ def main():
               'select': stage_select, 'report': stage_report}
     if stage not in stages:
         raise UserError(f"stage='{stage}': expected one of {', '.join(stages)}")
-    try:
-        stages[stage]()
-    except (ValueError, FileNotFoundError) as e:
-        raise UserError(str(e)) from None
+    stages[stage]()
 
 
 if __name__ == '__main__':
