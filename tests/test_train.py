@@ -1,8 +1,8 @@
 """train.py end to end on CPU: torchrun (2 processes, gloo, FSDP2) == one process for the same global batch;
 kill + resume == uninterrupted, bitwise; the training loss and the HF export agree with transformers on the
 documented batches; PoSE lowers the loss; bad configs stop with one line."""
-import ast
 import json
+import math
 import os
 import signal
 import subprocess
@@ -17,7 +17,6 @@ from safetensors.torch import load_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import sample_positions  # noqa: E402
 
 VOCAB = 64
 ENV = dict(os.environ, OMP_NUM_THREADS='1', PYTHONWARNINGS='ignore')
@@ -298,65 +297,84 @@ def test_bad_config_is_one_clear_line(tmp_path, data):
                 assert n in lines[0], (args, n, lines[0])
 
 
-PAPER = {  # config: (method, train_len, target_len, rope_type) -- PoSE §4.1, §5.2, §5.3 and the brief
-    'pose_16k': ('pose', 2048, 16384, 'linear'), 'pose_32k': ('pose', 2048, 32768, 'linear'),
-    'pose_ntk_16k': ('pose', 2048, 16384, 'ntk'), 'pose_yarn_16k': ('pose', 2048, 16384, 'yarn_pose'),
-    'pose_yarn_128k': ('pose', 2048, 131072, 'yarn_pose'), 'full_16k': ('full', 16384, 16384, 'linear'),
-    'randpos_16k': ('randpos', 2048, 16384, 'linear'), 'pose_llama2_4k_16k': ('pose', 4096, 16384, 'linear'),
-    'pose_llama3_8k_64k': ('pose', 8192, 65536, 'llama3'),
-}
+def train_globals(argv):
+    """train.py's module code as `python train.py *argv` runs it (configurator, config files,
+    overrides, derived settings), without its closing `run(main, ...)`: its functions, bound to
+    that config."""
+    path = os.path.join(ROOT, 'train.py')
+    body = open(path).read().rsplit("\nif __name__ == '__main__':", 1)[0]
+    argv0, sys.argv = sys.argv, [path, *argv]
+    try:
+        ns = {'__name__': '__main__', '__file__': path}
+        exec(compile(body, path, 'exec'), ns)
+    finally:
+        sys.argv = argv0
+    return ns
 
 
-DEMO = {  # the configs demo.sh runs: (method, train_len, target_len, rope_type)
-    'demo_pretrain': ('full', 128, 128, None), 'demo_pose': ('pose', 128, 512, 'yarn'),
-    'demo_randpos': ('randpos', 128, 512, 'yarn'), 'demo_full': ('full', 512, 512, 'yarn'),
-}
+def check_paper_constraints(x, y, p, method, cfg, train_len, target_len):
+    """One batch of a document corpus whose tokens are their own offsets (so x shows where each
+    token came from) against the paper's definitions (PoSE Eq. 3-5; RandPos; full-length)."""
+    for xr, yr, pr in zip(x.numpy(), y.numpy(), p.numpy()):
+        n = int((yr != -100).sum())  # < train_len only for full_min_doc's padded documents
+        xr, yr, pr = xr[:n], yr[:n], pr[:n]
+        assert (yr == xr + 1).all()  # the target is the next token of the document
+        assert (np.diff(pr) > 0).all() and 0 <= pr[0] and pr[-1] < target_len
+        u, v = pr - np.arange(n), xr - np.arange(n)  # each chunk's skip / content offset
+        if method == 'pose':  # u_0 = v_0 = 0, both non-decreasing, changing only between chunks
+            assert u[0] == 0 and v[0] == 0 and (np.diff(u) >= 0).all() and (np.diff(v) >= 0).all()
+            assert u[-1] <= target_len - train_len
+            assert int(((np.diff(u) > 0) | (np.diff(v) > 0)).sum()) <= cfg['num_chunks'] - 1
+            if cfg.get('content') == 'zero':
+                assert (v == 0).all()
+        else:  # RandPos (sorted distinct positions) and full: one contiguous span of text
+            assert (v == v[0]).all()
+            if method == 'full':
+                assert (u == 0).all()
 
 
-def test_configs_set_only_train_keys_and_follow_the_paper(monkeypatch):
-    """Every config (as configurator.py runs it) assigns only train.py keys and passes the sampler's checks; the
-    paper configs carry the paper's recipe: 1,000 steps, lr 2e-5 linear with 10 warmup steps, AdamW, global
-    batch 64 on 8 GPUs; the demo configs are the runs demo.sh makes (L_c = 128 -> L_t = 512, YaRN)."""
-    monkeypatch.chdir(ROOT)
-    tree = ast.parse(open('train.py').read())
-    keys = set()
-    for node in tree.body:
-        if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):
-            if node.targets[0].id == 'config_keys':
-                break
-            keys.add(node.targets[0].id)
-    assert {'init_from', 'rope_scaling', 'gradient_accumulation_steps', 'activation_checkpointing'} <= keys
-    names = sorted(f[:-3] for f in os.listdir('config') if f.endswith('.py'))
-    assert set(PAPER) | set(DEMO) | {'tiny_scratch', 'tiny_pose'} <= set(names)
-    import demo_report  # the demo's L_c / L_t, as its report labels them
+def test_every_config_checks_and_takes_its_first_step(tmp_path, monkeypatch, capsys):
+    """Every config/*.py, through train.py's configurator and config check, at toy scale: a tiny
+    scratch model, tiny data and L_c = 32 (override), while the config's method, sampler options,
+    RoPE type and L_t / L_c ratio stay its own. Its first batch obeys the paper's definition of
+    its method, the model gets the config's RoPE type and L_t, and one optimizer step runs."""
+    monkeypatch.chdir(ROOT)  # configs exec their base config by a relative path
+    lens = [40, 70, 100, 130, 200, 250]
+    for split in ('train', 'val'):
+        np.concatenate([np.arange(n) for n in lens]).astype(np.uint16).tofile(tmp_path / f'{split}.bin')
+        np.concatenate([[0], np.cumsum(lens)]).astype(np.int64).tofile(tmp_path / f'{split}.idx')
+    (tmp_path / 'meta.json').write_text(json.dumps(
+        {'dtype': 'uint16', 'vocab_size': 256, 'tokenizer': '',
+         'splits': {s: {'docs': len(lens), 'tokens': sum(lens)} for s in ('train', 'val')}}))
+    names = sorted(f for f in os.listdir('config') if f.endswith('.py'))
+    assert len(names) >= 10
+    T = 32
     for name in names:
-        ns = {}
-        exec(compile(open(f'config/{name}.py').read(), name, 'exec'), ns)  # demo_full / demo_randpos exec demo_pose
-        cfg = {k: v for k, v in ns.items() if not k.startswith('_') and not callable(v) and type(v).__name__ != 'module'}
-        assert set(cfg) <= keys, (name, set(cfg) - keys)
-        assert cfg['target_len'] >= cfg['train_len'], name
-        options = {k: cfg[k] for k in ('num_chunks', 'content', 'chunking') if k in cfg} if cfg['method'] == 'pose' else {}
-        sample_positions.check_options(cfg['method'], cfg['train_len'], cfg['target_len'], **options)
-        if name in DEMO:  # what demo.sh runs: its L_c = 128 -> L_t = 512 with YaRN, into out-demo/seed-1
-            method, train_len, target_len, rope_type = DEMO[name]
-            rope = cfg['rope_scaling']
-            assert (cfg['method'], cfg['train_len'], cfg['target_len'], rope and rope['rope_type']) == \
-                (method, train_len, target_len, rope_type), name
-            assert cfg['out_dir'].startswith('out-demo/seed-1/') and cfg['data_dir'].startswith('data-demo/'), name
-            assert (demo_report.train_len, demo_report.target_len) == (128, 512)
-            assert cfg['init_from'] == ('scratch' if name == 'demo_pretrain' else 'out-demo/seed-1/original/hf'), name
-        if name in PAPER:
-            method, train_len, target_len, rope_type = PAPER[name]
-            assert (cfg['method'], cfg['train_len'], cfg['target_len'], cfg['rope_scaling']['rope_type']) == \
-                (method, train_len, target_len, rope_type), name
-            assert 'factor' not in cfg['rope_scaling']  # derived: target_len / the checkpoint's window
-            assert cfg['init_from'].startswith('checkpoints/'), name
-            assert (cfg['max_iters'], cfg['learning_rate'], cfg['warmup_iters'], cfg['lr_schedule']) == \
-                (1000, 2e-5, 10, 'linear'), name
-            assert cfg['batch_size'] * cfg['gradient_accumulation_steps'] * 8 == 64, name
-    demo = open('demo.sh').read()
-    assert 'train.py config/demo_pretrain.py' in demo and 'train.py config/demo_$2.py' in demo  # extend seed method
-    assert all(f'echo "extend $seed {m}"' in demo for m in ('pose', 'randpos', 'full'))  # each method is a job
+        cfg = {}
+        exec(compile(open(f'config/{name}').read(), name, 'exec'), cfg)
+        scale = T / cfg['train_len']
+        toy = dict(init_from='scratch', data_dir=str(tmp_path), out_dir=str(tmp_path / 'o' / name),
+                   model_args=dict(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, hidden_dim=64),
+                   train_len=T, target_len=round(cfg['target_len'] * scale), batch_size=4,
+                   gradient_accumulation_steps=1, device='cpu', dtype='float32', compile=False,
+                   activation_checkpointing=False, eval_interval=0, wandb_log=False)
+        for k in ('doc_cap', 'full_min_doc'):  # lengths in tokens: scaled with L_c
+            if cfg.get(k):
+                toy[k] = max(1, round(cfg[k] * scale))
+        ns = train_globals([f'config/{name}'] + [f'--{k}={v}' for k, v in toy.items()])
+        method, L_t = ns['method'], toy['target_len']
+        assert method == cfg['method'] and ns['rope_scaling'] == cfg.get('rope_scaling'), name
+        data, meta, _, _, model, margs, _, _ = ns['prepare']()  # check_config, data, model
+        rope_type = (cfg.get('rope_scaling') or {}).get('rope_type')
+        assert (margs.rope_scaling or {}).get('rope_type') == rope_type, name
+        assert margs.max_position_embeddings == L_t, name
+        x, y, p = ns['get_batch'](data, 'train', 0, 0)
+        assert x.shape == y.shape == p.shape == (4, T), name
+        check_paper_constraints(x, y, p, method, cfg, T, L_t)
+        autocast = ns['wrap_model'](model, None)
+        loss, _, _ = ns['train_step'](model, ns['make_optimizer'](model), data, autocast, 0)
+        assert math.isfinite(loss), name
+    capsys.readouterr()
 
 
 def test_full_on_pose_documents_and_doc_cap(tmp_path, monkeypatch):
