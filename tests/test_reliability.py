@@ -530,22 +530,39 @@ def test_prepare_data_and_readers_name_the_file(tmp_path):
             open_split(d, 'train')
 
 
-def test_help_lists_exactly_the_config_keys():
+# instead of its main: the script's globals once its config block has run, as repr strings
+DEFAULTS = ("import errors, json\nerrors.run = lambda main, *a, **k: print(json.dumps("
+            "{n: repr(v) for n, v in main.__globals__.items()}))")
+
+
+def test_help_shows_the_defaults_each_script_runs_with():
+    """--help lists each config key with the value the script really has when given no arguments
+    (its globals at main, read from a run without main); train.py lists exactly the keys of the
+    `config` it records in its checkpoints, in order, with their values before it derives any."""
     import ast
-    tree = ast.parse(open(os.path.join(ROOT, 'train.py')).read())
-    keys = []
-    for node in tree.body:
-        if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):
-            if node.targets[0].id == 'config_keys':
-                break
-            keys.append(node.targets[0].id)
-    expect = {'train.py': keys, 'sample_positions.py': ['train_len', 'target_len', 'draws', 'seed', 'plot', 'speed_seconds']}
-    procs = {name: script(name, '--help') for name in expect}
-    for name, proc in procs.items():
-        out, err = proc.communicate(timeout=60)
-        assert proc.returncode == 0, err
-        listed = [l.split('=')[0].strip() for l in out.splitlines()[2:]]
-        assert listed == expect[name], (name, listed)
+    names = ('train.py', 'sample_positions.py', 'eval_ppl.py')
+    helps = {n: script(n, '--help') for n in names}
+    runs = {n: script(n, patch=DEFAULTS) for n in names}
+    for name in names:
+        out, err = helps[name].communicate(timeout=120)
+        assert helps[name].returncode == 0, err
+        g_out, err = runs[name].communicate(timeout=120)
+        assert runs[name].returncode == 0, err
+        actual = json.loads(g_out.splitlines()[-1])
+        if 'config' in actual:  # train.py: the config as read, before it derives device / dtype
+            actual = {k: repr(v) for k, v in ast.literal_eval(actual['config']).items()}
+        listed = [ast.parse(line.strip()).body[0] for line in out.splitlines()[2:]]
+        keys = [a.targets[0].id for a in listed]
+        assert len(keys) >= 6 and len(set(keys)) == len(keys), (name, keys)
+        for key, assign in zip(keys, listed):
+            assert key in actual, (name, key)
+            try:
+                shown = ast.literal_eval(assign.value)
+            except ValueError:  # an expression (device = 'cuda' if ... else 'cpu'): shown as code
+                continue
+            assert repr(shown) == actual[key], (name, key, shown, actual[key])
+        if name == 'train.py':
+            assert keys == list(actual), keys
 
 
 def test_atomic_writes_and_missing_matplotlib(run, tmp_path, monkeypatch, capsys):
