@@ -227,8 +227,9 @@ def test_protocols_cli(env, tmp_path):
     lens = [len(d) - 1 for d in env['docs']]  # 39, 332, 99, 411, 299, 699 without the leading BOS
     assert r['doc_ids'] == [1, 3]  # the first two with >= 299 tokens, not a random draw
     assert r['protocol'] == 'official' and r['overridden'] == ['doc_tokens', 'dtype', 'lengths', 'min_doc_len', 'num_docs']
-    st = r['settings']
-    assert (st['mode'], st['windows'], st['draw'], st['stride'], st['add_bos']) == ('truncate', 'official', 'first', 0, True)
+    st = r['settings']  # every setting recorded: the protocol's own where not overridden
+    assert all(st[k] == eval_ppl.PROTOCOLS['official'][k]
+               for k in eval_ppl.SETTING_KEYS if k not in r['overridden'])
     assert 'protocol official:' in proc.stdout and 'documents (2): [1, 3]' in proc.stdout and 'windows=official' in proc.stdout
     for L in (32, 64):
         ref_sum, ref_n = official_ppl(env['hf'], [env['docs'][i][1:300] for i in (1, 3)], L, None, True)
@@ -237,14 +238,39 @@ def test_protocols_cli(env, tmp_path):
     assert lens[1] >= 299 and lens[3] >= 299 and lens[2] < 299
 
 
-def test_protocols_resolve():
-    st = eval_ppl.resolve_protocol('paper_table1', {'lengths': None})
-    assert (st['min_doc_len'], st['num_docs'], st['stride'], st['draw']) == (32769, 50, 1024, 'random')
-    st = eval_ppl.resolve_protocol('nanopose', {'lengths': [128, 1024], 'stride': 64})
-    assert (st['min_doc_len'], st['doc_tokens'], st['stride']) == (1024, 1024, 64)
-    with pytest.raises(ValueError, match="protocol='table1' is unknown"):
+@pytest.mark.parametrize('name', list(eval_ppl.PROTOCOLS))
+def test_each_protocol_picks_and_scores_like_the_references(env, name):
+    """Each protocol at toy scale (its lengths, document lengths and stride divided by one factor
+    so that its longest window is 64 tokens; 2 documents): the documents it picks are the ones it
+    names (long enough; the first ones or a seeded draw), and its NLL per length equals the
+    brute-force windows scored by transformers (aligned) or the authors' code (official)."""
+    full = eval_ppl.resolve_protocol(name, {})
+    k = max(full['lengths']) // 64
+    toy = {'lengths': sorted({max(2, L // k) for L in full['lengths']})[-2:], 'num_docs': 2,
+           'stride': full['stride'] // k, 'min_doc_len': -(-full['min_doc_len'] // k),
+           'doc_tokens': full['doc_tokens'] // k, 'dtype': 'float32'}
+    st = eval_ppl.resolve_protocol(name, toy)
+    docs = [d[1:] for d in env['docs']]  # without the BOS prepare_data writes (load_docs drops it)
+    ids = eval_ppl.select_docs([len(d) for d in docs], st['min_doc_len'], 2, 1337, st['draw'])
+    long_enough = [i for i, d in enumerate(docs) if len(d) >= st['min_doc_len']]
+    assert len(ids) == 2 and set(ids) <= set(long_enough)
+    if st['draw'] == 'first':
+        assert ids == long_enough[:2]
+    picked = [docs[i][:st['doc_tokens']] if st['doc_tokens'] else docs[i] for i in ids]
+    _, nll, counts, _ = eval_ppl.evaluate(env['ours'], picked, st, st['add_bos'], 1)
+    for L in st['lengths']:
+        if st['windows'] == 'official':
+            ref, n = official_ppl(env['hf'], picked, L, st['stride'] or L - 1, st['mode'] == 'truncate')
+        else:
+            ref, n = map(sum, zip(*(hf_nll(env['hf'], d, L, st['stride'] or None, st['mode'],
+                                           st['add_bos']) for d in picked)))
+        assert counts[str(L)] == n and nll[str(L)] == pytest.approx(ref, rel=1e-4), (name, L)
+
+
+def test_protocols_resolve_refuses_bad_values():
+    with pytest.raises(ValueError, match="'table1'"):
         eval_ppl.resolve_protocol('table1', {})
-    with pytest.raises(ValueError, match="draw must be one of random, first; got 'last'"):
+    with pytest.raises(ValueError, match="draw.*'last'"):
         eval_ppl.resolve_protocol('official', {'draw': 'last'})
 
 
