@@ -15,7 +15,7 @@ from hf_logits import hf_logits
 from hf_checkpoint import save_pretrained
 from model import ModelArgs, Transformer
 from rope import export_lint
-from test_model import TOL, VOCAB, idx_for, positions
+from conftest import TOL, VOCAB, idx_for, positions
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ORIG, MPE = 32, 128  # the original window, and 4x it

@@ -8,64 +8,11 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, \
-    Qwen2Config, Qwen2ForCausalLM
+from transformers import AutoModelForCausalLM
 
 from hf_checkpoint import load_pretrained, save_pretrained
 from model import KVCache, ModelArgs, Transformer, chunked_cross_entropy
-
-TOL = 2e-4
-VOCAB, MPE, HEAD_DIM = 128, 32, 16
-CLASSES = {'llama': (LlamaConfig, LlamaForCausalLM), 'mistral': (MistralConfig, MistralForCausalLM),
-           'qwen2': (Qwen2Config, Qwen2ForCausalLM)}
-
-
-def make_hf(tmp_path, arch='llama', kv=2, tie=False, rope=None, theta=10000.0, mpe=MPE, **extra):
-    """A tiny random HF model saved by transformers; weights scaled up so RoPE errors show in the logits."""
-    cfg_cls, model_cls = CLASSES[arch]
-    cfg = cfg_cls(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=kv, vocab_size=VOCAB, max_position_embeddings=mpe, tie_word_embeddings=tie,
-                  rope_parameters=dict(rope or {'rope_type': 'default'}, rope_theta=theta), **extra)
-    torch.manual_seed(0)
-    hf = model_cls(cfg).eval()
-    with torch.no_grad():
-        for p in hf.parameters():
-            if p.dim() > 1:
-                p.normal_(0, 0.3)  # large weights: sharp attention, so wrong angles move the logits a lot
-            else:
-                p.add_(torch.randn_like(p) * 0.1)  # norms / biases away from their 1 / 0 init
-    d = str(tmp_path / f'hf_{arch}')
-    hf.save_pretrained(d)
-    return hf, d
-
-
-def positions(kind, B=2):
-    """[B, T] position ids: contiguous, short (inside the original window), skip-wise, mixed rows."""
-    skip = torch.cat([torch.arange(0, 16), torch.arange(16 + 60, 16 + 60 + 32)])  # [0..k) u [k+s..T+s)
-    if kind == 'short':
-        p = torch.arange(24)
-    elif kind == 'contig':
-        p = torch.arange(48)
-    elif kind == 'skip':
-        p = skip
-    else:  # rows differ: one contiguous, one skip-wise
-        return torch.stack([torch.arange(48), skip])
-    return p[None].expand(B, -1)
-
-
-def hf_logits(hf, idx, pos):
-    with torch.no_grad():  # a fresh copy each time: transformers' dynamic RoPE keeps state between calls
-        return copy.deepcopy(hf)(idx, position_ids=pos).logits
-
-
-def our_logits(model, idx, pos):
-    with torch.no_grad():
-        return model(idx, pos)[0]
-
-
-def idx_for(pos):
-    g = torch.Generator().manual_seed(1)
-    return torch.randint(0, VOCAB, pos.shape, generator=g)
+from conftest import ROPE_CASES, TOL, VOCAB, hf_logits, idx_for, make_hf, our_logits, positions
 
 
 def test_roundtrip_export(tmp_path):
@@ -78,32 +25,6 @@ def test_roundtrip_export(tmp_path):
 
 
 # ---- every RoPE type, both config forms, contiguous and skip-wise positions ----------------------
-ROPE_CASES = {  # name: (rope dict for transformers, max_position_embeddings)
-    'default': ({'rope_type': 'default'}, MPE),
-    'linear': ({'rope_type': 'linear', 'factor': 4.0}, MPE),
-    'dynamic': ({'rope_type': 'dynamic', 'factor': 4.0}, MPE),  # 'short' stays inside, the rest go beyond
-    'yarn': ({'rope_type': 'yarn', 'factor': 4.0, 'original_max_position_embeddings': 32}, 128),
-    'yarn_attn': ({'rope_type': 'yarn', 'factor': 4.0, 'original_max_position_embeddings': 32,
-                   'attention_factor': 1.3, 'beta_fast': 16, 'beta_slow': 2}, 128),
-    'yarn_mscale': ({'rope_type': 'yarn', 'factor': 4.0, 'original_max_position_embeddings': 32,
-                     'mscale': 1.0, 'mscale_all_dim': 0.5, 'truncate': False}, 128),
-    # factor != max_position_embeddings / original (8 != 4, and 2 != 4): the factor given wins, not the ratio
-    # (no factor at all: transformers 5's config refuses it; test_rope checks that fallback on its RoPE init)
-    'yarn_factor8': ({'rope_type': 'yarn', 'factor': 8.0, 'original_max_position_embeddings': 32}, 128),
-    'yarn_factor2_mscale': ({'rope_type': 'yarn', 'factor': 2.0, 'original_max_position_embeddings': 32,
-                             'mscale': 1.0, 'mscale_all_dim': 0.5}, 128),
-    'llama3': ({'rope_type': 'llama3', 'factor': 8.0, 'low_freq_factor': 1.0, 'high_freq_factor': 4.0,
-                'original_max_position_embeddings': 32}, 128),
-    'longrope': ({'rope_type': 'longrope', 'original_max_position_embeddings': 32,  # short/long regimes
-                  'short_factor': [1.0, 1.1, 1.2, 1.3, 1.4, 1.5, 1.6, 1.7],
-                  'long_factor': [1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0]}, 128),
-    'longrope_attn': ({'rope_type': 'longrope', 'original_max_position_embeddings': 32, 'factor': 4.0,
-                       'attention_factor': 1.2, 'short_factor': [1.0] * 4 + [2.0] * 4,
-                       'long_factor': [1.0, 1.0, 2.0, 2.0, 4.0, 4.0, 6.0, 6.0]}, 128),
-    'longrope_factor2': ({'rope_type': 'longrope', 'original_max_position_embeddings': 32, 'factor': 2.0,
-                          'short_factor': [1.0] * 4 + [2.0] * 4, 'long_factor': [1.0, 1.0, 2.0, 2.0, 4.0, 4.0, 6.0, 6.0]},
-                         128),  # attention factor from factor 2, not from 128 / 32
-}
 
 
 def to_rope_scaling_form(d):

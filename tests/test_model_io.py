@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 from errors import UserError  # noqa: E402
 from hf_checkpoint import load_pretrained, save_pretrained
 from model import Transformer
-from test_model import ROPE_CASES, TOL, hf_logits, idx_for, make_hf, our_logits, positions
+from conftest import ROPE_CASES, TOL, hf_logits, idx_for, make_hf, our_logits, positions
 
 
 def assert_parity(hf, model, kinds=('skip',)):

@@ -17,6 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import data_format  # noqa: E402
 import prepare_data as pd  # noqa: E402
+from conftest import make_hf_tokenizer, word_docs  # noqa: E402
 from data_format import open_split, read_meta  # noqa: E402
 from errors import UserError  # noqa: E402
 from tokenizer import load_tokenizer  # noqa: E402
@@ -171,22 +172,6 @@ def test_all_input_formats_round_trip(tmp_path, sp_model):
         assert split_docs(out, 'train') == expected, name
     both = run(tmp_path, 'both', input=f"{sources['zst']},{tmp_path}/a.parq*", tokenizer=sp_model, text_key='body')
     assert split_docs(both, 'train') == expected + expected  # comma list + glob, in the order given
-
-
-def make_hf_tokenizer(folder, n_words, specials=('<s>', '</s>')):
-    vocab = {'[UNK]': 0, **{s: i + 1 for i, s in enumerate(specials)}}
-    vocab.update({f'w{i}': len(vocab) + i for i in range(n_words)})
-    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token='[UNK]'))
-    tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
-    tok.add_special_tokens(list(specials))
-    os.makedirs(folder, exist_ok=True)
-    tok.save(os.path.join(folder, 'tokenizer.json'))
-    return tok
-
-
-def word_docs(n_words, n_docs=30, seed=0):
-    rng = np.random.default_rng(seed)
-    return [' '.join(f'w{j}' for j in rng.integers(0, n_words, size=rng.integers(1, 200))) for _ in range(n_docs)]
 
 
 def test_hf_tokenizer_json_bos_from_tokenizer_config(tmp_path):

@@ -22,8 +22,7 @@ import eval_ppl  # noqa: E402
 import errors  # noqa: E402
 from data_format import open_split  # noqa: E402
 from errors import UserError  # noqa: E402
-from test_prepare_data import make_hf_tokenizer, word_docs  # noqa: E402
-from test_train import ENV, TINY, make_data  # noqa: E402
+from conftest import ENV, TINY, make_data, make_hf_tokenizer, word_docs  # noqa: E402
 
 # run a script as __main__ after a monkeypatch (the fault), in a fresh interpreter
 PRELUDE = "import errno, os, runpy, sys\n{patch}\nsys.argv = sys.argv[1:]\nrunpy.run_path(sys.argv[0], run_name='__main__')\n"

@@ -10,7 +10,7 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from hf_checkpoint import load_pretrained, save_pretrained
 from rope import TYPES, normalize, rope_yarn, rope_yarn_pose
-from test_model import HEAD_DIM, ROPE_CASES, TOL, hf_logits, idx_for, make_hf, our_logits, positions
+from conftest import HEAD_DIM, ROPE_CASES, TOL, hf_logits, idx_for, make_hf, our_logits, positions
 
 
 def pose_repo_inv_freq(theta, d, s, orig, beta_fast=32, beta_slow=1):

@@ -11,7 +11,6 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import sample_positions  # noqa: E402
 from sample_positions import (SAMPLERS, check_options, coverage_curve, draws_per_second, examples_to_cover,  # noqa: E402
                               pose, pose2_coverage_exact, randpos, full, relative_distances)
 

@@ -17,34 +17,7 @@ from safetensors.torch import load_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-
-VOCAB = 64
-ENV = dict(os.environ, OMP_NUM_THREADS='1', PYTHONWARNINGS='ignore')
-TINY = ['config/tiny_pose.py', '--init_from=scratch', '--log_interval=1', '--eval_iters=2']
-
-
-def make_data(d, n_train=40, n_val=8, lens=(80, 300), seed=0):
-    """The documented format, written directly: {split}.bin uint16, {split}.idx int64 offsets, meta.json.
-    A learnable corpus: the next token is (5 t + 3) mod VOCAB with probability 0.9, else random."""
-    os.makedirs(d, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    splits = {}
-    for split, n in (('train', n_train), ('val', n_val)):
-        docs = []
-        for _ in range(n):
-            t = np.empty(int(rng.integers(lens[0], lens[1] + 1)), np.int64)
-            t[0] = rng.integers(VOCAB)
-            for i in range(1, len(t)):
-                t[i] = (t[i - 1] * 5 + 3) % VOCAB if rng.random() < 0.9 else rng.integers(VOCAB)
-            docs.append(t)
-        np.concatenate(docs).astype(np.uint16).tofile(os.path.join(d, f'{split}.bin'))
-        np.concatenate([[0], np.cumsum([len(t) for t in docs])]).astype(np.int64).tofile(os.path.join(d, f'{split}.idx'))
-        splits[split] = {'docs': n, 'tokens': int(sum(len(t) for t in docs))}
-    meta = {'tokenizer': '', 'tokenizer_sha256': '', 'vocab_size': VOCAB, 'dtype': 'uint16', 'bos_id': None,
-            'eos_id': None, 'splits': splits}
-    with open(os.path.join(d, 'meta.json'), 'w') as f:
-        json.dump(meta, f)
-    return d
+from conftest import DATA_VOCAB, ENV, TINY, make_data  # noqa: E402
 
 
 @pytest.fixture(scope='module')
@@ -190,7 +163,7 @@ def test_fine_tune_hf_model_matches_transformers(tmp_path, data):
     base = str(tmp_path / 'base')
     torch.manual_seed(0)
     hf = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                      num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=32))
+                                      num_key_value_heads=2, vocab_size=DATA_VOCAB, max_position_embeddings=32))
     with torch.no_grad():  # large weights: sharp attention, so the RoPE scaling shows in the loss
         for p in hf.parameters():
             if p.dim() > 1:
