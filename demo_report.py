@@ -9,22 +9,23 @@ prints the final table.
     python demo_report.py --stage=report --out_dir=out-demo/base-X --seeds="1 2 3"   # table + plot
 
 Why synthetic passkey documents: a tiny model pretrained for minutes on Python source has never seen
-English, let alone the passkey prompt, and retrieves nothing even inside its window -- then a passkey row
-measures nothing. So a share of the training documents (`passkey_share` of the documents a run can draw)
-are the paper's passkey prompt (eval_passkey.py's own builder: task, filler, key line at a random depth,
-question) followed by the answer. train.py draws whole documents uniformly and a window of train_len + 1
-tokens inside one, so a passkey document is exactly train_len + 1 tokens: the window is the whole prompt
-and ends with the answer (passkey_short.jsonl, L_c + 1 tokens). Only pretraining sees them: the
-extension runs fine-tune on the stdlib pieces alone (demo.sh's data-demo/ext), so retrieval past
-L_c is transfer from the base model's retrieval inside L_c, as in the paper (Pile text).
-Evaluation (eval_passkey.py) uses other random keys and depths (another seed) on the trained models.
+English, let alone the passkey prompt, and retrieves nothing even inside its window -- then a
+passkey row measures nothing. So a share of the training documents (`passkey_share` of the documents
+a run can draw) are the paper's passkey prompt (eval_passkey.py's own builder: task, filler, key
+line at a random depth, question) followed by the answer. train.py draws whole documents uniformly
+and a window of train_len + 1 tokens inside one, so a passkey document is exactly train_len + 1
+tokens: the window is the whole prompt and ends with the answer (passkey_short.jsonl, L_c + 1
+tokens). Only pretraining sees them: the extension runs fine-tune on the stdlib pieces alone
+(demo.sh's data-demo/ext), so retrieval past L_c is transfer from the base model's retrieval inside
+L_c, as in the paper (Pile text). Evaluation (eval_passkey.py) uses other random keys and depths
+(another seed) on the trained models.
 
-What made retrieval learnable (measured, see the README): the passkey documents must be MANY -- each seen
-about once. With a few hundred, drawn again and again, the model memorises each document's key instead of
-learning to copy it (0% at L_c after 1,000-2,500 steps; a repeated-sequence probe showed no copying at
-all). Since draws are per document, the stdlib files are cut into `piece_tokens`-token pieces
-(python_pieces), which multiplies the documents, and so the passkey documents at the same share. A
-`copy_share` of fresh random-word sequences, repeated (word_drill), adds copying practice.
+What made retrieval learnable (measured, see the README): the passkey documents must be MANY -- each
+seen about once. With a few hundred, drawn again and again, the model memorises each document's key
+instead of learning to copy it (0% at L_c after 1,000-2,500 steps; a repeated-sequence probe showed
+no copying at all). Since draws are per document, the stdlib files are cut into `piece_tokens`-token
+pieces (python_pieces), which multiplies the documents, and so the passkey documents at the same
+share. A `copy_share` of fresh random-word sequences, repeated (word_drill), adds copying practice.
 """
 import json
 import os
@@ -45,12 +46,16 @@ tokenizer = 'data-demo/tok/tokenizer.model'  # the demo's sentencepiece model (s
 train_len = 128  # L_c: the original window
 target_len = 512  # L_t: the extended window (4x: why not 8x, see the README)
 val_fraction = 0.1  # stdlib files held out for the perplexity evaluation (seeded)
-python_mb = 8.0  # at most this many MB of stdlib source (test suites left out; a random subset of files)
+# at most this many MB of stdlib source (test suites left out; a random subset of files)
+python_mb = 8.0
 tok_sample_docs = 150  # stdlib files in the tokenizer sample ...
-tok_passkey_per_doc = 3  # ... each followed by this many passkey prompts (so the filler gets its own tokens)
+# ... each followed by this many passkey prompts (so the filler gets its own tokens)
+tok_passkey_per_doc = 3
 passkey_share = 0.4  # fraction of the drawable training documents that are passkey prompts
-copy_share = 0.2  # fraction that are copy drills: 16 random words, repeated (teaches copying, see word_drill)
-piece_tokens = 512  # the stdlib files are cut into pieces of this many tokens for the L_c mix (python_pieces)
+# fraction that are copy drills: 16 random words, repeated (teaches copying, see word_drill)
+copy_share = 0.2
+# the stdlib files are cut into pieces of this many tokens for the L_c mix (python_pieces)
+piece_tokens = 512
 seed = 1337  # file split, keys, depths
 base = ''  # stage base: an HF dir of a pretrained Original
 base_sha256 = ''  # stage base: its weights' sha256 ('' = base/model.safetensors.sha256, if any)
@@ -62,7 +67,8 @@ out_dir = 'out-demo'  # stage base: where base-<sha256[:12]>/ goes; stage report
 methods = 'original,pi,randpos,contig,full,pose'  # rows: {ppl,passkey}-{method}.json (BASE_METHODS)
 seeds = '1'  # the extension seeds to report (space-separated): pooled counts, mean and min-max
 # -----------------------------------------------------------------------------
-if __name__ == '__main__':  # run as a script: a config file / --key=value; imported (the tests): the defaults
+# run as a script: a config file / --key=value; imported (the tests): the defaults
+if __name__ == '__main__':
     exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
 # -----------------------------------------------------------------------------
 LABELS = {'original': 'Original', 'pi': 'YaRN-only', 'randpos': 'RandPos', 'contig': 'Contiguous',
@@ -83,7 +89,8 @@ def read_jsonl(path):
 
 
 def stage_sources():
-    """The stdlib split by file into train / val, and a tokenizer sample with passkey prompts mixed in."""
+    """The stdlib split by file into train / val, and a tokenizer sample with passkey prompts mixed
+    in."""
     from data_format import corpus_files
     from eval_passkey import make_passkey_prompt
     rng = np.random.default_rng([seed, 0])
@@ -116,15 +123,17 @@ def stage_sources():
 
 
 def exact_passkey_doc(tok, length, rng, F):
-    """Text of a passkey prompt + ' ' + key + '.' that tokenizes (BOS included) to exactly `length` tokens, for a
-    random key and depth. The prompt's lines are tokenized apart ('\\n' is a piece of its own), so its length
-    is a sum of per-line counts: F[n] = tokens of n filler words (filled in as needed), and the key's two lines.
-    The result is checked with one real encode; filler comes in words, so some draws cannot land exactly."""
+    """Text of a passkey prompt + ' ' + key + '.' that tokenizes (BOS included) to exactly `length`
+    tokens, for a random key and depth. The prompt's lines are tokenized apart ('\\n' is a piece of
+    its own), so its length is a sum of per-line counts: F[n] = tokens of n filler words (filled in
+    as needed), and the key's two lines. The result is checked with one real encode; filler comes in
+    words, so some draws cannot land exactly."""
     from eval_passkey import KEY_LINE, QUESTION, TASK, filler_text
     tlen = lambda t: len(tok.encode(t, bos=False))  # noqa: E731
     for _ in range(200):
         key, depth = str(int(rng.integers(10000, 100000))), float(rng.random())
-        fixed = 1 + 4 + tlen(TASK) + tlen(KEY_LINE.format(key=key)) + tlen(QUESTION + ' ' + key + '.')  # + BOS, newlines
+        # + BOS, newlines
+        fixed = 1 + 4 + tlen(TASK) + tlen(KEY_LINE.format(key=key)) + tlen(QUESTION + ' ' + key + '.')
         n = 0
         while True:
             nb = int(round(depth * n))
@@ -138,27 +147,30 @@ def exact_passkey_doc(tok, length, rng, F):
             text = make_prompt_text(n, key, depth)
             if len(tok.encode(text, bos=True)) == length:
                 return text
-    # the lengths come from train_len / target_len: a length the filler cannot hit is a config choice
+    # the lengths come from train_len / target_len: a length the filler cannot hit is a config
+    # choice
     raise UserError(f"could not build a passkey prompt of exactly {length} tokens in 200 draws "
                     f"(train_len={train_len}: try another)")
 
 
 def make_prompt_text(n, key, depth):
     from eval_passkey import make_passkey_prompt
-    return make_passkey_prompt(n, key, depth)[0] + ' ' + key + '.'  # the '.' teaches where the number ends
+    # the '.' teaches where the number ends
+    return make_passkey_prompt(n, key, depth)[0] + ' ' + key + '.'
 
 
 def word_drill(words, length, rng):
-    """16 random words, repeated to ~length tokens: after the first pass every token is a copy of one 16 words
-    back. Fresh words in every document, so only copying (not memorising) lowers the loss."""
+    """16 random words, repeated to ~length tokens: after the first pass every token is a copy of
+    one 16 words back. Fresh words in every document, so only copying (not memorising) lowers the
+    loss."""
     seq = ' '.join(words[i] for i in rng.integers(0, len(words), 16))
     return ' '.join([seq] * (2 + length // 40))  # 16 words are ~40 tokens
 
 
 def python_pieces(tok, texts, n_tokens):
-    """The stdlib files cut into pieces of n_tokens tokens (decoded back to text; a shorter tail is dropped).
-    train.py draws documents uniformly: short pieces make the pretraining mix a mix by tokens, and let the
-    passkey documents be many (each seen about once) at the same share."""
+    """The stdlib files cut into pieces of n_tokens tokens (decoded back to text; a shorter tail is
+    dropped). train.py draws documents uniformly: short pieces make the pretraining mix a mix by
+    tokens, and let the passkey documents be many (each seen about once) at the same share."""
     out = []
     for ids in tok.encode_batch(texts, bos=False):
         out += [tok.decode(ids[i:i + n_tokens]) for i in range(0, len(ids) - n_tokens + 1, n_tokens)]
@@ -191,9 +203,10 @@ def stage_passkey():
 
 
 def passkey_eval_lengths(tok, rng):
-    """eval_passkey.py builds a prompt within 1% of the requested length, in whole filler words: some short
-    lengths cannot be hit. For each multiple of L_c up to L_t (or each power-of-2 multiple when L_t > 4 L_c),
-    take the largest length at or below it that works for 30 random keys and depths."""
+    """eval_passkey.py builds a prompt within 1% of the requested length, in whole filler words:
+    some short lengths cannot be hit. For each multiple of L_c up to L_t (or each power-of-2
+    multiple when L_t > 4 L_c), take the largest length at or below it that works for 30 random keys
+    and depths."""
     from eval_passkey import build_passkey_prompt
     ratio = target_len // train_len
     mults = range(1, ratio + 1) if ratio <= 4 else [2 ** i for i in range(ratio.bit_length()) if 2 ** i <= ratio]

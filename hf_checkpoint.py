@@ -1,9 +1,10 @@
 """
 Hugging Face checkpoint directories <-> our model (model.py): config.json <-> ModelArgs, weights in
-safetensors (one file or sharded with an index) or pytorch_model*.bin, and the export back to a directory
-that transformers (4.45 and 5) and vLLM load to the same logits (tested: tests/test_model*.py,
-tests/test_export_compat.py). The model file stays the model: it never reads or writes a directory, and
-does not remember where it was loaded from -- whoever exports names the tokenizer to copy.
+safetensors (one file or sharded with an index) or pytorch_model*.bin, and the export back to a
+directory that transformers (4.45 and 5) and vLLM load to the same logits (tested:
+tests/test_model*.py, tests/test_export_compat.py). The model file stays the model: it never reads
+or writes a directory, and does not remember where it was loaded from -- whoever exports names the
+tokenizer to copy.
 
     model = load_pretrained('checkpoints/llama-7b', dtype=torch.bfloat16, rope_scaling={...})
     save_pretrained(model, 'out/hf', tokenizer_dir='checkpoints/llama-7b')
@@ -20,7 +21,8 @@ import torch
 import rope
 from errors import UserError, read_json
 from model import ARCH_NAMES, ModelArgs, Transformer, is_size
-# the tokenizer's files, copied beside an export: defined beside the tokenizer loader, which must not need torch
+# the tokenizer's files, copied beside an export: defined beside the tokenizer loader, which must
+# not need torch
 from tokenizer import TOKENIZER_FILES
 
 MAX_SHARD_SIZE = 5 * 1024**3  # bytes per safetensors shard written by save_pretrained
@@ -37,7 +39,8 @@ def args_from_hf_config(cfg, where='config.json', **overrides):
     archs = cfg.get('architectures') or []
     name = archs[0] if archs else cfg.get('model_type')
     arch = ARCHS.get(name) or {'LLaMAForCausalLM': 'llama', 'llama': 'llama', 'mistral': 'mistral',
-                               'qwen2': 'qwen2'}.get(name)  # very old Llama configs / no architectures
+                               # very old Llama configs / no architectures
+                               'qwen2': 'qwen2'}.get(name)
     if arch is None:
         raise UserError(f"{where}: unsupported architecture {name!r} (supported: {', '.join(ARCHS)})")
     for key, ok in (('hidden_act', 'silu'), ('mlp_bias', False), ('attention_bias', False),
@@ -97,7 +100,8 @@ def hf_config(args):
           'tie_word_embeddings': args.tie_word_embeddings,
           'bos_token_id': args.bos_token_id, 'eos_token_id': args.eos_token_id,
           'initializer_range': 0.02, 'attention_dropout': 0.0, 'use_cache': True}
-    if rs and rs['rope_type'] == 'longrope':  # transformers 4.4x reads it here (5.x: same value wins)
+    # transformers 4.4x reads it here (5.x: same value wins)
+    if rs and rs['rope_type'] == 'longrope':
         hf['original_max_position_embeddings'] = rs['original_max_position_embeddings']
     if args.arch == 'llama':
         hf.update(attention_bias=False, mlp_bias=False)
@@ -148,17 +152,19 @@ def load_pretrained(path, dtype=torch.float32, device='cpu', **overrides):
 
 
 def save_pretrained(model, path, tokenizer_dir, state_dict=None, max_shard_size=MAX_SHARD_SIZE):
-    """Write `model` as an HF directory (config.json, safetensors sharded beyond max_shard_size with an
-    index, tokenizer files) to a temp dir, then rename it into place. tokenizer_dir: where the tokenizer
-    comes from (an HF directory, one file, a list of files, or None: no tokenizer files); the caller names
-    it, the model does not know where it was loaded from. state_dict: our-named full tensors (e.g. gathered
-    from FSDP on rank 0, `model` then only gives .args and the names); default: the model's own."""
+    """Write `model` as an HF directory (config.json, safetensors sharded beyond max_shard_size with
+    an index, tokenizer files) to a temp dir, then rename it into place. tokenizer_dir: where the
+    tokenizer comes from (an HF directory, one file, a list of files, or None: no tokenizer files);
+    the caller names it, the model does not know where it was loaded from. state_dict: our-named
+    full tensors (e.g. gathered from FSDP on rank 0, `model` then only gives .args and the names);
+    default: the model's own."""
     from safetensors.torch import save_file
     own = {k for k in model.state_dict() if not (model.args.tie_word_embeddings and k == 'lm_head.weight')}
     sd = model.state_dict() if state_dict is None else state_dict
     # keys as wrapped blocks may name them (torch.compile / checkpoint_wrapper prefixes)
     sd = {k.replace('_orig_mod.', '').replace('_checkpoint_wrapped_module.', ''): v for k, v in sd.items()}
-    sd = {k: v for k, v in sd.items() if k in own or k != 'lm_head.weight'}  # tied: lm_head is embed_tokens
+    # tied: lm_head is embed_tokens
+    sd = {k: v for k, v in sd.items() if k in own or k != 'lm_head.weight'}
     if set(sd) != own:
         raise ValueError(f"save_pretrained: state_dict does not match the model: "
                          f"missing {sorted(own - set(sd))[:5]}, unexpected {sorted(set(sd) - own)[:5]}")
@@ -200,7 +206,8 @@ def save_pretrained(model, path, tokenizer_dir, state_dict=None, max_shard_size=
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _tokenizer_files(src):  # a directory (its known tokenizer files), one file, a list of files, or None
+# a directory (its known tokenizer files), one file, a list of files, or None
+def _tokenizer_files(src):
     if src is None or isinstance(src, (list, tuple)):
         return list(src or [])
     if os.path.isfile(src):
@@ -230,8 +237,8 @@ def _weight_files(path):
 
 
 def _tensor_readers(file):
-    """yield (name, read()) per tensor, reading one tensor at a time. A truncated or corrupt file -> one
-    line naming it (the libraries' own errors would be tracebacks from deep inside)."""
+    """yield (name, read()) per tensor, reading one tensor at a time. A truncated or corrupt file ->
+    one line naming it (the libraries' own errors would be tracebacks from deep inside)."""
     if file.endswith('.safetensors'):
         from safetensors import SafetensorError, safe_open
 

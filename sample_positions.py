@@ -80,8 +80,9 @@ def _check_content(content):
 
 
 def check_options(method, train_len, target_len, **options):
-    """What a sampler would reject whatever the document: the method, the two lengths and the method's
-    options. Once, before any draw (train.py calls it on its config); raises ValueError naming the value."""
+    """What a sampler would reject whatever the document: the method, the two lengths and the
+    method's options. Once, before any draw (train.py calls it on its config); raises ValueError
+    naming the value."""
     if method not in SAMPLERS:
         raise ValueError(f"method={method!r}: expected one of {sorted(SAMPLERS)}")
     _check_lengths(train_len, train_len, target_len)
@@ -99,7 +100,8 @@ def chunk_lengths(train_len, num_chunks, rng, chunking='paper'):
     a list of ints (tiny; Python ints keep a draw well under 50 us)."""
     L, N = train_len, num_chunks
     _check_chunks(L, N, chunking)
-    if chunking == 'official':  # dwzhu-pku/PoSE train_pose.py: rt1 = random.randint(1, (len_chunk+1)//2)
+    # dwzhu-pku/PoSE train_pose.py: rt1 = random.randint(1, (len_chunk+1)//2)
+    if chunking == 'official':
         l0 = int(rng.integers(1, (L + 1) // 2 + 1))
         return [l0, L - l0]
     k = N - 1  # cut points, distinct, uniform among the (L-1 choose k) subsets of 1..L-1
@@ -127,7 +129,8 @@ def monotone_offsets(n, high, rng):
 
 
 def pose(doc_len, train_len, target_len, rng, num_chunks=2, content='uniform', chunking='paper'):
-    """PoSE (Eq. 3-5): N chunks with skip offsets u_i (positions) and content offsets v_i (tokens)."""
+    """PoSE (Eq. 3-5): N chunks with skip offsets u_i (positions) and content offsets v_i
+    (tokens)."""
     _check_lengths(doc_len, train_len, target_len)
     _check_content(content)  # (num_chunks and chunking: chunk_lengths checks them)
     l = chunk_lengths(train_len, num_chunks, rng, chunking)         # [N] l_i
@@ -138,10 +141,12 @@ def pose(doc_len, train_len, target_len, rng, num_chunks=2, content='uniform', c
         v = [0] * len(l)
     else:  # 'aligned': v_i = u_i, clamped so that the last chunk still ends inside the document
         v = [min(u_i, doc_len - train_len) for u_i in u]
-    position_ids = np.arange(train_len, dtype=np.int64)  # [L_c] st_i + k for the k-th token of chunk i
+    # [L_c] st_i + k for the k-th token of chunk i
+    position_ids = np.arange(train_len, dtype=np.int64)
     token_idx = np.arange(train_len, dtype=np.int64)     # [L_c]
     st = 0
-    for l_i, u_i, v_i in zip(l, u, v):  # chunk c_i holds the example's tokens st_i .. st_i + l_i - 1
+    # chunk c_i holds the example's tokens st_i .. st_i + l_i - 1
+    for l_i, u_i, v_i in zip(l, u, v):
         if u_i:
             position_ids[st:st + l_i] += u_i  # u_i + st_i + k   (Eq. 4)
         if v_i:
@@ -151,7 +156,8 @@ def pose(doc_len, train_len, target_len, rng, num_chunks=2, content='uniform', c
 
 
 def randpos(doc_len, train_len, target_len, rng):
-    """RandPos: L_c distinct positions from {0 .. L_t-1}, sorted; contiguous text at a random offset."""
+    """RandPos: L_c distinct positions from {0 .. L_t-1}, sorted; contiguous text at a random
+    offset."""
     _check_lengths(doc_len, train_len, target_len)
     position_ids = np.sort(rng.choice(target_len, size=train_len, replace=False, shuffle=False)).astype(np.int64)
     token_idx = int(rng.integers(0, doc_len - train_len + 1)) + np.arange(train_len, dtype=np.int64)
@@ -193,7 +199,8 @@ def relative_distances(position_ids, target_len, method='auto'):
     if method == 'intervals':
         r, s = np.triu_indices(K, 1)
         lo = np.concatenate(([1], a[s] - b[r]))            # [1 + K(K-1)/2]
-        hi = np.concatenate(([(b - a).max()], b[s] - a[r]))  # first interval empty if all runs are singletons
+        # first interval empty if all runs are singletons
+        hi = np.concatenate(([(b - a).max()], b[s] - a[r]))
         keep = lo <= hi
         delta = np.bincount(lo[keep], minlength=target_len + 1) - np.bincount(hi[keep] + 1, minlength=target_len + 1)
         return np.cumsum(delta[:target_len]) > 0
@@ -202,7 +209,8 @@ def relative_distances(position_ids, target_len, method='auto'):
         ind = np.zeros(n)
         ind[p] = 1.0
         f = np.fft.rfft(ind)
-        pairs = np.rint(np.fft.irfft(f * np.conj(f), n)[:target_len])  # pairs[d] = #{(i, j): p_j - p_i = d}
+        # pairs[d] = #{(i, j): p_j - p_i = d}
+        pairs = np.rint(np.fft.irfft(f * np.conj(f), n)[:target_len])
         exposed = pairs > 0
         exposed[0] = False
         return exposed
@@ -231,7 +239,8 @@ def pose2_coverage_exact(train_len, target_len, chunking='paper'):
     L, M = train_len, target_len - train_len
     if L < 2 or M < 0:
         raise ValueError(f"need 2 <= train_len <= target_len, got train_len={L}, target_len={target_len}")
-    l0 = np.arange(1, (L if chunking == 'paper' else (L + 1) // 2 + 1))  # the support of l_0, uniform
+    # the support of l_0, uniform
+    l0 = np.arange(1, (L if chunking == 'paper' else (L + 1) // 2 + 1))
     longest = np.maximum(l0, L - l0)
     d = np.arange(target_len)
     A = 1 - np.cumsum(np.bincount(longest, minlength=target_len)) / l0.size  # A[d] = P(longest > d)
@@ -242,7 +251,8 @@ def pose2_coverage_exact(train_len, target_len, chunking='paper'):
 
 
 def examples_to_cover(p, confidence=0.99):
-    """Training examples needed to see the distances 1 .. L_t-1 of a coverage curve p (draws i.i.d.).
+    """Training examples needed to see the distances 1 .. L_t-1 of a coverage curve p (draws
+    i.i.d.).
     Returns (per_distance, all_distances):
       per_distance  = smallest n with P(d exposed at least once in n draws) = 1 - (1-p_d)^n
                       >= confidence for every d, i.e. max_d ceil(log(1-conf) / log(1-p_d));

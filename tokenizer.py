@@ -6,17 +6,18 @@ fingerprint check that keeps data made with one tokenizer away from a model of a
     ids = tok.encode(text)                          # BOS prepended when the model's tokenizer uses one
     text = tok.decode(ids)
 
-Its own module (as gpt-fast's tokenizer.py) because every stage uses it: prepare_data.py tokenizes with it,
-train.py and eval_*.py check fingerprints and tokenize prompts with it, and none of them should import the
-data pipeline (its process pool, its sentencepiece trainer) for that.
+Its own module (as gpt-fast's tokenizer.py) because every stage uses it: prepare_data.py tokenizes
+with it, train.py and eval_*.py check fingerprints and tokenize prompts with it, and none of them
+should import the data pipeline (its process pool, its sentencepiece trainer) for that.
 """
 import hashlib
 import os
 
 from errors import UserError, read_json
 
-# the tokenizer's files, copied beside an HF export (hf_checkpoint.save_pretrained); generation_config.json
-# too: it holds the model's eos ids for generate() (Llama 3: <|eot_id|> besides <|end_of_text|>)
+# the tokenizer's files, copied beside an HF export (hf_checkpoint.save_pretrained);
+# generation_config.json too: it holds the model's eos ids for generate() (Llama 3: <|eot_id|>
+# besides <|end_of_text|>)
 TOKENIZER_FILES = ('tokenizer.model', 'tokenizer.json', 'tokenizer_config.json', 'special_tokens_map.json',
                    'generation_config.json')
 
@@ -35,7 +36,8 @@ class Tokenizer:
             try:
                 self.hf = tokenizers.Tokenizer.from_file(path)
             except Exception as e:
-                # the Rust side raises a bare Exception for a file it cannot parse; anything more specific is a bug
+                # the Rust side raises a bare Exception for a file it cannot parse; anything more
+                # specific is a bug
                 if type(e) is not Exception:
                     raise
                 raise UserError(f"{path}: not a tokenizers tokenizer.json ({str(e).splitlines()[0]})") from None
@@ -48,7 +50,8 @@ class Tokenizer:
             import sentencepiece as spm
             try:
                 self.sp = spm.SentencePieceProcessor(model_file=path)
-            except (RuntimeError, OSError) as e:  # sentencepiece: RuntimeError (older versions: OSError)
+            except (RuntimeError, OSError) as e:
+                # sentencepiece: RuntimeError (older versions: OSError)
                 raise UserError(f"{path}: not a sentencepiece model ({str(e).splitlines()[0]})") from None
             self.hf = None
             self.vocab_size = self.sp.get_piece_size()
@@ -73,7 +76,8 @@ class Tokenizer:
         if mcfg.get(f'{which}_token_id') is not None:
             tid = mcfg[f'{which}_token_id']
             return int(tid[0] if isinstance(tid, list) else tid)
-        # 3) the tokenizer itself: BOS from its post-processor template (Llama 2/3), else well-known names
+        # 3) the tokenizer itself: BOS from its post-processor template (Llama 2/3), else well-known
+        # names
         if which == 'bos':
             spec = read_json(path).get('post_processor') or {}
             for proc in spec.get('processors', [spec]):
@@ -87,9 +91,11 @@ class Tokenizer:
 
     def encode_batch(self, texts, bos=True, eos=False):
         if self.sp is not None:
-            ids = self.sp.encode(list(texts), num_threads=1)  # one core per process: num_proc is the knob
+            # one core per process: num_proc is the knob
+            ids = self.sp.encode(list(texts), num_threads=1)
         else:
-            encode = getattr(self.hf, 'encode_batch_fast', self.hf.encode_batch)  # _fast: tokenizers >= 0.21, no offsets
+            # _fast: tokenizers >= 0.21, no offsets
+            encode = getattr(self.hf, 'encode_batch_fast', self.hf.encode_batch)
             ids = [e.ids for e in encode(list(texts), add_special_tokens=False)]
         pre = [self.bos_id] if bos and self.bos_id is not None else []
         post = [self.eos_id] if eos and self.eos_id is not None else []
@@ -115,7 +121,8 @@ def resolve_tokenizer(path):
     if not path or not os.path.exists(path):
         raise UserError(f"tokenizer not found: {path or '(empty path)'} (set tokenizer=PATH or train_tokenizer=VOCAB)")
     if os.path.isdir(path):
-        for name in ('tokenizer.model', 'tokenizer.json'):  # Llama 1/2 + Mistral ship the .model; Llama 3 / Qwen2 only the .json
+        # Llama 1/2 + Mistral ship the .model; Llama 3 / Qwen2 only the .json
+        for name in ('tokenizer.model', 'tokenizer.json'):
             if os.path.isfile(os.path.join(path, name)):
                 return os.path.abspath(os.path.join(path, name))
         raise UserError(f"tokenizer not found: no tokenizer.model or tokenizer.json in {path}")
@@ -123,7 +130,8 @@ def resolve_tokenizer(path):
 
 
 def load_tokenizer(path):
-    """-> Tokenizer with .encode(text, bos=True, eos=False), .decode(ids), .bos_id, .eos_id, .vocab_size, .files"""
+    """-> Tokenizer with .encode(text, bos=True, eos=False), .decode(ids), .bos_id, .eos_id,
+    .vocab_size, .files"""
     return Tokenizer(resolve_tokenizer(path))
 
 
@@ -136,17 +144,18 @@ def sha256_file(path):
 
 
 def tokenizer_fingerprints(model_dir):
-    """{file: sha256} of the tokenizer files (tokenizer.model / tokenizer.json) in an HF model directory."""
+    """{file: sha256} of the tokenizer files (tokenizer.model / tokenizer.json) in an HF model
+    directory."""
     paths = [os.path.join(model_dir, n) for n in ('tokenizer.model', 'tokenizer.json')]
     return {p: sha256_file(p) for p in paths if os.path.isfile(p)}
 
 
 def check_same_tokenizer(fingerprint, what, model_dir, key):
-    """Data (or a tokenizer) made with one tokenizer is never used with a model of another: the sha256
-    `fingerprint` of `what` (meta.json's tokenizer_sha256, or a tokenizer file's) must be one of the model's
-    tokenizer files. No fingerprint (hand-made data): nothing to compare (the callers still check
-    the token ids against the model's vocab); a model without tokenizer files is refused. `key`
-    switches the check off."""
+    """Data (or a tokenizer) made with one tokenizer is never used with a model of another: the
+    sha256 `fingerprint` of `what` (meta.json's tokenizer_sha256, or a tokenizer file's) must be one
+    of the model's tokenizer files. No fingerprint (hand-made data): nothing to compare (the callers
+    still check the token ids against the model's vocab); a model without tokenizer files is
+    refused. `key` switches the check off."""
     have = tokenizer_fingerprints(model_dir)
     if not fingerprint or fingerprint in have.values():
         return

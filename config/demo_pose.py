@@ -17,7 +17,8 @@ rope_scaling = {'rope_type': 'yarn'}  # factor = target_len / 128 = 4, original 
 batch_size = 16
 gradient_accumulation_steps = 1
 max_iters = 400
-learning_rate = 3e-3  # probes (PoSE, 8x): 1e-3 x 150 steps kept 40% at L_c only; 3e-3 x 300: 100% to 4 L_c; 6e-3 broke it
+# probes (PoSE, 8x): 1e-3 x 150 steps kept 40% at L_c only; 3e-3 x 300: 100% to 4 L_c; 6e-3 broke it
+learning_rate = 3e-3
 min_lr = 0.0
 warmup_iters = 20
 lr_schedule = 'linear'

@@ -25,7 +25,8 @@ VOCAB, MPE, HEAD_DIM = 128, 32, 16
 
 
 def make_hf(tmp_path, arch='llama', kv=2, tie=False, rope=None, theta=10000.0, mpe=MPE, **extra):
-    """A tiny random HF model saved by transformers; weights scaled up so RoPE errors show in the logits."""
+    """A tiny random HF model saved by transformers; weights scaled up so RoPE errors show in the
+    logits."""
     import transformers  # imported here: most test files never need it
     cfg_cls, model_cls = {'llama': (transformers.LlamaConfig, transformers.LlamaForCausalLM),
                           'mistral': (transformers.MistralConfig, transformers.MistralForCausalLM),
@@ -38,7 +39,8 @@ def make_hf(tmp_path, arch='llama', kv=2, tie=False, rope=None, theta=10000.0, m
     with torch.no_grad():
         for p in hf.parameters():
             if p.dim() > 1:
-                p.normal_(0, 0.3)  # large weights: sharp attention, so wrong angles move the logits a lot
+                # large weights: sharp attention, so wrong angles move the logits a lot
+                p.normal_(0, 0.3)
             else:
                 p.add_(torch.randn_like(p) * 0.1)  # norms / biases away from their 1 / 0 init
     d = str(tmp_path / f'hf_{arch}')
@@ -47,8 +49,10 @@ def make_hf(tmp_path, arch='llama', kv=2, tie=False, rope=None, theta=10000.0, m
 
 
 def positions(kind, B=2):
-    """[B, T] position ids: contiguous, short (inside the original window), skip-wise, mixed rows."""
-    skip = torch.cat([torch.arange(0, 16), torch.arange(16 + 60, 16 + 60 + 32)])  # [0..k) u [k+s..T+s)
+    """[B, T] position ids: contiguous, short (inside the original window), skip-wise, mixed
+    rows."""
+    # [0..k) u [k+s..T+s)
+    skip = torch.cat([torch.arange(0, 16), torch.arange(16 + 60, 16 + 60 + 32)])
     if kind == 'short':
         p = torch.arange(24)
     elif kind == 'contig':
@@ -61,7 +65,8 @@ def positions(kind, B=2):
 
 
 def hf_logits(hf, idx, pos):
-    with torch.no_grad():  # a fresh copy each time: transformers' dynamic RoPE keeps state between calls
+    # a fresh copy each time: transformers' dynamic RoPE keeps state between calls
+    with torch.no_grad():
         return copy.deepcopy(hf)(idx, position_ids=pos).logits
 
 
@@ -78,20 +83,23 @@ def idx_for(pos):
 ROPE_CASES = {  # name: (rope dict for transformers, max_position_embeddings)
     'default': ({'rope_type': 'default'}, MPE),
     'linear': ({'rope_type': 'linear', 'factor': 4.0}, MPE),
-    'dynamic': ({'rope_type': 'dynamic', 'factor': 4.0}, MPE),  # 'short' stays inside, the rest go beyond
+    # 'short' stays inside, the rest go beyond
+    'dynamic': ({'rope_type': 'dynamic', 'factor': 4.0}, MPE),
     'yarn': ({'rope_type': 'yarn', 'factor': 4.0, 'original_max_position_embeddings': 32}, 128),
     'yarn_attn': ({'rope_type': 'yarn', 'factor': 4.0, 'original_max_position_embeddings': 32,
                    'attention_factor': 1.3, 'beta_fast': 16, 'beta_slow': 2}, 128),
     'yarn_mscale': ({'rope_type': 'yarn', 'factor': 4.0, 'original_max_position_embeddings': 32,
                      'mscale': 1.0, 'mscale_all_dim': 0.5, 'truncate': False}, 128),
-    # factor != max_position_embeddings / original (8 != 4, and 2 != 4): the factor given wins, not the ratio
-    # (no factor at all: transformers 5's config refuses it; test_rope checks that fallback on its RoPE init)
+    # factor != max_position_embeddings / original (8 != 4, and 2 != 4): the factor given wins, not
+    # the ratio (no factor at all: transformers 5's config refuses it; test_rope checks that
+    # fallback on its RoPE init)
     'yarn_factor8': ({'rope_type': 'yarn', 'factor': 8.0, 'original_max_position_embeddings': 32}, 128),
     'yarn_factor2_mscale': ({'rope_type': 'yarn', 'factor': 2.0, 'original_max_position_embeddings': 32,
                              'mscale': 1.0, 'mscale_all_dim': 0.5}, 128),
     'llama3': ({'rope_type': 'llama3', 'factor': 8.0, 'low_freq_factor': 1.0, 'high_freq_factor': 4.0,
                 'original_max_position_embeddings': 32}, 128),
-    'longrope': ({'rope_type': 'longrope', 'original_max_position_embeddings': 32,  # short/long regimes
+    # short/long regimes
+    'longrope': ({'rope_type': 'longrope', 'original_max_position_embeddings': 32,
                   'short_factor': [1.0, 1.1, 1.2, 1.3, 1.4, 1.5, 1.6, 1.7],
                   'long_factor': [1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0]}, 128),
     'longrope_attn': ({'rope_type': 'longrope', 'original_max_position_embeddings': 32, 'factor': 4.0,
@@ -111,8 +119,9 @@ TINY = ['config/tiny_pose.py', '--init_from=scratch', '--log_interval=1', '--eva
 
 
 def make_data(d, n_train=40, n_val=8, lens=(80, 300), seed=0):
-    """The documented format, written directly: {split}.bin uint16, {split}.idx int64 offsets, meta.json.
-    A learnable corpus: the next token is (5 t + 3) mod DATA_VOCAB with probability 0.9, else random."""
+    """The documented format, written directly: {split}.bin uint16, {split}.idx int64 offsets,
+    meta.json. A learnable corpus: the next token is (5 t + 3) mod DATA_VOCAB with probability 0.9,
+    else random."""
     os.makedirs(d, exist_ok=True)
     rng = np.random.default_rng(seed)
     splits = {}

@@ -1,6 +1,7 @@
-"""eval_ppl.py and eval_passkey.py against independent references: transformers' own Llama on the same
-tiny random checkpoint (perplexity by a token-by-token brute force, greedy decoding step by step), the
-paper's prompt template written out by hand, and a real (sentencepiece) tokenizer trained here."""
+"""eval_ppl.py and eval_passkey.py against independent references: transformers' own Llama on the
+same tiny random checkpoint (perplexity by a token-by-token brute force, greedy decoding step by
+step), the paper's prompt template written out by hand, and a real (sentencepiece) tokenizer trained
+here."""
 import io
 import itertools
 import json
@@ -43,7 +44,8 @@ MAX_POS = 256
 
 
 def hf_llama(tmp, name, vocab, rope_scaling=None, seed=0):
-    """A tiny random transformers Llama saved as an HF dir (weights large enough that context matters)."""
+    """A tiny random transformers Llama saved as an HF dir (weights large enough that context
+    matters)."""
     from transformers import LlamaConfig, LlamaForCausalLM
     cfg = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=MAX_POS,
@@ -64,7 +66,8 @@ def env(tmp_path_factory):
     import sentencepiece as spm
     tmp = tmp_path_factory.mktemp('eval')
     lines = ENGLISH.splitlines() + [FILLER, TASK] * 3
-    buf = io.BytesIO()  # a Llama-style sentencepiece model: unk 0, bos 1, eos 2, digits split, byte fallback
+    # a Llama-style sentencepiece model: unk 0, bos 1, eos 2, digits split, byte fallback
+    buf = io.BytesIO()
     spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=buf, vocab_size=400,
                                    model_type='bpe', split_digits=True, byte_fallback=True, unk_id=0,
                                    bos_id=1, eos_id=2, pad_id=-1, hard_vocab_limit=False, minloglevel=2)
@@ -75,7 +78,8 @@ def env(tmp_path_factory):
     from transformers import LlamaForCausalLM
     lin = {'rope_type': 'linear', 'factor': 2.0}
     scaled, hf_scaled = hf_llama(tmp, 'llama_linear', vocab, rope_scaling=lin)
-    hf_scaled.load_state_dict(hf.state_dict())  # the same weights, a linear-scaled RoPE in config.json
+    # the same weights, a linear-scaled RoPE in config.json
+    hf_scaled.load_state_dict(hf.state_dict())
     hf_scaled.save_pretrained(scaled)
     hf_scaled = LlamaForCausalLM.from_pretrained(scaled).eval()
     # a prepared split in the documented format: docs start with BOS like prepare_data writes them
@@ -90,16 +94,18 @@ def env(tmp_path_factory):
             'dtype': 'uint16', 'bos_id': 1, 'eos_id': 2, 'splits': {'val': {'docs': len(lens), 'tokens': sum(lens)}}}
     (data / 'meta.json').write_text(json.dumps(meta))
     ours, ours_scaled = load_pretrained(plain), load_pretrained(scaled)
-    ours.infer_chunk = ours_scaled.infer_chunk = 16  # the eval forward in many row chunks (load_model: 512)
+    # the eval forward in many row chunks (load_model: 512)
+    ours.infer_chunk = ours_scaled.infer_chunk = 16
     return dict(tmp=tmp, plain=plain, scaled=scaled, hf=hf, hf_scaled=hf_scaled, data=str(data), docs=docs,
                 tok=load_tokenizer(plain), ours=ours, ours_scaled=ours_scaled, lin=lin)
 
 
 def scoring_window(n, L, stride, mode, add_bos):
-    """Brute force, token by token: {j: the start b of the window that scores doc[j]}. The windows, as a set:
-    every multiple of the stride whose window ends before the text's end, plus one window flush with the text's
-    end (the whole text when it is shorter); only the first in 'truncate'. doc[j] goes to the first window
-    whose input holds the token that predicts it (the BOS predicts doc[b])."""
+    """Brute force, token by token: {j: the start b of the window that scores doc[j]}. The windows,
+    as a set: every multiple of the stride whose window ends before the text's end, plus one window
+    flush with the text's end (the whole text when it is shorter); only the first in 'truncate'.
+    doc[j] goes to the first window whose input holds the token that predicts it (the BOS predicts
+    doc[b])."""
     nbos = int(add_bos)
     n_doc, stride = L - nbos, stride or L
     starts = sorted({b for b in range(0, n, stride) if b + n_doc < n} | {max(n - n_doc, 0)})
@@ -123,7 +129,8 @@ def test_window_spans_equals_the_brute_force_windows():
 
 @torch.no_grad()
 def hf_nll(hf, doc, L, stride, mode, add_bos, bos=1):
-    """doc[j] scored by its window (scoring_window); its log-prob from transformers' full logits of that window."""
+    """doc[j] scored by its window (scoring_window); its log-prob from transformers' full logits of
+    that window."""
     n, nbos = len(doc), int(add_bos)
     n_doc = L - nbos
     logp, total, count = {}, 0.0, 0
@@ -155,7 +162,8 @@ def test_window_spans_by_hand():
     (64, None, 'sliding', True, 'plain'),  # disjoint
     (64, None, 'truncate', False, 'plain'),
     (100, 30, 'sliding', True, 'scaled'),  # the checkpoint's own rope_scaling
-    (100, 30, 'sliding', True, 'override'),  # rope_scaling override on the unscaled weights (PI-only)
+    # rope_scaling override on the unscaled weights (PI-only)
+    (100, 30, 'sliding', True, 'override'),
 ])
 def test_ppl_matches_transformers(env, L, stride, mode, add_bos, which):
     if which == 'override':
@@ -178,8 +186,8 @@ def test_ppl_matches_transformers(env, L, stride, mode, add_bos, which):
 
 @torch.no_grad()
 def official_ppl(hf, docs, L, step, truncate, bos=1):
-    """dwzhu-pku/PoSE src/eval_ppl.py compute_perplexity (add_start_token=True), transcribed: transformers'
-    own loss on labels masked to the window's last trg_len tokens, times trg_len."""
+    """dwzhu-pku/PoSE src/eval_ppl.py compute_perplexity (add_start_token=True), transcribed:
+    transformers' own loss on labels masked to the window's last trg_len tokens, times trg_len."""
     max_tok = L - 1
     if truncate:
         docs, step = [d[:max_tok] for d in docs], max_tok
@@ -216,8 +224,9 @@ def test_official_windows_match_the_authors_code(env, L, stride, mode):
 
 
 def test_protocols_cli(env, tmp_path):
-    """--protocol=official with window lengths the tiny data allows: the first docs in data order, the
-    authors' windows, every setting recorded and printed; ppl = the authors' code on those docs."""
+    """--protocol=official with window lengths the tiny data allows: the first docs in data order,
+    the authors' windows, every setting recorded and printed; ppl = the authors' code on those
+    docs."""
     out = str(tmp_path / 'official.json')
     proc = run('eval_ppl.py', f"--model={env['plain']}", f"--data_dir={env['data']}", '--protocol=official',
                '--lengths=[32,64]', '--min_doc_len=299', '--doc_tokens=299', '--num_docs=2', '--dtype=float32',
@@ -275,7 +284,8 @@ def test_protocols_resolve_refuses_bad_values():
 
 
 def test_default_names_unique_and_no_overwrite(env, tmp_path):
-    """Two train.py exports (both named hf) get two result files; a third run refuses, --overwrite replaces."""
+    """Two train.py exports (both named hf) get two result files; a third run refuses, --overwrite
+    replaces."""
     for run_dir in ('run-a', 'run-b'):
         shutil.copytree(env['plain'], tmp_path / run_dir / 'hf')
     names = {eval_ppl.default_out('ppl', str(tmp_path / r / 'hf'), None, 'nanopose') for r in ('run-a', 'run-b')}
@@ -301,8 +311,9 @@ def test_default_names_unique_and_no_overwrite(env, tmp_path):
 
 @pytest.mark.parametrize('chunk', [0, 7, 64, 1000])
 def test_chunked_eval_forward_matches_transformers(env, chunk):
-    """The row-chunked no-grad forward (x updated in place) == transformers' logits, batch 2, skip-wise
-    position ids, T not a multiple of the chunk; and our chunk_nll == log_softmax's NLL."""
+    """The row-chunked no-grad forward (x updated in place) == transformers' logits, batch 2,
+    skip-wise position ids, T not a multiple of the chunk; and our chunk_nll == log_softmax's
+    NLL."""
     ours, hf = eval_ppl.load_model(env['scaled']), env['hf_scaled']
     ours.infer_chunk = chunk
     idx = torch.from_numpy(np.stack([env['docs'][3][:100], env['docs'][4][:100]]).astype(np.int64))
@@ -330,7 +341,8 @@ def test_select_docs_and_length_warnings():
 
 
 def test_prompt_template():
-    text, n_before = eval_passkey.make_passkey_prompt(17, '40213', 0.4)  # round(6.8) = 7 words before
+    # round(6.8) = 7 words before
+    text, n_before = eval_passkey.make_passkey_prompt(17, '40213', 0.4)
     assert n_before == 7
     assert text == (TASK + "\nThe grass is green. The sky is\n"
                     "The pass key is 40213. Remember it. 40213 is the pass key.\n"
@@ -351,8 +363,9 @@ def test_prompt_length_and_depth(env, length):
         assert ids == tok.encode(text + ' ' + key, bos=True)  # BOS + prompt + " key"
         assert ids[:p] == tok.encode(text, bos=True) and tok.decode(ids[p:]).strip() == key
         before = text.split('\n')[1]
-        assert len(before.split()) == n_before == round(depth * n)  # filler words before the key line
-        # the key line sits at `depth` of the filler, measured in tokens too
+        # filler words before the key line the key line sits at `depth` of the filler, measured in
+        # tokens too
+        assert len(before.split()) == n_before == round(depth * n)
         key_at = len(tok.encode(text[:text.index('The pass key is')], bos=True))
         filler_tokens = len(ids) - len(tok.encode(TASK + '\n\nThe pass key is 12345. Remember it. 12345 is the '
                                                   'pass key.\n\nWhat is the pass key? The pass key is 12345', bos=True))
@@ -360,7 +373,8 @@ def test_prompt_length_and_depth(env, length):
 
 
 def test_prompt_within_one_percent_or_error(env):
-    """Short lengths: an error exactly when no filler count lands in [0.99 L, L] (brute force over n)."""
+    """Short lengths: an error exactly when no filler count lands in [0.99 L, L] (brute force over
+    n)."""
     tok, n_err = env['tok'], 0
     base = len(eval_passkey.encode_trial(tok, 0, '24680', 0.3)[0])
     for L in range(base, base + 90, 3):
@@ -379,8 +393,9 @@ def test_prompt_within_one_percent_or_error(env):
 
 @torch.no_grad()
 def official_verdict(next_token, prompt, key, tok, max_new_tokens=10):
-    """The official script, written out plainly: greedy generation of up to max_new_tokens (stopping at
-    EOS), the output decoded, int(first \\d+) == key, no number = fail. next_token(ids) -> the argmax."""
+    """The official script, written out plainly: greedy generation of up to max_new_tokens (stopping
+    at EOS), the output decoded, int(first \\d+) == key, no number = fail. next_token(ids) -> the
+    argmax."""
     ids = list(prompt)
     for _ in range(max_new_tokens):
         ids.append(next_token(ids))
@@ -392,14 +407,16 @@ def official_verdict(next_token, prompt, key, tok, max_new_tokens=10):
 
 
 def scripted_model(prompt, script, vocab, other):
-    """A causal LM (our forward_hidden / lm_head interface) whose greedy continuation of `prompt` is `script`
-    then `other` forever; off the script it predicts `other`. The prediction at position i reads ids[:i+1] only."""
+    """A causal LM (our forward_hidden / lm_head interface) whose greedy continuation of `prompt` is
+    `script` then `other` forever; off the script it predicts `other`. The prediction at position i
+    reads ids[:i+1] only."""
     def next_token(prefix):
         k = len(prefix) - len(prompt)
         on_script = k >= 0 and prefix[:len(prompt)] == list(prompt) and prefix[len(prompt):] == script[:k]
         return script[k] if on_script and k < len(script) else other
 
-    def forward_hidden(idx, cache=None):  # the cache's "keys" are the cached token ids: [1, S, 1, 1]
+    # the cache's "keys" are the cached token ids: [1, S, 1, 1]
+    def forward_hidden(idx, cache=None):
         past = [] if cache is None or cache.kv[0] is None else cache.kv[0][0].flatten().tolist()
         ids = past + idx[0].tolist()
         if cache is not None:
@@ -433,15 +450,17 @@ def test_passkey_official_semantics(env, output, passes):
         ok, gen, _, _, n_fwd = eval_passkey.greedy_passkey(net, prompt, guess, key, tok.decode,
                                                             eos_id=tok.eos_id)
         assert ok == ref == passes, (output, tok.decode(ref_gen))
-        assert gen == ref_gen[:len(gen)]  # the same greedy tokens, stopped once the verdict is fixed
+        # the same greedy tokens, stopped once the verdict is fixed
+        assert gen == ref_gen[:len(gen)]
         assert n_fwd <= len(gen)
     if output == '12345.':
         assert n_fwd == 1  # the key and one more position: a single forward
 
 
 def test_passkey_equals_greedy_decoding(env):
-    """Our model + greedy_passkey vs transformers, token by token with full recompute, + the official regex:
-    the same verdict and the same tokens, for keys greedy does write (pass) and keys it does not (fail)."""
+    """Our model + greedy_passkey vs transformers, token by token with full recompute, + the
+    official regex: the same verdict and the same tokens, for keys greedy does write (pass) and keys
+    it does not (fail)."""
     tok, hf, ours = env['tok'], env['hf'], env['ours']
     next_token = lambda ids: int(hf(torch.tensor(ids)[None]).logits[0, -1].argmax())  # noqa: E731
     n_pass = n_fail = 0
@@ -452,8 +471,9 @@ def test_passkey_equals_greedy_decoding(env):
         ok, gen, tf_pred, key_lp, _ = eval_passkey.greedy_passkey(ours, prompt, ids[p:], key, tok.decode,
                                                                   eos_id=tok.eos_id)
         assert ok == ref_ok and gen == ref_gen[:len(gen)]
-        assert tf_pred[0] == ref_gen[0]  # the teacher-forced first prediction is greedy's first token
-        # the key's log-likelihood: transformers' full forward over prompt + key, log-softmax summed
+        # the teacher-forced first prediction is greedy's first token the key's log-likelihood:
+        # transformers' full forward over prompt + key, log-softmax summed
+        assert tf_pred[0] == ref_gen[0]
         lp = hf(torch.tensor(ids)[None]).logits[0].detach().float().log_softmax(-1)
         ref_lp = sum(float(lp[i - 1, ids[i]]) for i in range(p, len(ids)))
         assert abs(key_lp - ref_lp) < 1e-3 * max(1.0, abs(ref_lp)), (key_lp, ref_lp)
@@ -470,8 +490,9 @@ def test_passkey_equals_greedy_decoding(env):
 
 
 def test_passkey_prefix_reuse(env):
-    """Trials run over one cache that keeps the prefix shared with the previous trial (extend_cache) give
-    the verdicts, tokens and key log-likelihoods of trials that each start from an empty cache."""
+    """Trials run over one cache that keeps the prefix shared with the previous trial (extend_cache)
+    give the verdicts, tokens and key log-likelihoods of trials that each start from an empty
+    cache."""
     tok, ours = env['tok'], env['ours']
     cache, cached = model.KVCache(ours.args.n_layers), []
     for key, depth, n in [('12345', 0.5, 8), ('80808', 0.5, 8), ('31415', 0.2, 8), ('31415', 0.2, 8)]:
@@ -486,8 +507,8 @@ def test_passkey_prefix_reuse(env):
 
 
 def test_trials_paired_and_nested():
-    """The same seed gives every method the same trials; more trials extend fewer (per length and depth);
-    adding a length leaves the others' trials alone; keys are 5-digit numbers."""
+    """The same seed gives every method the same trials; more trials extend fewer (per length and
+    depth); adding a length leaves the others' trials alone; keys are 5-digit numbers."""
     few = eval_passkey.make_trials([100, 200], 2, [0.1, 0.9], seed=7)
     many = eval_passkey.make_trials([300, 200], 5, [0.1, 0.9], seed=7)
     for L in (200,):
@@ -501,8 +522,8 @@ def test_trials_paired_and_nested():
 
 
 def test_wilson_interval():
-    """The Wilson interval's ends are the p where the score test just rejects: |k/n - p| = z sqrt(p(1-p)/n),
-    found here by bisection on each side of k/n."""
+    """The Wilson interval's ends are the p where the score test just rejects: |k/n - p| = z
+    sqrt(p(1-p)/n), found here by bisection on each side of k/n."""
     z = 1.96
     for k, n in [(0, 5), (4, 5), (5, 5), (31, 180), (116, 180), (1, 1)]:
         def f(q):
@@ -528,7 +549,8 @@ def test_paired_tests_brute_force():
         disc = [(x, y) for x, y in zip(a, b) if x != y]
         m = len(disc)
         k = sum(1 for x, y in disc if x)
-        # two-sided: patterns whose count of "a wins" is at least as far from m/2 as the observed one
+        # two-sided: patterns whose count of "a wins" is at least as far from m/2 as the observed
+        # one
         extreme = sum(1 for bits in itertools.product([0, 1], repeat=m)
                       if abs(sum(bits) - m / 2) >= abs(k - m / 2))
         assert abs(eval_passkey.mcnemar_exact(list(a), list(b)) - (extreme / 2 ** m if m else 1.0)) < 1e-12
@@ -548,7 +570,8 @@ def test_paired_tests_brute_force():
 
 
 def test_accuracy_by_depth_bins():
-    """Random depths: ten bins [0, .1), [.1, .2), ..., [.9, 1.0] of the realised depth, worked out by hand."""
+    """Random depths: ten bins [0, .1), [.1, .2), ..., [.9, 1.0] of the realised depth, worked out
+    by hand."""
     trials = [{'length': 100, 'depth': d, 'pass': ok} for d, ok in
               [(0.0, True), (0.05, False), (0.1, True), (0.55, True), (0.999, False), (1.0, True)]]
     rows = eval_passkey.accuracy_table(trials, [100, 200], None)
@@ -583,7 +606,8 @@ def test_eval_ppl_cli(env):
     for L in (50, 300):
         ref_sum, ref_n = 0.0, 0
         for i in r['doc_ids']:
-            s, c = hf_nll(env['hf'], env['docs'][i][1:], L, 40, 'sliding', True)  # leading BOS dropped
+            # leading BOS dropped
+            s, c = hf_nll(env['hf'], env['docs'][i][1:], L, 40, 'sliding', True)
             ref_sum, ref_n = ref_sum + s, ref_n + c
         assert r['tokens'][str(L)] == ref_n
         assert r['ppl'][str(L)] == pytest.approx(np.exp(ref_sum / ref_n), rel=1e-4)
@@ -641,10 +665,11 @@ def test_eval_passkey_cli(env):
 
 @pytest.mark.parametrize('depths', [[0.0, 0.5, 1.0], None])
 def test_passkey_accuracy_by_depth_is_an_independent_count(env, monkeypatch, depths):
-    """accuracy and accuracy_by_depth against a count made here from what the model was really asked: every
-    prompt is captured as it is built (its key, filler words and depth) and checked to be what the model saw;
-    a scripted verdict (pass iff the key is not a multiple of 3) gives mixed outcomes. Rows: the requested depth
-    (a grid) or ten bins of the realised depth round(depth n) / n (random depths, the paper)."""
+    """accuracy and accuracy_by_depth against a count made here from what the model was really
+    asked: every prompt is captured as it is built (its key, filler words and depth) and checked to
+    be what the model saw; a scripted verdict (pass iff the key is not a multiple of 3) gives mixed
+    outcomes. Rows: the requested depth (a grid) or ten bins of the realised depth round(depth n) /
+    n (random depths, the paper)."""
     built, seen = [], []
     make = eval_passkey.make_passkey_prompt
 
@@ -655,7 +680,8 @@ def test_passkey_accuracy_by_depth_is_an_independent_count(env, monkeypatch, dep
 
     def verdict(net, prompt, guess, key, *args, **kwargs):
         text, n_filler, prompt_key, depth = built[-1]
-        assert prompt == env['tok'].encode(text, bos=True) and key == prompt_key  # the prompt just built
+        # the prompt just built
+        assert prompt == env['tok'].encode(text, bos=True) and key == prompt_key
         length = next(L for L in (1000, 2000) if 0.99 * L <= len(prompt) + len(guess) <= L)
         words_before = len(text.split('\n')[1].split())
         assert words_before == round(depth * n_filler)

@@ -1,8 +1,8 @@
-"""Our exports read alike in the transformers lines people run: every RoPE type we write, saved by our
-save_pretrained and loaded by transformers 4.45.2 (its own venv, .venv-hf445, in a subprocess) and by the
-installed 5.x, gives our model's logits (< TOL, fp32) at positions past the original window. The
-reference is transformers; export_lint's claims are checked against what the two lines really do.
-(vLLM is reasoned from its source only: README, "Exported RoPE configs".)"""
+"""Our exports read alike in the transformers lines people run: every RoPE type we write, saved by
+our save_pretrained and loaded by transformers 4.45.2 (its own venv, .venv-hf445, in a subprocess)
+and by the installed 5.x, gives our model's logits (< TOL, fp32) at positions past the original
+window. The reference is transformers; export_lint's claims are checked against what the two lines
+really do. (vLLM is reasoned from its source only: README, "Exported RoPE configs".)"""
 import json
 import os
 import shutil
@@ -23,12 +23,14 @@ LONG, SHORT = [1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0], [1.0, 1.1, 1.2, 1.3, 1.4
 CASES = {  # name: (our rope_scaling, max_position_embeddings)
     'default': (None, MPE),
     'linear': ({'rope_type': 'linear', 'factor': 4.0}, MPE),
-    'dynamic': ({'rope_type': 'dynamic', 'factor': 4.0}, ORIG),  # grows past max_position_embeddings
+    # grows past max_position_embeddings
+    'dynamic': ({'rope_type': 'dynamic', 'factor': 4.0}, ORIG),
     'ntk': ({'rope_type': 'ntk', 'factor': 4.0}, ORIG),
     'yarn': ({'rope_type': 'yarn', 'factor': 4.0, 'original_max_position_embeddings': ORIG}, MPE),
     'yarn_attn': ({'rope_type': 'yarn', 'factor': 4.0, 'original_max_position_embeddings': ORIG,
                    'attention_factor': 1.3, 'beta_fast': 16, 'beta_slow': 2}, MPE),
-    'yarn_mscale': ({'rope_type': 'yarn', 'factor': 4.0, 'original_max_position_embeddings': ORIG,  # 5.x-only keys
+    # 5.x-only keys
+    'yarn_mscale': ({'rope_type': 'yarn', 'factor': 4.0, 'original_max_position_embeddings': ORIG,
                      'mscale': 1.0, 'mscale_all_dim': 0.5, 'truncate': False}, MPE),
     'yarn_pose': ({'rope_type': 'yarn_pose', 'factor': 4.0, 'original_max_position_embeddings': ORIG}, MPE),
     'llama3': ({'rope_type': 'llama3', 'factor': 4.0, 'low_freq_factor': 1.0, 'high_freq_factor': 4.0,
@@ -36,17 +38,20 @@ CASES = {  # name: (our rope_scaling, max_position_embeddings)
     'longrope': ({'rope_type': 'longrope', 'original_max_position_embeddings': ORIG,
                   'short_factor': SHORT, 'long_factor': LONG}, MPE),
     'longrope_factor': ({'rope_type': 'longrope', 'original_max_position_embeddings': ORIG, 'factor': 2.0,
-                         'short_factor': SHORT, 'long_factor': LONG}, MPE),  # factor != mpe / original
+                         # factor != mpe / original
+                         'short_factor': SHORT, 'long_factor': LONG}, MPE),
 }
 POSITIONS = {  # [B, T] position ids
     'past': torch.arange(112)[None],  # contiguous, well past the original window
     'mixed': positions('mixed'),  # a contiguous row + a skip-wise row (max 107)
     'inside': torch.arange(24)[None],  # inside the original window
 }
-# guards: configs we do not write, the exported weights under them: the harness must see the lines part
+# guards: configs we do not write, the exported weights under them: the harness must see the lines
+# part
 GUARDS = {  # name: (exported case, its rope_scaling rewritten)
     'yarn_as_yarn': ('yarn', lambda rs: dict(CASES['yarn'][0], type='yarn')),  # our old yarn export
-    'longrope_unpinned': ('longrope_factor', lambda rs: {k: v for k, v in rs.items()  # attention factor left to
+    # attention factor left to
+    'longrope_unpinned': ('longrope_factor', lambda rs: {k: v for k, v in rs.items()
                                                          if k not in ('attention_factor', 'short_mscale', 'long_mscale')}),
 }
 
@@ -57,7 +62,8 @@ def tiny_model(rope, mpe):
     torch.manual_seed(0)
     model = Transformer(args)
     with torch.no_grad():
-        for p in model.parameters():  # large weights: sharp attention, so wrong angles move the logits a lot
+        # large weights: sharp attention, so wrong angles move the logits a lot
+        for p in model.parameters():
             p.normal_(0, 0.3) if p.dim() > 1 else p.copy_(1 + 0.1 * torch.randn_like(p))
     return model.eval()
 
@@ -120,7 +126,8 @@ def test_export_reads_alike_in_445_and_5(results, case):
     for line in ('4.45', '5'):
         for kind in ('past', 'mixed'):
             assert diff(results, line, case, kind) < TOL, (line, case, kind, diff(results, line, case, kind))
-    # inside the original window too, except where the lint says the lines differ (longrope short != long)
+    # inside the original window too, except where the lint says the lines differ (longrope short !=
+    # long)
     assert diff(results, '5', case, 'inside') < TOL
     version_dependent = any('transformers 4.45' in note for note in results['lint'][case])
     assert version_dependent == case.startswith('longrope'), results['lint'][case]
@@ -131,10 +138,10 @@ def test_export_reads_alike_in_445_and_5(results, case):
 
 
 def test_guards_the_lines_part_on(results):
-    """Configs we do not write: a `yarn` config with original_max_position_embeddings (our old export) is
-    right in 5.x and wrong in 4.45 (which takes the window from max_position_embeddings); a longrope config
-    whose attention factor is left to the reader (factor 2 != max_position_embeddings / original) too. The
-    harness sees both, and the lint names both."""
+    """Configs we do not write: a `yarn` config with original_max_position_embeddings (our old
+    export) is right in 5.x and wrong in 4.45 (which takes the window from max_position_embeddings);
+    a longrope config whose attention factor is left to the reader (factor 2 !=
+    max_position_embeddings / original) too. The harness sees both, and the lint names both."""
     for guard in GUARDS:
         for kind in ('past', 'mixed'):
             assert diff(results, '5', guard, kind) < TOL, guard

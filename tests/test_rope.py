@@ -1,6 +1,6 @@
-"""RoPE beyond what transformers has: the paper's fixed NTK and the official PoSE repo's YaRN variant
-(checked against their formulas written out here, and through their stock-HF exports), positions up to
-1M, and stateless dynamic NTK."""
+"""RoPE beyond what transformers has: the paper's fixed NTK and the official PoSE repo's YaRN
+variant (checked against their formulas written out here, and through their stock-HF exports),
+positions up to 1M, and stateless dynamic NTK."""
 import json
 import math
 
@@ -43,7 +43,8 @@ def test_yarn_pose_formula():
 
 def test_yarn_pose_logits_and_export(tmp_path):
     """yarn_pose == a stock transformers `longrope` model whose per-dimension divisors come from the
-    formula above (short = long) with an explicit attention_factor; our export writes exactly that."""
+    formula above (short = long) with an explicit attention_factor; our export writes exactly
+    that."""
     s, orig, theta = 8.0, 256, 10000.0
     inv = pose_repo_inv_freq(theta, HEAD_DIM, s, orig)
     div = [(1.0 / theta ** (2 * i / HEAD_DIM)) / inv[i] for i in range(HEAD_DIM // 2)]
@@ -69,7 +70,8 @@ def test_yarn_pose_logits_and_export(tmp_path):
 
 
 def test_ntk_logits_and_export(tmp_path):
-    """ntk with alpha == plain RoPE with base theta * alpha^(d/(d-2)) (the paper's formula), via either key."""
+    """ntk with alpha == plain RoPE with base theta * alpha^(d/(d-2)) (the paper's formula), via
+    either key."""
     alpha, theta = 4.0, 10000.0
     hf, d = make_hf(tmp_path, theta=theta * alpha ** (HEAD_DIM / (HEAD_DIM - 2)))
     for key in ('factor', 'alpha'):
@@ -89,7 +91,8 @@ def test_ntk_logits_and_export(tmp_path):
 
 
 def test_positions_up_to_1m(tmp_path):
-    """Skip-wise ids reaching 1M: same logits as transformers (bit-identical frequencies), every type."""
+    """Skip-wise ids reaching 1M: same logits as transformers (bit-identical frequencies), every
+    type."""
     pos = torch.cat([torch.arange(16), torch.arange(1_000_000 - 32, 1_000_000)])[None]
     for case in ('default', 'dynamic', 'yarn', 'llama3', 'longrope'):
         rope, mpe = ROPE_CASES[case]
@@ -116,8 +119,9 @@ def test_dynamic_is_stateless(tmp_path):
 
 
 def test_inv_freq_bit_identical_to_transformers():
-    """Real-size heads (d=128): our frequencies and attention factors equal transformers' own RoPE init
-    functions bit for bit, for every type and both sides of the original window (what makes 1M work)."""
+    """Real-size heads (d=128): our frequencies and attention factors equal transformers' own RoPE
+    init functions bit for bit, for every type and both sides of the original window (what makes 1M
+    work)."""
     g = torch.Generator().manual_seed(0)
     short, long = (1 + torch.rand(64, generator=g)).tolist(), (1 + 7 * torch.rand(64, generator=g)).tolist()
     cases = [({'rope_type': 'linear', 'factor': 8.0}, 4096),
@@ -129,7 +133,8 @@ def test_inv_freq_bit_identical_to_transformers():
                'original_max_position_embeddings': 8192}, 131072),
              ({'rope_type': 'longrope', 'short_factor': short, 'long_factor': long,
                'original_max_position_embeddings': 4096}, 131072)]
-    cases += [  # factor != mpe / original: the factor wins; no factor: the fallback mpe / original (= 16 here)
+    # factor != mpe / original: the factor wins; no factor: the fallback mpe / original (= 16 here)
+    cases += [
         ({'rope_type': 'yarn', 'factor': 8.0, 'original_max_position_embeddings': 4096}, 131072),
         ({'rope_type': 'yarn', 'factor': 2.0, 'original_max_position_embeddings': 4096, 'mscale': 1.0,
           'mscale_all_dim': 0.5}, 131072),
@@ -138,7 +143,8 @@ def test_inv_freq_bit_identical_to_transformers():
           'original_max_position_embeddings': 4096}, 131072)]
     for theta in (10000.0, 500000.0):
         for rope, mpe in cases:
-            # transformers 5's config wants a yarn factor; its RoPE init still has the mpe / original fallback
+            # transformers 5's config wants a yarn factor; its RoPE init still has the mpe /
+            # original fallback
             cfg = LlamaConfig(hidden_size=4096, num_attention_heads=32, max_position_embeddings=mpe,
                               rope_parameters=dict({'factor': 1.0} if rope['rope_type'] == 'yarn' else {},
                                                    **rope, rope_theta=theta))

@@ -1,4 +1,5 @@
-"""sample_positions.py against the paper's formulas (§3.2 Eq. 3-5, Appendix B) and brute-force loops."""
+"""sample_positions.py against the paper's formulas (§3.2 Eq. 3-5, Appendix B) and brute-force
+loops."""
 import math
 import os
 import subprocess
@@ -11,7 +12,8 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from sample_positions import (SAMPLERS, check_options, coverage_curve, draws_per_second, examples_to_cover,  # noqa: E402
+# noqa: E402
+from sample_positions import (SAMPLERS, check_options, coverage_curve, draws_per_second, examples_to_cover,
                               pose, pose2_coverage_exact, randpos, full, relative_distances)
 
 
@@ -46,7 +48,8 @@ def moments_ok(samples, support):
 
 
 def offsets(tok, pos):
-    """Eq. 4/5 say position = u_i + st_i + k and token = v_i + st_i + k, with st_i + k the index j."""
+    """Eq. 4/5 say position = u_i + st_i + k and token = v_i + st_i + k, with st_i + k the index
+    j."""
     j = np.arange(len(pos))
     return pos - j, tok - j  # per token: u of its chunk, v of its chunk
 
@@ -110,11 +113,13 @@ def test_official_chunking_first_chunk_at_most_half():
         jump = np.flatnonzero(np.diff(p) + np.diff(t) > 2)
         if len(jump):
             l0.append(jump[0] + 1)
-    assert chi2_ok(l0, np.arange(1, (L_c + 1) // 2 + 1))  # train_pose.py: randint(1, (len_chunk+1)//2)
+    # train_pose.py: randint(1, (len_chunk+1)//2)
+    assert chi2_ok(l0, np.arange(1, (L_c + 1) // 2 + 1))
 
 
 def test_three_chunks_follow_the_sequential_formula():
-    # u_2 ~ U{u_1 .. M} after u_1 ~ U{0 .. M}: P(u_2 = k) = sum_{j <= k} 1/(M+1) * 1/(M-j+1) -- not uniform
+    # u_2 ~ U{u_1 .. M} after u_1 ~ U{0 .. M}: P(u_2 = k) = sum_{j <= k} 1/(M+1) * 1/(M-j+1) -- not
+    # uniform
     L_c, L_t, n = 16, 40, 20000
     M = L_t - L_c
     rng = np.random.default_rng(5)
@@ -126,7 +131,8 @@ def test_three_chunks_follow_the_sequential_formula():
 
 @pytest.mark.parametrize("N", [3, 6])  # 3: i.i.d. cuts with rejection; 6: rng.choice branch
 def test_chunk_lengths_are_a_uniform_composition(N):
-    # uniform over compositions of L_c into N positive parts: P(l_0 = a) = C(L_c-a-1, N-2) / C(L_c-1, N-1)
+    # uniform over compositions of L_c into N positive parts: P(l_0 = a) = C(L_c-a-1, N-2) /
+    # C(L_c-1, N-1)
     L_c, L_t, n = 16, 100000, 6000
     rng = np.random.default_rng(6)
     l0 = []
@@ -184,7 +190,8 @@ def test_bad_arguments_raise_naming_the_values(name, args, kwargs, words):
     with pytest.raises(ValueError) as e:
         SAMPLERS[name](*args, np.random.default_rng(0), **kwargs)
     assert all(w in str(e.value) for w in words), str(e.value)
-    if 'doc_len=10' not in words:  # the same rejection before any draw, from check_options (train.py's check)
+    # the same rejection before any draw, from check_options (train.py's check)
+    if 'doc_len=10' not in words:
         with pytest.raises(ValueError) as e:
             check_options(name, *args[1:], **kwargs)
         assert all(w in str(e.value) for w in words), str(e.value)
@@ -194,7 +201,8 @@ def test_check_options_accepts_what_the_samplers_draw_and_names_the_rest():
     for name, kwargs in [('pose', {}), ('pose', {'num_chunks': 3, 'content': 'zero', 'chunking': 'paper'}),
                          ('pose', {'num_chunks': 2, 'chunking': 'official'}), ('randpos', {}), ('full', {})]:
         check_options(name, 16, 64, **kwargs)
-        SAMPLERS[name](16, 16, 64, np.random.default_rng(0), **kwargs)  # and the sampler draws with them
+        # and the sampler draws with them
+        SAMPLERS[name](16, 16, 64, np.random.default_rng(0), **kwargs)
     for args, kwargs, word in [(('fancy', 16, 64), {}, "method='fancy'"), (('pose', 0, 64), {}, 'train_len=0'),
                                (('randpos', 16, 64), {'num_chunks': 2}, "'num_chunks'")]:
         with pytest.raises(ValueError, match=word):

@@ -1,6 +1,7 @@
-"""train.py end to end on CPU: torchrun (2 processes, gloo, FSDP2) == one process for the same global batch;
-kill + resume == uninterrupted, bitwise; the training loss and the HF export agree with transformers on the
-documented batches; PoSE lowers the loss; bad configs stop with one line."""
+"""train.py end to end on CPU: torchrun (2 processes, gloo, FSDP2) == one process for the same
+global batch; kill + resume == uninterrupted, bitwise; the training loss and the HF export agree
+with transformers on the documented batches; PoSE lowers the loss; bad configs stop with one
+line."""
 import json
 import math
 import os
@@ -55,8 +56,9 @@ def read_log(out_dir):
 
 
 def test_two_processes_give_the_one_process_losses(tmp_path, data):
-    """FSDP2 over 2 gloo processes (batch 2 each, grad accumulation 2, activation checkpointing) trains on the
-    same global batch as 1 process with batch 4: the same losses and weights up to float rounding."""
+    """FSDP2 over 2 gloo processes (batch 2 each, grad accumulation 2, activation checkpointing)
+    trains on the same global batch as 1 process with batch 4: the same losses and weights up to
+    float rounding."""
     common = TINY + [f'--data_dir={data}', '--max_iters=4', '--eval_interval=2', '--gradient_accumulation_steps=2']
     one = start(*common, '--batch_size=4', f'--out_dir={tmp_path / "one"}')  # both at once: 2 cores
     two = start(*common, '--batch_size=2', '--activation_checkpointing=True', f'--out_dir={tmp_path / "two"}', nproc=2)
@@ -106,11 +108,11 @@ def test_kill_and_resume_is_bitwise(tmp_path, data):
 
 
 def paper_pose(doc_len, train_len, target_len, rng, num_chunks):
-    """PoSE (§3.2, Eq. 3-5) written out token by token, independent of sample_positions.py; it draws from rng
-    in the documented order: the N - 1 chunk cuts (uniform in 1 .. L_c - 1, all redrawn on a collision), then
-    the skip offsets u_1 .. u_{N-1}, then the content offsets v_1 .. v_{N-1}, each u_i ~ U{u_{i-1} .. L_t - L_c}
-    and v_i ~ U{v_{i-1} .. L_x - L_c}. Token j of the example, in chunk i (the number of cuts <= j), is
-    x[v_i + j] at position u_i + j."""
+    """PoSE (§3.2, Eq. 3-5) written out token by token, independent of sample_positions.py; it draws
+    from rng in the documented order: the N - 1 chunk cuts (uniform in 1 .. L_c - 1, all redrawn on
+    a collision), then the skip offsets u_1 .. u_{N-1}, then the content offsets v_1 .. v_{N-1},
+    each u_i ~ U{u_{i-1} .. L_t - L_c} and v_i ~ U{v_{i-1} .. L_x - L_c}. Token j of the example, in
+    chunk i (the number of cuts <= j), is x[v_i + j] at position u_i + j."""
     L = train_len
     while len(set(cuts := [int(rng.integers(1, L)) for _ in range(num_chunks - 1)])) < num_chunks - 1:
         pass
@@ -126,9 +128,9 @@ def paper_pose(doc_len, train_len, target_len, rng, num_chunks):
 def hf_val_loss(model_dir, data_dir, seed, eval_iters, batch_size, train_len, target_len, num_chunks, plain=False,
                 **cfg_overrides):
     """The val loss by transformers on the documented draws: example g of val batch k comes from
-    rng = default_rng([seed, 1, k, 0, g]): a document with >= train_len + 1 tokens, then PoSE (paper_pose) on
-    its first len - 1 tokens; the target of each input is the next token of the document. plain: the same
-    tokens at positions 0 .. L_c - 1."""
+    rng = default_rng([seed, 1, k, 0, g]): a document with >= train_len + 1 tokens, then PoSE
+    (paper_pose) on its first len - 1 tokens; the target of each input is the next token of the
+    document. plain: the same tokens at positions 0 .. L_c - 1."""
     from transformers import AutoConfig, AutoModelForCausalLM
     cfg = AutoConfig.from_pretrained(model_dir)
     for k, v in cfg_overrides.items():
@@ -155,10 +157,10 @@ def hf_val_loss(model_dir, data_dir, seed, eval_iters, batch_size, train_len, ta
 
 
 def test_fine_tune_hf_model_matches_transformers(tmp_path, data):
-    """init_from an HF dir: PoSE with the default linear scaling (factor = target_len / the checkpoint's
-    window). The first val loss equals transformers' on the base weights with that scaling, the last one
-    equals transformers' on the export; the export records the scaling and max_position_embeddings = target_len
-    and carries the tokenizer files."""
+    """init_from an HF dir: PoSE with the default linear scaling (factor = target_len / the
+    checkpoint's window). The first val loss equals transformers' on the base weights with that
+    scaling, the last one equals transformers' on the export; the export records the scaling and
+    max_position_embeddings = target_len and carries the tokenizer files."""
     from transformers import LlamaConfig, LlamaForCausalLM
     base = str(tmp_path / 'base')
     torch.manual_seed(0)
@@ -177,7 +179,8 @@ def test_fine_tune_hf_model_matches_transformers(tmp_path, data):
           '--eval_interval=3', '--learning_rate=1e-2', '--warmup_iters=0', '--device=cpu', '--dtype=float32',
           '--compile=False', '--activation_checkpointing=False', '--gradient_accumulation_steps=1', *[f'--{k}={v}' for k, v in run.items()])
     log = read_log(out)
-    # under torchrun only rank 0 reads the weights and scatters them after fully_shard: same run, same numbers
+    # under torchrun only rank 0 reads the weights and scatters them after fully_shard: same run,
+    # same numbers
     two = tmp_path / 'two'
     train(f'--init_from={base}', f'--data_dir={data}', f'--out_dir={two}', '--method=pose', '--max_iters=3',
           '--eval_interval=3', '--learning_rate=1e-2', '--warmup_iters=0', '--device=cpu', '--dtype=float32',
@@ -191,15 +194,18 @@ def test_fine_tune_hf_model_matches_transformers(tmp_path, data):
     scaled = dict(rope_parameters={'rope_type': 'linear', 'factor': 8.0, 'rope_theta': 10000.0},
                   max_position_embeddings=256)
     before, plain = hf_val_loss(base, data, **run, **scaled), hf_val_loss(base, data, **run)
-    assert abs(plain - before) > 1e-3  # the scaling matters on these positions: the check below can fail
+    # the scaling matters on these positions: the check below can fail
+    assert abs(plain - before) > 1e-3
     assert abs(log[('val_loss', 0)] - before) < 1e-4, (log[('val_loss', 0)], before)
     assert abs(log[('val_loss', 3)] - log[('val_loss', 0)]) > 1e-3  # trained
     assert abs(log[('val_loss', 3)] - hf_val_loss(str(out / 'hf'), data, **run)) < 1e-4
     cfg = json.load(open(out / 'hf/config.json'))
     assert cfg['max_position_embeddings'] == 256
-    assert cfg['rope_scaling']['rope_type'] == 'linear' and cfg['rope_scaling']['factor'] == 8.0  # 256 / 32
+    # 256 / 32
+    assert cfg['rope_scaling']['rope_type'] == 'linear' and cfg['rope_scaling']['factor'] == 8.0
     assert open(out / 'hf/tokenizer.json').read() == open(os.path.join(base, 'tokenizer.json')).read()
-    # extending the export further: the factor stays relative to the base window (512 / 32), not to 256
+    # extending the export further: the factor stays relative to the base window (512 / 32), not to
+    # 256
     train(f'--init_from={out / "hf"}', f'--data_dir={data}', f'--out_dir={tmp_path / "again"}', '--max_iters=0',
           '--eval_interval=0', '--train_len=32', '--target_len=512', '--device=cpu', '--dtype=float32')
     cfg = json.load(open(tmp_path / 'again/hf/config.json'))
@@ -207,19 +213,22 @@ def test_fine_tune_hf_model_matches_transformers(tmp_path, data):
 
 
 def test_pose_lowers_the_loss(tmp_path, data):
-    """config/tiny_pose.py (from scratch) on the learnable corpus: val loss well below its start (ln 64 = 4.16),
-    and that val loss is the loss on PoSE's skip-wise positions: transformers on the export, on draws made by
-    paper_pose (not by sample_positions.py), gives the same number; plain positions give another."""
+    """config/tiny_pose.py (from scratch) on the learnable corpus: val loss well below its start (ln
+    64 = 4.16), and that val loss is the loss on PoSE's skip-wise positions: transformers on the
+    export, on draws made by paper_pose (not by sample_positions.py), gives the same number; plain
+    positions give another."""
     out = tmp_path / 'pose'
     train(*TINY, f'--data_dir={data}', f'--out_dir={out}', '--max_iters=40', '--eval_interval=40')
     log = read_log(out)
     assert log[('val_loss', 0)] > 4.0
     assert log[('val_loss', 40)] < log[('val_loss', 0)] - 1.0, log
-    run = dict(seed=1337, eval_iters=2, batch_size=8, train_len=64, target_len=256)  # config/tiny_pose.py + TINY
+    # config/tiny_pose.py + TINY
+    run = dict(seed=1337, eval_iters=2, batch_size=8, train_len=64, target_len=256)
     pose_loss = hf_val_loss(str(out / 'hf'), data, **run, num_chunks=2)
-    assert abs(log[('val_loss', 40)] - pose_loss) < 1e-6, (log[('val_loss', 40)], pose_loss)  # fp32, same ops: ~0
-    # this corpus is a bigram chain: a model that learned it barely looks at positions (the same tokens at plain
-    # positions move the loss by ~1e-5 here), hence the tight tolerance above; this guard keeps it meaningful
+    # fp32, same ops: ~0 this corpus is a bigram chain: a model that learned it barely looks at
+    # positions (the same tokens at plain positions move the loss by ~1e-5 here), hence the tight
+    # tolerance above; this guard keeps it meaningful
+    assert abs(log[('val_loss', 40)] - pose_loss) < 1e-6, (log[('val_loss', 40)], pose_loss)
     plain = hf_val_loss(str(out / 'hf'), data, **run, num_chunks=2, plain=True)
     assert abs(plain - pose_loss) > 4e-6, (plain, pose_loss)
 
@@ -234,7 +243,8 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, data):
     bad_iter = int(err[0].split('at iter ')[1].split(':')[0])
     latest = (out / 'latest').read_text().strip()
     assert latest == f'ckpt-{bad_iter - 1}' and latest in err[0]
-    assert sorted(os.listdir(out)) == sorted([latest, 'latest', 'log.jsonl'])  # no export of a broken model
+    # no export of a broken model
+    assert sorted(os.listdir(out)) == sorted([latest, 'latest', 'log.jsonl'])
     state = json.load(open(out / latest / 'train_state.json'))
     assert state['iter'] == bad_iter - 1
 
@@ -250,14 +260,16 @@ BAD_CONFIGS = [  # (overrides, what the one error line must name)
     (['--train_len=400', '--target_len=800'], ['no document is long enough', 'train', '401', 'longest has ']),
     (['--init_from=/no/such/model'], ['/no/such/model']),
     (['--init_from=resume'], ['resume', 'no checkpoint']),
-    (['config/pose_yarn_128k.py'], ["init_from='checkpoints/llama-7b'"]),  # a paper config, through configurator.py
+    # a paper config, through configurator.py
+    (['config/pose_yarn_128k.py'], ["init_from='checkpoints/llama-7b'"]),
 ]
 
 
 def test_bad_config_is_one_clear_line(tmp_path, data):
     longest = np.diff(np.fromfile(os.path.join(data, 'train.idx'), dtype=np.int64)).max()
     cases = [(args, needles + [data, f'longest has {longest}'] if 'no document is long enough' in needles else needles)
-             for args, needles in BAD_CONFIGS]  # that one names the data and its longest document too
+             # that one names the data and its longest document too
+             for args, needles in BAD_CONFIGS]
     for i in range(0, len(cases), 2):  # two at a time: 2 cores
         procs = [(args, needles, start(*TINY, f'--data_dir={data}', f'--out_dir={tmp_path / "o"}', *args))
                  for args, needles in cases[i:i + 2]]
@@ -351,9 +363,10 @@ def test_every_config_checks_and_takes_its_first_step(tmp_path, monkeypatch, cap
 
 
 def test_full_on_pose_documents_and_doc_cap(tmp_path, monkeypatch):
-    """full_min_doc: the full-length baseline also draws PoSE's shorter documents, whole, right-padded with
-    unscored targets (the official code's truncate/pad); doc_cap: tokens only from a document's first doc_cap + 1.
-    Token value = its offset in the document, so every row shows where it came from."""
+    """full_min_doc: the full-length baseline also draws PoSE's shorter documents, whole,
+    right-padded with unscored targets (the official code's truncate/pad); doc_cap: tokens only from
+    a document's first doc_cap + 1. Token value = its offset in the document, so every row shows
+    where it came from."""
     lens = [40, 70, 100, 130, 300, 500]
     np.concatenate([np.arange(n) for n in lens]).astype(np.uint16).tofile(tmp_path / 'train.bin')
     np.concatenate([[0], np.cumsum(lens)]).astype(np.int64).tofile(tmp_path / 'train.idx')
@@ -373,7 +386,8 @@ def test_full_on_pose_documents_and_doc_cap(tmp_path, monkeypatch):
     for xr, yr, pr in zip(x.numpy(), y.numpy(), p.numpy()):
         n = int((yr != -100).sum())
         assert (pr == np.arange(128)).all() and (yr[n:] == -100).all() and (xr[n:] == 0).all()
-        assert (yr[:n] == xr[:n] + 1).all() and (np.diff(xr[:n]) == 1).all()  # contiguous text, next tokens
+        # contiguous text, next tokens
+        assert (yr[:n] == xr[:n] + 1).all() and (np.diff(xr[:n]) == 1).all()
         if n < 128:  # a short document: all of it from its start (70 or 100 tokens: 69 / 99 inputs)
             assert xr[0] == 0 and n + 1 in (70, 100)
         seen.add(n)
@@ -385,13 +399,15 @@ def test_full_on_pose_documents_and_doc_cap(tmp_path, monkeypatch):
     x, y, p = train.get_batch(data, 'train', 3, 0)
     assert 50 <= y.max() <= 60 and (y == x + 1).all()  # from the first 61 tokens only
     monkeypatch.setattr(train, 'doc_cap', 0)
-    assert train.get_batch(data, 'train', 3, 0)[1].max() > 100  # without the cap: the whole document
+    # without the cap: the whole document
+    assert train.get_batch(data, 'train', 3, 0)[1].max() > 100
 
 
 def test_gpu_recipe_on_cpu_fsdp2_bf16_compile_checkpointing_and_resume(tmp_path, data):
-    """The combination users run on GPUs, on 2 gloo processes: FSDP2 with a bf16 MixedPrecisionPolicy,
-    inductor-compiled blocks, activation checkpointing; a checkpoint, a resume from it, an export each time.
-    Both runs exit 0 (no abort at exit: every tensor reference is dropped before destroy_process_group)."""
+    """The combination users run on GPUs, on 2 gloo processes: FSDP2 with a bf16
+    MixedPrecisionPolicy, inductor-compiled blocks, activation checkpointing; a checkpoint, a resume
+    from it, an export each time. Both runs exit 0 (no abort at exit: every tensor reference is
+    dropped before destroy_process_group)."""
     recipe = ['config/tiny_pose.py', '--init_from=scratch', '--dtype=bfloat16', '--compile=True',
               '--activation_checkpointing=True', f'--data_dir={data}', f'--out_dir={tmp_path}', '--batch_size=2',
               '--eval_interval=0', '--save_interval=1', '--log_interval=1']
