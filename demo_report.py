@@ -20,7 +20,7 @@ tokens). Only pretraining sees them: the extension runs fine-tune on the stdlib 
 L_c, as in the paper (Pile text). Evaluation (eval_passkey.py) uses other random keys and depths
 (another seed) on the trained models.
 
-What made retrieval learnable (measured, see the README): the passkey documents must be MANY -- each
+What makes retrieval learnable (docs/miniature-notes.md): the passkey documents must be MANY -- each
 seen about once. With a few hundred, drawn again and again, the model memorises each document's key
 instead of learning to copy it (0% at L_c after 1,000-2,500 steps; a repeated-sequence probe showed
 no copying at all). Since draws are per document, the stdlib files are cut into `piece_tokens`-token
@@ -74,7 +74,7 @@ if __name__ == '__main__':
 LABELS = {'original': 'Original', 'pi': 'YaRN-only', 'randpos': 'RandPos', 'contig': 'Contiguous',
           'full': 'Full-length', 'pose': 'PoSE'}
 BASE_METHODS = ('original', 'pi')  # evaluated once per base (out_dir/), the others per seed
-ALPHA = 0.05  # the goals' significance level for the paired tests
+ALPHA = 0.05  # the significance level of the paired tests
 
 
 def read_jsonl(path):
@@ -402,8 +402,9 @@ def above(tests):
 
 
 def claims(run, tests):
-    """The issue's goals, then the paper's claims in the miniature, each True / False / None (not
-    measured), for one extension seed; tests: its paired tests of PoSE vs Contiguous ({L: test})."""
+    """The demo's claims (PoSE vs Contiguous, then the paper's in the miniature), each True /
+    False / None (not measured), for one extension seed; tests: its paired tests of PoSE vs
+    Contiguous ({L: test})."""
     Lc, Lt = train_len, target_len
 
     def get(m, kind, L):
