@@ -39,7 +39,7 @@ cd "$(dirname "$0")"
 PY=${PY:-.venv/bin/python}
 SEEDS=${SEEDS:-1}
 BASE=${BASE:-}
-BASE_SEED=${BASE_SEED:-3}  # the pretraining seed: 3 gave the README table a base that retrieves at L_c
+BASE_SEED=${BASE_SEED:-3}  # the pretraining seed of the README table's base (it retrieves at L_c)
 TRIALS=${TRIALS:-30}
 EVAL_SEED=7  # eval_passkey's keys and depths for every model and seed: fixed, so trials are paired
 PROBE_SEED=1007  # the base probe's keys and depths: not the evaluation's

@@ -94,7 +94,8 @@ def stage_sources():
     from data_format import corpus_files
     from eval_passkey import make_passkey_prompt
     rng = np.random.default_rng([seed, 0])
-    files = [p for p in corpus_files('python_stdlib') if not set(p.split(os.sep)) & {'test', 'tests', 'idle_test'}]
+    test_dirs = {'test', 'tests', 'idle_test'}
+    files = [p for p in corpus_files('python_stdlib') if not set(p.split(os.sep)) & test_dirs]
     texts, size = [], 0
     for i in rng.permutation(len(files)):  # a seeded random subset of python_mb MB
         path = files[i]
@@ -118,7 +119,8 @@ def stage_sources():
         sample.append(train[i])
         for _ in range(tok_passkey_per_doc):
             key = str(int(rng.integers(10000, 100000)))
-            sample.append(make_passkey_prompt(int(rng.integers(2, 60)), key, float(rng.random()))[0] + ' ' + key)
+            n_filler, depth = int(rng.integers(2, 60)), float(rng.random())
+            sample.append(make_passkey_prompt(n_filler, key, depth)[0] + ' ' + key)
     write_jsonl_atomic(os.path.join(src_dir, 'tok.jsonl'), sample)
 
 
@@ -132,8 +134,9 @@ def exact_passkey_doc(tok, length, rng, F):
     tlen = lambda t: len(tok.encode(t, bos=False))  # noqa: E731
     for _ in range(200):
         key, depth = str(int(rng.integers(10000, 100000))), float(rng.random())
-        # + BOS, newlines
-        fixed = 1 + 4 + tlen(TASK) + tlen(KEY_LINE.format(key=key)) + tlen(QUESTION + ' ' + key + '.')
+        # BOS + 4 newlines + the task, key and question lines
+        fixed = 1 + 4 + tlen(TASK) + tlen(KEY_LINE.format(key=key)) \
+            + tlen(QUESTION + ' ' + key + '.')
         n = 0
         while True:
             nb = int(round(depth * n))
@@ -173,7 +176,8 @@ def python_pieces(tok, texts, n_tokens):
     tokens, and let the passkey documents be many (each seen about once) at the same share."""
     out = []
     for ids in tok.encode_batch(texts, bos=False):
-        out += [tok.decode(ids[i:i + n_tokens]) for i in range(0, len(ids) - n_tokens + 1, n_tokens)]
+        starts = range(0, len(ids) - n_tokens + 1, n_tokens)
+        out += [tok.decode(ids[i:i + n_tokens]) for i in starts]
     return out
 
 
@@ -209,13 +213,15 @@ def passkey_eval_lengths(tok, rng):
     and depths."""
     from eval_passkey import build_passkey_prompt
     ratio = target_len // train_len
-    mults = range(1, ratio + 1) if ratio <= 4 else [2 ** i for i in range(ratio.bit_length()) if 2 ** i <= ratio]
+    mults = range(1, ratio + 1) if ratio <= 4 else \
+        [2 ** i for i in range(ratio.bit_length()) if 2 ** i <= ratio]
     out = []
     for L in [m * train_len for m in mults]:
         for cand in range(L, L - 12, -1):
             try:
                 for _ in range(30):
-                    build_passkey_prompt(tok, cand, str(int(rng.integers(10000, 100000))), float(rng.random()))
+                    key = str(int(rng.integers(10000, 100000)))
+                    build_passkey_prompt(tok, cand, key, float(rng.random()))
                 out.append(cand)
                 break
             except UserError:  # this length cannot be built: try the next
@@ -593,7 +599,8 @@ def report_lines(runs, labels, meta=None):
     lines += claim_lines(per_seed, seed_list)
     if len(seed_list) > 1:
         v = above(tests['pooled'])
-        nw, name = max(len(c) for c, _ in per_seed[seed_list[0]]), '... the same, pooled over the seeds'
+        nw = max(len(c) for c, _ in per_seed[seed_list[0]])
+        name = '... the same, pooled over the seeds'
         lines.append(f"  {mark(v):<{max(len(seed_list), 5)}} {name:<{nw}}  "
                      + ('unmeasured' if v is None else 'holds' if v else 'fails'))
     return lines, per_seed, tests

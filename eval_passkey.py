@@ -2,15 +2,18 @@
 Passkey retrieval over prompt lengths (x depths) (PoSE paper §4.3, Fig. 2; Mohtashami & Jaggi 2023).
 
     python eval_passkey.py --model=out/pose-16k --lengths="[2048,4096,8192,16384]" --num_trials=50
-    python eval_passkey.py --model=ckpt/llama-7b --rope_scaling="{'rope_type':'linear','factor':8.0}"  # PI-only
-    python eval_passkey.py --model=out/pose-16k --depths="[0.0,0.25,0.5,0.75,1.0]" --plot=passkey.png
+    python eval_passkey.py --model=out/pose-16k --depths="[0.0,0.25,0.5,0.75,1.0]" \
+        --plot=passkey.png
+    # PI-only: the base model with linear interpolation, no training
+    python eval_passkey.py --model=ckpt/llama-7b \
+        --rope_scaling="{'rope_type':'linear','factor':8.0}"
 
 The prompt (paper Fig. 2a), its five parts joined by newlines:
     There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. I
     will quiz you about the important information there.
-    The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ...  (filler)
+    The grass is green. The sky is blue. The sun is yellow. Here we go. There and back ... (filler)
     The pass key is 71432. Remember it. 71432 is the pass key.
-    The grass is green. The sky is blue. ...                                                        (filler)
+    The grass is green. The sky is blue. ...                                               (filler)
     What is the pass key? The pass key is
 The filler is the five sentences repeated, counted in words (the first n words of the endless
 repetition, so it may stop mid-sentence, as Mohtashami & Jaggi's character cut does) so that a
@@ -64,8 +67,8 @@ from errors import UserError, pyplot, run, save_figure, write_json_atomic
 from eval_ppl import check_run, load_model, model_name, torch_dtype
 from model import KVCache
 
-TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
-        "I will quiz you about the important information there.")
+TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize "
+        "them. I will quiz you about the important information there.")
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 # the unit of filler: a word (~1.5 tokens), fine enough for 1% at ~1k tokens
 FILLER_WORDS = FILLER.split()
@@ -164,7 +167,8 @@ def make_passkey_prompt(n_filler, key, depth):
     if not 0.0 <= depth <= 1.0:
         raise UserError(f"depth must be in [0, 1], got {depth}")
     n_before = int(round(depth * n_filler))
-    lines = [TASK, filler_text(n_before), KEY_LINE.format(key=key), filler_text(n_filler - n_before), QUESTION]
+    lines = [TASK, filler_text(n_before), KEY_LINE.format(key=key),
+             filler_text(n_filler - n_before), QUESTION]
     return '\n'.join(lines), n_before
 
 
@@ -314,7 +318,8 @@ def extend_cache(model, cache, cached, ids, device='cpu'):
     c = int(diff[0]) if len(diff) else n  # tokens shared with what the cache holds
     cache.truncate(c)
     if c < len(ids):
-        model.forward_hidden(torch.tensor(ids[c:], dtype=torch.long, device=device)[None], cache=cache)
+        rest = torch.tensor(ids[c:], dtype=torch.long, device=device)[None]
+        model.forward_hidden(rest, cache=cache)
     return list(ids)
 
 
@@ -427,7 +432,8 @@ def accuracy_table(trials, lengths, depths):
 def depth_bins_for(depths):
     if depths is not None:  # a grid: one row per depth (the bins are the grid points)
         return [(d, d, f"{d:.2f}") for d in depths]
-    return [(i / 10, (i + 1) / 10 - (1e-12 if i < 9 else 0), f"{i / 10:.1f}-{(i + 1) / 10:.1f}") for i in range(10)]
+    return [(i / 10, (i + 1) / 10 - (1e-12 if i < 9 else 0), f"{i / 10:.1f}-{(i + 1) / 10:.1f}")
+            for i in range(10)]
 
 
 def accuracy_text(rows, lengths):
@@ -435,7 +441,8 @@ def accuracy_text(rows, lengths):
     w = max(len(r) for r in rows)
     lines = [f"{'depth':<{w}} " + ' '.join(f"{L:>7}" for L in lengths)]
     for label, accs in rows.items():
-        lines.append(f"{label:<{w}} " + ' '.join(f"{'-':>7}" if accs[L] is None else f"{accs[L]:>7.2f}" for L in lengths))
+        cells = [f"{'-':>7}" if accs[L] is None else f"{accs[L]:>7.2f}" for L in lengths]
+        lines.append(f"{label:<{w}} " + ' '.join(cells))
     return '\n'.join(lines)
 
 
@@ -443,7 +450,8 @@ def plot_heatmap(rows, lengths, path, title='', ylabel='depth of the key'):
     """Accuracy heatmap: depth rows x length columns, written atomically."""
     plt = pyplot(f"plot={path!r}")
     labels = [r for r in rows if r != 'all']
-    grid = np.array([[np.nan if rows[r][L] is None else rows[r][L] for L in lengths] for r in labels])
+    grid = np.array([[np.nan if rows[r][L] is None else rows[r][L] for L in lengths]
+                     for r in labels])
     fig, ax = plt.subplots(figsize=(1.0 + 0.8 * len(lengths), 1.0 + 0.4 * len(labels)))
     im = ax.imshow(grid, vmin=0, vmax=1, cmap='RdYlGn', aspect='auto')
     for i in range(len(labels)):
@@ -584,10 +592,11 @@ def main():
     path = check_run(task, model, rope_scaling, out, overwrite, plot)
     if not lengths or any(not isinstance(L, int) or L < 1 for L in lengths):
         raise UserError(f"lengths must be a list of positive ints, got {lengths!r}")
-    if depths is not None and (not depths or any(isinstance(d, bool) or not isinstance(d, (int, float))
-                                                 or not 0 <= d <= 1 for d in depths)):
-        raise UserError(f"depths={depths!r}: expected None (a random depth per trial) or a non-empty list "
-                        f"of fractions in [0, 1]")
+    if depths is not None and (not depths or any(
+            isinstance(d, bool) or not isinstance(d, (int, float)) or not 0 <= d <= 1
+            for d in depths)):
+        raise UserError(f"depths={depths!r}: expected None (a random depth per trial) or a "
+                        f"non-empty list of fractions in [0, 1]")
     if max_position_embeddings is not None and max_position_embeddings < 1:
         raise UserError(f"max_position_embeddings must be >= 1 (or None: the checkpoint's), "
                         f"got {max_position_embeddings}")
@@ -596,7 +605,8 @@ def main():
     torch_dtype(dtype, device)  # a bad dtype fails here, before the work
     tok = load_tokenizer(tokenizer or model)
     if tokenizer and check_tokenizer:
-        check_same_tokenizer(sha256_file(tok.path), f"tokenizer='{tokenizer}'", model, 'check_tokenizer')
+        check_same_tokenizer(sha256_file(tok.path), f"tokenizer='{tokenizer}'", model,
+                             'check_tokenizer')
     net = load_model(model, rope_scaling, max_position_embeddings, dtype, device, lengths)
 
     # 'dynamic' RoPE rescales with the sequence length, so its cached keys depend on the forward
@@ -614,8 +624,8 @@ def main():
         ids, p, text, rec, key, judge = trial_prompt(tok, task, trial, hints.get(trial[0]))
         hints[trial[0]] = rec['n_filler']
         if max(ids) >= net.args.vocab_size:
-            raise UserError(f"the tokenizer ({tok.path}) gives token id {max(ids)} >= the model's vocab_size "
-                            f"{net.args.vocab_size}: not the model's tokenizer?")
+            raise UserError(f"the tokenizer ({tok.path}) gives token id {max(ids)} >= the model's "
+                            f"vocab_size {net.args.vocab_size}: not the model's tokenizer?")
         prompt = tok.encode(text, bos=True)  # what generation sees
         guess = ids[len(prompt):] if ids[:len(prompt)] == prompt else ids[p:]
         # the budget: the official 10 for the passkey; the needle tasks' whole answer + 10

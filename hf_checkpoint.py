@@ -42,11 +42,13 @@ def args_from_hf_config(cfg, where='config.json', **overrides):
                                # very old Llama configs / no architectures
                                'qwen2': 'qwen2'}.get(name)
     if arch is None:
-        raise UserError(f"{where}: unsupported architecture {name!r} (supported: {', '.join(ARCHS)})")
+        raise UserError(f"{where}: unsupported architecture {name!r} "
+                        f"(supported: {', '.join(ARCHS)})")
     for key, ok in (('hidden_act', 'silu'), ('mlp_bias', False), ('attention_bias', False),
                     ('use_sliding_window', False), ('partial_rotary_factor', 1.0)):
         if cfg.get(key, ok) not in (ok, None):
-            raise UserError(f"{where}: config key {key}={cfg[key]!r} is not supported (only {ok!r})")
+            raise UserError(f"{where}: config key {key}={cfg[key]!r} is not supported "
+                            f"(only {ok!r})")
     sizes = ('hidden_size', 'num_hidden_layers', 'num_attention_heads', 'intermediate_size',
              'vocab_size')
     optional = {'max_position_embeddings': 2048, 'num_key_value_heads': None, 'head_dim': None}
@@ -75,7 +77,8 @@ def args_from_hf_config(cfg, where='config.json', **overrides):
                           overrides.get('max_position_embeddings'), where)
         rope_where = 'rope_scaling'
     a = dict(
-        dim=cfg['hidden_size'], n_layers=cfg['num_hidden_layers'], n_heads=cfg['num_attention_heads'],
+        dim=cfg['hidden_size'], n_layers=cfg['num_hidden_layers'],
+        n_heads=cfg['num_attention_heads'],
         n_kv_heads=cfg.get('num_key_value_heads'), head_dim=cfg.get('head_dim'),
         hidden_dim=cfg['intermediate_size'], vocab_size=cfg['vocab_size'],
         norm_eps=cfg.get('rms_norm_eps', 1e-6), rope_theta=theta, max_position_embeddings=mpe,
@@ -92,8 +95,9 @@ def hf_config(args):
     rs, theta = rope.export(args.rope_scaling, args.head_dim, args.rope_theta,
                             args.max_position_embeddings)
     hf = {'architectures': [k for k in ARCHS if ARCHS[k] == args.arch], 'model_type': args.arch,
-          'hidden_size': args.dim, 'intermediate_size': args.hidden_dim, 'num_hidden_layers': args.n_layers,
-          'num_attention_heads': args.n_heads, 'num_key_value_heads': args.n_kv_heads, 'head_dim': args.head_dim,
+          'hidden_size': args.dim, 'intermediate_size': args.hidden_dim,
+          'num_hidden_layers': args.n_layers, 'num_attention_heads': args.n_heads,
+          'num_key_value_heads': args.n_kv_heads, 'head_dim': args.head_dim,
           'vocab_size': args.vocab_size, 'rms_norm_eps': args.norm_eps, 'hidden_act': 'silu',
           'max_position_embeddings': args.max_position_embeddings, 'rope_theta': float(theta),
           'rope_scaling': rs,
@@ -131,21 +135,25 @@ def load_pretrained(path, dtype=torch.float32, device='cpu', **overrides):
     for file in _weight_files(path):
         for hf_name, read in _tensor_readers(file):
             name = hf_name[len('model.'):] if hf_name.startswith('model.') else hf_name
-            if name.endswith('rotary_emb.inv_freq') or (args.tie_word_embeddings and name == 'lm_head.weight'):
-                continue  # derived (old checkpoints store it) / tied to embed_tokens
+            # derived (old checkpoints store it) / tied to embed_tokens
+            if name.endswith('rotary_emb.inv_freq') \
+                    or (args.tie_word_embeddings and name == 'lm_head.weight'):
+                continue
             if name not in expected:
-                raise UserError(f"{file}: unexpected tensor {hf_name!r} for a {args.arch} model with this config")
+                raise UserError(f"{file}: unexpected tensor {hf_name!r} for a {args.arch} model "
+                                "with this config")
             t = read()
             if tuple(t.shape) != tuple(expected[name].shape):
                 raise UserError(f"{file}: tensor {hf_name!r} has shape {tuple(t.shape)}, "
                                  f"config.json implies {tuple(expected[name].shape)}")
-            model.load_state_dict({name: t.to(device=device, dtype=dtype)}, strict=False, assign=True)
+            model.load_state_dict({name: t.to(device=device, dtype=dtype)}, strict=False,
+                                  assign=True)
             seen.add(name)
     missing = [k for k in expected if k not in seen]
     if missing:
-        raise UserError(f"{path}: checkpoint is missing tensors: "
-                         + ', '.join('model.' + k if k != 'lm_head.weight' else k for k in missing[:8])
-                         + (f' (+{len(missing) - 8} more)' if len(missing) > 8 else ''))
+        names = ['model.' + k if k != 'lm_head.weight' else k for k in missing[:8]]
+        raise UserError(f"{path}: checkpoint is missing tensors: " + ', '.join(names)
+                        + (f' (+{len(missing) - 8} more)' if len(missing) > 8 else ''))
     if args.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     return model.eval()
@@ -159,15 +167,18 @@ def save_pretrained(model, path, tokenizer_dir, state_dict=None, max_shard_size=
     full tensors (e.g. gathered from FSDP on rank 0, `model` then only gives .args and the names);
     default: the model's own."""
     from safetensors.torch import save_file
-    own = {k for k in model.state_dict() if not (model.args.tie_word_embeddings and k == 'lm_head.weight')}
+    tied = model.args.tie_word_embeddings
+    own = {k for k in model.state_dict() if not (tied and k == 'lm_head.weight')}
     sd = model.state_dict() if state_dict is None else state_dict
     # keys as wrapped blocks may name them (torch.compile / checkpoint_wrapper prefixes)
-    sd = {k.replace('_orig_mod.', '').replace('_checkpoint_wrapped_module.', ''): v for k, v in sd.items()}
+    sd = {k.replace('_orig_mod.', '').replace('_checkpoint_wrapped_module.', ''): v
+          for k, v in sd.items()}
     # tied: lm_head is embed_tokens
     sd = {k: v for k, v in sd.items() if k in own or k != 'lm_head.weight'}
     if set(sd) != own:
         raise ValueError(f"save_pretrained: state_dict does not match the model: "
-                         f"missing {sorted(own - set(sd))[:5]}, unexpected {sorted(set(sd) - own)[:5]}")
+                         f"missing {sorted(own - set(sd))[:5]}, "
+                         f"unexpected {sorted(set(sd) - own)[:5]}")
     tensors = {('model.' + k if k != 'lm_head.weight' else k): v.detach().to('cpu').contiguous()
                for k, v in sd.items()}
     path = os.path.abspath(path)
@@ -183,7 +194,8 @@ def save_pretrained(model, path, tokenizer_dir, state_dict=None, max_shard_size=
     fnames = ['model.safetensors'] if len(shards) == 1 else \
         [f'model-{i + 1:05d}-of-{len(shards):05d}.safetensors' for i in range(len(shards))]
     for fname, names in zip(fnames, shards):
-        save_file({n: tensors[n] for n in names}, os.path.join(tmp, fname), metadata={'format': 'pt'})
+        save_file({n: tensors[n] for n in names}, os.path.join(tmp, fname),
+                  metadata={'format': 'pt'})
     if len(shards) > 1:
         index = {'metadata': {'total_size': sum(t.nbytes for t in tensors.values())},
                  'weight_map': {n: f for f, names in zip(fnames, shards) for n in names}}
@@ -233,7 +245,8 @@ def _weight_files(path):
     for single in ('model.safetensors', 'pytorch_model.bin'):
         if os.path.isfile(os.path.join(path, single)):
             return [os.path.join(path, single)]
-    raise UserError(f"{path}: no model.safetensors, model.safetensors.index.json or pytorch_model*.bin")
+    raise UserError(f"{path}: no model.safetensors, model.safetensors.index.json or "
+                    "pytorch_model*.bin")
 
 
 def _tensor_readers(file):
@@ -246,11 +259,13 @@ def _tensor_readers(file):
             try:
                 return f.get_tensor(name)
             except SafetensorError as e:
-                raise UserError(f"{file}: tensor {name!r} unreadable, truncated or corrupt? ({e})") from None
+                raise UserError(f"{file}: tensor {name!r} unreadable, truncated or corrupt? "
+                                f"({e})") from None
         try:
             f = safe_open(file, framework='pt')
         except SafetensorError as e:
-            raise UserError(f"{file}: unreadable safetensors file, truncated or corrupt? ({e})") from None
+            raise UserError(f"{file}: unreadable safetensors file, truncated or corrupt? "
+                            f"({e})") from None
         with f:
             for name in f.keys():
                 yield name, (lambda n=name: get(f, n))

@@ -74,9 +74,11 @@ class ModelArgs:
         self.n_kv_heads = self.n_kv_heads or self.n_heads
         self.head_dim = self.head_dim or self.dim // self.n_heads
         if self.arch not in ARCH_NAMES:
-            raise UserError(f"arch={self.arch!r} is not supported (use one of {sorted(ARCH_NAMES)})")
+            raise UserError(f"arch={self.arch!r} is not supported "
+                            f"(use one of {sorted(ARCH_NAMES)})")
         if self.n_heads % self.n_kv_heads:
-            raise UserError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+            raise UserError(f"n_heads={self.n_heads} is not a multiple of "
+                            f"n_kv_heads={self.n_kv_heads}")
         if self.qkv_bias != (self.arch == 'qwen2'):
             raise UserError(f"qkv_bias={self.qkv_bias} does not match arch={self.arch!r} "
                              "(only qwen2 has q/k/v biases)")
@@ -97,7 +99,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):  # normalise in fp32, scale in the model dtype (as transformers)
         xf = x.float()
-        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
 
 
 def apply_rope(x, cos, sin):
@@ -133,12 +136,14 @@ class Attention(nn.Module):
             y = flash_attn_func(q, k, v, causal=True)
         else:
             # K/V heads shared without copies; on CPU this is SDPA's flash kernel: no [H, T, T]
-            # scores
-            # after a cache, SDPA's is_causal would align the mask top-left: an explicit [T, S] mask
-            # instead
-            mask = None if S == T else torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
-            y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                               attn_mask=mask, is_causal=mask is None,
+            # scores. After a cache, SDPA's is_causal would align the mask top-left: an explicit
+            # [T, S] mask instead
+            mask = None
+            if S != T:
+                mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+            y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                               v.transpose(1, 2), attn_mask=mask,
+                                               is_causal=mask is None,
                                                enable_gqa=self.n_kv_heads != self.n_heads)
             y = y.transpose(1, 2)  # [B, T, H, d]
         return y.reshape(B, T, self.n_heads * self.head_dim)
@@ -181,7 +186,8 @@ class Block(nn.Module):
         k, v = (x.new_empty(B, T, attn.n_kv_heads, attn.head_dim) for _ in range(2))
         for i in range(0, T, chunk):
             j = min(i + chunk, T)
-            q[:, i:j], k[:, i:j], v[:, i:j] = attn.project(self.input_layernorm(x[:, i:j]), cos[:, i:j], sin[:, i:j])
+            h = self.input_layernorm(x[:, i:j])
+            q[:, i:j], k[:, i:j], v[:, i:j] = attn.project(h, cos[:, i:j], sin[:, i:j])
         if cache is not None:
             # [B, S + T, Hkv, d]: the earlier tokens' keys / values first
             if cache.kv[layer] is not None:
@@ -207,17 +213,17 @@ def chunked_cross_entropy(h, weight, targets, chunk=LOSS_CHUNK):
     1)."""
     total = h.new_zeros((), dtype=torch.float32)
     for i in range(0, h.shape[0], chunk):
-        total = total + checkpoint(_ce_sum, h[i:i + chunk], weight, targets[i:i + chunk], use_reentrant=False)
+        total = total + checkpoint(_ce_sum, h[i:i + chunk], weight, targets[i:i + chunk],
+                                   use_reentrant=False)
     return total / (targets != -100).sum().clamp(min=1)
 
 
 class KVCache:
     """Keys and values of the tokens already run, per layer, for greedy decoding (eval_passkey.py):
     forward_hidden(idx, cache=c) runs idx after them, at the next positions, and appends idx's own.
-    RoPE is
-    applied before caching, so a cached key keeps the rotation it was computed with (as transformers' cache:
-    only 'dynamic' scaling, whose frequencies depend on the length, can differ from a full
-    recompute)."""
+    RoPE is applied before caching, so a cached key keeps the rotation it was computed with (as
+    transformers' cache: only 'dynamic' scaling, whose frequencies depend on the length, can differ
+    from a full recompute)."""
     def __init__(self, n_layers):
         self.kv = [None] * n_layers  # per layer: (k, v) [B, S, Hkv, d] or None
 
@@ -264,14 +270,15 @@ class Transformer(nn.Module):
             position_ids = torch.arange(start, start + T, device=idx.device)
         if position_ids.dim() > 2 or position_ids.shape[-1] != T or \
                 (position_ids.dim() == 2 and position_ids.shape[0] not in (1, B)):
-            raise ValueError(f"position_ids shape {tuple(position_ids.shape)} does not match idx shape {(B, T)}")
+            raise ValueError(f"position_ids shape {tuple(position_ids.shape)} does not match idx "
+                             f"shape {(B, T)}")
         sw = self.args.sliding_window
         if sw is not None and T > sw:
             # HF Mistral masks keys more than sliding_window tokens back; we do not implement that,
             # and with T <= sliding_window the mask is plainly causal, so shorter sequences match
             # exactly.
-            raise UserError(f"sequence length {T} > sliding_window={sw}: load with sliding_window=None "
-                             "to use full causal attention")
+            raise UserError(f"sequence length {T} > sliding_window={sw}: load with "
+                            "sliding_window=None to use full causal attention")
         x = self.embed_tokens(idx)  # [B, T, dim]
         # angles and cos/sin in fp32, once for all layers; then in the model dtype, as transformers
         # (no [T, H, d] fp32 copies of q and k at 128k tokens; under autocast they stay fp32)
@@ -282,7 +289,8 @@ class Transformer(nn.Module):
                 x = layer(x, cos, sin)
             return self.norm(x)
         if torch.is_grad_enabled():
-            raise RuntimeError("forward_hidden(cache=...) is for inference: run it under torch.no_grad()")
+            raise RuntimeError("forward_hidden(cache=...) is for inference: run it under "
+                               "torch.no_grad()")
         chunk = self.infer_chunk or T
         # no autograd (eval): row chunks, x updated in place
         for i, layer in enumerate(self.layers):
@@ -295,7 +303,8 @@ class Transformer(nn.Module):
         h = self.forward_hidden(idx, position_ids)  # [B, T, dim]
         if targets is None:
             return self.lm_head(h), None  # [B, T, vocab] in the model dtype
-        loss = chunked_cross_entropy(h.flatten(0, 1), self.lm_head.weight, targets.flatten(), self.loss_chunk)
+        loss = chunked_cross_entropy(h.flatten(0, 1), self.lm_head.weight, targets.flatten(),
+                                     self.loss_chunk)
         return None, loss
 
     def flops_per_token(self, seq_len):

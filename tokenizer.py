@@ -2,8 +2,8 @@
 Tokenizers: sentencepiece (.model) or HF tokenizers (tokenizer.json) behind one interface, and the
 fingerprint check that keeps data made with one tokenizer away from a model of another.
 
-    tok = load_tokenizer('/models/Llama-2-7b-hf')   # a tokenizer file, or a model directory holding one
-    ids = tok.encode(text)                          # BOS prepended when the model's tokenizer uses one
+    tok = load_tokenizer('/models/Llama-2-7b-hf')  # a tokenizer file, or a model directory
+    ids = tok.encode(text)  # BOS prepended when the model's tokenizer uses one
     text = tok.decode(ids)
 
 Its own module (as gpt-fast's tokenizer.py) because every stage uses it: prepare_data.py tokenizes
@@ -18,8 +18,8 @@ from errors import UserError, read_json
 # the tokenizer's files, copied beside an HF export (hf_checkpoint.save_pretrained);
 # generation_config.json too: it holds the model's eos ids for generate() (Llama 3: <|eot_id|>
 # besides <|end_of_text|>)
-TOKENIZER_FILES = ('tokenizer.model', 'tokenizer.json', 'tokenizer_config.json', 'special_tokens_map.json',
-                   'generation_config.json')
+TOKENIZER_FILES = ('tokenizer.model', 'tokenizer.json', 'tokenizer_config.json',
+                   'special_tokens_map.json', 'generation_config.json')
 
 
 class Tokenizer:
@@ -40,27 +40,31 @@ class Tokenizer:
                 # specific is a bug
                 if type(e) is not Exception:
                     raise
-                raise UserError(f"{path}: not a tokenizers tokenizer.json ({str(e).splitlines()[0]})") from None
+                raise UserError(f"{path}: not a tokenizers tokenizer.json "
+                                f"({str(e).splitlines()[0]})") from None
             self.sp = None
             self.vocab_size = self.hf.get_vocab_size(with_added_tokens=True)
             mcfg = _read_json_if(os.path.join(folder, 'config.json'))
-            self.bos_id = self._special_id(tcfg, mcfg, 'bos', ('<s>', '<|begin_of_text|>', '<bos>'), path)
-            self.eos_id = self._special_id(tcfg, mcfg, 'eos', ('</s>', '<|end_of_text|>', '<|endoftext|>', '<eos>'), path)
+            self.bos_id = self._special_id(tcfg, mcfg, 'bos',
+                                           ('<s>', '<|begin_of_text|>', '<bos>'), path)
+            eos_names = ('</s>', '<|end_of_text|>', '<|endoftext|>', '<eos>')
+            self.eos_id = self._special_id(tcfg, mcfg, 'eos', eos_names, path)
         else:
             import sentencepiece as spm
             try:
                 self.sp = spm.SentencePieceProcessor(model_file=path)
             except (RuntimeError, OSError) as e:
                 # sentencepiece: RuntimeError (older versions: OSError)
-                raise UserError(f"{path}: not a sentencepiece model ({str(e).splitlines()[0]})") from None
+                raise UserError(f"{path}: not a sentencepiece model "
+                                f"({str(e).splitlines()[0]})") from None
             self.hf = None
             self.vocab_size = self.sp.get_piece_size()
             self.bos_id = self.sp.bos_id() if self.sp.bos_id() >= 0 else None
             self.eos_id = self.sp.eos_id() if self.sp.eos_id() >= 0 else None
         if tcfg.get('add_bos_token') is False:
             self.bos_id = None  # the model was trained without BOS
-        self.files = [path] + [os.path.join(folder, n) for n in TOKENIZER_FILES
-                               if os.path.join(folder, n) != path and os.path.isfile(os.path.join(folder, n))]
+        beside = [os.path.join(folder, n) for n in TOKENIZER_FILES]
+        self.files = [path] + [p for p in beside if p != path and os.path.isfile(p)]
     def _special_id(self, tcfg, mcfg, which, names, path):
         # 1) tokenizer_config.json: what transformers uses (Qwen2 says bos_token: null -> no BOS)
         if f'{which}_token' in tcfg:
@@ -70,7 +74,8 @@ class Tokenizer:
                 return None
             tid = self.hf.token_to_id(tok)
             if tid is None:
-                raise UserError(f"{path}: {which}_token {tok!r} of tokenizer_config.json is not in the vocab")
+                raise UserError(f"{path}: {which}_token {tok!r} of tokenizer_config.json is not in "
+                                "the vocab")
             return tid
         # 2) the model's config.json
         if mcfg.get(f'{which}_token_id') is not None:
@@ -81,7 +86,9 @@ class Tokenizer:
         if which == 'bos':
             spec = read_json(path).get('post_processor') or {}
             for proc in spec.get('processors', [spec]):
-                single = proc.get('single') or [] if proc.get('type') == 'TemplateProcessing' else []
+                single = []
+                if proc.get('type') == 'TemplateProcessing':
+                    single = proc.get('single') or []
                 if single and 'SpecialToken' in single[0]:
                     return self.hf.token_to_id(single[0]['SpecialToken']['id'])
         for name in names:
@@ -119,7 +126,8 @@ def _read_json_if(path):
 def resolve_tokenizer(path):
     """A tokenizer file, or the tokenizer.model / tokenizer.json inside a model directory."""
     if not path or not os.path.exists(path):
-        raise UserError(f"tokenizer not found: {path or '(empty path)'} (set tokenizer=PATH or train_tokenizer=VOCAB)")
+        raise UserError(f"tokenizer not found: {path or '(empty path)'} (set tokenizer=PATH or "
+                        "train_tokenizer=VOCAB)")
     if os.path.isdir(path):
         # Llama 1/2 + Mistral ship the .model; Llama 3 / Qwen2 only the .json
         for name in ('tokenizer.model', 'tokenizer.json'):
@@ -163,5 +171,6 @@ def check_same_tokenizer(fingerprint, what, model_dir, key):
         raise UserError(f"{model_dir} has no tokenizer file (tokenizer.model / tokenizer.json) "
                         f"to check {what} against: add the model's tokenizer, or set {key}=False")
     theirs = ', '.join(f'{os.path.basename(p)} sha256 {h[:12]}' for p, h in have.items())
-    raise UserError(f"{what} (tokenizer sha256 {fingerprint[:12]}) does not match {model_dir}'s tokenizer ({theirs}): "
+    raise UserError(f"{what} (tokenizer sha256 {fingerprint[:12]}) does not match {model_dir}'s "
+                    f"tokenizer ({theirs}): "
                     f"tokenize with the model's own tokenizer, or set {key}=False if you are sure")

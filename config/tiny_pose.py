@@ -4,7 +4,8 @@
 # With --init_from=scratch it trains a new tiny model (model_args below) the PoSE way (the tests
 # do).
 init_from = 'out-tiny-scratch/hf'
-model_args = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=172, max_position_embeddings=64)
+model_args = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=172,
+                  max_position_embeddings=64)
 data_dir = 'data-tiny'
 out_dir = 'out-tiny-pose'
 method = 'pose'
