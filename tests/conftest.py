@@ -32,7 +32,8 @@ def make_hf(tmp_path, arch='llama', kv=2, tie=False, rope=None, theta=10000.0, m
                           'mistral': (transformers.MistralConfig, transformers.MistralForCausalLM),
                           'qwen2': (transformers.Qwen2Config, transformers.Qwen2ForCausalLM)}[arch]
     cfg = cfg_cls(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=kv, vocab_size=VOCAB, max_position_embeddings=mpe, tie_word_embeddings=tie,
+                  num_key_value_heads=kv, vocab_size=VOCAB, max_position_embeddings=mpe,
+                  tie_word_embeddings=tie,
                   rope_parameters=dict(rope or {'rope_type': 'default'}, rope_theta=theta), **extra)
     torch.manual_seed(0)
     hf = model_cls(cfg).eval()
@@ -94,10 +95,10 @@ ROPE_CASES = {  # name: (rope dict for transformers, max_position_embeddings)
     # the ratio (no factor at all: transformers 5's config refuses it; test_rope checks that
     # fallback on its RoPE init)
     'yarn_factor8': ({'rope_type': 'yarn', 'factor': 8.0, 'original_max_position_embeddings': 32}, 128),
-    'yarn_factor2_mscale': ({'rope_type': 'yarn', 'factor': 2.0, 'original_max_position_embeddings': 32,
-                             'mscale': 1.0, 'mscale_all_dim': 0.5}, 128),
-    'llama3': ({'rope_type': 'llama3', 'factor': 8.0, 'low_freq_factor': 1.0, 'high_freq_factor': 4.0,
-                'original_max_position_embeddings': 32}, 128),
+    'yarn_factor2_mscale': ({'rope_type': 'yarn', 'factor': 2.0,
+                             'original_max_position_embeddings': 32, 'mscale': 1.0, 'mscale_all_dim': 0.5}, 128),
+    'llama3': ({'rope_type': 'llama3', 'factor': 8.0, 'low_freq_factor': 1.0,
+                'high_freq_factor': 4.0, 'original_max_position_embeddings': 32}, 128),
     # short/long regimes
     'longrope': ({'rope_type': 'longrope', 'original_max_position_embeddings': 32,
                   'short_factor': [1.0, 1.1, 1.2, 1.3, 1.4, 1.5, 1.6, 1.7],
@@ -106,7 +107,8 @@ ROPE_CASES = {  # name: (rope dict for transformers, max_position_embeddings)
                        'attention_factor': 1.2, 'short_factor': [1.0] * 4 + [2.0] * 4,
                        'long_factor': [1.0, 1.0, 2.0, 2.0, 4.0, 4.0, 6.0, 6.0]}, 128),
     'longrope_factor2': ({'rope_type': 'longrope', 'original_max_position_embeddings': 32, 'factor': 2.0,
-                          'short_factor': [1.0] * 4 + [2.0] * 4, 'long_factor': [1.0, 1.0, 2.0, 2.0, 4.0, 4.0, 6.0, 6.0]},
+                          'short_factor': [1.0] * 4 + [2.0] * 4,
+                          'long_factor': [1.0, 1.0, 2.0, 2.0, 4.0, 4.0, 6.0, 6.0]},
                          128),  # attention factor from factor 2, not from 128 / 32
 }
 

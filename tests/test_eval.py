@@ -90,8 +90,9 @@ def env(tmp_path_factory):
     data.mkdir()
     np.concatenate(docs).astype(np.uint16).tofile(data / 'val.bin')
     np.concatenate([[0], np.cumsum(lens)]).astype(np.int64).tofile(data / 'val.idx')
-    meta = {'tokenizer': str(tmp / 'llama' / 'tokenizer.model'), 'tokenizer_sha256': '', 'vocab_size': vocab,
-            'dtype': 'uint16', 'bos_id': 1, 'eos_id': 2, 'splits': {'val': {'docs': len(lens), 'tokens': sum(lens)}}}
+    meta = {'tokenizer': str(tmp / 'llama' / 'tokenizer.model'), 'tokenizer_sha256': '',
+            'vocab_size': vocab, 'dtype': 'uint16', 'bos_id': 1, 'eos_id': 2,
+            'splits': {'val': {'docs': len(lens), 'tokens': sum(lens)}}}
     (data / 'meta.json').write_text(json.dumps(meta))
     ours, ours_scaled = load_pretrained(plain), load_pretrained(scaled)
     # the eval forward in many row chunks (load_model: 512)
@@ -119,8 +120,8 @@ def scoring_window(n, L, stride, mode, add_bos):
 
 
 def test_window_spans_equals_the_brute_force_windows():
-    for n, L, stride, mode, add_bos in product(range(1, 40), (2, 3, 5, 8), (None, 1, 2, 3, 5), ('sliding', 'truncate'),
-                                               (False, True)):
+    for n, L, stride, mode, add_bos in product(range(1, 40), (2, 3, 5, 8), (None, 1, 2, 3, 5),
+                                               ('sliding', 'truncate'), (False, True)):
         if stride is not None and stride > L or L - add_bos < 1:
             continue
         got = {j: b for b, first, end in eval_ppl.window_spans(n, L, stride, mode, add_bos) for j in range(first, end)}
@@ -209,13 +210,15 @@ def official_ppl(hf, docs, L, step, truncate, bos=1):
     return total, count
 
 
-@pytest.mark.parametrize('L,stride,mode', [(64, 24, 'sliding'), (48, 47, 'sliding'), (64, None, 'sliding'),
+@pytest.mark.parametrize('L,stride,mode',
+                         [(64, 24, 'sliding'), (48, 47, 'sliding'), (64, None, 'sliding'),
                                            (48, None, 'truncate'), (300, 40, 'sliding')])
 def test_official_windows_match_the_authors_code(env, L, stride, mode):
     docs = [d[1:] for d in env['docs'][1:5]]  # 332, 99, 411, 299 tokens: short last windows too
     ours_sum, ours_n = 0.0, 0
     for d in docs:
-        s, c = eval_ppl.sliding_window_nll(env['ours'], d, L, stride, mode, True, bos_id=1, windows='official')
+        s, c = eval_ppl.sliding_window_nll(env['ours'], d, L, stride, mode, True, bos_id=1,
+                                           windows='official')
         ours_sum, ours_n = ours_sum + s, ours_n + c
     ref_sum, ref_n = official_ppl(env['hf'], docs, L, stride or L - 1, mode == 'truncate')
     assert ours_n == ref_n and ours_sum == pytest.approx(ref_sum, rel=1e-4)
@@ -228,14 +231,15 @@ def test_protocols_cli(env, tmp_path):
     the authors' windows, every setting recorded and printed; ppl = the authors' code on those
     docs."""
     out = str(tmp_path / 'official.json')
-    proc = run('eval_ppl.py', f"--model={env['plain']}", f"--data_dir={env['data']}", '--protocol=official',
-               '--lengths=[32,64]', '--min_doc_len=299', '--doc_tokens=299', '--num_docs=2', '--dtype=float32',
-               '--device=cpu', f'--out={out}')
+    proc = run('eval_ppl.py', f"--model={env['plain']}", f"--data_dir={env['data']}",
+               '--protocol=official', '--lengths=[32,64]', '--min_doc_len=299', '--doc_tokens=299',
+               '--num_docs=2', '--dtype=float32', '--device=cpu', f'--out={out}')
     assert proc.returncode == 0, proc.stderr
     r = json.load(open(out))
     lens = [len(d) - 1 for d in env['docs']]  # 39, 332, 99, 411, 299, 699 without the leading BOS
     assert r['doc_ids'] == [1, 3]  # the first two with >= 299 tokens, not a random draw
-    assert r['protocol'] == 'official' and r['overridden'] == ['doc_tokens', 'dtype', 'lengths', 'min_doc_len', 'num_docs']
+    assert r['protocol'] == 'official' and r['overridden'] == ['doc_tokens', 'dtype', 'lengths',
+                                                               'min_doc_len', 'num_docs']
     st = r['settings']  # every setting recorded: the protocol's own where not overridden
     assert all(st[k] == eval_ppl.PROTOCOLS['official'][k]
                for k in eval_ppl.SETTING_KEYS if k not in r['overridden'])
@@ -269,7 +273,8 @@ def test_each_protocol_picks_and_scores_like_the_references(env, name):
     _, nll, counts, _ = eval_ppl.evaluate(env['ours'], picked, st, st['add_bos'], 1)
     for L in st['lengths']:
         if st['windows'] == 'official':
-            ref, n = official_ppl(env['hf'], picked, L, st['stride'] or L - 1, st['mode'] == 'truncate')
+            ref, n = official_ppl(env['hf'], picked, L, st['stride'] or L - 1,
+                                  st['mode'] == 'truncate')
         else:
             ref, n = map(sum, zip(*(hf_nll(env['hf'], d, L, st['stride'] or None, st['mode'],
                                            st['add_bos']) for d in picked)))
@@ -289,10 +294,13 @@ def test_default_names_unique_and_no_overwrite(env, tmp_path):
     for run_dir in ('run-a', 'run-b'):
         shutil.copytree(env['plain'], tmp_path / run_dir / 'hf')
     names = {eval_ppl.default_out('ppl', str(tmp_path / r / 'hf'), None, 'nanopose') for r in ('run-a', 'run-b')}
-    assert names == {os.path.join('out', 'ppl-run-a-nanopose.json'), os.path.join('out', 'ppl-run-b-nanopose.json')}
+    assert names == {os.path.join('out', 'ppl-run-a-nanopose.json'),
+                     os.path.join('out', 'ppl-run-b-nanopose.json')}
     assert eval_ppl.default_out('passkey', str(tmp_path / 'run-a' / 'hf'), env['lin']) == \
-        os.path.join('out', 'passkey-run-a-linearx2.0.json')  # PI-only next to the original: another file
-    args = ['eval_passkey.py', f"--model={tmp_path / 'run-a' / 'hf'}", '--lengths=[300]', '--num_trials=1', '--device=cpu']
+        os.path.join('out',
+                     'passkey-run-a-linearx2.0.json')  # PI-only next to the original: another file
+    args = ['eval_passkey.py', f"--model={tmp_path / 'run-a' / 'hf'}", '--lengths=[300]',
+            '--num_trials=1', '--device=cpu']
     env_cwd = dict(os.environ, OMP_NUM_THREADS='1')
     first = subprocess.run([sys.executable, os.path.join(ROOT, args[0]), *args[1:]], cwd=tmp_path,
                            capture_output=True, text=True, timeout=600, env=env_cwd)
@@ -303,7 +311,8 @@ def test_default_names_unique_and_no_overwrite(env, tmp_path):
                            capture_output=True, text=True, timeout=600, env=env_cwd)
     assert again.returncode == 2 and again.stderr.strip().count('\n') == 0
     assert 'exists' in again.stderr and 'overwrite' in again.stderr and path.read_bytes() == before
-    forced = subprocess.run([sys.executable, os.path.join(ROOT, args[0]), *args[1:], '--overwrite=True', '--seed=5'],
+    forced = subprocess.run([sys.executable, os.path.join(ROOT, args[0]), *args[1:],
+                             '--overwrite=True', '--seed=5'],
                             cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env_cwd)
     assert forced.returncode == 0, forced.stderr
     assert json.loads(path.read_text())['settings']['seed'] == 5
@@ -423,7 +432,8 @@ def scripted_model(prompt, script, vocab, other):
             cache.kv[0] = (torch.tensor(ids)[None, :, None, None],) * 2
         return F.one_hot(torch.tensor([next_token(ids[:i + 1]) for i in range(len(past), len(ids))]),
                          vocab)[None].float()
-    net = SimpleNamespace(forward_hidden=forward_hidden, lm_head=lambda h: h, args=SimpleNamespace(n_layers=1))
+    net = SimpleNamespace(forward_hidden=forward_hidden, lm_head=lambda h: h,
+                          args=SimpleNamespace(n_layers=1))
     return net, next_token
 
 
@@ -464,7 +474,8 @@ def test_passkey_equals_greedy_decoding(env):
     tok, hf, ours = env['tok'], env['hf'], env['ours']
     next_token = lambda ids: int(hf(torch.tensor(ids)[None]).logits[0, -1].argmax())  # noqa: E731
     n_pass = n_fail = 0
-    for key, depth, n in [('12345', 0.1, 6), ('80808', 0.5, 9), ('31415', 0.9, 4), ('27182', 0.0, 7)]:
+    for key, depth, n in [('12345', 0.1, 6), ('80808', 0.5, 9), ('31415', 0.9, 4),
+                          ('27182', 0.0, 7)]:
         ids, p, _ = eval_passkey.encode_trial(tok, n, key, depth)
         prompt = ids[:p]
         ref_ok, ref_gen = official_verdict(next_token, prompt, key, tok)
@@ -495,14 +506,16 @@ def test_passkey_prefix_reuse(env):
     cache."""
     tok, ours = env['tok'], env['ours']
     cache, cached = model.KVCache(ours.args.n_layers), []
-    for key, depth, n in [('12345', 0.5, 8), ('80808', 0.5, 8), ('31415', 0.2, 8), ('31415', 0.2, 8)]:
+    for key, depth, n in [('12345', 0.5, 8), ('80808', 0.5, 8), ('31415', 0.2, 8),
+                          ('31415', 0.2, 8)]:
         ids, p, _ = eval_passkey.encode_trial(tok, n, key, depth)
         prompt = ids[:p]
-        fresh = eval_passkey.greedy_passkey(ours, prompt, ids[p:], key, tok.decode, eos_id=tok.eos_id)
+        fresh = eval_passkey.greedy_passkey(ours, prompt, ids[p:], key, tok.decode,
+                                            eos_id=tok.eos_id)
         cached = eval_passkey.extend_cache(ours, cache, cached, prompt[:-1])
         assert len(cache) == len(prompt) - 1
-        reused = eval_passkey.greedy_passkey(ours, prompt, ids[p:], key, tok.decode, eos_id=tok.eos_id,
-                                             cache=cache)
+        reused = eval_passkey.greedy_passkey(ours, prompt, ids[p:], key, tok.decode,
+                                             eos_id=tok.eos_id, cache=cache)
         assert reused[:3] == fresh[:3] and abs(reused[3] - fresh[3]) < 1e-4
 
 
@@ -583,7 +596,8 @@ def test_accuracy_by_depth_bins():
 
 def run(*args):
     env = dict(os.environ, OMP_NUM_THREADS='1')
-    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600, env=env)
 
 
 def run_main(monkeypatch, module, **config):
@@ -597,8 +611,9 @@ def run_main(monkeypatch, module, **config):
 def test_eval_ppl_cli(env):
     tmp = env['tmp']
     out, png = str(tmp / 'ppl.json'), str(tmp / 'ppl.png')
-    proc = run('eval_ppl.py', f"--model={env['plain']}", f"--data_dir={env['data']}", '--lengths=[50,300]',
-               '--stride=40', '--num_docs=2', '--doc_tokens=0', '--device=cpu', f'--out={out}', f'--plot={png}')
+    proc = run('eval_ppl.py', f"--model={env['plain']}", f"--data_dir={env['data']}",
+               '--lengths=[50,300]', '--stride=40', '--num_docs=2', '--doc_tokens=0',
+               '--device=cpu', f'--out={out}', f'--plot={png}')
     assert proc.returncode == 0, proc.stderr
     assert 'warning: length 300 > max_position_embeddings 256' in proc.stdout
     r = json.load(open(out))
@@ -641,8 +656,9 @@ def test_eval_ppl_raw_input_and_plot_only(env, monkeypatch, capsys):
 
 def test_eval_passkey_cli(env):
     out, png = str(env['tmp'] / 'pk.json'), str(env['tmp'] / 'pk.png')
-    proc = run('eval_passkey.py', f"--model={env['plain']}", '--lengths=[1000,2000]', '--num_trials=1',
-               '--depths=[0.0,0.5,1.0]', '--max_new_tokens=4', '--device=cpu', f'--out={out}', f'--plot={png}')
+    proc = run('eval_passkey.py', f"--model={env['plain']}", '--lengths=[1000,2000]',
+               '--num_trials=1', '--depths=[0.0,0.5,1.0]', '--max_new_tokens=4', '--device=cpu',
+               f'--out={out}', f'--plot={png}')
     assert proc.returncode == 0, proc.stderr
     assert 'warning: length 1000 > max_position_embeddings 256' in proc.stdout
     r = json.load(open(out))
@@ -652,7 +668,8 @@ def test_eval_passkey_cli(env):
     for t in r['trials']:
         assert 0.99 * t['length'] <= t['tokens'] <= t['length'] and len(t['key']) == 5
         text, _ = eval_passkey.make_passkey_prompt(t['n_filler'], t['key'], t['depth_requested'])
-        ok, gen = official_verdict(next_token, tok.encode(text, bos=True), t['key'], tok, max_new_tokens=4)
+        ok, gen = official_verdict(next_token, tok.encode(text, bos=True), t['key'], tok,
+                                   max_new_tokens=4)
         assert t['pass'] == ok and t['output_ids'] == gen[:len(t['output_ids'])]
     for L in ('1000', '2000'):
         hits = [t['pass'] for t in r['trials'] if str(t['length']) == L]
@@ -723,7 +740,8 @@ def test_bad_input(env, tmp_path, monkeypatch):
     with pytest.raises(UserError, match='no_such_model'):
         run_main(monkeypatch, eval_passkey, model=missing)
     with pytest.raises(ValueError, match='length 20 is shorter than the passkey prompt'):
-        run_main(monkeypatch, eval_passkey, model=env['plain'], lengths=[20], num_trials=1, device='cpu', out=out)
+        run_main(monkeypatch, eval_passkey, model=env['plain'], lengths=[20], num_trials=1,
+                 device='cpu', out=out)
     assert not os.path.exists(out)
 
 

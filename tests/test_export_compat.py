@@ -33,8 +33,8 @@ CASES = {  # name: (our rope_scaling, max_position_embeddings)
     'yarn_mscale': ({'rope_type': 'yarn', 'factor': 4.0, 'original_max_position_embeddings': ORIG,
                      'mscale': 1.0, 'mscale_all_dim': 0.5, 'truncate': False}, MPE),
     'yarn_pose': ({'rope_type': 'yarn_pose', 'factor': 4.0, 'original_max_position_embeddings': ORIG}, MPE),
-    'llama3': ({'rope_type': 'llama3', 'factor': 4.0, 'low_freq_factor': 1.0, 'high_freq_factor': 4.0,
-                'original_max_position_embeddings': ORIG}, MPE),
+    'llama3': ({'rope_type': 'llama3', 'factor': 4.0, 'low_freq_factor': 1.0,
+                'high_freq_factor': 4.0, 'original_max_position_embeddings': ORIG}, MPE),
     'longrope': ({'rope_type': 'longrope', 'original_max_position_embeddings': ORIG,
                   'short_factor': SHORT, 'long_factor': LONG}, MPE),
     'longrope_factor': ({'rope_type': 'longrope', 'original_max_position_embeddings': ORIG, 'factor': 2.0,
@@ -52,7 +52,9 @@ GUARDS = {  # name: (exported case, its rope_scaling rewritten)
     'yarn_as_yarn': ('yarn', lambda rs: dict(CASES['yarn'][0], type='yarn')),  # our old yarn export
     # attention factor left to
     'longrope_unpinned': ('longrope_factor', lambda rs: {k: v for k, v in rs.items()
-                                                         if k not in ('attention_factor', 'short_mscale', 'long_mscale')}),
+                                                         if k not in ('attention_factor',
+                                                                      'short_mscale',
+                                                                      'long_mscale')}),
 }
 
 
@@ -79,8 +81,8 @@ def hf445_python():
 
 def run_hf445(jobs, tmp):
     torch.save(jobs, tmp / 'jobs.pt')
-    r = subprocess.run([hf445_python(), os.path.join(ROOT, 'tests', 'hf_logits.py'), str(tmp / 'jobs.pt'),
-                        str(tmp / 'out.pt')], capture_output=True, text=True, timeout=300)
+    r = subprocess.run([hf445_python(), os.path.join(ROOT, 'tests', 'hf_logits.py'),
+                        str(tmp / 'jobs.pt'), str(tmp / 'out.pt')], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-4000:]
     return torch.load(tmp / 'out.pt')
 
@@ -125,7 +127,8 @@ def test_export_reads_alike_in_445_and_5(results, case):
     assert results['version5'].startswith('5.')
     for line in ('4.45', '5'):
         for kind in ('past', 'mixed'):
-            assert diff(results, line, case, kind) < TOL, (line, case, kind, diff(results, line, case, kind))
+            assert diff(results, line, case, kind) < TOL, (line, case, kind,
+                                                           diff(results, line, case, kind))
     # inside the original window too, except where the lint says the lines differ (longrope short !=
     # long)
     assert diff(results, '5', case, 'inside') < TOL
@@ -172,10 +175,11 @@ def test_lint_findings():
     """export_lint on hand-written configs (foreign checkpoints): each disagreement named once."""
     base = {'max_position_embeddings': 128}
     assert export_lint(dict(base, rope_scaling=None)) == []
-    lint = export_lint(dict(base, rope_scaling={'rope_type': 'linear', 'type': 'yarn', 'factor': 4.0}))
+    lint = export_lint(dict(base,
+                            rope_scaling={'rope_type': 'linear', 'type': 'yarn', 'factor': 4.0}))
     assert any("'linear'" in n and "'yarn'" in n for n in lint)  # the two names that disagree
-    llama3 = {'rope_type': 'llama3', 'type': 'llama3', 'factor': 8.0, 'low_freq_factor': 1.0, 'high_freq_factor': 4.0,
-              'original_max_position_embeddings': 32}
+    llama3 = {'rope_type': 'llama3', 'type': 'llama3', 'factor': 8.0, 'low_freq_factor': 1.0,
+              'high_freq_factor': 4.0, 'original_max_position_embeddings': 32}
     assert export_lint(dict(base, rope_scaling=dict(llama3, factor=4.0))) == []
     lint = export_lint(dict(base, rope_scaling=llama3))  # 128 != 8 x 32: one finding, both lengths
     assert len(lint) == 1 and '128' in lint[0] and '8.0 x 32' in lint[0], lint

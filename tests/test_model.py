@@ -87,7 +87,8 @@ def test_parity_tests_can_fail(tmp_path):
 
 # ---- architectures
 # ----------------------------------------------------------------------------------
-@pytest.mark.parametrize('arch,kv,tie', [('llama', 4, False), ('llama', 2, True), ('mistral', 2, False),
+@pytest.mark.parametrize('arch,kv,tie',
+                         [('llama', 4, False), ('llama', 2, True), ('mistral', 2, False),
                                          ('qwen2', 2, False), ('qwen2', 2, True)])
 def test_arch_parity(tmp_path, arch, kv, tie):
     rope = ROPE_CASES['yarn'][0]
@@ -178,7 +179,8 @@ def test_chunked_loss_keeps_no_logits_for_backward():
 
 def test_model_loss_matches_plain_cross_entropy():
     torch.manual_seed(0)
-    model = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=96, vocab_size=VOCAB))
+    model = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=96,
+                                  vocab_size=VOCAB))
     model.init_weights()
     model.loss_chunk = 5
     pos = positions('mixed')
@@ -226,8 +228,8 @@ def test_flops_per_token_counts_what_a_training_step_multiplies(tie):
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
     torch.manual_seed(0)
-    model = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=96, vocab_size=VOCAB,
-                                  tie_word_embeddings=tie))
+    model = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=96,
+                                  vocab_size=VOCAB, tie_word_embeddings=tie))
     model.init_weights()
     norm_weights = sum(p.numel() for p in model.parameters() if p.dim() == 1)
     for T in (64, 256):

@@ -47,7 +47,8 @@ def test_pytorch_bin_single_and_sharded(tmp_path):
     sd_old = dict(sd, **{'model.layers.0.self_attn.rotary_emb.inv_freq': torch.ones(8)})
     torch.save(sd_old, single / 'pytorch_model.bin')
     names = list(sd)
-    parts = {'pytorch_model-00001-of-00002.bin': names[:10], 'pytorch_model-00002-of-00002.bin': names[10:]}
+    parts = {'pytorch_model-00001-of-00002.bin': names[:10],
+             'pytorch_model-00002-of-00002.bin': names[10:]}
     for fname, keys in parts.items():
         torch.save({k: sd[k] for k in keys}, sharded / fname)
     json.dump({'weight_map': {k: f for f, keys in parts.items() for k in keys}},
@@ -69,7 +70,8 @@ def test_rope_override_on_checkpoint(tmp_path):
     cfg['rope_parameters'] = dict(ROPE_CASES['yarn'][0], rope_theta=10000.0)
     cfg['max_position_embeddings'] = 128
     json.dump(cfg, open(ref_dir / 'config.json', 'w'))
-    assert_parity(AutoModelForCausalLM.from_pretrained(ref_dir).eval(), model, kinds=('contig', 'skip'))
+    assert_parity(AutoModelForCausalLM.from_pretrained(ref_dir).eval(), model,
+                  kinds=('contig', 'skip'))
     save_pretrained(model, tmp_path / 'ours', tokenizer_dir=None)
     out = json.load(open(tmp_path / 'ours' / 'config.json'))
     assert out['max_position_embeddings'] == 128 and out['rope_scaling']['original_max_position_embeddings'] == 32
@@ -127,8 +129,10 @@ def test_bad_inputs(tmp_path):
     with pytest.raises(ValueError, match=r'missing.*model\.layers\.1\.mlp\.up_proj\.weight'):
         load_pretrained(p)
     p = bad('extra')
-    edit_weights(p, lambda sd: sd.update({'model.layers.0.self_attn.q_norm.weight': torch.ones(16)}))
-    with pytest.raises(ValueError, match=r'unexpected.*model\.layers\.0\.self_attn\.q_norm\.weight'):
+    edit_weights(p,
+                 lambda sd: sd.update({'model.layers.0.self_attn.q_norm.weight': torch.ones(16)}))
+    with pytest.raises(ValueError,
+                       match=r'unexpected.*model\.layers\.0\.self_attn\.q_norm\.weight'):
         load_pretrained(p)
     p = bad('shape')
     edit_weights(p, lambda sd: sd.update({'model.norm.weight': torch.ones(63)}))
@@ -164,7 +168,8 @@ def test_bad_inputs(tmp_path):
         f.write('}')
     with pytest.raises(UserError, match=f"{os.path.join(p, 'config.json')}: invalid JSON"):
         load_pretrained(p)
-    for rope, needle in [({'rope_type': 'linear', 'factor': -4.0}, 'factor=-4.0 must be a number >= 1'),
+    for rope, needle in [({'rope_type': 'linear', 'factor': -4.0},
+                          'factor=-4.0 must be a number >= 1'),
                          ({'rope_type': 'linear', 'factor': 0.5}, 'factor=0.5'),
                          ({'rope_type': 'linear', 'factor': '4'}, "factor='4'"),
                          ('linear', "rope_scaling='linear': expected a dict")]:

@@ -85,7 +85,8 @@ def test_sentencepiece_roundtrip_on_real_source(sp_model):
     assert (tok.vocab_size, tok.bos_id, tok.eos_id) == (512, 1, 2)
     sp = spm.SentencePieceProcessor(model_file=sp_model)
     assert (sp.unk_id(), sp.bos_id(), sp.eos_id()) == (0, 1, 2)  # Llama's layout
-    docs = DOCS + stdlib_texts(['tokenize.py', 'inspect.py']) + ['  leading spaces\n\n\ttabs\r\n', 'émoji 😀 中文 123456']
+    docs = DOCS + stdlib_texts(['tokenize.py', 'inspect.py']) + ['  leading spaces\n\n\ttabs\r\n',
+                                                                 'émoji 😀 中文 123456']
     for doc in docs:
         ids = tok.encode(doc)
         assert ids[0] == 1 and max(ids) < 512
@@ -162,18 +163,22 @@ def test_all_input_formats_round_trip(tmp_path, sp_model):
     (tmp_path / 'txt' / 'sub').mkdir(parents=True)
     # a directory, recursive, sorted by name; non-.txt files there ignored
     for i, d in enumerate(docs):
-        (tmp_path / 'txt' / ('sub' if i >= 4 else '') / f'{i:02d}.txt').write_text(d, encoding='utf-8')
+        (tmp_path / 'txt' / ('sub' if i >= 4 else '') / f'{i:02d}.txt').write_text(d,
+                                                                                   encoding='utf-8')
     (tmp_path / 'txt' / 'notes.md').write_text('ignored')
     zst = tmp_path / 'a.jsonl.zst'
     with open(zst, 'wb') as f, zstandard.ZstdCompressor().stream_writer(f) as w:
         w.write(''.join(json.dumps({'body': d}) + '\n\n' for d in docs).encode())
-    pq.write_table(pa.table({'body': docs, 'n': list(range(len(docs)))}), tmp_path / 'a.parquet', row_group_size=3)
-    sources = {'jsonl': write_jsonl(tmp_path / 'a.jsonl', docs, 'body'), 'gz': write_jsonl(tmp_path / 'a.jsonl.gz', docs, 'body', gzip.open),
-               'zst': str(zst), 'parquet': str(tmp_path / 'a.parquet'), 'txt': str(tmp_path / 'txt')}
+    pq.write_table(pa.table({'body': docs, 'n': list(range(len(docs)))}), tmp_path / 'a.parquet',
+                   row_group_size=3)
+    sources = {'jsonl': write_jsonl(tmp_path / 'a.jsonl', docs, 'body'),
+               'gz': write_jsonl(tmp_path / 'a.jsonl.gz', docs, 'body', gzip.open), 'zst': str(zst),
+               'parquet': str(tmp_path / 'a.parquet'), 'txt': str(tmp_path / 'txt')}
     for name, src in sources.items():
         out = run(tmp_path, name, input=src, tokenizer=sp_model, text_key='body')
         assert split_docs(out, 'train') == expected, name
-    both = run(tmp_path, 'both', input=f"{sources['zst']},{tmp_path}/a.parq*", tokenizer=sp_model, text_key='body')
+    both = run(tmp_path, 'both', input=f"{sources['zst']},{tmp_path}/a.parq*", tokenizer=sp_model,
+               text_key='body')
     assert split_docs(both, 'train') == expected + expected  # comma list + glob, in the order given
 
 
@@ -191,7 +196,8 @@ def test_hf_tokenizer_json_bos_from_tokenizer_config(tmp_path):
     assert split_docs(out, 'train') == [[bos] + ref.encode(d, add_special_tokens=False).ids + [eos] for d in docs]
     assert tok.decode(tok.encode(docs[0])) == docs[0]
     # Qwen2-style: bos_token null in tokenizer_config beats config.json's bos_token_id -> no BOS
-    json.dump({'bos_token': None, 'eos_token': '</s>'}, open(os.path.join(folder, 'tokenizer_config.json'), 'w'))
+    json.dump({'bos_token': None, 'eos_token': '</s>'},
+              open(os.path.join(folder, 'tokenizer_config.json'), 'w'))
     json.dump({'bos_token_id': bos}, open(os.path.join(folder, 'config.json'), 'w'))
     tok = load_tokenizer(os.path.join(folder, 'tokenizer.json'))
     assert tok.bos_id is None and tok.eos_id == ref.token_to_id('</s>')
@@ -199,7 +205,8 @@ def test_hf_tokenizer_json_bos_from_tokenizer_config(tmp_path):
     # no configs: BOS from the tokenizer's post-processor template (as Llama 2/3's tokenizer.json)
     for n in ('tokenizer_config.json', 'config.json'):
         os.remove(os.path.join(folder, n))
-    ref.post_processor = tokenizers.processors.TemplateProcessing(single='<|begin_of_text|> $A', special_tokens=[('<|begin_of_text|>', bos)])
+    ref.post_processor = tokenizers.processors.TemplateProcessing(single='<|begin_of_text|> $A',
+                                                                  special_tokens=[('<|begin_of_text|>', bos)])
     ref.save(os.path.join(folder, 'tokenizer.json'))
     assert load_tokenizer(folder).bos_id == bos
 
@@ -263,15 +270,21 @@ def test_errors_are_one_line_and_write_nothing(tmp_path, sp_model):
     nokey.write_text('{"text": "ok"}\n{"content": "x"}\n')
     (tmp_path / 'empty').mkdir()
     cases = [
-        (dict(input=str(tmp_path / 'nope.jsonl'), tokenizer=sp_model), UserError, 'input not found: .*nope.jsonl'),
-        (dict(input=str(tmp_path / 'empty'), tokenizer=sp_model), UserError, 'no input files found in .*empty'),
+        (dict(input=str(tmp_path / 'nope.jsonl'), tokenizer=sp_model), UserError,
+         'input not found: .*nope.jsonl'),
+        (dict(input=str(tmp_path / 'empty'), tokenizer=sp_model), UserError,
+         'no input files found in .*empty'),
         (dict(input=str(bad), tokenizer=sp_model), ValueError, r'bad\.jsonl:3: invalid JSON'),
-        (dict(input=f'{good},{nokey}', tokenizer=sp_model), ValueError, r"nokey\.jsonl:2: no text key 'text'"),
-        (dict(input=good, tokenizer=str(tmp_path / 'missing.model')), UserError, 'tokenizer not found: .*missing.model'),
-        (dict(input=good, tokenizer=str(tmp_path / 'empty')), UserError, 'tokenizer not found: no tokenizer.model'),
+        (dict(input=f'{good},{nokey}', tokenizer=sp_model), ValueError,
+         r"nokey\.jsonl:2: no text key 'text'"),
+        (dict(input=good, tokenizer=str(tmp_path / 'missing.model')), UserError,
+         'tokenizer not found: .*missing.model'),
+        (dict(input=good, tokenizer=str(tmp_path / 'empty')), UserError,
+         'tokenizer not found: no tokenizer.model'),
         (dict(input=good, tokenizer=good), ValueError, 'not a sentencepiece model'),
         (dict(input=good), UserError, 'tokenizer not found'),
-        (dict(input=good, tokenizer=sp_model, min_tokens=10 ** 9), ValueError, 'no training documents kept'),
+        (dict(input=good, tokenizer=sp_model, min_tokens=10 ** 9), ValueError,
+         'no training documents kept'),
     ]
     for i, (kw, exc, pattern) in enumerate(cases):
         with pytest.raises(exc, match=pattern) as e:
@@ -302,8 +315,10 @@ def test_corrupt_inputs_and_tokenizers_are_one_line_user_errors(tmp_path, sp_mod
     cases = [(dict(input=str(gz), tokenizer=sp_model), rf'{gz}:\d+: unreadable'),
              (dict(input=str(zst), tokenizer=sp_model), rf'{zst}:\d+: unreadable \(ZstdError'),
              (dict(input=str(pq), tokenizer=sp_model), f'{pq}: unreadable parquet'),
-             (dict(input=good, tokenizer=str(tmp_path / 'tokjson')), 'tokenizer.json: not a tokenizers tokenizer.json'),
-             (dict(input=good, tokenizer=str(tmp_path / 'bad.model')), 'bad.model: not a sentencepiece model')]
+             (dict(input=good, tokenizer=str(tmp_path / 'tokjson')),
+              'tokenizer.json: not a tokenizers tokenizer.json'),
+             (dict(input=good, tokenizer=str(tmp_path / 'bad.model')),
+              'bad.model: not a sentencepiece model')]
     for i, (kw, pattern) in enumerate(cases):
         with pytest.raises(UserError, match=pattern) as e:
             run(tmp_path, f'o{i}', **kw)
@@ -311,8 +326,9 @@ def test_corrupt_inputs_and_tokenizers_are_one_line_user_errors(tmp_path, sp_mod
 
 def test_cli_embedded_corpus_and_error_exit(tmp_path):
     out = str(tmp_path / 'demo')
-    cmd = [sys.executable, os.path.join(ROOT, 'prepare_data.py'), '--corpus=python_stdlib', f'--out_dir={out}',
-           '--train_tokenizer=400', '--tokenizer_sample_mb=0.3', '--max_docs=12', '--val_fraction=0.2']
+    cmd = [sys.executable, os.path.join(ROOT, 'prepare_data.py'), '--corpus=python_stdlib',
+           f'--out_dir={out}', '--train_tokenizer=400', '--tokenizer_sample_mb=0.3',
+           '--max_docs=12', '--val_fraction=0.2']
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     meta = read_meta(out)
@@ -327,13 +343,15 @@ def test_cli_embedded_corpus_and_error_exit(tmp_path):
     assert len(kept) == 12 and all(tok.decode(d) in sources and d[0] == 1 for d in kept)
     from transformers import AutoTokenizer
     hf = AutoTokenizer.from_pretrained(out)
-    for text in DOCS[:6] + ['def f(x):\n    return x  # 123\n', 'The pass key is 48213. Remember it.']:
+    for text in DOCS[:6] + ['def f(x):\n    return x  # 123\n',
+                            'The pass key is 48213. Remember it.']:
         assert hf(text)['input_ids'] == tok.encode(text), text
     bad = tmp_path / 'bad.jsonl.gz'
     with gzip.open(bad, 'wt') as f:
         f.write('{"text": "a"}\n{"text": 1\n')
     r = subprocess.run([sys.executable, os.path.join(ROOT, 'prepare_data.py'), f'--input={bad}',
-                        f'--out_dir={tmp_path / "x"}', f'--tokenizer={out}'], capture_output=True, text=True, timeout=60)
+                        f'--out_dir={tmp_path / "x"}', f'--tokenizer={out}'], capture_output=True,
+                        text=True, timeout=60)
     last = r.stderr.strip().splitlines()[-1]  # after the progress bar
     assert r.returncode == 2 and last.startswith(f'error: {bad}:2: invalid JSON') and r.stderr.count('error') == 1
     assert not os.path.exists(tmp_path / 'x')  # not even an empty out_dir

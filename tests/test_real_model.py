@@ -30,7 +30,8 @@ TEXTS = ["The capital of France is",
 def smollm2():
     # the one-time download + conversion (~1 min)
     if not os.path.isfile(os.path.join(MODEL_DIR, 'config.json')):
-        r = subprocess.run([sys.executable, os.path.join(ROOT, 'convert_gguf.py'), f'--out={MODEL_DIR}',
+        r = subprocess.run([sys.executable, os.path.join(ROOT, 'convert_gguf.py'),
+                            f'--out={MODEL_DIR}',
                             f"--download_dir={os.path.join(CACHE, 'download')}"],
                            cwd=ROOT, capture_output=True, text=True, timeout=900)
         assert r.returncode == 0, f"convert_gguf.py failed:\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}"
@@ -52,8 +53,8 @@ def test_converted_config(smollm2):
     import json
     cfg = json.load(open(os.path.join(smollm2, 'config.json')))
     assert 'quantization_config' not in cfg
-    assert (cfg['num_hidden_layers'], cfg['hidden_size'], cfg['num_attention_heads'], cfg['num_key_value_heads'],
-            cfg['max_position_embeddings'], cfg['tie_word_embeddings']) == (30, 576, 9, 3, 8192, True)
+    assert (cfg['num_hidden_layers'], cfg['hidden_size'], cfg['num_attention_heads'],
+            cfg['num_key_value_heads'], cfg['max_position_embeddings'], cfg['tie_word_embeddings']) == (30, 576, 9, 3, 8192, True)
 
 
 @torch.inference_mode()
@@ -72,13 +73,14 @@ def test_logits_match_transformers_skipwise_yarn(smollm2, ours):
     # ids
     from transformers import AutoModelForCausalLM
     rs = {'rope_type': 'yarn', 'factor': 2.0, 'original_max_position_embeddings': 8192}
-    hf = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32, max_position_embeddings=16384,
-                                              rope_parameters=dict(rs, rope_theta=100000.0)).eval()
+    hf = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32,
+                                              max_position_embeddings=16384, rope_parameters=dict(rs, rope_theta=100000.0)).eval()
     net = load_pretrained(smollm2, rope_scaling=rs, max_position_embeddings=16384).eval()
     tok = load_tokenizer(smollm2)
     ids = torch.tensor([tok.encode(' '.join(TEXTS))[:32]])
     pos = torch.cat([torch.arange(16), torch.arange(16) + 16384 - 16])[None]
-    torch.testing.assert_close(net(ids, position_ids=pos)[0], hf(ids, position_ids=pos).logits, atol=2e-4, rtol=1e-4)
+    torch.testing.assert_close(net(ids, position_ids=pos)[0], hf(ids, position_ids=pos).logits,
+                               atol=2e-4, rtol=1e-4)
     del hf, net
 
 
@@ -123,7 +125,7 @@ def test_passkey_passes_at_1k(smollm2, ours, hf_model):
 
 
 def test_convert_bad_input(tmp_path):
-    r = subprocess.run([sys.executable, os.path.join(ROOT, 'convert_gguf.py'), f'--out={tmp_path / "m"}', '--package=',
-                        f'--gguf={tmp_path / "missing.gguf"}'], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, os.path.join(ROOT, 'convert_gguf.py'),
+                        f'--out={tmp_path / "m"}', '--package=', f'--gguf={tmp_path / "missing.gguf"}'], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [f"error: gguf file not found: {tmp_path / 'missing.gguf'}"]
     assert not os.path.exists(tmp_path / 'm') and not os.path.exists(tmp_path / 'm.tmp')

@@ -103,7 +103,8 @@ def run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp('rel')
     data = make_data(str(tmp / 'data'), n_train=12, n_val=4)
     out = str(tmp / 'run')
-    proc = script('train.py', *TINY, f'--data_dir={data}', f'--out_dir={out}', '--max_iters=2', '--eval_interval=0')
+    proc = script('train.py', *TINY, f'--data_dir={data}', f'--out_dir={out}', '--max_iters=2',
+                  '--eval_interval=0')
     assert proc.wait(timeout=300) == 0, proc.stderr.read()
     return dict(tmp=tmp, data=data, out=out, hf=os.path.join(out, 'hf'))
 
@@ -119,7 +120,8 @@ def test_train_refuses_bad_settings_and_data(run):
     bad_meta, uint17, other_tok = (copy(data, tmp / n) for n in ('bad_meta', 'uint17', 'other_tok'))
     with open(os.path.join(bad_meta, 'meta.json'), 'a') as f:
         f.write('}')
-    for d, upd in ((uint17, {'dtype': 'uint17'}), (other_tok, {'tokenizer': '/elsewhere/tokenizer.model',
+    for d, upd in ((uint17, {'dtype': 'uint17'}),
+                   (other_tok, {'tokenizer': '/elsewhere/tokenizer.model',
                                                                   'tokenizer_sha256': 'ab' * 32})):
         meta = json.load(open(os.path.join(d, 'meta.json')))
         json.dump(dict(meta, **upd), open(os.path.join(d, 'meta.json'), 'w'))
@@ -132,15 +134,21 @@ def test_train_refuses_bad_settings_and_data(run):
         (('train.py', *common, '--learning_rate=-1'), ['learning_rate=-1.0']),
         (('train.py', *common, '--beta1=1.0'), ['beta1=1.0']),
         (('train.py', *common, '--eval_iters=0'), ['eval_iters=0']),
-        (('train.py', *common, "--rope_scaling={'rope_type':'linear','factor':-4}"), ['rope_scaling', 'factor=-4']),
-        (('train.py', *common, "--rope_scaling={'rope_type':'linear','factor':'4'}"), ['rope_scaling', "factor='4'"]),
+        (('train.py', *common, "--rope_scaling={'rope_type':'linear','factor':-4}"),
+         ['rope_scaling', 'factor=-4']),
+        (('train.py', *common, "--rope_scaling={'rope_type':'linear','factor':'4'}"),
+         ['rope_scaling', "factor='4'"]),
         (('train.py', *common, f'--out_dir={a_file}'), [a_file, 'is a file']),
-        (('train.py', *common, f'--data_dir={bad_meta}'), [os.path.join(bad_meta, 'meta.json'), 'invalid JSON']),
-        (('train.py', *common, f'--data_dir={uint17}'), [os.path.join(uint17, 'meta.json'), "dtype='uint17'"]),
+        (('train.py', *common, f'--data_dir={bad_meta}'),
+         [os.path.join(bad_meta, 'meta.json'), 'invalid JSON']),
+        (('train.py', *common, f'--data_dir={uint17}'),
+         [os.path.join(uint17, 'meta.json'), "dtype='uint17'"]),
         (('train.py', *common, f'--data_dir={other_tok}', f'--init_from={model}'),
-         [other_tok, '/elsewhere/tokenizer.model', model, 'tokenizer.json sha256', 'check_tokenizer=False']),
+         [other_tok, '/elsewhere/tokenizer.model', model, 'tokenizer.json sha256',
+          'check_tokenizer=False']),
         # the model's window is 64 (model_args): target_len 32 would give a linear factor 0.5
-        (('train.py', *common, '--train_len=32', '--target_len=32', '--method=full'), ['target_len=32', '64', 'factor 0.5']),
+        (('train.py', *common, '--train_len=32', '--target_len=32', '--method=full'),
+         ['target_len=32', '64', 'factor 0.5']),
     ])
     assert not os.path.exists(tmp / 'never')
 
@@ -148,10 +156,12 @@ def test_train_refuses_bad_settings_and_data(run):
 def test_resume_refuses_changed_settings(run):
     """(A resume that changes max_iters: test_train.py's GPU recipe.)"""
     out = copy(run['out'], run['tmp'] / 'resume')
-    common = [*TINY, f"--data_dir={run['data']}", f'--out_dir={out}', '--init_from=resume', '--eval_interval=0']
+    common = [*TINY, f"--data_dir={run['data']}", f'--out_dir={out}', '--init_from=resume',
+              '--eval_interval=0']
     state = os.path.join(out, 'ckpt-2', 'train_state.json')
     refused_all([(('train.py', *common, '--train_len=32'), ['train_len=32', 'train_len=64', state]),
-                 (('train.py', *common, "--rope_scaling={'rope_type':'yarn'}"), ['rope_scaling', "'yarn'", "'linear'"]),
+                 (('train.py', *common, "--rope_scaling={'rope_type':'yarn'}"),
+                  ['rope_scaling', "'yarn'", "'linear'"]),
                  (('train.py', *common, '--batch_size=4'), ['global batch 4 x 1', '8 x 1', state])])
     assert files(out) == files(run['out'])
 
@@ -170,8 +180,10 @@ def test_corrupt_checkpoints_and_weights_are_named(run, monkeypatch):
     os.truncate(st, os.path.getsize(st) // 2)
     common = [*TINY, f"--data_dir={run['data']}", '--max_iters=3', '--eval_interval=0']
     refused_all([
-        (('train.py', *common, f'--out_dir={distcp}', '--init_from=resume'), [os.path.join(distcp, 'ckpt-2'), 'unreadable checkpoint']),
-        (('train.py', *common, f'--out_dir={state}', '--init_from=resume'), [os.path.join(state, 'ckpt-2', 'train_state.json')]),
+        (('train.py', *common, f'--out_dir={distcp}', '--init_from=resume'),
+         [os.path.join(distcp, 'ckpt-2'), 'unreadable checkpoint']),
+        (('train.py', *common, f'--out_dir={state}', '--init_from=resume'),
+         [os.path.join(state, 'ckpt-2', 'train_state.json')]),
     ])
     make_hf_tokenizer(tmp / 'tok60', 60)
     for module, cfg in ((eval_ppl, dict(data_dir=run['data'], tokenizer=None)),
@@ -190,7 +202,8 @@ def test_disk_full_names_the_path_and_leaves_no_temp_files(run, tmp_path, monkey
     ckpt_out, export_out = str(tmp_path / 'ckpt'), copy(run['out'], tmp_path / 'export')
     common = [*TINY, f"--data_dir={run['data']}", '--eval_interval=0']
     at_ckpt = script('train.py', *common, f'--out_dir={ckpt_out}', '--max_iters=1', patch=DCP_FULL)
-    at_export = script('train.py', *common, f'--out_dir={export_out}', '--init_from=resume', '--max_iters=2',
+    at_export = script('train.py', *common, f'--out_dir={export_out}', '--init_from=resume',
+                       '--max_iters=2',
                        patch=SAFETENSORS_FULL)  # resumed at max_iters: straight to the export
     refused(at_ckpt, 1, f'no space left on device writing {ckpt_out}/ckpt-1.tmp')
     assert files(ckpt_out) == ['log.jsonl']
@@ -201,8 +214,9 @@ def test_disk_full_names_the_path_and_leaves_no_temp_files(run, tmp_path, monkey
     make_hf_tokenizer(tmp_path / 'tok', 50)
     (tmp_path / 'docs.jsonl').write_text(''.join(json.dumps({'text': d}) + '\n' for d in word_docs(50)))
     out = str(tmp_path / 'data')
-    proc = script('prepare_data.py', f"--input={tmp_path / 'docs.jsonl'}", f"--tokenizer={tmp_path / 'tok'}",
-                  '--val_fraction=0.2', f'--out_dir={out}', patch=OPEN_FULL)
+    proc = script('prepare_data.py', f"--input={tmp_path / 'docs.jsonl'}",
+                  f"--tokenizer={tmp_path / 'tok'}", '--val_fraction=0.2', f'--out_dir={out}',
+                  patch=OPEN_FULL)
     refused(proc, 1, f'no space left on device writing {out}')
     assert not os.path.exists(out)  # no temp files, not even the directory it made
     # an eval result
@@ -233,8 +247,8 @@ def test_ctrl_c_is_one_line_exit_130_and_nothing_half_written(run, tmp_path):
     name = open(os.path.join(out, 'latest')).read().strip()
     assert os.path.isfile(os.path.join(out, name, 'train_state.json'))
     res = str(tmp_path / 'ppl.json')  # eval: stride 1 makes ~4000 windows, seconds of work
-    ev = script('eval_ppl.py', f"--model={run['hf']}", f"--data_dir={run['data']}", '--split=train', '--lengths=[64]',
-                '--stride=1', '--num_docs=None', '--doc_tokens=0', '--device=cpu', f'--out={res}')
+    ev = script('eval_ppl.py', f"--model={run['hf']}", f"--data_dir={run['data']}", '--split=train',
+                '--lengths=[64]', '--stride=1', '--num_docs=None', '--doc_tokens=0', '--device=cpu', f'--out={res}')
     seen = ''
     while 'L=64' not in seen:  # the progress bar: the model is loaded, the windows are running
         seen += os.read(ev.stderr.fileno(), 1000).decode()
@@ -478,7 +492,8 @@ def test_eval_bad_input(run, tmp_path, monkeypatch):
     """Checked before the work: an existing directory as --out, num_docs=0; token ids past the
     model's vocab and another tokenizer's data are refused by name."""
     def main(module, **cfg):
-        base = dict(model=run['hf'], lengths=[64], device='cpu', tokenizer=None, out=str(tmp_path / 'r.json'))
+        base = dict(model=run['hf'], lengths=[64], device='cpu', tokenizer=None,
+                    out=str(tmp_path / 'r.json'))
         if module is eval_ppl:
             base.update(data_dir=run['data'], num_docs=None)
         cfg = dict(base, **cfg)
@@ -493,7 +508,8 @@ def test_eval_bad_input(run, tmp_path, monkeypatch):
     tokens.tofile(os.path.join(big, 'val.bin'))
     meta = json.load(open(os.path.join(big, 'meta.json')))
     json.dump(dict(meta, vocab_size=100), open(os.path.join(big, 'meta.json'), 'w'))
-    with pytest.raises(UserError, match=f"data_dir='{big}' has token id 99 >= the model's vocab_size 64"):
+    with pytest.raises(UserError,
+                       match=f"data_dir='{big}' has token id 99 >= the model's vocab_size 64"):
         main(eval_ppl, data_dir=big)
     json.dump(dict(meta, tokenizer_sha256='ab' * 32), open(os.path.join(big, 'meta.json'), 'w'))
     model = copy(run['hf'], tmp_path / 'with_tok')
@@ -509,7 +525,8 @@ def test_eval_bad_input(run, tmp_path, monkeypatch):
     with pytest.raises(UserError, match="gives token id .* >= the model's vocab_size 64"):
         main(eval_passkey, tokenizer=str(tmp_path / 'tok200'), lengths=[300], num_trials=1,
              check_tokenizer=False)  # (the export has no tokenizer to check it against)
-    with pytest.raises(UserError, match=f"tokenizer='{tmp_path / 'tok200'}'.*does not match {model}'s tokenizer"):
+    with pytest.raises(UserError,
+                       match=f"tokenizer='{tmp_path / 'tok200'}'.*does not match {model}'s tokenizer"):
         main(eval_passkey, model=model, tokenizer=str(tmp_path / 'tok200'), lengths=[300], num_trials=1,
              check_tokenizer=True)
     assert files(tmp_path).count('r.json') == 0
@@ -531,7 +548,8 @@ def test_prepare_data_and_readers_name_the_file(tmp_path):
     assert not os.path.exists(tmp_path / 'o')
     d = make_data(str(tmp_path / 'd'))
     meta = json.load(open(os.path.join(d, 'meta.json')))
-    for bad, needle in [({'dtype': 'uint17'}, "dtype='uint17'"), ({'vocab_size': 'big'}, "vocab_size='big'"),
+    for bad, needle in [({'dtype': 'uint17'}, "dtype='uint17'"),
+                        ({'vocab_size': 'big'}, "vocab_size='big'"),
                         ({'splits': {'train': 3}}, 'splits=')]:
         json.dump(dict(meta, **bad), open(os.path.join(d, 'meta.json'), 'w'))
         with pytest.raises(UserError, match=f"{os.path.join(d, 'meta.json')}: {needle}"):

@@ -30,7 +30,8 @@ def pose_repo_inv_freq(theta, d, s, orig, beta_fast=32, beta_slow=1):
 
 
 def test_yarn_pose_formula():
-    for theta, d, s, orig in ((10000.0, 16, 8.0, 256), (10000.0, 128, 32.0, 2048), (500000.0, 128, 16.0, 8192)):
+    for theta, d, s, orig in ((10000.0, 16, 8.0, 256), (10000.0, 128, 32.0, 2048),
+                              (500000.0, 128, 16.0, 8192)):
         rs = {'rope_type': 'yarn_pose', 'factor': s, 'original_max_position_embeddings': orig}
         ours, attn = rope_yarn_pose(rs, d, theta, orig, torch.tensor(10))
         ref = torch.tensor(pose_repo_inv_freq(theta, d, s, orig), dtype=torch.float64)
@@ -127,10 +128,10 @@ def test_inv_freq_bit_identical_to_transformers():
     cases = [({'rope_type': 'linear', 'factor': 8.0}, 4096),
              ({'rope_type': 'dynamic', 'factor': 2.0}, 4096),
              ({'rope_type': 'yarn', 'factor': 16.0, 'original_max_position_embeddings': 4096}, 65536),
-             ({'rope_type': 'yarn', 'factor': 40.0, 'original_max_position_embeddings': 4096, 'beta_fast': 24,
-               'mscale': 0.707, 'mscale_all_dim': 0.707, 'truncate': False}, 163840),
-             ({'rope_type': 'llama3', 'factor': 8.0, 'low_freq_factor': 1.0, 'high_freq_factor': 4.0,
-               'original_max_position_embeddings': 8192}, 131072),
+             ({'rope_type': 'yarn', 'factor': 40.0, 'original_max_position_embeddings': 4096,
+               'beta_fast': 24, 'mscale': 0.707, 'mscale_all_dim': 0.707, 'truncate': False}, 163840),
+             ({'rope_type': 'llama3', 'factor': 8.0, 'low_freq_factor': 1.0,
+               'high_freq_factor': 4.0, 'original_max_position_embeddings': 8192}, 131072),
              ({'rope_type': 'longrope', 'short_factor': short, 'long_factor': long,
                'original_max_position_embeddings': 4096}, 131072)]
     # factor != mpe / original: the factor wins; no factor: the fallback mpe / original (= 16 here)

@@ -13,8 +13,9 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 # noqa: E402
-from sample_positions import (SAMPLERS, check_options, coverage_curve, draws_per_second, examples_to_cover,
-                              pose, pose2_coverage_exact, randpos, full, relative_distances)
+from sample_positions import (SAMPLERS, check_options, coverage_curve, draws_per_second,
+                              examples_to_cover, pose, pose2_coverage_exact, randpos, full,
+                              relative_distances)
 
 
 # ----------------------------------------------------------------------------- references
@@ -57,10 +58,11 @@ def offsets(tok, pos):
 # ----------------------------------------------------------------------------- PoSE structure
 
 @pytest.mark.parametrize("doc_len,L_c,L_t,N,content,chunking", [
-    (64, 16, 64, 2, 'uniform', 'paper'), (20, 16, 64, 3, 'uniform', 'paper'), (16, 16, 16, 2, 'uniform', 'paper'),
-    (100, 16, 200, 1, 'uniform', 'paper'), (100, 16, 200, 16, 'uniform', 'paper'), (100, 16, 200, 7, 'zero', 'paper'),
-    (300, 16, 200, 3, 'aligned', 'paper'), (40, 16, 200, 4, 'aligned', 'paper'), (50, 17, 90, 2, 'uniform', 'official'),
-    (5000, 2048, 16384, 2, 'uniform', 'paper'),
+    (64, 16, 64, 2, 'uniform', 'paper'), (20, 16, 64, 3, 'uniform', 'paper'),
+    (16, 16, 16, 2, 'uniform', 'paper'), (100, 16, 200, 1, 'uniform', 'paper'),
+    (100, 16, 200, 16, 'uniform', 'paper'), (100, 16, 200, 7, 'zero', 'paper'),
+    (300, 16, 200, 3, 'aligned', 'paper'), (40, 16, 200, 4, 'aligned', 'paper'),
+    (50, 17, 90, 2, 'uniform', 'official'), (5000, 2048, 16384, 2, 'uniform', 'paper'),
 ])
 def test_pose_follows_eq4_eq5(doc_len, L_c, L_t, N, content, chunking):
     rng = np.random.default_rng(1)
@@ -100,7 +102,8 @@ def test_pose_offsets_are_uniform_as_in_the_paper():
     assert len(l0) > 0.9 * n and chi2_ok(l0, np.arange(1, L_c))
     # the checks have teeth: an off-by-one u_1 ~ U{0 .. L_t - L_c - 1} or a wrong support fails them
     bad = np.random.default_rng(3).integers(0, L_t - L_c, size=n)
-    assert not chi2_ok(bad, np.arange(L_t - L_c + 1)) and not moments_ok(bad, np.arange(L_t - L_c + 1))
+    assert not chi2_ok(bad, np.arange(L_t - L_c + 1)) and not moments_ok(bad,
+                                                                         np.arange(L_t - L_c + 1))
     assert not chi2_ok(np.minimum(u1 + 1, L_t - L_c), np.arange(L_t - L_c + 1))
 
 
@@ -198,12 +201,14 @@ def test_bad_arguments_raise_naming_the_values(name, args, kwargs, words):
 
 
 def test_check_options_accepts_what_the_samplers_draw_and_names_the_rest():
-    for name, kwargs in [('pose', {}), ('pose', {'num_chunks': 3, 'content': 'zero', 'chunking': 'paper'}),
+    for name, kwargs in [('pose', {}),
+                         ('pose', {'num_chunks': 3, 'content': 'zero', 'chunking': 'paper'}),
                          ('pose', {'num_chunks': 2, 'chunking': 'official'}), ('randpos', {}), ('full', {})]:
         check_options(name, 16, 64, **kwargs)
         # and the sampler draws with them
         SAMPLERS[name](16, 16, 64, np.random.default_rng(0), **kwargs)
-    for args, kwargs, word in [(('fancy', 16, 64), {}, "method='fancy'"), (('pose', 0, 64), {}, 'train_len=0'),
+    for args, kwargs, word in [(('fancy', 16, 64), {}, "method='fancy'"),
+                               (('pose', 0, 64), {}, 'train_len=0'),
                                (('randpos', 16, 64), {'num_chunks': 2}, "'num_chunks'")]:
         with pytest.raises(ValueError, match=word):
             check_options(*args, **kwargs)
@@ -320,8 +325,8 @@ def run_cli(*args, cwd=ROOT):
 
 def test_cli_table_and_plot(tmp_path):
     png = tmp_path / 'coverage.png'
-    proc = run_cli('--train_len=16', '--target_len=96', '--draws=100', '--speed_seconds=0.02', f'--plot={png}',
-                   cwd=tmp_path)
+    proc = run_cli('--train_len=16', '--target_len=96', '--draws=100', '--speed_seconds=0.02',
+                   f'--plot={png}', cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     for word in ('N=1', 'N=2', 'N=3', 'RandPos', '[1, 16)', '[80, 96)', 'draws/s', '99%'):
         assert word in proc.stdout, word

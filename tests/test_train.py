@@ -29,8 +29,8 @@ def data(tmp_path_factory):
 def start(*args, nproc=1):
     cmd = [sys.executable, 'train.py'] if nproc == 1 else \
         [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}', 'train.py']
-    return subprocess.Popen(cmd + list(args), cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    return subprocess.Popen(cmd + list(args), cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
 
 
 def finish(proc, check=True):
@@ -59,9 +59,11 @@ def test_two_processes_give_the_one_process_losses(tmp_path, data):
     """FSDP2 over 2 gloo processes (batch 2 each, grad accumulation 2, activation checkpointing)
     trains on the same global batch as 1 process with batch 4: the same losses and weights up to
     float rounding."""
-    common = TINY + [f'--data_dir={data}', '--max_iters=4', '--eval_interval=2', '--gradient_accumulation_steps=2']
+    common = TINY + [f'--data_dir={data}', '--max_iters=4', '--eval_interval=2',
+                     '--gradient_accumulation_steps=2']
     one = start(*common, '--batch_size=4', f'--out_dir={tmp_path / "one"}')  # both at once: 2 cores
-    two = start(*common, '--batch_size=2', '--activation_checkpointing=True', f'--out_dir={tmp_path / "two"}', nproc=2)
+    two = start(*common, '--batch_size=2', '--activation_checkpointing=True',
+                f'--out_dir={tmp_path / "two"}', nproc=2)
     finish(one), finish(two)
     one, two = read_log(tmp_path / 'one'), read_log(tmp_path / 'two')
     assert sorted(one) == sorted(two) and len(one) == 4 + 3
@@ -77,7 +79,8 @@ def test_two_processes_give_the_one_process_losses(tmp_path, data):
 def test_kill_and_resume_is_bitwise(tmp_path, data):
     """SIGKILL a run as soon as its first checkpoint exists (possibly mid-save of the next), resume it:
     the losses, the log and the exported weights are exactly those of the uninterrupted run."""
-    common = TINY + [f'--data_dir={data}', '--max_iters=8', '--save_interval=2', '--eval_interval=4']
+    common = TINY + [f'--data_dir={data}', '--max_iters=8', '--save_interval=2',
+                     '--eval_interval=4']
     a, b = tmp_path / 'a', tmp_path / 'b'
     uninterrupted = start(*common, f'--out_dir={a}')  # runs beside the one we kill
     with open(tmp_path / 'b.err', 'w') as err:
@@ -125,8 +128,8 @@ def paper_pose(doc_len, train_len, target_len, rng, num_chunks):
     return np.array([v[chunk[j]] + j for j in range(L)]), np.array([u[chunk[j]] + j for j in range(L)])
 
 
-def hf_val_loss(model_dir, data_dir, seed, eval_iters, batch_size, train_len, target_len, num_chunks, plain=False,
-                **cfg_overrides):
+def hf_val_loss(model_dir, data_dir, seed, eval_iters, batch_size, train_len, target_len,
+                num_chunks, plain=False, **cfg_overrides):
     """The val loss by transformers on the documented draws: example g of val batch k comes from
     rng = default_rng([seed, 1, k, 0, g]): a document with >= train_len + 1 tokens, then PoSE
     (paper_pose) on its first len - 1 tokens; the target of each input is the next token of the
@@ -164,8 +167,9 @@ def test_fine_tune_hf_model_matches_transformers(tmp_path, data):
     from transformers import LlamaConfig, LlamaForCausalLM
     base = str(tmp_path / 'base')
     torch.manual_seed(0)
-    hf = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                      num_key_value_heads=2, vocab_size=DATA_VOCAB, max_position_embeddings=32))
+    hf = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2,
+                                      vocab_size=DATA_VOCAB, max_position_embeddings=32))
     with torch.no_grad():  # large weights: sharp attention, so the RoPE scaling shows in the loss
         for p in hf.parameters():
             if p.dim() > 1:
@@ -175,16 +179,18 @@ def test_fine_tune_hf_model_matches_transformers(tmp_path, data):
         f.write('{"a stand-in": "copied byte for byte"}')
     out = tmp_path / 'out'
     run = dict(seed=7, eval_iters=2, batch_size=2, train_len=32, target_len=256, num_chunks=3)
-    train(f'--init_from={base}', f'--data_dir={data}', f'--out_dir={out}', '--method=pose', '--max_iters=3',
-          '--eval_interval=3', '--learning_rate=1e-2', '--warmup_iters=0', '--device=cpu', '--dtype=float32',
-          '--compile=False', '--activation_checkpointing=False', '--gradient_accumulation_steps=1', *[f'--{k}={v}' for k, v in run.items()])
+    train(f'--init_from={base}', f'--data_dir={data}', f'--out_dir={out}', '--method=pose',
+          '--max_iters=3', '--eval_interval=3', '--learning_rate=1e-2', '--warmup_iters=0',
+          '--device=cpu', '--dtype=float32', '--compile=False', '--activation_checkpointing=False',
+          '--gradient_accumulation_steps=1', *[f'--{k}={v}' for k, v in run.items()])
     log = read_log(out)
     # under torchrun only rank 0 reads the weights and scatters them after fully_shard: same run,
     # same numbers
     two = tmp_path / 'two'
-    train(f'--init_from={base}', f'--data_dir={data}', f'--out_dir={two}', '--method=pose', '--max_iters=3',
-          '--eval_interval=3', '--learning_rate=1e-2', '--warmup_iters=0', '--device=cpu', '--dtype=float32',
-          '--compile=False', '--activation_checkpointing=False', '--gradient_accumulation_steps=1',
+    train(f'--init_from={base}', f'--data_dir={data}', f'--out_dir={two}', '--method=pose',
+          '--max_iters=3', '--eval_interval=3', '--learning_rate=1e-2', '--warmup_iters=0',
+          '--device=cpu', '--dtype=float32', '--compile=False', '--activation_checkpointing=False',
+          '--gradient_accumulation_steps=1',
           *[f'--{k}={v}' for k, v in dict(run, batch_size=1).items()], nproc=2)
     log2 = read_log(two)
     assert log.keys() == log2.keys() and all(abs(log[k] - log2[k]) < 1e-5 for k in log), (log, log2)
@@ -206,8 +212,9 @@ def test_fine_tune_hf_model_matches_transformers(tmp_path, data):
     assert open(out / 'hf/tokenizer.json').read() == open(os.path.join(base, 'tokenizer.json')).read()
     # extending the export further: the factor stays relative to the base window (512 / 32), not to
     # 256
-    train(f'--init_from={out / "hf"}', f'--data_dir={data}', f'--out_dir={tmp_path / "again"}', '--max_iters=0',
-          '--eval_interval=0', '--train_len=32', '--target_len=512', '--device=cpu', '--dtype=float32')
+    train(f'--init_from={out / "hf"}', f'--data_dir={data}', f'--out_dir={tmp_path / "again"}',
+          '--max_iters=0', '--eval_interval=0', '--train_len=32', '--target_len=512',
+          '--device=cpu', '--dtype=float32')
     cfg = json.load(open(tmp_path / 'again/hf/config.json'))
     assert cfg['max_position_embeddings'] == 512 and cfg['rope_scaling']['factor'] == 16.0
 
@@ -235,8 +242,9 @@ def test_pose_lowers_the_loss(tmp_path, data):
 
 def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, data):
     out = tmp_path / 'nan'
-    proc = train(*TINY, f'--data_dir={data}', f'--out_dir={out}', '--max_iters=10', '--save_interval=1',
-                 '--eval_interval=0', '--learning_rate=1e30', '--warmup_iters=0', '--grad_clip=0', check=False)
+    proc = train(*TINY, f'--data_dir={data}', f'--out_dir={out}', '--max_iters=10',
+                 '--save_interval=1', '--eval_interval=0', '--learning_rate=1e30',
+                 '--warmup_iters=0', '--grad_clip=0', check=False)
     assert proc.returncode == 1, proc.stderr[-2000:]
     err = [l for l in proc.stderr.splitlines() if l.startswith('error:')]
     assert len(err) == 1 and 'loss is nan at iter' in err[0] and 'Traceback' not in proc.stderr
@@ -257,7 +265,8 @@ BAD_CONFIGS = [  # (overrides, what the one error line must name)
     (['--content=middle'], ["'middle'"]),
     (['--chunking=official', '--num_chunks=3'], ["chunking='official'", 'num_chunks=3']),
     (['--method=full'], ["method='full'", 'train_len']),
-    (['--train_len=400', '--target_len=800'], ['no document is long enough', 'train', '401', 'longest has ']),
+    (['--train_len=400', '--target_len=800'],
+     ['no document is long enough', 'train', '401', 'longest has ']),
     (['--init_from=/no/such/model'], ['/no/such/model']),
     (['--init_from=resume'], ['resume', 'no checkpoint']),
     # a paper config, through configurator.py
@@ -267,11 +276,13 @@ BAD_CONFIGS = [  # (overrides, what the one error line must name)
 
 def test_bad_config_is_one_clear_line(tmp_path, data):
     longest = np.diff(np.fromfile(os.path.join(data, 'train.idx'), dtype=np.int64)).max()
-    cases = [(args, needles + [data, f'longest has {longest}'] if 'no document is long enough' in needles else needles)
+    cases = [(args,
+              needles + [data, f'longest has {longest}'] if 'no document is long enough' in needles else needles)
              # that one names the data and its longest document too
              for args, needles in BAD_CONFIGS]
     for i in range(0, len(cases), 2):  # two at a time: 2 cores
-        procs = [(args, needles, start(*TINY, f'--data_dir={data}', f'--out_dir={tmp_path / "o"}', *args))
+        procs = [(args, needles,
+                  start(*TINY, f'--data_dir={data}', f'--out_dir={tmp_path / "o"}', *args))
                  for args, needles in cases[i:i + 2]]
         for args, needles, proc in procs:
             finish(proc, check=False)
@@ -370,8 +381,10 @@ def test_full_on_pose_documents_and_doc_cap(tmp_path, monkeypatch):
     lens = [40, 70, 100, 130, 300, 500]
     np.concatenate([np.arange(n) for n in lens]).astype(np.uint16).tofile(tmp_path / 'train.bin')
     np.concatenate([[0], np.cumsum(lens)]).astype(np.int64).tofile(tmp_path / 'train.idx')
-    (tmp_path / 'meta.json').write_text(json.dumps({'dtype': 'uint16', 'vocab_size': 512, 'tokenizer': 'none',
-                                                    'splits': {'train': {'docs': len(lens), 'tokens': sum(lens)}}}))
+    (tmp_path / 'meta.json').write_text(json.dumps({'dtype': 'uint16', 'vocab_size': 512,
+                                                    'tokenizer': 'none',
+                                                    'splits': {'train': {'docs': len(lens),
+                                                                         'tokens': sum(lens)}}}))
     monkeypatch.setattr(sys, 'argv', ['train.py', '--device=cpu'])  # the config, set as by a user
     import importlib
     train = importlib.import_module('train')
@@ -409,8 +422,8 @@ def test_gpu_recipe_on_cpu_fsdp2_bf16_compile_checkpointing_and_resume(tmp_path,
     from it, an export each time. Both runs exit 0 (no abort at exit: every tensor reference is
     dropped before destroy_process_group)."""
     recipe = ['config/tiny_pose.py', '--init_from=scratch', '--dtype=bfloat16', '--compile=True',
-              '--activation_checkpointing=True', f'--data_dir={data}', f'--out_dir={tmp_path}', '--batch_size=2',
-              '--eval_interval=0', '--save_interval=1', '--log_interval=1']
+              '--activation_checkpointing=True', f'--data_dir={data}', f'--out_dir={tmp_path}',
+              '--batch_size=2', '--eval_interval=0', '--save_interval=1', '--log_interval=1']
     first = train(*recipe, '--max_iters=1', nproc=2)
     resumed = train(*recipe, '--init_from=resume', '--max_iters=2', nproc=2)
     for proc in (first, resumed):
