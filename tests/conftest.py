@@ -103,11 +103,11 @@ ROPE_CASES = {  # name: (rope dict for transformers, max_position_embeddings)
     'longrope': ({'rope_type': 'longrope', 'original_max_position_embeddings': 32,
                   'short_factor': [1.0, 1.1, 1.2, 1.3, 1.4, 1.5, 1.6, 1.7],
                   'long_factor': [1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0]}, 128),
-    'longrope_attn': ({'rope_type': 'longrope', 'original_max_position_embeddings': 32, 'factor': 4.0,
-                       'attention_factor': 1.2, 'short_factor': [1.0] * 4 + [2.0] * 4,
-                       'long_factor': [1.0, 1.0, 2.0, 2.0, 4.0, 4.0, 6.0, 6.0]}, 128),
-    'longrope_factor2': ({'rope_type': 'longrope', 'original_max_position_embeddings': 32, 'factor': 2.0,
-                          'short_factor': [1.0] * 4 + [2.0] * 4,
+    'longrope_attn': ({'rope_type': 'longrope', 'original_max_position_embeddings': 32,
+                       'factor': 4.0, 'attention_factor': 1.2,
+                       'short_factor': [1.0] * 4 + [2.0] * 4, 'long_factor': [1.0, 1.0, 2.0, 2.0, 4.0, 4.0, 6.0, 6.0]}, 128),
+    'longrope_factor2': ({'rope_type': 'longrope', 'original_max_position_embeddings': 32,
+                          'factor': 2.0, 'short_factor': [1.0] * 4 + [2.0] * 4,
                           'long_factor': [1.0, 1.0, 2.0, 2.0, 4.0, 4.0, 6.0, 6.0]},
                          128),  # attention factor from factor 2, not from 128 / 32
 }
@@ -133,13 +133,14 @@ def make_data(d, n_train=40, n_val=8, lens=(80, 300), seed=0):
             t = np.empty(int(rng.integers(lens[0], lens[1] + 1)), np.int64)
             t[0] = rng.integers(DATA_VOCAB)
             for i in range(1, len(t)):
-                t[i] = (t[i - 1] * 5 + 3) % DATA_VOCAB if rng.random() < 0.9 else rng.integers(DATA_VOCAB)
+                t[i] = (t[i - 1] * 5 + 3) % DATA_VOCAB if rng.random() < 0.9 \
+                    else rng.integers(DATA_VOCAB)
             docs.append(t)
         np.concatenate(docs).astype(np.uint16).tofile(os.path.join(d, f'{split}.bin'))
         np.concatenate([[0], np.cumsum([len(t) for t in docs])]).astype(np.int64).tofile(os.path.join(d, f'{split}.idx'))
         splits[split] = {'docs': n, 'tokens': int(sum(len(t) for t in docs))}
-    meta = {'tokenizer': '', 'tokenizer_sha256': '', 'vocab_size': DATA_VOCAB, 'dtype': 'uint16', 'bos_id': None,
-            'eos_id': None, 'splits': splits}
+    meta = {'tokenizer': '', 'tokenizer_sha256': '', 'vocab_size': DATA_VOCAB, 'dtype': 'uint16',
+            'bos_id': None, 'eos_id': None, 'splits': splits}
     with open(os.path.join(d, 'meta.json'), 'w') as f:
         json.dump(meta, f)
     return d

@@ -67,7 +67,8 @@ def test_missing_config_file(tmp_path):
 def test_help_lists_keys_with_comments(tmp_path):
     proc = run(tmp_path, '--help')
     assert proc.returncode == 0 and 'RESULT' not in proc.stdout
-    assert 'batch_size = 4  # int' in proc.stdout and 'rope_scaling = None  # dict or None' in proc.stdout
+    assert 'batch_size = 4  # int' in proc.stdout \
+        and 'rope_scaling = None  # dict or None' in proc.stdout
 
 
 TYPED = """

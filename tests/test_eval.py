@@ -69,8 +69,8 @@ def env(tmp_path_factory):
     # a Llama-style sentencepiece model: unk 0, bos 1, eos 2, digits split, byte fallback
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=buf, vocab_size=400,
-                                   model_type='bpe', split_digits=True, byte_fallback=True, unk_id=0,
-                                   bos_id=1, eos_id=2, pad_id=-1, hard_vocab_limit=False, minloglevel=2)
+                                   model_type='bpe', split_digits=True, byte_fallback=True,
+                                   unk_id=0, bos_id=1, eos_id=2, pad_id=-1, hard_vocab_limit=False, minloglevel=2)
     sp = spm.SentencePieceProcessor(model_proto=buf.getvalue())
     vocab = sp.get_piece_size()
     plain, hf = hf_llama(tmp, 'llama', vocab)
@@ -97,8 +97,8 @@ def env(tmp_path_factory):
     ours, ours_scaled = load_pretrained(plain), load_pretrained(scaled)
     # the eval forward in many row chunks (load_model: 512)
     ours.infer_chunk = ours_scaled.infer_chunk = 16
-    return dict(tmp=tmp, plain=plain, scaled=scaled, hf=hf, hf_scaled=hf_scaled, data=str(data), docs=docs,
-                tok=load_tokenizer(plain), ours=ours, ours_scaled=ours_scaled, lin=lin)
+    return dict(tmp=tmp, plain=plain, scaled=scaled, hf=hf, hf_scaled=hf_scaled, data=str(data),
+                docs=docs, tok=load_tokenizer(plain), ours=ours, ours_scaled=ours_scaled, lin=lin)
 
 
 def scoring_window(n, L, stride, mode, add_bos):
@@ -148,7 +148,8 @@ def test_window_spans_by_hand():
     # n=10, L=4, stride 2: inputs doc[0:4], [2:6], [4:8], [6:10]; each scores what the last did not
     assert eval_ppl.window_spans(10, 4, 2) == [(0, 1, 5), (2, 5, 7), (4, 7, 9), (6, 9, 10)]
     # BOS + 3 doc tokens per window; the BOS predicts doc[b], so doc[0] is scored too
-    assert eval_ppl.window_spans(10, 4, 2, add_bos=True) == [(0, 0, 4), (2, 4, 6), (4, 6, 8), (6, 8, 10)]
+    assert eval_ppl.window_spans(10, 4, 2, add_bos=True) \
+        == [(0, 0, 4), (2, 4, 6), (4, 6, 8), (6, 8, 10)]
     # disjoint; the last window is pulled back to doc[6:10] and scores only doc[9]
     assert eval_ppl.window_spans(10, 4) == [(0, 1, 5), (4, 5, 9), (6, 9, 10)]
     assert eval_ppl.window_spans(10, 4, 1, mode='truncate') == [(0, 1, 5)]
@@ -223,7 +224,8 @@ def test_official_windows_match_the_authors_code(env, L, stride, mode):
     ref_sum, ref_n = official_ppl(env['hf'], docs, L, stride or L - 1, mode == 'truncate')
     assert ours_n == ref_n and ours_sum == pytest.approx(ref_sum, rel=1e-4)
     if mode == 'truncate':
-        assert ours_n == (L - 1) * len([d for d in docs if len(d) >= L - 1]) + sum(len(d) for d in docs if len(d) < L - 1)
+        assert ours_n \
+            == (L - 1) * len([d for d in docs if len(d) >= L - 1]) + sum(len(d) for d in docs if len(d) < L - 1)
 
 
 def test_protocols_cli(env, tmp_path):
@@ -243,7 +245,8 @@ def test_protocols_cli(env, tmp_path):
     st = r['settings']  # every setting recorded: the protocol's own where not overridden
     assert all(st[k] == eval_ppl.PROTOCOLS['official'][k]
                for k in eval_ppl.SETTING_KEYS if k not in r['overridden'])
-    assert 'protocol official:' in proc.stdout and 'documents (2): [1, 3]' in proc.stdout and 'windows=official' in proc.stdout
+    assert 'protocol official:' in proc.stdout and 'documents (2): [1, 3]' in proc.stdout \
+        and 'windows=official' in proc.stdout
     for L in (32, 64):
         ref_sum, ref_n = official_ppl(env['hf'], [env['docs'][i][1:300] for i in (1, 3)], L, None, True)
         assert r['tokens'][str(L)] == ref_n == 2 * (L - 1)
@@ -376,7 +379,8 @@ def test_prompt_length_and_depth(env, length):
         # tokens too
         assert len(before.split()) == n_before == round(depth * n)
         key_at = len(tok.encode(text[:text.index('The pass key is')], bos=True))
-        filler_tokens = len(ids) - len(tok.encode(TASK + '\n\nThe pass key is 12345. Remember it. 12345 is the '
+        filler_tokens = len(ids) \
+            - len(tok.encode(TASK + '\n\nThe pass key is 12345. Remember it. 12345 is the '
                                                   'pass key.\n\nWhat is the pass key? The pass key is 12345', bos=True))
         assert abs((key_at - len(tok.encode(TASK, bos=True))) / filler_tokens - depth) < 0.02
 
@@ -421,7 +425,8 @@ def scripted_model(prompt, script, vocab, other):
     reads ids[:i+1] only."""
     def next_token(prefix):
         k = len(prefix) - len(prompt)
-        on_script = k >= 0 and prefix[:len(prompt)] == list(prompt) and prefix[len(prompt):] == script[:k]
+        on_script = k >= 0 and prefix[:len(prompt)] == list(prompt) \
+            and prefix[len(prompt):] == script[:k]
         return script[k] if on_script and k < len(script) else other
 
     # the cache's "keys" are the cached token ids: [1, S, 1, 1]
@@ -479,8 +484,8 @@ def test_passkey_equals_greedy_decoding(env):
         ids, p, _ = eval_passkey.encode_trial(tok, n, key, depth)
         prompt = ids[:p]
         ref_ok, ref_gen = official_verdict(next_token, prompt, key, tok)
-        ok, gen, tf_pred, key_lp, _ = eval_passkey.greedy_passkey(ours, prompt, ids[p:], key, tok.decode,
-                                                                  eos_id=tok.eos_id)
+        ok, gen, tf_pred, key_lp, _ = eval_passkey.greedy_passkey(ours, prompt, ids[p:], key,
+                                                                  tok.decode, eos_id=tok.eos_id)
         assert ok == ref_ok and gen == ref_gen[:len(gen)]
         # the teacher-forced first prediction is greedy's first token the key's log-likelihood:
         # transformers' full forward over prompt + key, log-softmax summed
@@ -495,7 +500,8 @@ def test_passkey_equals_greedy_decoding(env):
             key2 = re.search(r'\d+', tok.decode(ref_gen)).group()
             ok2, gen2, *_ = eval_passkey.greedy_passkey(ours, prompt, ids[p:], key2, tok.decode,
                                                         eos_id=tok.eos_id)
-            assert ok2 == official_verdict(next_token, prompt, key2, tok)[0] and gen2 == ref_gen[:len(gen2)]
+            assert ok2 == official_verdict(next_token, prompt, key2, tok)[0] \
+                and gen2 == ref_gen[:len(gen2)]
             n_pass += ok2
     assert n_fail == 4 and n_pass >= 1, n_pass  # a random model does not know the key
 
@@ -531,7 +537,8 @@ def test_trials_paired_and_nested():
             assert len(a) == 2 and b[:2] == a
     keys = [k for *_, k in many]
     assert all(len(k) == 5 for k in keys) and len(set(keys)) > len(keys) // 2
-    assert eval_passkey.make_trials([100], 3, None, 7) == eval_passkey.make_trials([100], 3, None, 7)
+    assert eval_passkey.make_trials([100], 3, None, 7) \
+        == eval_passkey.make_trials([100], 3, None, 7)
 
 
 def test_wilson_interval():
@@ -589,8 +596,10 @@ def test_accuracy_by_depth_bins():
               [(0.0, True), (0.05, False), (0.1, True), (0.55, True), (0.999, False), (1.0, True)]]
     rows = eval_passkey.accuracy_table(trials, [100, 200], None)
     assert list(rows) == [f'{i / 10:.1f}-{(i + 1) / 10:.1f}' for i in range(10)] + ['all']
-    assert rows['0.0-0.1'][100] == 0.5 and rows['0.1-0.2'][100] == 1.0 and rows['0.5-0.6'][100] == 1.0
-    assert rows['0.9-1.0'][100] == 0.5 and rows['0.3-0.4'][100] is None and rows['all'][100] == 4 / 6
+    assert rows['0.0-0.1'][100] == 0.5 and rows['0.1-0.2'][100] == 1.0 \
+        and rows['0.5-0.6'][100] == 1.0
+    assert rows['0.9-1.0'][100] == 0.5 and rows['0.3-0.4'][100] is None \
+        and rows['all'][100] == 4 / 6
     assert all(rows[r][200] is None for r in rows)
 
 
@@ -645,7 +654,8 @@ def test_eval_ppl_raw_input_and_plot_only(env, monkeypatch, capsys):
         ref_sum, ref_n = ref_sum + s, ref_n + c
     r = json.load(open(out))
     assert r['data']['docs'] == [[str(tmp / 'raw' / 'a.txt'), 0], [str(tmp / 'raw' / 'c.jsonl'), 1]]
-    assert r['ppl']['200'] == pytest.approx(np.exp(ref_sum / ref_n), rel=1e-4) and r['tokens']['200'] == 2 * 199
+    assert r['ppl']['200'] == pytest.approx(np.exp(ref_sum / ref_n), rel=1e-4) \
+        and r['tokens']['200'] == 2 * 199
     # overlay two result files in one plot, no model
     json.dump(dict(r, label='other', ppl={'64': 3.0, '200': 2.5}), open(tmp / 'other.json', 'w'))
     png = str(tmp / 'both.png')
@@ -707,14 +717,15 @@ def test_passkey_accuracy_by_depth_is_an_independent_count(env, monkeypatch, dep
     monkeypatch.setattr(eval_passkey, 'make_passkey_prompt', capture)
     monkeypatch.setattr(eval_passkey, 'greedy_passkey', verdict)
     out = str(env['tmp'] / f'pk-count-{depths is None}.json')
-    run_main(monkeypatch, eval_passkey, model=env['plain'], lengths=[1000, 2000], num_trials=6, depths=depths,
-             seed=5, device='cpu', out=out, overwrite=True)
+    run_main(monkeypatch, eval_passkey, model=env['plain'], lengths=[1000, 2000], num_trials=6,
+             depths=depths, seed=5, device='cpu', out=out, overwrite=True)
     r = json.load(open(out))
     assert len(seen) == 2 * 6 * (3 if depths else 1)
     assert 0 < sum(ok for *_, ok in seen) < len(seen)  # mixed outcomes: a wrong count can show
     rows = {}  # label -> length -> [verdicts]
     for length, depth, realised, ok in seen:
-        label = f'{depth:.2f}' if depths else f'{min(int(realised * 10), 9) / 10:.1f}-{min(int(realised * 10), 9) / 10 + 0.1:.1f}'
+        label = f'{depth:.2f}' if depths \
+            else f'{min(int(realised * 10), 9) / 10:.1f}-{min(int(realised * 10), 9) / 10 + 0.1:.1f}'
         rows.setdefault(label, {}).setdefault(str(length), []).append(ok)
     for L in ('1000', '2000'):
         oks = [ok for length, *_, ok in seen if str(length) == L]

@@ -22,7 +22,8 @@ def test_roundtrip_export(tmp_path):
     save_pretrained(model, tmp_path / 'ours', tokenizer_dir=None)
     hf2 = AutoModelForCausalLM.from_pretrained(tmp_path / 'ours').eval()
     pos = positions('skip')
-    assert (hf_logits(hf2, idx_for(pos), pos) - our_logits(model, idx_for(pos), pos)).abs().max() < TOL
+    assert (hf_logits(hf2, idx_for(pos), pos) - our_logits(model, idx_for(pos), pos)).abs().max() \
+        < TOL
 
 
 # ---- every RoPE type, both config forms, contiguous and skip-wise positions ----------------------
@@ -56,7 +57,8 @@ def test_rope_parity(tmp_path, case):
     # our export -> transformers loads it to our logits
     save_pretrained(ours_old, tmp_path / 'ours', tokenizer_dir=None)
     cfg = json.load(open(tmp_path / 'ours' / 'config.json'))
-    assert 'rope_parameters' not in cfg and cfg['rope_theta'] == 10000.0 and cfg['max_position_embeddings'] == mpe
+    assert 'rope_parameters' not in cfg and cfg['rope_theta'] == 10000.0 \
+        and cfg['max_position_embeddings'] == mpe
     # yarn: see test_export_compat
     exported = {'yarn': 'longrope'}.get(rope['rope_type'], rope['rope_type'])
     assert (cfg['rope_scaling'] or {'rope_type': 'default'})['rope_type'] == exported
@@ -94,16 +96,19 @@ def test_arch_parity(tmp_path, arch, kv, tie):
     rope = ROPE_CASES['yarn'][0]
     hf, d = make_hf(tmp_path, arch=arch, kv=kv, tie=tie, rope=rope, mpe=128)
     model = load_pretrained(d)
-    assert model.args.arch == arch and model.args.n_kv_heads == kv and model.args.tie_word_embeddings == tie
+    assert model.args.arch == arch and model.args.n_kv_heads == kv \
+        and model.args.tie_word_embeddings == tie
     if tie:
         assert model.lm_head.weight is model.embed_tokens.weight
     pos = positions('mixed')
-    assert (hf_logits(hf, idx_for(pos), pos) - our_logits(model, idx_for(pos), pos)).abs().max() < TOL
+    assert (hf_logits(hf, idx_for(pos), pos) - our_logits(model, idx_for(pos), pos)).abs().max() \
+        < TOL
     save_pretrained(model, tmp_path / 'ours', tokenizer_dir=None)
     hf2 = AutoModelForCausalLM.from_pretrained(tmp_path / 'ours').eval()
     assert type(hf2) is type(hf)
     pos = positions('skip')
-    assert (hf_logits(hf2, idx_for(pos), pos) - our_logits(model, idx_for(pos), pos)).abs().max() < TOL
+    assert (hf_logits(hf2, idx_for(pos), pos) - our_logits(model, idx_for(pos), pos)).abs().max() \
+        < TOL
 
 
 @pytest.mark.parametrize('arch,kv,chunk', [('llama', 2, 4), ('qwen2', 4, 0)])
@@ -130,7 +135,8 @@ def test_mistral_sliding_window(tmp_path):
     hf, d = make_hf(tmp_path, arch='mistral', sliding_window=16)
     model = load_pretrained(d)
     pos = torch.cat([torch.arange(8), torch.arange(40, 48)])[None]  # T = 16 = window: plain causal
-    assert (hf_logits(hf, idx_for(pos), pos) - our_logits(model, idx_for(pos), pos)).abs().max() < TOL
+    assert (hf_logits(hf, idx_for(pos), pos) - our_logits(model, idx_for(pos), pos)).abs().max() \
+        < TOL
     with pytest.raises(ValueError, match='sliding_window=16'):
         model(idx_for(positions('short')))
     full = load_pretrained(d, sliding_window=None)  # opting out: full causal attention
@@ -238,4 +244,5 @@ def test_flops_per_token_counts_what_a_training_step_multiplies(tie):
             # full logits + F.cross_entropy: the chunked loss's recompute is not the model's
             logits, _ = model(idx)
             F.cross_entropy(logits.flatten(0, 1), idx.flatten()).backward()
-        assert counter.get_total_flops() == model.flops_per_token(T) * T - 6 * norm_weights * T, (tie, T)
+        assert counter.get_total_flops() \
+            == model.flops_per_token(T) * T - 6 * norm_weights * T, (tie, T)

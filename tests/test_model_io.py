@@ -28,9 +28,11 @@ def test_sharded_safetensors_roundtrip(tmp_path):
     save_pretrained(model, tmp_path / 'sharded', tokenizer_dir=None, max_shard_size=20_000)
     files = sorted(os.listdir(tmp_path / 'sharded'))
     shards = [f for f in files if f.endswith('.safetensors')]
-    assert len(shards) > 2 and 'model.safetensors.index.json' in files and 'model.safetensors' not in files
+    assert len(shards) > 2 and 'model.safetensors.index.json' in files \
+        and 'model.safetensors' not in files
     index = json.load(open(tmp_path / 'sharded' / 'model.safetensors.index.json'))
-    assert set(index['weight_map'].values()) == set(shards) and 'lm_head.weight' not in index['weight_map']
+    assert set(index['weight_map'].values()) == set(shards) \
+        and 'lm_head.weight' not in index['weight_map']
     assert not any(f.endswith(('.tmp', '.old')) for f in os.listdir(tmp_path))
     assert_parity(hf, load_pretrained(tmp_path / 'sharded'))
     assert_parity(AutoModelForCausalLM.from_pretrained(tmp_path / 'sharded').eval(), model)
@@ -74,7 +76,8 @@ def test_rope_override_on_checkpoint(tmp_path):
                   kinds=('contig', 'skip'))
     save_pretrained(model, tmp_path / 'ours', tokenizer_dir=None)
     out = json.load(open(tmp_path / 'ours' / 'config.json'))
-    assert out['max_position_embeddings'] == 128 and out['rope_scaling']['original_max_position_embeddings'] == 32
+    assert out['max_position_embeddings'] == 128 \
+        and out['rope_scaling']['original_max_position_embeddings'] == 32
 
 
 def test_tokenizer_files_and_overwrite(tmp_path):
@@ -87,7 +90,8 @@ def test_tokenizer_files_and_overwrite(tmp_path):
     save_pretrained(model, out, tokenizer_dir=None)
     assert sorted(os.listdir(out)) == ['config.json', 'model.safetensors']
     save_pretrained(model, out, tokenizer_dir=d)  # the caller names it: the model's own directory
-    assert open(out / 'tokenizer.model').read() == 'tokenizer.model' and (out / 'tokenizer_config.json').exists()
+    assert open(out / 'tokenizer.model').read() == 'tokenizer.model' \
+        and (out / 'tokenizer_config.json').exists()
     # its eos ids for generate()
     assert open(out / 'generation_config.json').read() == 'generation_config.json'
     tok = tmp_path / 'tok'

@@ -30,10 +30,11 @@ def stdlib_texts(names):
 
 
 # real text: a handful of stdlib modules of very different sizes (incl. an empty one)
-DOC_FILES = ['json/__init__.py', 'json/decoder.py', 'json/encoder.py', 'json/scanner.py', 'json/tool.py',
-             'colorsys.py', 'bisect.py', 'keyword.py', 'this.py', 'glob.py', 'fnmatch.py', 'shlex.py',
-             'textwrap.py', 'string.py', 'numbers.py', 'heapq.py', 'queue.py', 'sched.py', 'copy.py',
-             'stat.py', 'contextvars.py', 'struct.py', 'token.py', 'email/mime/__init__.py']
+DOC_FILES = ['json/__init__.py', 'json/decoder.py', 'json/encoder.py', 'json/scanner.py',
+             'json/tool.py', 'colorsys.py', 'bisect.py', 'keyword.py', 'this.py', 'glob.py',
+             'fnmatch.py', 'shlex.py', 'textwrap.py', 'string.py', 'numbers.py', 'heapq.py',
+             'queue.py', 'sched.py', 'copy.py', 'stat.py', 'contextvars.py', 'struct.py',
+             'token.py', 'email/mime/__init__.py']
 DOCS = stdlib_texts(DOC_FILES)
 
 
@@ -125,7 +126,8 @@ def test_filters_min_max_tokens_max_docs(tmp_path, sp_model):
     assert st['truncated'] == sum(len(x) > hi for x in full) and st['truncated'] > 0
     assert all(x[-1] == 2 for x in expected if len(x) < hi)  # EOS on untruncated docs
     out = run(tmp_path, 'out2', input=src, tokenizer=sp_model, min_tokens=lo, max_docs=3)
-    assert split_docs(out, 'train') == [ids for ids in ref_encode(sp_model, DOCS) if len(ids) >= lo][:3]
+    assert split_docs(out, 'train') \
+        == [ids for ids in ref_encode(sp_model, DOCS) if len(ids) >= lo][:3]
 
 
 def test_val_split_fraction_seeded_and_val_input(tmp_path, sp_model):
@@ -143,7 +145,8 @@ def test_val_split_fraction_seeded_and_val_input(tmp_path, sp_model):
     assert parts[1][0] == parts[1][1] and parts[1][0] != parts[2][0]
     vsrc = write_jsonl(tmp_path / 'v.jsonl', DOCS[:3])
     out = run(tmp_path, 'ov', input=src, val_input=vsrc, tokenizer=sp_model)
-    assert split_docs(out, 'train') == [list(x) for x in ref] and split_docs(out, 'val') == ref_encode(sp_model, DOCS[:3])
+    assert split_docs(out, 'train') == [list(x) for x in ref] \
+        and split_docs(out, 'val') == ref_encode(sp_model, DOCS[:3])
 
 
 def test_shuffle_is_a_seeded_permutation(tmp_path, sp_model):
@@ -193,7 +196,8 @@ def test_hf_tokenizer_json_bos_from_tokenizer_config(tmp_path):
     assert sorted(map(os.path.basename, tok.files)) == ['tokenizer.json', 'tokenizer_config.json']
     docs = word_docs(1000)
     out = run(tmp_path, input=write_jsonl(tmp_path / 'a.jsonl', docs), tokenizer=folder, add_eos=True)
-    assert split_docs(out, 'train') == [[bos] + ref.encode(d, add_special_tokens=False).ids + [eos] for d in docs]
+    assert split_docs(out, 'train') \
+        == [[bos] + ref.encode(d, add_special_tokens=False).ids + [eos] for d in docs]
     assert tok.decode(tok.encode(docs[0])) == docs[0]
     # Qwen2-style: bos_token null in tokenizer_config beats config.json's bos_token_id -> no BOS
     json.dump({'bos_token': None, 'eos_token': '</s>'},
@@ -234,7 +238,8 @@ def test_num_proc_2_is_byte_identical(tmp_path, sp_model, monkeypatch):
     a = run(tmp_path, 'p1', input=src, tokenizer=sp_model, val_fraction=0.3, num_proc=1, shuffle=True)
     b = run(tmp_path, 'p2', input=src, tokenizer=sp_model, val_fraction=0.3, num_proc=2, shuffle=True)
     for name in ('train.bin', 'train.idx', 'val.bin', 'val.idx'):
-        assert open(os.path.join(a, name), 'rb').read() == open(os.path.join(b, name), 'rb').read(), name
+        assert open(os.path.join(a, name), 'rb').read() \
+            == open(os.path.join(b, name), 'rb').read(), name
     c = run(tmp_path, 'p3', input=src, tokenizer=sp_model, num_proc=2, max_docs=5)
     assert split_docs(c, 'train') == [x for x in ref_encode(sp_model, DOCS) if len(x) > 1][:5]
 
@@ -353,5 +358,6 @@ def test_cli_embedded_corpus_and_error_exit(tmp_path):
                         f'--out_dir={tmp_path / "x"}', f'--tokenizer={out}'], capture_output=True,
                         text=True, timeout=60)
     last = r.stderr.strip().splitlines()[-1]  # after the progress bar
-    assert r.returncode == 2 and last.startswith(f'error: {bad}:2: invalid JSON') and r.stderr.count('error') == 1
+    assert r.returncode == 2 and last.startswith(f'error: {bad}:2: invalid JSON') \
+        and r.stderr.count('error') == 1
     assert not os.path.exists(tmp_path / 'x')  # not even an empty out_dir

@@ -127,5 +127,6 @@ def test_passkey_passes_at_1k(smollm2, ours, hf_model):
 def test_convert_bad_input(tmp_path):
     r = subprocess.run([sys.executable, os.path.join(ROOT, 'convert_gguf.py'),
                         f'--out={tmp_path / "m"}', '--package=', f'--gguf={tmp_path / "missing.gguf"}'], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 2 and r.stderr.strip().splitlines() == [f"error: gguf file not found: {tmp_path / 'missing.gguf'}"]
+    assert r.returncode == 2 \
+        and r.stderr.strip().splitlines() == [f"error: gguf file not found: {tmp_path / 'missing.gguf'}"]
     assert not os.path.exists(tmp_path / 'm') and not os.path.exists(tmp_path / 'm.tmp')

@@ -68,9 +68,10 @@ def default_sigint():
 
 
 def script(name, *args, patch=''):
-    cmd = [sys.executable, '-c', PRELUDE.format(patch=patch), name, *args] if patch else [sys.executable, name, *args]
-    return subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=default_sigint)
+    cmd = [sys.executable, '-c', PRELUDE.format(patch=patch), name, *args] if patch \
+        else [sys.executable, name, *args]
+    return subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, preexec_fn=default_sigint)
 
 
 def refused(proc, code, *needles):
@@ -78,7 +79,8 @@ def refused(proc, code, *needles):
     traceback."""
     out, err = proc.communicate(timeout=300)
     lines = [l for l in err.splitlines() if l.strip()]
-    assert proc.returncode == code and 'Traceback' not in err, (proc.args[-6:], out[-500:], err[-3000:])
+    assert proc.returncode == code \
+        and 'Traceback' not in err, (proc.args[-6:], out[-500:], err[-3000:])
     assert len([l for l in lines if l.startswith(('error', 'interrupted'))]) == 1, err
     for n in needles:
         assert n in lines[-1], (n, lines[-1])
@@ -208,7 +210,8 @@ def test_disk_full_names_the_path_and_leaves_no_temp_files(run, tmp_path, monkey
     refused(at_ckpt, 1, f'no space left on device writing {ckpt_out}/ckpt-1.tmp')
     assert files(ckpt_out) == ['log.jsonl']
     refused(at_export, 1, f"no space left on device writing {os.path.join(export_out, 'hf')}")
-    assert files(export_out) == ['ckpt-2', 'hf', 'latest', 'log.jsonl'] and files(os.path.join(export_out, 'hf')) == files(run['hf'])
+    assert files(export_out) == ['ckpt-2', 'hf', 'latest', 'log.jsonl'] \
+        and files(os.path.join(export_out, 'hf')) == files(run['hf'])
     # prepare_data: the flush on close fails too (the old handler re-raised there, before its
     # cleanup)
     make_hf_tokenizer(tmp_path / 'tok', 50)
@@ -527,8 +530,8 @@ def test_eval_bad_input(run, tmp_path, monkeypatch):
              check_tokenizer=False)  # (the export has no tokenizer to check it against)
     with pytest.raises(UserError,
                        match=f"tokenizer='{tmp_path / 'tok200'}'.*does not match {model}'s tokenizer"):
-        main(eval_passkey, model=model, tokenizer=str(tmp_path / 'tok200'), lengths=[300], num_trials=1,
-             check_tokenizer=True)
+        main(eval_passkey, model=model, tokenizer=str(tmp_path / 'tok200'), lengths=[300],
+             num_trials=1, check_tokenizer=True)
     assert files(tmp_path).count('r.json') == 0
 
 
@@ -604,7 +607,8 @@ def test_atomic_writes_and_missing_matplotlib(run, tmp_path, monkeypatch, capsys
     assert open(path).read() == 'old' and files(tmp_path) == ['a.txt']
     monkeypatch.setitem(sys.modules, 'matplotlib', None)  # import matplotlib -> ImportError
     assert errors.pyplot('the plot x.png', required=False) is None
-    assert capsys.readouterr().out == 'note: the plot x.png needs matplotlib (pip install matplotlib): no plot\n'
+    assert capsys.readouterr().out \
+        == 'note: the plot x.png needs matplotlib (pip install matplotlib): no plot\n'
     png, out = str(tmp_path / 'p.png'), str(tmp_path / 'r.json')
     for module, cfg in ((eval_ppl, dict(data_dir=run['data'], num_docs=None, tokenizer=None)),
                         (eval_passkey, dict(tokenizer=None, num_trials=1))):

@@ -67,7 +67,8 @@ def test_yarn_pose_logits_and_export(tmp_path):
     assert abs(rs['attention_factor'] - (0.1 * math.log(s) + 1.0)) < 1e-12
     hf2 = AutoModelForCausalLM.from_pretrained(tmp_path / 'ours').eval()
     pos = positions('skip')
-    assert (hf_logits(hf2, idx_for(pos), pos) - our_logits(model, idx_for(pos), pos)).abs().max() < TOL
+    assert (hf_logits(hf2, idx_for(pos), pos) - our_logits(model, idx_for(pos), pos)).abs().max() \
+        < TOL
 
 
 def test_ntk_logits_and_export(tmp_path):
@@ -82,13 +83,15 @@ def test_ntk_logits_and_export(tmp_path):
             assert (hf_logits(hf, idx_for(pos), pos) - our_logits(model, idx_for(pos), pos)).abs().max() < TOL
     plain = load_pretrained(d, rope_theta=theta)  # guard: the base change matters here
     pos = positions('skip')
-    assert (hf_logits(hf, idx_for(pos), pos) - our_logits(plain, idx_for(pos), pos)).abs().max() > 100 * TOL
+    assert (hf_logits(hf, idx_for(pos), pos) - our_logits(plain, idx_for(pos), pos)).abs().max() \
+        > 100 * TOL
     save_pretrained(model, tmp_path / 'ours', tokenizer_dir=None)
     cfg = json.load(open(tmp_path / 'ours' / 'config.json'))
     assert cfg['rope_scaling'] is None
     assert math.isclose(cfg['rope_theta'], theta * alpha ** (HEAD_DIM / (HEAD_DIM - 2)), rel_tol=1e-12)
     hf2 = AutoModelForCausalLM.from_pretrained(tmp_path / 'ours').eval()
-    assert (hf_logits(hf2, idx_for(pos), pos) - our_logits(model, idx_for(pos), pos)).abs().max() < TOL
+    assert (hf_logits(hf2, idx_for(pos), pos) - our_logits(model, idx_for(pos), pos)).abs().max() \
+        < TOL
 
 
 def test_positions_up_to_1m(tmp_path):
@@ -137,8 +140,8 @@ def test_inv_freq_bit_identical_to_transformers():
     # factor != mpe / original: the factor wins; no factor: the fallback mpe / original (= 16 here)
     cases += [
         ({'rope_type': 'yarn', 'factor': 8.0, 'original_max_position_embeddings': 4096}, 131072),
-        ({'rope_type': 'yarn', 'factor': 2.0, 'original_max_position_embeddings': 4096, 'mscale': 1.0,
-          'mscale_all_dim': 0.5}, 131072),
+        ({'rope_type': 'yarn', 'factor': 2.0, 'original_max_position_embeddings': 4096,
+          'mscale': 1.0, 'mscale_all_dim': 0.5}, 131072),
         ({'rope_type': 'yarn', 'original_max_position_embeddings': 4096}, 65536),
         ({'rope_type': 'longrope', 'factor': 2.0, 'short_factor': short, 'long_factor': long,
           'original_max_position_embeddings': 4096}, 131072)]
@@ -156,4 +159,5 @@ def test_inv_freq_bit_identical_to_transformers():
                 seq = torch.tensor(seq_len) if rope['rope_type'] == 'dynamic' else seq_len
                 ref, ref_attn = ROPE_INIT_FUNCTIONS[rope['rope_type']](cfg, 'cpu', seq_len=seq)
                 ours, attn = TYPES[rs['rope_type']][0](rs, 128, theta, mpe, torch.tensor(seq_len))
-                assert torch.equal(ours, ref) and attn == ref_attn, (rope['rope_type'], theta, seq_len)
+                assert torch.equal(ours, ref) \
+                    and attn == ref_attn, (rope['rope_type'], theta, seq_len)

@@ -30,7 +30,8 @@ def chi2_ok(samples, support, probs=None):
     """Pearson chi-square of `samples` against a distribution on `support` (uniform if probs is
     None): accepts when the statistic is within 5 sigma of its mean (df + 5 sqrt(2 df))."""
     support = np.asarray(support)
-    probs = np.full(support.size, 1 / support.size) if probs is None else np.asarray(probs, dtype=float)
+    probs = np.full(support.size, 1 / support.size) if probs is None \
+        else np.asarray(probs, dtype=float)
     assert abs(probs.sum() - 1) < 1e-9
     if not np.isin(samples, support).all():
         return False
@@ -45,7 +46,8 @@ def moments_ok(samples, support):
     x, s, n = np.asarray(samples, float), np.asarray(support, float), len(samples)
     mu, var = s.mean(), s.var()           # (a+b)/2 and ((b-a+1)^2-1)/12
     mu4 = ((s - mu) ** 4).mean()
-    return abs(x.mean() - mu) < 5 * math.sqrt(var / n) and abs(x.var() - var) < 5 * math.sqrt((mu4 - var ** 2) / n)
+    return abs(x.mean() - mu) < 5 * math.sqrt(var / n) \
+        and abs(x.var() - var) < 5 * math.sqrt((mu4 - var ** 2) / n)
 
 
 def offsets(tok, pos):
@@ -338,4 +340,5 @@ def test_cli_table_and_plot(tmp_path):
                                        (['--draws=0'], 'draws=0'), (['--plot=x.jpg'], 'x.jpg')])
 def test_cli_bad_input(args, word):
     proc = run_cli(*args)
-    assert proc.returncode == 2 and proc.stderr.startswith('error:') and word in proc.stderr, proc.stderr
+    assert proc.returncode == 2 and proc.stderr.startswith('error:') \
+        and word in proc.stderr, proc.stderr

@@ -84,8 +84,8 @@ def test_kill_and_resume_is_bitwise(tmp_path, data):
     a, b = tmp_path / 'a', tmp_path / 'b'
     uninterrupted = start(*common, f'--out_dir={a}')  # runs beside the one we kill
     with open(tmp_path / 'b.err', 'w') as err:
-        proc = subprocess.Popen([sys.executable, 'train.py', *common, f'--out_dir={b}'], cwd=ROOT, env=ENV,
-                                stdout=subprocess.DEVNULL, stderr=err)
+        proc = subprocess.Popen([sys.executable, 'train.py', *common, f'--out_dir={b}'], cwd=ROOT,
+                                env=ENV, stdout=subprocess.DEVNULL, stderr=err)
         deadline = time.time() + 120
         while not (b / 'latest').exists():
             assert proc.poll() is None, open(tmp_path / 'b.err').read()[-2000:]
@@ -107,7 +107,8 @@ def test_kill_and_resume_is_bitwise(tmp_path, data):
     assert (b / 'latest').read_text().strip() == 'ckpt-8'
     assert json.load(open(b / 'ckpt-8/train_state.json'))['iter'] == 8
     lines = (b / 'log.jsonl').read_text().splitlines()
-    assert [json.loads(l)['iter'] for l in lines] == [json.loads(l)['iter'] for l in (a / 'log.jsonl').read_text().splitlines()]
+    assert [json.loads(l)['iter'] for l in lines] \
+        == [json.loads(l)['iter'] for l in (a / 'log.jsonl').read_text().splitlines()]
 
 
 def paper_pose(doc_len, train_len, target_len, rng, num_chunks):
@@ -117,7 +118,8 @@ def paper_pose(doc_len, train_len, target_len, rng, num_chunks):
     each u_i ~ U{u_{i-1} .. L_t - L_c} and v_i ~ U{v_{i-1} .. L_x - L_c}. Token j of the example, in
     chunk i (the number of cuts <= j), is x[v_i + j] at position u_i + j."""
     L = train_len
-    while len(set(cuts := [int(rng.integers(1, L)) for _ in range(num_chunks - 1)])) < num_chunks - 1:
+    while len(set(cuts := [int(rng.integers(1, L)) for _ in range(num_chunks - 1)])) \
+        < num_chunks - 1:
         pass
     u, v = [0], [0]
     for _ in range(num_chunks - 1):
@@ -209,7 +211,8 @@ def test_fine_tune_hf_model_matches_transformers(tmp_path, data):
     assert cfg['max_position_embeddings'] == 256
     # 256 / 32
     assert cfg['rope_scaling']['rope_type'] == 'linear' and cfg['rope_scaling']['factor'] == 8.0
-    assert open(out / 'hf/tokenizer.json').read() == open(os.path.join(base, 'tokenizer.json')).read()
+    assert open(out / 'hf/tokenizer.json').read() \
+        == open(os.path.join(base, 'tokenizer.json')).read()
     # extending the export further: the factor stays relative to the base window (512 / 32), not to
     # 256
     train(f'--init_from={out / "hf"}', f'--data_dir={data}', f'--out_dir={tmp_path / "again"}',
@@ -427,7 +430,8 @@ def test_gpu_recipe_on_cpu_fsdp2_bf16_compile_checkpointing_and_resume(tmp_path,
     first = train(*recipe, '--max_iters=1', nproc=2)
     resumed = train(*recipe, '--init_from=resume', '--max_iters=2', nproc=2)
     for proc in (first, resumed):
-        assert 'terminate called' not in proc.stderr and 'Traceback' not in proc.stderr, proc.stderr[-3000:]
+        assert 'terminate called' not in proc.stderr \
+            and 'Traceback' not in proc.stderr, proc.stderr[-3000:]
     log = read_log(tmp_path)
     assert sorted(log) == [('loss', 1), ('loss', 2)] and all(np.isfinite(v) for v in log.values())
     assert sorted(os.listdir(tmp_path)) == ['ckpt-2', 'hf', 'latest', 'log.jsonl']
