@@ -81,6 +81,12 @@ def idx_for(pos):
     return torch.randint(0, VOCAB, pos.shape, generator=g)
 
 
+def max_logit_diff(hf, model, pos):
+    """max |transformers' logits - ours| for the same token ids (idx_for) at position ids pos."""
+    idx = idx_for(pos)
+    return (hf_logits(hf, idx, pos) - our_logits(model, idx, pos)).abs().max()
+
+
 ROPE_CASES = {  # name: (rope dict for transformers, max_position_embeddings)
     'default': ({'rope_type': 'default'}, MPE),
     'linear': ({'rope_type': 'linear', 'factor': 4.0}, MPE),
@@ -94,9 +100,11 @@ ROPE_CASES = {  # name: (rope dict for transformers, max_position_embeddings)
     # factor != max_position_embeddings / original (8 != 4, and 2 != 4): the factor given wins, not
     # the ratio (no factor at all: transformers 5's config refuses it; test_rope checks that
     # fallback on its RoPE init)
-    'yarn_factor8': ({'rope_type': 'yarn', 'factor': 8.0, 'original_max_position_embeddings': 32}, 128),
+    'yarn_factor8': ({'rope_type': 'yarn', 'factor': 8.0,
+                      'original_max_position_embeddings': 32}, 128),
     'yarn_factor2_mscale': ({'rope_type': 'yarn', 'factor': 2.0,
-                             'original_max_position_embeddings': 32, 'mscale': 1.0, 'mscale_all_dim': 0.5}, 128),
+                             'original_max_position_embeddings': 32, 'mscale': 1.0,
+                             'mscale_all_dim': 0.5}, 128),
     'llama3': ({'rope_type': 'llama3', 'factor': 8.0, 'low_freq_factor': 1.0,
                 'high_freq_factor': 4.0, 'original_max_position_embeddings': 32}, 128),
     # short/long regimes
@@ -105,7 +113,8 @@ ROPE_CASES = {  # name: (rope dict for transformers, max_position_embeddings)
                   'long_factor': [1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0]}, 128),
     'longrope_attn': ({'rope_type': 'longrope', 'original_max_position_embeddings': 32,
                        'factor': 4.0, 'attention_factor': 1.2,
-                       'short_factor': [1.0] * 4 + [2.0] * 4, 'long_factor': [1.0, 1.0, 2.0, 2.0, 4.0, 4.0, 6.0, 6.0]}, 128),
+                       'short_factor': [1.0] * 4 + [2.0] * 4,
+                       'long_factor': [1.0, 1.0, 2.0, 2.0, 4.0, 4.0, 6.0, 6.0]}, 128),
     'longrope_factor2': ({'rope_type': 'longrope', 'original_max_position_embeddings': 32,
                           'factor': 2.0, 'short_factor': [1.0] * 4 + [2.0] * 4,
                           'long_factor': [1.0, 1.0, 2.0, 2.0, 4.0, 4.0, 6.0, 6.0]},
@@ -137,7 +146,8 @@ def make_data(d, n_train=40, n_val=8, lens=(80, 300), seed=0):
                     else rng.integers(DATA_VOCAB)
             docs.append(t)
         np.concatenate(docs).astype(np.uint16).tofile(os.path.join(d, f'{split}.bin'))
-        np.concatenate([[0], np.cumsum([len(t) for t in docs])]).astype(np.int64).tofile(os.path.join(d, f'{split}.idx'))
+        offsets = np.concatenate([[0], np.cumsum([len(t) for t in docs])]).astype(np.int64)
+        offsets.tofile(os.path.join(d, f'{split}.idx'))
         splits[split] = {'docs': n, 'tokens': int(sum(len(t) for t in docs))}
     meta = {'tokenizer': '', 'tokenizer_sha256': '', 'vocab_size': DATA_VOCAB, 'dtype': 'uint16',
             'bos_id': None, 'eos_id': None, 'splits': splits}
@@ -159,4 +169,5 @@ def make_hf_tokenizer(folder, n_words, specials=('<s>', '</s>')):
 
 def word_docs(n_words, n_docs=30, seed=0):
     rng = np.random.default_rng(seed)
-    return [' '.join(f'w{j}' for j in rng.integers(0, n_words, size=rng.integers(1, 200))) for _ in range(n_docs)]
+    return [' '.join(f'w{j}' for j in rng.integers(0, n_words, size=rng.integers(1, 200)))
+            for _ in range(n_docs)]

@@ -29,8 +29,8 @@ from hf_checkpoint import load_pretrained  # noqa: E402
 from tokenizer import load_tokenizer  # noqa: E402
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
-TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
-        "I will quiz you about the important information there.")
+TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize "
+        "them. I will quiz you about the important information there.")
 ENGLISH = """It was a bright cold day in April, and the clocks were striking thirteen.
 The quick brown fox jumps over the lazy dog while the farmer sleeps under the old oak tree.
 Call me Ishmael. Some years ago, never mind how long precisely, I thought I would sail about a little.
@@ -70,7 +70,8 @@ def env(tmp_path_factory):
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=buf, vocab_size=400,
                                    model_type='bpe', split_digits=True, byte_fallback=True,
-                                   unk_id=0, bos_id=1, eos_id=2, pad_id=-1, hard_vocab_limit=False, minloglevel=2)
+                                   unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+                                   hard_vocab_limit=False, minloglevel=2)
     sp = spm.SentencePieceProcessor(model_proto=buf.getvalue())
     vocab = sp.get_piece_size()
     plain, hf = hf_llama(tmp, 'llama', vocab)
@@ -124,7 +125,8 @@ def test_window_spans_equals_the_brute_force_windows():
                                                ('sliding', 'truncate'), (False, True)):
         if stride is not None and stride > L or L - add_bos < 1:
             continue
-        got = {j: b for b, first, end in eval_ppl.window_spans(n, L, stride, mode, add_bos) for j in range(first, end)}
+        spans = eval_ppl.window_spans(n, L, stride, mode, add_bos)
+        got = {j: b for b, first, end in spans for j in range(first, end)}
         assert got == scoring_window(n, L, stride, mode, add_bos), (n, L, stride, mode, add_bos)
 
 
@@ -224,8 +226,8 @@ def test_official_windows_match_the_authors_code(env, L, stride, mode):
     ref_sum, ref_n = official_ppl(env['hf'], docs, L, stride or L - 1, mode == 'truncate')
     assert ours_n == ref_n and ours_sum == pytest.approx(ref_sum, rel=1e-4)
     if mode == 'truncate':
-        assert ours_n \
-            == (L - 1) * len([d for d in docs if len(d) >= L - 1]) + sum(len(d) for d in docs if len(d) < L - 1)
+        assert ours_n == (L - 1) * len([d for d in docs if len(d) >= L - 1]) \
+            + sum(len(d) for d in docs if len(d) < L - 1)
 
 
 def test_protocols_cli(env, tmp_path):
@@ -248,7 +250,8 @@ def test_protocols_cli(env, tmp_path):
     assert 'protocol official:' in proc.stdout and 'documents (2): [1, 3]' in proc.stdout \
         and 'windows=official' in proc.stdout
     for L in (32, 64):
-        ref_sum, ref_n = official_ppl(env['hf'], [env['docs'][i][1:300] for i in (1, 3)], L, None, True)
+        picked = [env['docs'][i][1:300] for i in (1, 3)]
+        ref_sum, ref_n = official_ppl(env['hf'], picked, L, None, True)
         assert r['tokens'][str(L)] == ref_n == 2 * (L - 1)
         assert r['ppl'][str(L)] == pytest.approx(np.exp(ref_sum / ref_n), rel=1e-4)
     assert lens[1] >= 299 and lens[3] >= 299 and lens[2] < 299
@@ -296,7 +299,8 @@ def test_default_names_unique_and_no_overwrite(env, tmp_path):
     replaces."""
     for run_dir in ('run-a', 'run-b'):
         shutil.copytree(env['plain'], tmp_path / run_dir / 'hf')
-    names = {eval_ppl.default_out('ppl', str(tmp_path / r / 'hf'), None, 'nanopose') for r in ('run-a', 'run-b')}
+    names = {eval_ppl.default_out('ppl', str(tmp_path / r / 'hf'), None, 'nanopose')
+             for r in ('run-a', 'run-b')}
     assert names == {os.path.join('out', 'ppl-run-a-nanopose.json'),
                      os.path.join('out', 'ppl-run-b-nanopose.json')}
     assert eval_ppl.default_out('passkey', str(tmp_path / 'run-a' / 'hf'), env['lin']) == \
@@ -329,7 +333,8 @@ def test_chunked_eval_forward_matches_transformers(env, chunk):
     ours, hf = eval_ppl.load_model(env['scaled']), env['hf_scaled']
     ours.infer_chunk = chunk
     idx = torch.from_numpy(np.stack([env['docs'][3][:100], env['docs'][4][:100]]).astype(np.int64))
-    pos = torch.cat([torch.arange(40), torch.arange(40) + 90, torch.arange(20) + 200])[None].repeat(2, 1)
+    pos = torch.cat([torch.arange(40), torch.arange(40) + 90, torch.arange(20) + 200])
+    pos = pos[None].repeat(2, 1)
     with torch.inference_mode():
         h = ours.forward_hidden(idx, pos)
         ref = hf(input_ids=idx, position_ids=pos).logits
@@ -379,9 +384,9 @@ def test_prompt_length_and_depth(env, length):
         # tokens too
         assert len(before.split()) == n_before == round(depth * n)
         key_at = len(tok.encode(text[:text.index('The pass key is')], bos=True))
-        filler_tokens = len(ids) \
-            - len(tok.encode(TASK + '\n\nThe pass key is 12345. Remember it. 12345 is the '
-                                                  'pass key.\n\nWhat is the pass key? The pass key is 12345', bos=True))
+        rest = TASK + '\n\nThe pass key is 12345. Remember it. 12345 is the pass key.\n\n' \
+            'What is the pass key? The pass key is 12345'
+        filler_tokens = len(ids) - len(tok.encode(rest, bos=True))
         assert abs((key_at - len(tok.encode(TASK, bos=True))) / filler_tokens - depth) < 0.02
 
 
@@ -391,7 +396,8 @@ def test_prompt_within_one_percent_or_error(env):
     tok, n_err = env['tok'], 0
     base = len(eval_passkey.encode_trial(tok, 0, '24680', 0.3)[0])
     for L in range(base, base + 90, 3):
-        sizes = [len(eval_passkey.encode_trial(tok, n, '24680', 0.3)[0]) for n in range(L - base + 1)]
+        sizes = [len(eval_passkey.encode_trial(tok, n, '24680', 0.3)[0])
+                 for n in range(L - base + 1)]
         possible = any(0.99 * L <= x <= L for x in sizes)
         try:
             ids = eval_passkey.build_passkey_prompt(tok, L, '24680', 0.3)[0]
@@ -435,8 +441,8 @@ def scripted_model(prompt, script, vocab, other):
         ids = past + idx[0].tolist()
         if cache is not None:
             cache.kv[0] = (torch.tensor(ids)[None, :, None, None],) * 2
-        return F.one_hot(torch.tensor([next_token(ids[:i + 1]) for i in range(len(past), len(ids))]),
-                         vocab)[None].float()
+        nxt = [next_token(ids[:i + 1]) for i in range(len(past), len(ids))]
+        return F.one_hot(torch.tensor(nxt), vocab)[None].float()
     net = SimpleNamespace(forward_hidden=forward_hidden, lm_head=lambda h: h,
                           args=SimpleNamespace(n_layers=1))
     return net, next_token
@@ -573,7 +579,8 @@ def test_paired_tests_brute_force():
         # one
         extreme = sum(1 for bits in itertools.product([0, 1], repeat=m)
                       if abs(sum(bits) - m / 2) >= abs(k - m / 2))
-        assert abs(eval_passkey.mcnemar_exact(list(a), list(b)) - (extreme / 2 ** m if m else 1.0)) < 1e-12
+        expected = extreme / 2 ** m if m else 1.0
+        assert abs(eval_passkey.mcnemar_exact(list(a), list(b)) - expected) < 1e-12
         x = np.round(rng.normal(size=n), 1)  # rounding makes ties and zeros
         d = [v for v in x if v != 0]
         absd = [abs(v) for v in d]
@@ -582,8 +589,10 @@ def test_paired_tests_brute_force():
         t = sum(r for r, v in zip(ranks, d) if v > 0)
         mean = sum(ranks) / 2
         total = list(itertools.product([0, 1], repeat=len(d)))
+        def positive_sum(bits):
+            return sum(r for r, s in zip(ranks, bits) if s)
         extreme = sum(1 for bits in total
-                      if abs(sum(r for r, s in zip(ranks, bits) if s) - mean) >= abs(t - mean) - 1e-9)
+                      if abs(positive_sum(bits) - mean) >= abs(t - mean) - 1e-9)
         p, used = eval_passkey.wilcoxon_signed_rank(x, np.zeros(n))
         assert used == len(d)
         assert abs(p - (extreme / len(total) if d else 1.0)) < 1e-12, (x, p)
@@ -643,7 +652,8 @@ def test_eval_ppl_raw_input_and_plot_only(env, monkeypatch, capsys):
     (tmp / 'raw').mkdir()
     (tmp / 'raw' / 'a.txt').write_text(ENGLISH * 3)
     (tmp / 'raw' / 'b.txt').write_text(FILLER)  # too short for the window: not chosen
-    (tmp / 'raw' / 'c.jsonl').write_text(json.dumps({'text': FILLER}) + '\n' + json.dumps({'text': ENGLISH * 2}) + '\n')
+    (tmp / 'raw' / 'c.jsonl').write_text(json.dumps({'text': FILLER}) + '\n'
+                                         + json.dumps({'text': ENGLISH * 2}) + '\n')
     out = str(tmp / 'ppl_raw.json')
     run_main(monkeypatch, eval_ppl, model=env['plain'], input=str(tmp / 'raw' / '*'), lengths=[200],
              add_bos=False, device='cpu', out=out)
@@ -685,7 +695,8 @@ def test_eval_passkey_cli(env):
         hits = [t['pass'] for t in r['trials'] if str(t['length']) == L]
         assert r['accuracy'][L] == sum(hits) / len(hits)
         for d in (0.0, 0.5, 1.0):  # one row per requested depth
-            hits = [t['pass'] for t in r['trials'] if str(t['length']) == L and t['depth_requested'] == d]
+            hits = [t['pass'] for t in r['trials']
+                    if str(t['length']) == L and t['depth_requested'] == d]
             assert r['accuracy_by_depth'][f'{d:.2f}'][L] == sum(hits) / len(hits)
     assert open(png, 'rb').read(8) == b'\x89PNG\r\n\x1a\n'
 
@@ -724,8 +735,8 @@ def test_passkey_accuracy_by_depth_is_an_independent_count(env, monkeypatch, dep
     assert 0 < sum(ok for *_, ok in seen) < len(seen)  # mixed outcomes: a wrong count can show
     rows = {}  # label -> length -> [verdicts]
     for length, depth, realised, ok in seen:
-        label = f'{depth:.2f}' if depths \
-            else f'{min(int(realised * 10), 9) / 10:.1f}-{min(int(realised * 10), 9) / 10 + 0.1:.1f}'
+        b = min(int(realised * 10), 9) / 10  # the realised depth's bin
+        label = f'{depth:.2f}' if depths else f'{b:.1f}-{b + 0.1:.1f}'
         rows.setdefault(label, {}).setdefault(str(length), []).append(ok)
     for L in ('1000', '2000'):
         oks = [ok for length, *_, ok in seen if str(length) == L]
@@ -746,7 +757,8 @@ def test_bad_input(env, tmp_path, monkeypatch):
     assert proc.stderr.startswith('error:') and missing in proc.stderr
     out = str(tmp_path / 'x.json')
     with pytest.raises(ValueError, match=r'no document has >= 5000 tokens \(the longest has 699\)'):
-        run_main(monkeypatch, eval_ppl, model=env['plain'], data_dir=env['data'], lengths=[5000], out=out)
+        run_main(monkeypatch, eval_ppl, model=env['plain'], data_dir=env['data'], lengths=[5000],
+                 out=out)
     assert not os.path.exists(out)
     with pytest.raises(UserError, match='no_such_model'):
         run_main(monkeypatch, eval_passkey, model=missing)

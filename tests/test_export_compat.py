@@ -32,14 +32,15 @@ CASES = {  # name: (our rope_scaling, max_position_embeddings)
     # 5.x-only keys
     'yarn_mscale': ({'rope_type': 'yarn', 'factor': 4.0, 'original_max_position_embeddings': ORIG,
                      'mscale': 1.0, 'mscale_all_dim': 0.5, 'truncate': False}, MPE),
-    'yarn_pose': ({'rope_type': 'yarn_pose', 'factor': 4.0, 'original_max_position_embeddings': ORIG}, MPE),
+    'yarn_pose': ({'rope_type': 'yarn_pose', 'factor': 4.0,
+                   'original_max_position_embeddings': ORIG}, MPE),
     'llama3': ({'rope_type': 'llama3', 'factor': 4.0, 'low_freq_factor': 1.0,
                 'high_freq_factor': 4.0, 'original_max_position_embeddings': ORIG}, MPE),
     'longrope': ({'rope_type': 'longrope', 'original_max_position_embeddings': ORIG,
                   'short_factor': SHORT, 'long_factor': LONG}, MPE),
-    'longrope_factor': ({'rope_type': 'longrope', 'original_max_position_embeddings': ORIG, 'factor': 2.0,
-                         # factor != mpe / original
-                         'short_factor': SHORT, 'long_factor': LONG}, MPE),
+    # factor != mpe / original
+    'longrope_factor': ({'rope_type': 'longrope', 'original_max_position_embeddings': ORIG,
+                         'factor': 2.0, 'short_factor': SHORT, 'long_factor': LONG}, MPE),
 }
 POSITIONS = {  # [B, T] position ids
     'past': torch.arange(112)[None],  # contiguous, well past the original window
@@ -82,7 +83,8 @@ def hf445_python():
 def run_hf445(jobs, tmp):
     torch.save(jobs, tmp / 'jobs.pt')
     r = subprocess.run([hf445_python(), os.path.join(ROOT, 'tests', 'hf_logits.py'),
-                        str(tmp / 'jobs.pt'), str(tmp / 'out.pt')], capture_output=True, text=True, timeout=300)
+                        str(tmp / 'jobs.pt'), str(tmp / 'out.pt')],
+                       capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-4000:]
     return torch.load(tmp / 'out.pt')
 
@@ -151,7 +153,8 @@ def test_guards_the_lines_part_on(results):
             assert diff(results, '4.45', guard, kind) > 100 * TOL, guard
     # each lint names the reader that differs and the key it reads differently
     lint = results['lint']
-    assert any('4.45' in n and 'original_max_position_embeddings' in n for n in lint['yarn_as_yarn'])
+    assert any('4.45' in n and 'original_max_position_embeddings' in n
+               for n in lint['yarn_as_yarn'])
     assert any('4.45' in n and 'attention factor' in n for n in lint['longrope_unpinned']), lint
 
 

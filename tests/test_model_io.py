@@ -12,13 +12,13 @@ from transformers import AutoModelForCausalLM
 from errors import UserError  # noqa: E402
 from hf_checkpoint import load_pretrained, save_pretrained
 from model import Transformer
-from conftest import ROPE_CASES, TOL, hf_logits, idx_for, make_hf, our_logits, positions
+from conftest import ROPE_CASES, TOL, make_hf, max_logit_diff, positions
 
 
 def assert_parity(hf, model, kinds=('skip',)):
     for kind in kinds:
         pos = positions(kind)
-        assert (hf_logits(hf, idx_for(pos), pos) - our_logits(model, idx_for(pos), pos)).abs().max() < TOL
+        assert max_logit_diff(hf, model, pos) < TOL
 
 
 def test_sharded_safetensors_roundtrip(tmp_path):
@@ -192,7 +192,8 @@ def test_save_given_state_dict_from_meta_model(tmp_path):
     refused."""
     hf, d = make_hf(tmp_path, tie=True)
     model = load_pretrained(d)
-    sd = {k.replace('layers.0.', 'layers.0._orig_mod.'): v.clone() for k, v in model.state_dict().items()}
+    sd = {k.replace('layers.0.', 'layers.0._orig_mod.'): v.clone()
+          for k, v in model.state_dict().items()}
     with torch.device('meta'):
         export = Transformer(model.args)
     save_pretrained(export, tmp_path / 'out', tokenizer_dir=None, state_dict=sd)

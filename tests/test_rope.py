@@ -10,7 +10,8 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from hf_checkpoint import load_pretrained, save_pretrained
 from rope import TYPES, normalize, rope_yarn, rope_yarn_pose
-from conftest import HEAD_DIM, ROPE_CASES, TOL, hf_logits, idx_for, make_hf, our_logits, positions
+from conftest import (HEAD_DIM, ROPE_CASES, TOL, hf_logits, idx_for, make_hf, max_logit_diff,
+                      our_logits, positions)
 
 
 def pose_repo_inv_freq(theta, d, s, orig, beta_fast=32, beta_slow=1):
@@ -57,7 +58,7 @@ def test_yarn_pose_logits_and_export(tmp_path):
     assert model.args.rope_scaling['rope_type'] == 'yarn_pose'
     for kind in ('contig', 'mixed'):
         pos = positions(kind)
-        assert (hf_logits(hf, idx_for(pos), pos) - our_logits(model, idx_for(pos), pos)).abs().max() < TOL
+        assert max_logit_diff(hf, model, pos) < TOL
     save_pretrained(model, tmp_path / 'ours', tokenizer_dir=None)
     cfg = json.load(open(tmp_path / 'ours' / 'config.json'))
     rs = cfg['rope_scaling']
@@ -67,8 +68,7 @@ def test_yarn_pose_logits_and_export(tmp_path):
     assert abs(rs['attention_factor'] - (0.1 * math.log(s) + 1.0)) < 1e-12
     hf2 = AutoModelForCausalLM.from_pretrained(tmp_path / 'ours').eval()
     pos = positions('skip')
-    assert (hf_logits(hf2, idx_for(pos), pos) - our_logits(model, idx_for(pos), pos)).abs().max() \
-        < TOL
+    assert max_logit_diff(hf2, model, pos) < TOL
 
 
 def test_ntk_logits_and_export(tmp_path):
@@ -80,18 +80,18 @@ def test_ntk_logits_and_export(tmp_path):
         model = load_pretrained(d, rope_theta=theta, rope_scaling={'rope_type': 'ntk', key: alpha})
         for kind in ('contig', 'skip'):
             pos = positions(kind)
-            assert (hf_logits(hf, idx_for(pos), pos) - our_logits(model, idx_for(pos), pos)).abs().max() < TOL
+            assert max_logit_diff(hf, model, pos) < TOL
     plain = load_pretrained(d, rope_theta=theta)  # guard: the base change matters here
     pos = positions('skip')
-    assert (hf_logits(hf, idx_for(pos), pos) - our_logits(plain, idx_for(pos), pos)).abs().max() \
+    assert max_logit_diff(hf, plain, pos) \
         > 100 * TOL
     save_pretrained(model, tmp_path / 'ours', tokenizer_dir=None)
     cfg = json.load(open(tmp_path / 'ours' / 'config.json'))
     assert cfg['rope_scaling'] is None
-    assert math.isclose(cfg['rope_theta'], theta * alpha ** (HEAD_DIM / (HEAD_DIM - 2)), rel_tol=1e-12)
+    assert math.isclose(cfg['rope_theta'], theta * alpha ** (HEAD_DIM / (HEAD_DIM - 2)),
+                        rel_tol=1e-12)
     hf2 = AutoModelForCausalLM.from_pretrained(tmp_path / 'ours').eval()
-    assert (hf_logits(hf2, idx_for(pos), pos) - our_logits(model, idx_for(pos), pos)).abs().max() \
-        < TOL
+    assert max_logit_diff(hf2, model, pos) < TOL
 
 
 def test_positions_up_to_1m(tmp_path):
@@ -115,7 +115,7 @@ def test_dynamic_is_stateless(tmp_path):
     model = load_pretrained(d)
     long, shorter = positions('skip'), positions('contig')  # max 107, then max 47 (both beyond 32)
     our_logits(model, idx_for(long), long)
-    assert (hf_logits(hf, idx_for(shorter), shorter) - our_logits(model, idx_for(shorter), shorter)).abs().max() < TOL
+    assert max_logit_diff(hf, model, shorter) < TOL
     with torch.no_grad():  # guard: transformers' stateful update really differs here
         hf(idx_for(long), position_ids=long)
         stale = hf(idx_for(shorter), position_ids=shorter).logits
@@ -127,12 +127,15 @@ def test_inv_freq_bit_identical_to_transformers():
     init functions bit for bit, for every type and both sides of the original window (what makes 1M
     work)."""
     g = torch.Generator().manual_seed(0)
-    short, long = (1 + torch.rand(64, generator=g)).tolist(), (1 + 7 * torch.rand(64, generator=g)).tolist()
+    short = (1 + torch.rand(64, generator=g)).tolist()
+    long = (1 + 7 * torch.rand(64, generator=g)).tolist()
     cases = [({'rope_type': 'linear', 'factor': 8.0}, 4096),
              ({'rope_type': 'dynamic', 'factor': 2.0}, 4096),
-             ({'rope_type': 'yarn', 'factor': 16.0, 'original_max_position_embeddings': 4096}, 65536),
+             ({'rope_type': 'yarn', 'factor': 16.0,
+               'original_max_position_embeddings': 4096}, 65536),
              ({'rope_type': 'yarn', 'factor': 40.0, 'original_max_position_embeddings': 4096,
-               'beta_fast': 24, 'mscale': 0.707, 'mscale_all_dim': 0.707, 'truncate': False}, 163840),
+               'beta_fast': 24, 'mscale': 0.707, 'mscale_all_dim': 0.707, 'truncate': False},
+              163840),
              ({'rope_type': 'llama3', 'factor': 8.0, 'low_freq_factor': 1.0,
                'high_freq_factor': 4.0, 'original_max_position_embeddings': 8192}, 131072),
              ({'rope_type': 'longrope', 'short_factor': short, 'long_factor': long,
@@ -149,9 +152,9 @@ def test_inv_freq_bit_identical_to_transformers():
         for rope, mpe in cases:
             # transformers 5's config wants a yarn factor; its RoPE init still has the mpe /
             # original fallback
+            factor = {'factor': 1.0} if rope['rope_type'] == 'yarn' else {}
             cfg = LlamaConfig(hidden_size=4096, num_attention_heads=32, max_position_embeddings=mpe,
-                              rope_parameters=dict({'factor': 1.0} if rope['rope_type'] == 'yarn' else {},
-                                                   **rope, rope_theta=theta))
+                              rope_parameters=dict(factor, **rope, rope_theta=theta))
             if 'factor' not in rope:
                 cfg.rope_parameters['factor'] = None
             rs = normalize(rope, 128, mpe)

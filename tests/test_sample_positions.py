@@ -100,7 +100,8 @@ def test_pose_offsets_are_uniform_as_in_the_paper():
     assert chi2_ok(u1, np.arange(L_t - L_c + 1)) and moments_ok(u1, np.arange(L_t - L_c + 1))
     assert chi2_ok(v1, np.arange(L_x - L_c + 1)) and moments_ok(v1, np.arange(L_x - L_c + 1))
     # l_0 is visible where u_1 > 0 or v_1 > 0, an event independent of l_0
-    l0 = [1 + np.flatnonzero(np.diff(p) + np.diff(t) > 2)[0] for t, p in draws if p[-1] + t[-1] > 2 * (L_c - 1)]
+    l0 = [1 + np.flatnonzero(np.diff(p) + np.diff(t) > 2)[0]
+          for t, p in draws if p[-1] + t[-1] > 2 * (L_c - 1)]
     assert len(l0) > 0.9 * n and chi2_ok(l0, np.arange(1, L_c))
     # the checks have teeth: an off-by-one u_1 ~ U{0 .. L_t - L_c - 1} or a wrong support fails them
     bad = np.random.default_rng(3).integers(0, L_t - L_c, size=n)
@@ -205,7 +206,8 @@ def test_bad_arguments_raise_naming_the_values(name, args, kwargs, words):
 def test_check_options_accepts_what_the_samplers_draw_and_names_the_rest():
     for name, kwargs in [('pose', {}),
                          ('pose', {'num_chunks': 3, 'content': 'zero', 'chunking': 'paper'}),
-                         ('pose', {'num_chunks': 2, 'chunking': 'official'}), ('randpos', {}), ('full', {})]:
+                         ('pose', {'num_chunks': 2, 'chunking': 'official'}), ('randpos', {}),
+                         ('full', {})]:
         check_options(name, 16, 64, **kwargs)
         # and the sampler draws with them
         SAMPLERS[name](16, 16, 64, np.random.default_rng(0), **kwargs)
@@ -250,7 +252,8 @@ def test_relative_distances_equals_the_pair_loop():
     rng = np.random.default_rng(13)
     cases = [pose(60, 12, 60, rng, num_chunks=N)[1] for N in (1, 2, 3, 5, 12) for _ in range(30)]
     cases += [randpos(60, 12, 60, rng)[1] for _ in range(30)]
-    cases += [np.sort(rng.choice(60, size=k, replace=False)) for k in (1, 2, 3, 30, 60) for _ in range(5)]
+    cases += [np.sort(rng.choice(60, size=k, replace=False))
+              for k in (1, 2, 3, 30, 60) for _ in range(5)]
     for pos in cases:
         truth = np.zeros(60, bool)
         truth[list(brute_distances(pos))] = True

@@ -28,7 +28,8 @@ def data(tmp_path_factory):
 
 def start(*args, nproc=1):
     cmd = [sys.executable, 'train.py'] if nproc == 1 else \
-        [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}', 'train.py']
+        [sys.executable, '-m', 'torch.distributed.run', '--standalone',
+         f'--nproc_per_node={nproc}', 'train.py']
     return subprocess.Popen(cmd + list(args), cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
@@ -70,15 +71,17 @@ def test_two_processes_give_the_one_process_losses(tmp_path, data):
     for k in one:
         assert abs(one[k] - two[k]) < 1e-5, (k, one[k], two[k])
     assert one[('loss', 4)] < one[('loss', 1)]  # it trained
-    w1, w2 = load_file(tmp_path / 'one/hf/model.safetensors'), load_file(tmp_path / 'two/hf/model.safetensors')
+    w1 = load_file(tmp_path / 'one/hf/model.safetensors')
+    w2 = load_file(tmp_path / 'two/hf/model.safetensors')
     assert w1.keys() == w2.keys()
     for k in w1:
         torch.testing.assert_close(w1[k], w2[k], rtol=0, atol=1e-5)
 
 
 def test_kill_and_resume_is_bitwise(tmp_path, data):
-    """SIGKILL a run as soon as its first checkpoint exists (possibly mid-save of the next), resume it:
-    the losses, the log and the exported weights are exactly those of the uninterrupted run."""
+    """SIGKILL a run as soon as its first checkpoint exists (possibly mid-save of the next),
+    resume it: the losses, the log and the exported weights are exactly those of the uninterrupted
+    run."""
     common = TINY + [f'--data_dir={data}', '--max_iters=8', '--save_interval=2',
                      '--eval_interval=4']
     a, b = tmp_path / 'a', tmp_path / 'b'
@@ -127,7 +130,8 @@ def paper_pose(doc_len, train_len, target_len, rng, num_chunks):
     for _ in range(num_chunks - 1):
         v.append(int(rng.integers(v[-1], doc_len - L + 1)))
     chunk = [sum(j >= c for c in cuts) for j in range(L)]
-    return np.array([v[chunk[j]] + j for j in range(L)]), np.array([u[chunk[j]] + j for j in range(L)])
+    tokens = np.array([v[chunk[j]] + j for j in range(L)])
+    return tokens, np.array([u[chunk[j]] + j for j in range(L)])
 
 
 def hf_val_loss(model_dir, data_dir, seed, eval_iters, batch_size, train_len, target_len,
@@ -279,9 +283,9 @@ BAD_CONFIGS = [  # (overrides, what the one error line must name)
 
 def test_bad_config_is_one_clear_line(tmp_path, data):
     longest = np.diff(np.fromfile(os.path.join(data, 'train.idx'), dtype=np.int64)).max()
-    cases = [(args,
-              needles + [data, f'longest has {longest}'] if 'no document is long enough' in needles else needles)
-             # that one names the data and its longest document too
+    # "no document is long enough" also names the data and its longest document
+    named = [data, f'longest has {longest}']
+    cases = [(args, needles + named if 'no document is long enough' in needles else needles)
              for args, needles in BAD_CONFIGS]
     for i in range(0, len(cases), 2):  # two at a time: 2 cores
         procs = [(args, needles,
@@ -340,7 +344,8 @@ def test_every_config_checks_and_takes_its_first_step(tmp_path, monkeypatch, cap
     monkeypatch.chdir(ROOT)  # configs exec their base config by a relative path
     lens = [40, 70, 100, 130, 200, 250]
     for split in ('train', 'val'):
-        np.concatenate([np.arange(n) for n in lens]).astype(np.uint16).tofile(tmp_path / f'{split}.bin')
+        tokens = np.concatenate([np.arange(n) for n in lens]).astype(np.uint16)
+        tokens.tofile(tmp_path / f'{split}.bin')
         np.concatenate([[0], np.cumsum(lens)]).astype(np.int64).tofile(tmp_path / f'{split}.idx')
     (tmp_path / 'meta.json').write_text(json.dumps(
         {'dtype': 'uint16', 'vocab_size': 256, 'tokenizer': '',
@@ -393,7 +398,8 @@ def test_full_on_pose_documents_and_doc_cap(tmp_path, monkeypatch):
     train = importlib.import_module('train')
     monkeypatch.setattr(train, 'data_dir', str(tmp_path))
     monkeypatch.setattr(train, 'batch_size', 64)
-    for k, v in dict(method='full', train_len=128, target_len=128, full_min_doc=64, sampler_options={}).items():
+    for k, v in dict(method='full', train_len=128, target_len=128, full_min_doc=64,
+                     sampler_options={}).items():
         monkeypatch.setattr(train, k, v)
     data = {'train': train.load_split('train', 512)}
     assert list(data['train'][2]) == [1, 2, 3, 4, 5]  # >= 65 tokens: PoSE's documents at L_c = 64
@@ -409,7 +415,8 @@ def test_full_on_pose_documents_and_doc_cap(tmp_path, monkeypatch):
         seen.add(n)
     assert {69, 99, 128} <= seen
     for k, v in dict(method='pose', train_len=32, target_len=256, full_min_doc=0, doc_cap=60,
-                     sampler_options={'num_chunks': 2, 'content': 'uniform', 'chunking': 'paper'}).items():
+                     sampler_options={'num_chunks': 2, 'content': 'uniform',
+                                      'chunking': 'paper'}).items():
         monkeypatch.setattr(train, k, v)
     data = {'train': train.load_split('train', 512)}
     x, y, p = train.get_batch(data, 'train', 3, 0)
