@@ -195,7 +195,8 @@ def test_hf_tokenizer_json_bos_from_tokenizer_config(tmp_path):
     assert (tok.bos_id, tok.eos_id, tok.vocab_size) == (bos, eos, ref.get_vocab_size())
     assert sorted(map(os.path.basename, tok.files)) == ['tokenizer.json', 'tokenizer_config.json']
     docs = word_docs(1000)
-    out = run(tmp_path, input=write_jsonl(tmp_path / 'a.jsonl', docs), tokenizer=folder, add_eos=True)
+    out = run(tmp_path, input=write_jsonl(tmp_path / 'a.jsonl', docs), tokenizer=folder,
+              add_eos=True)
     assert split_docs(out, 'train') \
         == [[bos] + ref.encode(d, add_special_tokens=False).ids + [eos] for d in docs]
     assert tok.decode(tok.encode(docs[0])) == docs[0]
@@ -209,8 +210,8 @@ def test_hf_tokenizer_json_bos_from_tokenizer_config(tmp_path):
     # no configs: BOS from the tokenizer's post-processor template (as Llama 2/3's tokenizer.json)
     for n in ('tokenizer_config.json', 'config.json'):
         os.remove(os.path.join(folder, n))
-    ref.post_processor = tokenizers.processors.TemplateProcessing(single='<|begin_of_text|> $A',
-                                                                  special_tokens=[('<|begin_of_text|>', bos)])
+    ref.post_processor = tokenizers.processors.TemplateProcessing(
+        single='<|begin_of_text|> $A', special_tokens=[('<|begin_of_text|>', bos)])
     ref.save(os.path.join(folder, 'tokenizer.json'))
     assert load_tokenizer(folder).bos_id == bos
 
@@ -222,21 +223,25 @@ def test_uint32_when_vocab_exceeds_uint16(tmp_path):
     src = write_jsonl(tmp_path / 'a.jsonl', docs)
     out = run(tmp_path, input=src, tokenizer=folder)
     tokens, _ = open_split(out, 'train')
-    expected = [[ref.token_to_id('<s>')] + ref.encode(d, add_special_tokens=False).ids for d in docs]
+    expected = [[ref.token_to_id('<s>')] + ref.encode(d, add_special_tokens=False).ids
+                for d in docs]
     assert tokens.dtype == np.uint32 and max(map(max, expected)) > 65535
     assert split_docs(out, 'train') == expected
     with pytest.raises(ValueError, match=r'dtype=uint16 .*vocab_size=70003'):
         run(tmp_path, 'o16', input=src, tokenizer=folder, dtype='uint16')
     assert not os.path.exists(tmp_path / 'o16')  # nothing written, not even the directory
-    out = run(tmp_path, 'o32', input=write_jsonl(tmp_path / 'b.jsonl', DOCS[:3]), tokenizer=folder, dtype='uint32')
+    out = run(tmp_path, 'o32', input=write_jsonl(tmp_path / 'b.jsonl', DOCS[:3]), tokenizer=folder,
+              dtype='uint32')
     assert read_meta(out)['dtype'] == 'uint32'  # a forced uint32 with a small vocab
 
 
 def test_num_proc_2_is_byte_identical(tmp_path, sp_model, monkeypatch):
     monkeypatch.setattr(pd, 'BATCH_DOCS', 2)  # many small batches: ordering across workers matters
     src = write_jsonl(tmp_path / 'a.jsonl', DOCS)
-    a = run(tmp_path, 'p1', input=src, tokenizer=sp_model, val_fraction=0.3, num_proc=1, shuffle=True)
-    b = run(tmp_path, 'p2', input=src, tokenizer=sp_model, val_fraction=0.3, num_proc=2, shuffle=True)
+    a = run(tmp_path, 'p1', input=src, tokenizer=sp_model, val_fraction=0.3, num_proc=1,
+            shuffle=True)
+    b = run(tmp_path, 'p2', input=src, tokenizer=sp_model, val_fraction=0.3, num_proc=2,
+            shuffle=True)
     for name in ('train.bin', 'train.idx', 'val.bin', 'val.idx'):
         assert open(os.path.join(a, name), 'rb').read() \
             == open(os.path.join(b, name), 'rb').read(), name

@@ -26,7 +26,8 @@ from errors import UserError  # noqa: E402
 from conftest import ENV, TINY, make_data, make_hf_tokenizer, word_docs  # noqa: E402
 
 # run a script as __main__ after a monkeypatch (the fault), in a fresh interpreter
-PRELUDE = "import errno, os, runpy, sys\n{patch}\nsys.argv = sys.argv[1:]\nrunpy.run_path(sys.argv[0], run_name='__main__')\n"
+PRELUDE = ("import errno, os, runpy, sys\n{patch}\nsys.argv = sys.argv[1:]\n"
+           "runpy.run_path(sys.argv[0], run_name='__main__')\n")
 FULL = "OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))"
 DCP_FULL = f"""
 import torch.distributed.checkpoint.filesystem as fs
@@ -39,10 +40,10 @@ fs.FileSystem.create_stream = create_stream
 """
 SAFETENSORS_FULL = """
 import safetensors, safetensors.torch
-def save_file(tensors, filename, metadata=None):  # half a file, then the error safetensors (Rust) raises
+def save_file(tensors, filename, metadata=None):  # half a file, then safetensors' (Rust) error
     open(filename, 'wb').write(b'x' * 100)
-    raise safetensors.SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, '
-                                      'message: "No space left on device" })')
+    raise safetensors.SafetensorError('Error while serializing: IoError(Os { code: 28, '
+                                      'kind: StorageFull, message: "No space left on device" })')
 safetensors.torch.save_file = save_file
 """
 OPEN_FULL = f"""
@@ -55,7 +56,8 @@ class Full:  # a file on a full disk: every write fails, and so does the flush o
     def __enter__(self): return self
     def __exit__(self, *a): self.close()
 def open(path, mode='r', *a, **k):
-    return Full(path) if str(path).endswith('.bin.tmp') and 'w' in mode else _open(path, mode, *a, **k)
+    full = str(path).endswith('.bin.tmp') and 'w' in mode
+    return Full(path) if full else _open(path, mode, *a, **k)
 builtins.open = open
 """
 
@@ -191,7 +193,8 @@ def test_corrupt_checkpoints_and_weights_are_named(run, monkeypatch):
     for module, cfg in ((eval_ppl, dict(data_dir=run['data'], tokenizer=None)),
                         (eval_passkey, dict(tokenizer=str(tmp / 'tok60'), num_trials=1,
                                             check_tokenizer=False))):  # (the export has none)
-        for k, v in dict(cfg, model=os.path.join(weights, 'hf'), lengths=[64], device='cpu', out=str(tmp / 'never.json')).items():
+        for k, v in dict(cfg, model=os.path.join(weights, 'hf'), lengths=[64], device='cpu',
+                         out=str(tmp / 'never.json')).items():
             monkeypatch.setattr(module, k, v)
         with pytest.raises(UserError, match=f'{st}: unreadable safetensors'):
             module.main()
@@ -215,7 +218,8 @@ def test_disk_full_names_the_path_and_leaves_no_temp_files(run, tmp_path, monkey
     # prepare_data: the flush on close fails too (the old handler re-raised there, before its
     # cleanup)
     make_hf_tokenizer(tmp_path / 'tok', 50)
-    (tmp_path / 'docs.jsonl').write_text(''.join(json.dumps({'text': d}) + '\n' for d in word_docs(50)))
+    (tmp_path / 'docs.jsonl').write_text(''.join(json.dumps({'text': d}) + '\n'
+                                                 for d in word_docs(50)))
     out = str(tmp_path / 'data')
     proc = script('prepare_data.py', f"--input={tmp_path / 'docs.jsonl'}",
                   f"--tokenizer={tmp_path / 'tok'}", '--val_fraction=0.2', f'--out_dir={out}',
@@ -251,7 +255,8 @@ def test_ctrl_c_is_one_line_exit_130_and_nothing_half_written(run, tmp_path):
     assert os.path.isfile(os.path.join(out, name, 'train_state.json'))
     res = str(tmp_path / 'ppl.json')  # eval: stride 1 makes ~4000 windows, seconds of work
     ev = script('eval_ppl.py', f"--model={run['hf']}", f"--data_dir={run['data']}", '--split=train',
-                '--lengths=[64]', '--stride=1', '--num_docs=None', '--doc_tokens=0', '--device=cpu', f'--out={res}')
+                '--lengths=[64]', '--stride=1', '--num_docs=None', '--doc_tokens=0', '--device=cpu',
+                f'--out={res}')
     seen = ''
     while 'L=64' not in seen:  # the progress bar: the model is loaded, the windows are running
         seen += os.read(ev.stderr.fileno(), 1000).decode()
@@ -521,7 +526,8 @@ def test_eval_bad_input(run, tmp_path, monkeypatch):
         main(eval_ppl, data_dir=big, model=model)
     # a tokenizer with more ids than the model has embeddings: every word of the prompt is id 199
     import tokenizers
-    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({f'w{i}': i for i in range(199)} | {'[UNK]': 199}, unk_token='[UNK]'))
+    vocab = {f'w{i}': i for i in range(199)} | {'[UNK]': 199}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token='[UNK]'))
     tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
     os.makedirs(tmp_path / 'tok200')
     tok.save(str(tmp_path / 'tok200' / 'tokenizer.json'))
@@ -529,7 +535,8 @@ def test_eval_bad_input(run, tmp_path, monkeypatch):
         main(eval_passkey, tokenizer=str(tmp_path / 'tok200'), lengths=[300], num_trials=1,
              check_tokenizer=False)  # (the export has no tokenizer to check it against)
     with pytest.raises(UserError,
-                       match=f"tokenizer='{tmp_path / 'tok200'}'.*does not match {model}'s tokenizer"):
+                       match=f"tokenizer='{tmp_path / 'tok200'}'.*does not match {model}'s "
+                             "tokenizer"):
         main(eval_passkey, model=model, tokenizer=str(tmp_path / 'tok200'), lengths=[300],
              num_trials=1, check_tokenizer=True)
     assert files(tmp_path).count('r.json') == 0
@@ -612,7 +619,8 @@ def test_atomic_writes_and_missing_matplotlib(run, tmp_path, monkeypatch, capsys
     png, out = str(tmp_path / 'p.png'), str(tmp_path / 'r.json')
     for module, cfg in ((eval_ppl, dict(data_dir=run['data'], num_docs=None, tokenizer=None)),
                         (eval_passkey, dict(tokenizer=None, num_trials=1))):
-        for k, v in dict(cfg, model=run['hf'], lengths=[64], device='cpu', out=out, plot=png).items():
+        settings = dict(cfg, model=run['hf'], lengths=[64], device='cpu', out=out, plot=png)
+        for k, v in settings.items():
             monkeypatch.setattr(module, k, v)
         with pytest.raises(UserError, match=f"plot='{png}' needs matplotlib"):
             module.main()
