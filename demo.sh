@@ -18,7 +18,7 @@
 #   4. eval    eval_ppl.py (held-out stdlib files, windows L_c .. L_t) and eval_passkey.py (seed
 #              EVAL_SEED for every model: the same keys and depths, so two methods' trials pair up)
 #   5. report  the paper's Table 1 / Fig. 2b layout, passkey counts with 95% Wilson intervals, the
-#              paired tests of PoSE vs Contiguous, the goals: out-demo/results.txt, demo.png
+#              paired tests of PoSE vs Contiguous, the claims: out-demo/results.txt, demo.png
 # Layout: out-demo/pretrain-B/original/: a pretrained candidate (seed B); out-demo/base-<sha[:12]>/
 # per base: base.json, probe-passkey.json, the base's own evals (Original, YaRN-only), seed-S/ per
 # extension seed, the report (copied to out-demo/). A stage whose output exists is skipped, so an

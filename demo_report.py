@@ -301,7 +301,7 @@ def stage_select():
     chosen = ok[0] if ok else max(cands, key=lambda c: c['probe']['accuracy'])  # the first of ties
     if not ok:
         print(f"warning: no base reaches {min_probe} at L_c: extending the most accurate one; the "
-              f"extension goals presuppose a base that retrieves inside its window")
+              f"extension claims presuppose a base that retrieves inside its window")
     write_json_atomic(os.path.join(chosen['dir'], 'selection.json'),
                       {'candidates': cands, 'min_probe': min_probe, 'chosen': chosen['dir'],
                        'retrieves': bool(ok)})
@@ -396,7 +396,7 @@ def paired_tests(runs, a='pose', b='contig'):
 
 def pose_above(t):
     """PoSE above Contiguous on one length's paired trials: more passes with McNemar p < ALPHA, or a
-    higher mean key log-likelihood with Wilcoxon p < ALPHA (the goal names either)."""
+    higher mean key log-likelihood with Wilcoxon p < ALPHA (either test counts)."""
     n_a, n_b = t['discordant']
     return bool((n_a > n_b and t['mcnemar_p'] < ALPHA)
                 or (t.get('mean_dlogp', 0.0) > 0 and t.get('wilcoxon_p', 1.0) < ALPHA))

@@ -296,7 +296,7 @@ def test_pose_above_needs_direction_and_significance():
     # Contiguous above
     assert not demo_report.pose_above({'discordant': [0, 6], 'mcnemar_p': P_MCNEMAR_6_0})
     assert not demo_report.pose_above({'discordant': [3, 1], 'mcnemar_p': P_MCNEMAR_3_1})
-    # verdicts tied, log-likelihoods apart: the goal names either test
+    # verdicts tied, log-likelihoods apart: either test counts
     assert demo_report.pose_above({'discordant': [0, 0], 'mcnemar_p': 1.0, 'mean_dlogp': 2.1,
                                    'wilcoxon_p': P_WILCOXON_ALL_POSITIVE_6})
     assert not demo_report.pose_above({'discordant': [0, 0], 'mcnemar_p': 1.0, 'mean_dlogp': -2.1,
