@@ -4,7 +4,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 # a CPU wheel of torch 2.13.0 lies on the CI disk; any other pin downloads a multi-GB CUDA build
 TORCH := torch==2.13.0
-# the older transformers line our exports are tested against (tests/test_export_compat.py), in its own venv
+# the older transformers line our exports are tested against (tests/test_export_compat.py), in its
+# own venv
 VENV_HF445 := .venv-hf445
 HF445 := transformers==4.45.2
 
@@ -23,7 +24,8 @@ $(VENV)/.installed-dev: $(VENV)/.installed requirements-dev.txt
 	$(BIN)/pip install -q -r requirements-dev.txt
 	touch $@
 
-# make demo-real only: transformers + gguf + accelerate read SmolLM2's GGUF (convert_gguf.py), matplotlib plots
+# make demo-real only: transformers + gguf + accelerate read SmolLM2's GGUF (convert_gguf.py),
+# matplotlib plots
 $(VENV)/.installed-real: $(VENV)/.installed requirements-real.txt
 	$(BIN)/pip install -q -r requirements-real.txt
 	touch $@

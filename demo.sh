@@ -18,7 +18,7 @@
 #   4. eval    eval_ppl.py (held-out stdlib files, windows L_c .. L_t) and eval_passkey.py (seed
 #              EVAL_SEED for every model: the same keys and depths, so two methods' trials pair up)
 #   5. report  the paper's Table 1 / Fig. 2b layout, passkey counts with 95% Wilson intervals, the
-#              paired tests of PoSE vs Contiguous, the goals: out-demo/results.txt, demo.png
+#              paired tests of PoSE vs Contiguous, the claims: out-demo/results.txt, demo.png
 # Layout: out-demo/pretrain-B/original/: a pretrained candidate (seed B); out-demo/base-<sha[:12]>/
 # per base: base.json, probe-passkey.json, the base's own evals (Original, YaRN-only), seed-S/ per
 # extension seed, the report (copied to out-demo/). A stage whose output exists is skipped, so an
@@ -39,7 +39,7 @@ cd "$(dirname "$0")"
 PY=${PY:-.venv/bin/python}
 SEEDS=${SEEDS:-1}
 BASE=${BASE:-}
-BASE_SEED=${BASE_SEED:-3}  # the pretraining seed: 3 gave the README table a base that retrieves at L_c
+BASE_SEED=${BASE_SEED:-3}  # the pretraining seed of the README table's base (it retrieves at L_c)
 TRIALS=${TRIALS:-30}
 EVAL_SEED=7  # eval_passkey's keys and depths for every model and seed: fixed, so trials are paired
 PROBE_SEED=1007  # the base probe's keys and depths: not the evaluation's

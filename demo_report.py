@@ -9,22 +9,23 @@ prints the final table.
     python demo_report.py --stage=report --out_dir=out-demo/base-X --seeds="1 2 3"   # table + plot
 
 Why synthetic passkey documents: a tiny model pretrained for minutes on Python source has never seen
-English, let alone the passkey prompt, and retrieves nothing even inside its window -- then a passkey row
-measures nothing. So a share of the training documents (`passkey_share` of the documents a run can draw)
-are the paper's passkey prompt (eval_passkey.py's own builder: task, filler, key line at a random depth,
-question) followed by the answer. train.py draws whole documents uniformly and a window of train_len + 1
-tokens inside one, so a passkey document is exactly train_len + 1 tokens: the window is the whole prompt
-and ends with the answer (passkey_short.jsonl, L_c + 1 tokens). Only pretraining sees them: the
-extension runs fine-tune on the stdlib pieces alone (demo.sh's data-demo/ext), so retrieval past
-L_c is transfer from the base model's retrieval inside L_c, as in the paper (Pile text).
-Evaluation (eval_passkey.py) uses other random keys and depths (another seed) on the trained models.
+English, let alone the passkey prompt, and retrieves nothing even inside its window -- then a
+passkey row measures nothing. So a share of the training documents (`passkey_share` of the documents
+a run can draw) are the paper's passkey prompt (eval_passkey.py's own builder: task, filler, key
+line at a random depth, question) followed by the answer. train.py draws whole documents uniformly
+and a window of train_len + 1 tokens inside one, so a passkey document is exactly train_len + 1
+tokens: the window is the whole prompt and ends with the answer (passkey_short.jsonl, L_c + 1
+tokens). Only pretraining sees them: the extension runs fine-tune on the stdlib pieces alone
+(demo.sh's data-demo/ext), so retrieval past L_c is transfer from the base model's retrieval inside
+L_c, as in the paper (Pile text). Evaluation (eval_passkey.py) uses other random keys and depths
+(another seed) on the trained models.
 
-What made retrieval learnable (measured, see the README): the passkey documents must be MANY -- each seen
-about once. With a few hundred, drawn again and again, the model memorises each document's key instead of
-learning to copy it (0% at L_c after 1,000-2,500 steps; a repeated-sequence probe showed no copying at
-all). Since draws are per document, the stdlib files are cut into `piece_tokens`-token pieces
-(python_pieces), which multiplies the documents, and so the passkey documents at the same share. A
-`copy_share` of fresh random-word sequences, repeated (word_drill), adds copying practice.
+What makes retrieval learnable (docs/miniature-notes.md): the passkey documents must be MANY -- each
+seen about once. With a few hundred, drawn again and again, the model memorises each document's key
+instead of learning to copy it (0% at L_c after 1,000-2,500 steps; a repeated-sequence probe showed
+no copying at all). Since draws are per document, the stdlib files are cut into `piece_tokens`-token
+pieces (python_pieces), which multiplies the documents, and so the passkey documents at the same
+share. A `copy_share` of fresh random-word sequences, repeated (word_drill), adds copying practice.
 """
 import json
 import os
@@ -45,12 +46,16 @@ tokenizer = 'data-demo/tok/tokenizer.model'  # the demo's sentencepiece model (s
 train_len = 128  # L_c: the original window
 target_len = 512  # L_t: the extended window (4x: why not 8x, see the README)
 val_fraction = 0.1  # stdlib files held out for the perplexity evaluation (seeded)
-python_mb = 8.0  # at most this many MB of stdlib source (test suites left out; a random subset of files)
+# at most this many MB of stdlib source (test suites left out; a random subset of files)
+python_mb = 8.0
 tok_sample_docs = 150  # stdlib files in the tokenizer sample ...
-tok_passkey_per_doc = 3  # ... each followed by this many passkey prompts (so the filler gets its own tokens)
+# ... each followed by this many passkey prompts (so the filler gets its own tokens)
+tok_passkey_per_doc = 3
 passkey_share = 0.4  # fraction of the drawable training documents that are passkey prompts
-copy_share = 0.2  # fraction that are copy drills: 16 random words, repeated (teaches copying, see word_drill)
-piece_tokens = 512  # the stdlib files are cut into pieces of this many tokens for the L_c mix (python_pieces)
+# fraction that are copy drills: 16 random words, repeated (teaches copying, see word_drill)
+copy_share = 0.2
+# the stdlib files are cut into pieces of this many tokens for the L_c mix (python_pieces)
+piece_tokens = 512
 seed = 1337  # file split, keys, depths
 base = ''  # stage base: an HF dir of a pretrained Original
 base_sha256 = ''  # stage base: its weights' sha256 ('' = base/model.safetensors.sha256, if any)
@@ -62,26 +67,35 @@ out_dir = 'out-demo'  # stage base: where base-<sha256[:12]>/ goes; stage report
 methods = 'original,pi,randpos,contig,full,pose'  # rows: {ppl,passkey}-{method}.json (BASE_METHODS)
 seeds = '1'  # the extension seeds to report (space-separated): pooled counts, mean and min-max
 # -----------------------------------------------------------------------------
-if __name__ == '__main__':  # run as a script: a config file / --key=value; imported (the tests): the defaults
+# run as a script: a config file / --key=value; imported (the tests): the defaults
+if __name__ == '__main__':
     exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
 # -----------------------------------------------------------------------------
 LABELS = {'original': 'Original', 'pi': 'YaRN-only', 'randpos': 'RandPos', 'contig': 'Contiguous',
           'full': 'Full-length', 'pose': 'PoSE'}
 BASE_METHODS = ('original', 'pi')  # evaluated once per base (out_dir/), the others per seed
-ALPHA = 0.05  # the goals' significance level for the paired tests
+ALPHA = 0.05  # the significance level of the paired tests
 
 
 def read_jsonl(path):
+    """The texts of a .jsonl file that stage sources wrote."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path} not found (run --stage=sources first, with the same src_dir)")
     with open(path, encoding='utf-8') as f:
-        return [json.loads(line)['text'] for line in f]
+        try:
+            return [json.loads(line)['text'] for line in f]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise UserError(f"{path}: not a .jsonl of {{\"text\": ...}} lines ({e})") from None
 
 
 def stage_sources():
-    """The stdlib split by file into train / val, and a tokenizer sample with passkey prompts mixed in."""
+    """The stdlib split by file into train / val, and a tokenizer sample with passkey prompts mixed
+    in."""
     from data_format import corpus_files
     from eval_passkey import make_passkey_prompt
     rng = np.random.default_rng([seed, 0])
-    files = [p for p in corpus_files('python_stdlib') if not set(p.split(os.sep)) & {'test', 'tests', 'idle_test'}]
+    test_dirs = {'test', 'tests', 'idle_test'}
+    files = [p for p in corpus_files('python_stdlib') if not set(p.split(os.sep)) & test_dirs]
     texts, size = [], 0
     for i in rng.permutation(len(files)):  # a seeded random subset of python_mb MB
         path = files[i]
@@ -105,20 +119,24 @@ def stage_sources():
         sample.append(train[i])
         for _ in range(tok_passkey_per_doc):
             key = str(int(rng.integers(10000, 100000)))
-            sample.append(make_passkey_prompt(int(rng.integers(2, 60)), key, float(rng.random()))[0] + ' ' + key)
+            n_filler, depth = int(rng.integers(2, 60)), float(rng.random())
+            sample.append(make_passkey_prompt(n_filler, key, depth)[0] + ' ' + key)
     write_jsonl_atomic(os.path.join(src_dir, 'tok.jsonl'), sample)
 
 
 def exact_passkey_doc(tok, length, rng, F):
-    """Text of a passkey prompt + ' ' + key + '.' that tokenizes (BOS included) to exactly `length` tokens, for a
-    random key and depth. The prompt's lines are tokenized apart ('\\n' is a piece of its own), so its length
-    is a sum of per-line counts: F[n] = tokens of n filler words (filled in as needed), and the key's two lines.
-    The result is checked with one real encode; filler comes in words, so some draws cannot land exactly."""
+    """Text of a passkey prompt + ' ' + key + '.' that tokenizes (BOS included) to exactly `length`
+    tokens, for a random key and depth. The prompt's lines are tokenized apart ('\\n' is a piece of
+    its own), so its length is a sum of per-line counts: F[n] = tokens of n filler words (filled in
+    as needed), and the key's two lines. The result is checked with one real encode; filler comes in
+    words, so some draws cannot land exactly."""
     from eval_passkey import KEY_LINE, QUESTION, TASK, filler_text
     tlen = lambda t: len(tok.encode(t, bos=False))  # noqa: E731
     for _ in range(200):
         key, depth = str(int(rng.integers(10000, 100000))), float(rng.random())
-        fixed = 1 + 4 + tlen(TASK) + tlen(KEY_LINE.format(key=key)) + tlen(QUESTION + ' ' + key + '.')  # + BOS, newlines
+        # BOS + 4 newlines + the task, key and question lines
+        fixed = 1 + 4 + tlen(TASK) + tlen(KEY_LINE.format(key=key)) \
+            + tlen(QUESTION + ' ' + key + '.')
         n = 0
         while True:
             nb = int(round(depth * n))
@@ -132,35 +150,41 @@ def exact_passkey_doc(tok, length, rng, F):
             text = make_prompt_text(n, key, depth)
             if len(tok.encode(text, bos=True)) == length:
                 return text
-    raise ValueError(f"could not build a passkey prompt of exactly {length} tokens in 200 draws")
+    # the lengths come from train_len / target_len: a length the filler cannot hit is a config
+    # choice
+    raise UserError(f"could not build a passkey prompt of exactly {length} tokens in 200 draws "
+                    f"(train_len={train_len}: try another)")
 
 
 def make_prompt_text(n, key, depth):
     from eval_passkey import make_passkey_prompt
-    return make_passkey_prompt(n, key, depth)[0] + ' ' + key + '.'  # the '.' teaches where the number ends
+    # the '.' teaches where the number ends
+    return make_passkey_prompt(n, key, depth)[0] + ' ' + key + '.'
 
 
 def word_drill(words, length, rng):
-    """16 random words, repeated to ~length tokens: after the first pass every token is a copy of one 16 words
-    back. Fresh words in every document, so only copying (not memorising) lowers the loss."""
+    """16 random words, repeated to ~length tokens: after the first pass every token is a copy of
+    one 16 words back. Fresh words in every document, so only copying (not memorising) lowers the
+    loss."""
     seq = ' '.join(words[i] for i in rng.integers(0, len(words), 16))
     return ' '.join([seq] * (2 + length // 40))  # 16 words are ~40 tokens
 
 
 def python_pieces(tok, texts, n_tokens):
-    """The stdlib files cut into pieces of n_tokens tokens (decoded back to text; a shorter tail is dropped).
-    train.py draws documents uniformly: short pieces make the pretraining mix a mix by tokens, and let the
-    passkey documents be many (each seen about once) at the same share."""
+    """The stdlib files cut into pieces of n_tokens tokens (decoded back to text; a shorter tail is
+    dropped). train.py draws documents uniformly: short pieces make the pretraining mix a mix by
+    tokens, and let the passkey documents be many (each seen about once) at the same share."""
     out = []
     for ids in tok.encode_batch(texts, bos=False):
-        out += [tok.decode(ids[i:i + n_tokens]) for i in range(0, len(ids) - n_tokens + 1, n_tokens)]
+        starts = range(0, len(ids) - n_tokens + 1, n_tokens)
+        out += [tok.decode(ids[i:i + n_tokens]) for i in starts]
     return out
 
 
 def stage_passkey():
     from tokenizer import load_tokenizer
-    tok = load_tokenizer(tokenizer)
     train = read_jsonl(os.path.join(src_dir, 'python_train.jsonl'))
+    tok = load_tokenizer(tokenizer)
     words = sorted({w for t in train for w in re.findall(r'\b[A-Za-z][a-z]{2,9}\b', t)})
     rng = np.random.default_rng([seed, 1])
     F = []
@@ -183,24 +207,28 @@ def stage_passkey():
 
 
 def passkey_eval_lengths(tok, rng):
-    """eval_passkey.py builds a prompt within 1% of the requested length, in whole filler words: some short
-    lengths cannot be hit. For each multiple of L_c up to L_t (or each power-of-2 multiple when L_t > 4 L_c),
-    take the largest length at or below it that works for 30 random keys and depths."""
+    """eval_passkey.py builds a prompt within 1% of the requested length, in whole filler words:
+    some short lengths cannot be hit. For each multiple of L_c up to L_t (or each power-of-2
+    multiple when L_t > 4 L_c), take the largest length at or below it that works for 30 random keys
+    and depths."""
     from eval_passkey import build_passkey_prompt
     ratio = target_len // train_len
-    mults = range(1, ratio + 1) if ratio <= 4 else [2 ** i for i in range(ratio.bit_length()) if 2 ** i <= ratio]
+    mults = range(1, ratio + 1) if ratio <= 4 else \
+        [2 ** i for i in range(ratio.bit_length()) if 2 ** i <= ratio]
     out = []
     for L in [m * train_len for m in mults]:
         for cand in range(L, L - 12, -1):
             try:
                 for _ in range(30):
-                    build_passkey_prompt(tok, cand, str(int(rng.integers(10000, 100000))), float(rng.random()))
+                    key = str(int(rng.integers(10000, 100000)))
+                    build_passkey_prompt(tok, cand, key, float(rng.random()))
                 out.append(cand)
                 break
             except UserError:  # this length cannot be built: try the next
                 continue
         else:
-            raise ValueError(f"no passkey prompt length in [{L - 11}, {L}] that eval_passkey.py can build")
+            raise UserError(f"no passkey prompt length in [{L - 11}, {L}] that eval_passkey.py "
+                            f"can build (train_len={train_len}, target_len={target_len})")
     return out
 
 
@@ -230,6 +258,8 @@ def stage_base():
 def read_probe(d):
     """(base.json, probe) of one base dir: the probe's passed / count / 95% Wilson interval at its
     one length (L_c) and its eval_passkey seed; probe = None without probe-passkey.json."""
+    if not os.path.isfile(os.path.join(d, 'base.json')):
+        raise UserError(f"{d}: no base.json (not a base dir from --stage=base)")
     info = read_json(os.path.join(d, 'base.json'))
     path = os.path.join(d, 'probe-passkey.json')
     if not os.path.isfile(path):
@@ -271,7 +301,7 @@ def stage_select():
     chosen = ok[0] if ok else max(cands, key=lambda c: c['probe']['accuracy'])  # the first of ties
     if not ok:
         print(f"warning: no base reaches {min_probe} at L_c: extending the most accurate one; the "
-              f"extension goals presuppose a base that retrieves inside its window")
+              f"extension claims presuppose a base that retrieves inside its window")
     write_json_atomic(os.path.join(chosen['dir'], 'selection.json'),
                       {'candidates': cands, 'min_probe': min_probe, 'chosen': chosen['dir'],
                        'retrieves': bool(ok)})
@@ -337,7 +367,7 @@ def paired_test(a, b):
     exact McNemar on the verdicts, Wilcoxon signed-rank on the key log-likelihoods (if present)."""
     same = lambda ts: [(t['key'], t.get('depth_requested')) for t in ts]  # noqa: E731
     if same(a) != same(b):
-        raise ValueError('PoSE and Contiguous were not evaluated on the same passkey trials '
+        raise UserError('PoSE and Contiguous were not evaluated on the same passkey trials '
                          '(another eval_passkey seed or num_trials?): no paired test')
     va, vb = [bool(t['pass']) for t in a], [bool(t['pass']) for t in b]
     out = {'n': len(a), 'passed': [sum(va), sum(vb)],
@@ -366,7 +396,7 @@ def paired_tests(runs, a='pose', b='contig'):
 
 def pose_above(t):
     """PoSE above Contiguous on one length's paired trials: more passes with McNemar p < ALPHA, or a
-    higher mean key log-likelihood with Wilcoxon p < ALPHA (the goal names either)."""
+    higher mean key log-likelihood with Wilcoxon p < ALPHA (either test counts)."""
     n_a, n_b = t['discordant']
     return bool((n_a > n_b and t['mcnemar_p'] < ALPHA)
                 or (t.get('mean_dlogp', 0.0) > 0 and t.get('wilcoxon_p', 1.0) < ALPHA))
@@ -378,8 +408,9 @@ def above(tests):
 
 
 def claims(run, tests):
-    """The issue's goals, then the paper's claims in the miniature, each True / False / None (not
-    measured), for one extension seed; tests: its paired tests of PoSE vs Contiguous ({L: test})."""
+    """The demo's claims (PoSE vs Contiguous, then the paper's in the miniature), each True /
+    False / None (not measured), for one extension seed; tests: its paired tests of PoSE vs
+    Contiguous ({L: test})."""
     Lc, Lt = train_len, target_len
 
     def get(m, kind, L):
@@ -568,7 +599,8 @@ def report_lines(runs, labels, meta=None):
     lines += claim_lines(per_seed, seed_list)
     if len(seed_list) > 1:
         v = above(tests['pooled'])
-        nw, name = max(len(c) for c, _ in per_seed[seed_list[0]]), '... the same, pooled over the seeds'
+        nw = max(len(c) for c, _ in per_seed[seed_list[0]])
+        name = '... the same, pooled over the seeds'
         lines.append(f"  {mark(v):<{max(len(seed_list), 5)}} {name:<{nw}}  "
                      + ('unmeasured' if v is None else 'holds' if v else 'fails'))
     return lines, per_seed, tests
@@ -676,10 +708,7 @@ def main():
               'select': stage_select, 'report': stage_report}
     if stage not in stages:
         raise UserError(f"stage='{stage}': expected one of {', '.join(stages)}")
-    try:
-        stages[stage]()
-    except (ValueError, FileNotFoundError) as e:
-        raise UserError(str(e)) from None
+    stages[stage]()
 
 
 if __name__ == '__main__':

@@ -2,37 +2,40 @@
 Passkey retrieval over prompt lengths (x depths) (PoSE paper §4.3, Fig. 2; Mohtashami & Jaggi 2023).
 
     python eval_passkey.py --model=out/pose-16k --lengths="[2048,4096,8192,16384]" --num_trials=50
-    python eval_passkey.py --model=ckpt/llama-7b --rope_scaling="{'rope_type':'linear','factor':8.0}"  # PI-only
-    python eval_passkey.py --model=out/pose-16k --depths="[0.0,0.25,0.5,0.75,1.0]" --plot=passkey.png
+    python eval_passkey.py --model=out/pose-16k --depths="[0.0,0.25,0.5,0.75,1.0]" \
+        --plot=passkey.png
+    # PI-only: the base model with linear interpolation, no training
+    python eval_passkey.py --model=ckpt/llama-7b \
+        --rope_scaling="{'rope_type':'linear','factor':8.0}"
 
 The prompt (paper Fig. 2a), its five parts joined by newlines:
-    There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. I will
-    quiz you about the important information there.
-    The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ...  (filler)
+    There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. I
+    will quiz you about the important information there.
+    The grass is green. The sky is blue. The sun is yellow. Here we go. There and back ... (filler)
     The pass key is 71432. Remember it. 71432 is the pass key.
-    The grass is green. The sky is blue. ...                                                        (filler)
+    The grass is green. The sky is blue. ...                                               (filler)
     What is the pass key? The pass key is
 The filler is the five sentences repeated, counted in words (the first n words of the endless
-repetition, so it may stop mid-sentence, as Mohtashami & Jaggi's character cut does) so that a prompt
-hits a token length closely: for a requested length we binary-search the number of filler words n so
-that BOS + prompt + " " + key is at most `length` tokens and within 1% of it. Depth d puts round(d * n)
-filler words before the key line and the rest after it (both parts start with "The grass is green.");
-the JSON records the realised depth (words before / n). Keys are random
+repetition, so it may stop mid-sentence, as Mohtashami & Jaggi's character cut does) so that a
+prompt hits a token length closely: for a requested length we binary-search the number of filler
+words n so that BOS + prompt + " " + key is at most `length` tokens and within 1% of it. Depth d
+puts round(d * n) filler words before the key line and the rest after it (both parts start with "The
+grass is green."); the JSON records the realised depth (words before / n). Keys are random
 5-digit numbers (the paper; its script drew 1..50000), depth uniform in [0, 1] per trial (the paper)
 or a grid (`depths`).
 
-Scoring = the official script's (dwzhu-pku/PoSE src/eval_passkey.py): greedy generation of up to 10 new
-tokens after BOS + prompt, the output decoded, and the trial passes iff int(first `\\d+` of it) == key --
-so "12345." and "is: 12345" and "\\n12345" pass for key 12345, "123456" and "1234" fail. We compute exactly
-that with a guess: the prompt runs once into a KV cache (model.KVCache), then one forward over the key's
-tokens after it, with lm_head only at the positions that predict the key and the token after it (which
-shows whether the number ends). Greedy decoding sees the same prefixes as long as its argmax agrees with
-those tokens, so the argmaxes up to the first disagreement are greedy's own output; at a disagreement
-(e.g. a leading ":" or newline) we keep greedy's token and run another short forward with a new guess
-over the cache. A trial stops as soon as its verdict is fixed, so most trials take one short forward
-after the prompt, none more than max_new_tokens. The tests check this against plain
-greedy decoding + the regex. `pred_ids` (the teacher-forced argmax on the key's tokens) is kept for
-partial credit.
+Scoring = the official script's (dwzhu-pku/PoSE src/eval_passkey.py): greedy generation of up to 10
+new tokens after BOS + prompt, the output decoded, and the trial passes iff int(first `\\d+` of it)
+== key -- so "12345." and "is: 12345" and "\\n12345" pass for key 12345, "123456" and "1234" fail.
+We compute exactly that with a guess: the prompt runs once into a KV cache (model.KVCache), then one
+forward over the key's tokens after it, with lm_head only at the positions that predict the key and
+the token after it (which shows whether the number ends). Greedy decoding sees the same prefixes as
+long as its argmax agrees with those tokens, so the argmaxes up to the first disagreement are
+greedy's own output; at a disagreement (e.g. a leading ":" or newline) we keep greedy's token and
+run another short forward with a new guess over the cache. A trial stops as soon as its verdict is
+fixed, so most trials take one short forward after the prompt, none more than max_new_tokens. The
+tests check this against plain greedy decoding + the regex. `pred_ids` (the teacher-forced argmax on
+the key's tokens) is kept for partial credit.
 
 RULER-style needle tasks (`task`; Hsieh et al. 2024) on the same filler, lengths, depths and
 verdict machinery; a needle is the line "One of the special magic numbers for <word> is: <value>."
@@ -64,13 +67,15 @@ from errors import UserError, pyplot, run, save_figure, write_json_atomic
 from eval_ppl import check_run, load_model, model_name, torch_dtype
 from model import KVCache
 
-TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
-        "I will quiz you about the important information there.")
+TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize "
+        "them. I will quiz you about the important information there.")
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
-FILLER_WORDS = FILLER.split()  # the unit of filler: a word (~1.5 tokens), fine enough for 1% at ~1k tokens
+# the unit of filler: a word (~1.5 tokens), fine enough for 1% at ~1k tokens
+FILLER_WORDS = FILLER.split()
 KEY_LINE = "The pass key is {key}. Remember it. {key} is the pass key."
 QUESTION = "What is the pass key? The pass key is"
-ANSWER_RE = re.compile(r'\d+')  # the official script's answer: the first number in the generated text
+# the official script's answer: the first number in the generated text
+ANSWER_RE = re.compile(r'\d+')
 TASKS = ('passkey', 'multikey', 'multivalue', 'multiquery')
 # the needle tasks' prompt (RULER's niah templates)
 NEEDLE_TASK = ("Some special magic numbers are hidden within the following text. Make sure to "
@@ -89,8 +94,8 @@ WORDS = ('anchor', 'apple', 'badger', 'banjo', 'basket', 'beacon', 'cactus', 'ca
          'velvet', 'walnut', 'willow')
 
 # -----------------------------------------------------------------------------
-# statistics: every accuracy gets its 95% Wilson interval; two methods run on the same trials (the same
-# keys, depths and lengths) are compared pairwise (demo reports import these)
+# statistics: every accuracy gets its 95% Wilson interval; two methods run on the same trials (the
+# same keys, depths and lengths) are compared pairwise (demo reports import these)
 
 
 def wilson(k, n, z=1.96):
@@ -104,8 +109,8 @@ def wilson(k, n, z=1.96):
 
 
 def mcnemar_exact(a, b):
-    """Two-sided exact McNemar p on paired verdicts a[i], b[i] (bools): a binomial test of the discordant
-    pairs, B(n01 + n10, 1/2). 1.0 when no pair is discordant."""
+    """Two-sided exact McNemar p on paired verdicts a[i], b[i] (bools): a binomial test of the
+    discordant pairs, B(n01 + n10, 1/2). 1.0 when no pair is discordant."""
     n01 = sum(1 for x, y in zip(a, b) if x and not y)
     n10 = sum(1 for x, y in zip(a, b) if y and not x)
     n, k = n01 + n10, min(n01, n10)
@@ -116,10 +121,10 @@ def mcnemar_exact(a, b):
 
 
 def wilcoxon_signed_rank(x, y):
-    """Two-sided Wilcoxon signed-rank p on paired values x[i] - y[i], exact: zero differences dropped
-    (Wilcoxon's rule), tied |d| get mid-ranks, and the null distribution of the positive rank sum is
-    counted over all 2^n sign patterns of those ranks (a dynamic programme over doubled ranks).
-    Returns (p, n used)."""
+    """Two-sided Wilcoxon signed-rank p on paired values x[i] - y[i], exact: zero differences
+    dropped (Wilcoxon's rule), tied |d| get mid-ranks, and the null distribution of the positive
+    rank sum is counted over all 2^n sign patterns of those ranks (a dynamic programme over doubled
+    ranks). Returns (p, n used)."""
     d = [float(u) - float(v) for u, v in zip(x, y) if float(u) != float(v)]
     n = len(d)
     if n == 0:
@@ -157,11 +162,13 @@ def filler_text(n):
 
 
 def make_passkey_prompt(n_filler, key, depth):
-    """(prompt text ending in 'The pass key is', n_before): round(depth * n_filler) filler words before the key."""
+    """(prompt text ending in 'The pass key is', n_before): round(depth * n_filler) filler words
+    before the key."""
     if not 0.0 <= depth <= 1.0:
         raise UserError(f"depth must be in [0, 1], got {depth}")
     n_before = int(round(depth * n_filler))
-    lines = [TASK, filler_text(n_before), KEY_LINE.format(key=key), filler_text(n_filler - n_before), QUESTION]
+    lines = [TASK, filler_text(n_before), KEY_LINE.format(key=key),
+             filler_text(n_filler - n_before), QUESTION]
     return '\n'.join(lines), n_before
 
 
@@ -169,7 +176,9 @@ def encode_answer(tok, text, answer, what):
     """(ids of BOS + text + answer, n_prompt): ids[n_prompt:] are the answer's tokens."""
     prompt = tok.encode(text, bos=True, eos=False)
     full = tok.encode(text + answer, bos=True, eos=False)
-    p = 0  # the answer starts where the two encodings part (a tokenizer may re-split the last prompt token)
+    # the answer starts where the two encodings part (a tokenizer may re-split the last prompt
+    # token)
+    p = 0
     while p < min(len(prompt), len(full)) and prompt[p] == full[p]:
         p += 1
     if p == len(full):
@@ -193,7 +202,8 @@ def fit_filler(size, length, hint, what):
         raise UserError(f"length {length} is shorter than the {what} prompt without filler "
                         f"({size(0)} tokens)")
     if hint is not None and size(max(hint - 8, 0)) <= length:
-        lo, hi = max(hint - 8, 0), hint + 8  # a different key changes the count by a few tokens only
+        # a different key changes the count by a few tokens only
+        lo, hi = max(hint - 8, 0), hint + 8
     else:
         lo, hi = 0, 16
     while size(hi) <= length:  # grow the bracket: size(lo) <= length < size(hi)
@@ -257,16 +267,19 @@ def build_needle_prompt(tok, task, length, needles, asked, hint=None):
 
 
 def answer_state(text, key, done):
-    """The official script's verdict on a greedy output `text`: True/False, or None while more tokens could
-    change it. Official: int(first `\\d+` of the output) == key (no number: fail). done: no more tokens come."""
+    """The official script's verdict on a greedy output `text`: True/False, or None while more
+    tokens could change it. Official: int(first `\\d+` of the output) == key (no number: fail).
+    done: no more tokens come."""
     m = ANSWER_RE.search(text)
     if m is None:
         return False if done else None
-    # the number has ended at the first non-digit after it; a trailing U+FFFD may be the first bytes of
-    # a multi-byte character that completes to a (Unicode) digit, so it does not end the number yet
+    # the number has ended at the first non-digit after it; a trailing U+FFFD may be the first bytes
+    # of a multi-byte character that completes to a (Unicode) digit, so it does not end the number
+    # yet
     if done or (m.end() < len(text) and text[m.end()] != '\ufffd'):
         return int(m.group()) == int(key)
-    v = int(m.group())  # digits so far; int() ignores leading zeros, as the official comparison does
+    # digits so far; int() ignores leading zeros, as the official comparison does
+    v = int(m.group())
     return None if str(int(key)).startswith(str(v) if v else '') else False
 
 
@@ -283,8 +296,8 @@ def all_values_state(text, values, done):
 
 
 def speculate(gen, guess, decode):
-    """Tokens greedy decoding is expected to write after `gen`: the rest of the answer (the key's tokens).
-    Only speed depends on this guess: every token kept is the model's own argmax."""
+    """Tokens greedy decoding is expected to write after `gen`: the rest of the answer (the key's
+    tokens). Only speed depends on this guess: every token kept is the model's own argmax."""
     if gen == guess[:len(gen)]:
         return guess[len(gen):]
     digits = [i for i, t in enumerate(guess) if any(c.isdigit() for c in decode([t]))]
@@ -296,33 +309,37 @@ def speculate(gen, guess, decode):
 
 @torch.inference_mode()
 def extend_cache(model, cache, cached, ids, device='cpu'):
-    """Make `cache` hold `ids`: keep the longest prefix they share with `cached` (the ids it holds now) and
-    run only the rest. Trials at one length and depth share the filler before the key, so each trial
-    after the first pays for the tokens from its key on. Returns the ids the cache now holds."""
+    """Make `cache` hold `ids`: keep the longest prefix they share with `cached` (the ids it holds
+    now) and run only the rest. Trials at one length and depth share the filler before the key, so
+    each trial after the first pays for the tokens from its key on. Returns the ids the cache now
+    holds."""
     n = min(len(cached), len(ids))
     diff = np.flatnonzero(np.asarray(cached[:n]) != np.asarray(ids[:n]))
     c = int(diff[0]) if len(diff) else n  # tokens shared with what the cache holds
     cache.truncate(c)
     if c < len(ids):
-        model.forward_hidden(torch.tensor(ids[c:], dtype=torch.long, device=device)[None], cache=cache)
+        rest = torch.tensor(ids[c:], dtype=torch.long, device=device)[None]
+        model.forward_hidden(rest, cache=cache)
     return list(ids)
 
 
 @torch.inference_mode()
 def greedy_passkey(model, prompt, guess, key, decode, max_new_tokens=10, eos_id=None, device='cpu',
                    cache=None, judge=None):
-    """Greedy decoding after `prompt` (ids) judged like the official script (first number == key). The prompt
-    runs once into a KV cache; each forward then runs the prompt's last token + the confirmed tokens + a guessed
-    continuation (the key, then one more position that shows whether the number ends) and keeps the model's
-    argmax up to the first miss, so one forward usually decides a trial and each one adds at least one
-    generated token. Stops once the verdict is fixed, at EOS, or after max_new_tokens (what the official
-    script's generate(max_new_tokens=10) sees). `cache`: a KVCache already holding prompt[:-1]
-    (extend_cache); None = a new one. The first forward also gives the key's teacher-forced log-likelihood,
-    log p(guess | prompt) in nats: a graded score of every trial, passed or failed.
-    `judge(text, done)`: another verdict in answer_state's terms (the needle tasks'
-    all_values_state); None = the key's.
-    Returns (passed, generated ids, teacher-forced argmax at the guess's positions, key log-prob, forwards)."""
-    P = len(prompt) - 1  # tokens kept in the cache: the prompt but its last, whose output is the first token
+    """Greedy decoding after `prompt` (ids) judged like the official script (first number == key).
+    The prompt runs once into a KV cache; each forward then runs the prompt's last token + the
+    confirmed tokens + a guessed continuation (the key, then one more position that shows whether
+    the number ends) and keeps the model's argmax up to the first miss, so one forward usually
+    decides a trial and each one adds at least one generated token. Stops once the verdict is fixed,
+    at EOS, or after max_new_tokens (what the official script's generate(max_new_tokens=10) sees).
+    `cache`: a KVCache already holding prompt[:-1] (extend_cache); None = a new one. The first
+    forward also gives the key's teacher-forced log-likelihood, log p(guess | prompt) in nats: a
+    graded score of every trial, passed or failed. `judge(text, done)`: another verdict in
+    answer_state's terms (the needle tasks' all_values_state); None = the key's.
+    Returns (passed, generated ids, teacher-forced argmax at the guess's positions, key log-prob,
+    forwards)."""
+    # tokens kept in the cache: the prompt but its last, whose output is the first token
+    P = len(prompt) - 1
     if cache is None:
         cache = KVCache(model.args.n_layers)
         extend_cache(model, cache, [], prompt[:P], device)
@@ -330,11 +347,14 @@ def greedy_passkey(model, prompt, guess, key, decode, max_new_tokens=10, eos_id=
     while True:
         spec = speculate(gen, guess, decode)
         ids = torch.tensor([prompt[P]] + gen + spec, dtype=torch.long, device=device)[None]
-        h = model.forward_hidden(ids, cache=cache)[0, len(gen):]  # positions predicting gen's next tokens
-        cache.truncate(P)  # the guess may be wrong: the next forward reruns everything after the prompt
+        # positions predicting gen's next tokens
+        h = model.forward_hidden(ids, cache=cache)[0, len(gen):]
+        # the guess may be wrong: the next forward reruns everything after the prompt
+        cache.truncate(P)
         logits = model.lm_head(h).float()  # [len(spec) + 1, vocab]: no [T, vocab] logits
         pred = logits.argmax(-1).tolist()
-        if n_fwd == 0:  # gen is empty, so spec is the whole guess and rows 0 .. len(guess)-1 predict it
+        # gen is empty, so spec is the whole guess and rows 0 .. len(guess)-1 predict it
+        if n_fwd == 0:
             lp = logits[:len(guess)].log_softmax(-1)
             key_lp = float(lp.gather(1, torch.tensor(guess, device=lp.device)[:, None]).sum())
             tf_pred = pred[:len(guess)]
@@ -346,7 +366,8 @@ def greedy_passkey(model, prompt, guess, key, decode, max_new_tokens=10, eos_id=
             state = answer_state(text, key, done) if judge is None else judge(text, done)
             if state is not None:
                 return state, gen, tf_pred, key_lp, n_fwd
-            if j == len(spec) or t != spec[j]:  # the guess is wrong from here: its later argmaxes mean nothing
+            # the guess is wrong from here: its later argmaxes mean nothing
+            if j == len(spec) or t != spec[j]:
                 break
 
 
@@ -393,8 +414,8 @@ def make_needle_trials(task, lengths, num_trials, depths, seed, num_needles=4, n
 
 
 def accuracy_table(trials, lengths, depths):
-    """{row label: {length: accuracy or None}}; rows: the depth grid (requested depths) or, for random
-    depths, ten bins of the realised depth; then 'all'."""
+    """{row label: {length: accuracy or None}}; rows: the depth grid (requested depths) or, for
+    random depths, ten bins of the realised depth; then 'all'."""
     rows, key = {}, 'depth' if depths is None else 'depth_requested'
     for lo, hi, label in depth_bins_for(depths):
         rows[label] = {}
@@ -411,7 +432,8 @@ def accuracy_table(trials, lengths, depths):
 def depth_bins_for(depths):
     if depths is not None:  # a grid: one row per depth (the bins are the grid points)
         return [(d, d, f"{d:.2f}") for d in depths]
-    return [(i / 10, (i + 1) / 10 - (1e-12 if i < 9 else 0), f"{i / 10:.1f}-{(i + 1) / 10:.1f}") for i in range(10)]
+    return [(i / 10, (i + 1) / 10 - (1e-12 if i < 9 else 0), f"{i / 10:.1f}-{(i + 1) / 10:.1f}")
+            for i in range(10)]
 
 
 def accuracy_text(rows, lengths):
@@ -419,7 +441,8 @@ def accuracy_text(rows, lengths):
     w = max(len(r) for r in rows)
     lines = [f"{'depth':<{w}} " + ' '.join(f"{L:>7}" for L in lengths)]
     for label, accs in rows.items():
-        lines.append(f"{label:<{w}} " + ' '.join(f"{'-':>7}" if accs[L] is None else f"{accs[L]:>7.2f}" for L in lengths))
+        cells = [f"{'-':>7}" if accs[L] is None else f"{accs[L]:>7.2f}" for L in lengths]
+        lines.append(f"{label:<{w}} " + ' '.join(cells))
     return '\n'.join(lines)
 
 
@@ -427,7 +450,8 @@ def plot_heatmap(rows, lengths, path, title='', ylabel='depth of the key'):
     """Accuracy heatmap: depth rows x length columns, written atomically."""
     plt = pyplot(f"plot={path!r}")
     labels = [r for r in rows if r != 'all']
-    grid = np.array([[np.nan if rows[r][L] is None else rows[r][L] for L in lengths] for r in labels])
+    grid = np.array([[np.nan if rows[r][L] is None else rows[r][L] for L in lengths]
+                     for r in labels])
     fig, ax = plt.subplots(figsize=(1.0 + 0.8 * len(lengths), 1.0 + 0.4 * len(labels)))
     im = ax.imshow(grid, vmin=0, vmax=1, cmap='RdYlGn', aspect='auto')
     for i in range(len(labels)):
@@ -504,14 +528,19 @@ SCORING = {'passkey': 'official: greedy, int(first \\d+) == key',
 # -----------------------------------------------------------------------------
 # config (python eval_passkey.py [config.py] [--key=value ...])
 model = ''  # HF-format model dir (ours or a stock Llama/Mistral/Qwen2)
-rope_scaling = None  # None = the checkpoint's own; a dict (HF semantics) overrides it, e.g. the paper's PI-only baseline
-max_position_embeddings = None  # None = the checkpoint's own; else an override (also what the length warning checks)
+# None = the checkpoint's own; a dict (HF semantics) overrides it, e.g. the paper's PI-only baseline
+rope_scaling = None
+# None = the checkpoint's own; else an override (also what the length warning checks)
+max_position_embeddings = None
 tokenizer = None  # None = the model dir's tokenizer (tokenizer.model or tokenizer.json)
-lengths = [2048, 4096, 8192, 16384, 32768]  # prompt lengths in tokens (BOS + prompt + key, within 1%)
+# prompt lengths in tokens (BOS + prompt + key, within 1%)
+lengths = [2048, 4096, 8192, 16384, 32768]
 num_trials = 50  # trials per length (x depth); the paper: 50
-depths = None  # None = a random depth per trial (the paper); a list of fractions in [0, 1] = a length x depth grid
+# None = a random depth per trial (the paper); a list of fractions in [0, 1] = a length x depth grid
+depths = None
 seed = 1337  # keys and depths
-check_tokenizer = True  # refuse a tokenizer whose fingerprint differs from the model's own (False: skip)
+# refuse a tokenizer whose fingerprint differs from the model's own (False: skip)
+check_tokenizer = True
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 dtype = 'auto'  # 'auto' = bfloat16 on CUDA, float32 on CPU; or 'float32' / 'bfloat16' / 'float16'
 # decided trials stop early; None = the official 10 for the passkey, the answer's tokens + 10 else
@@ -563,10 +592,11 @@ def main():
     path = check_run(task, model, rope_scaling, out, overwrite, plot)
     if not lengths or any(not isinstance(L, int) or L < 1 for L in lengths):
         raise UserError(f"lengths must be a list of positive ints, got {lengths!r}")
-    if depths is not None and (not depths or any(isinstance(d, bool) or not isinstance(d, (int, float))
-                                                 or not 0 <= d <= 1 for d in depths)):
-        raise UserError(f"depths={depths!r}: expected None (a random depth per trial) or a non-empty list "
-                        f"of fractions in [0, 1]")
+    if depths is not None and (not depths or any(
+            isinstance(d, bool) or not isinstance(d, (int, float)) or not 0 <= d <= 1
+            for d in depths)):
+        raise UserError(f"depths={depths!r}: expected None (a random depth per trial) or a "
+                        f"non-empty list of fractions in [0, 1]")
     if max_position_embeddings is not None and max_position_embeddings < 1:
         raise UserError(f"max_position_embeddings must be >= 1 (or None: the checkpoint's), "
                         f"got {max_position_embeddings}")
@@ -575,12 +605,15 @@ def main():
     torch_dtype(dtype, device)  # a bad dtype fails here, before the work
     tok = load_tokenizer(tokenizer or model)
     if tokenizer and check_tokenizer:
-        check_same_tokenizer(sha256_file(tok.path), f"tokenizer='{tokenizer}'", model, 'check_tokenizer')
+        check_same_tokenizer(sha256_file(tok.path), f"tokenizer='{tokenizer}'", model,
+                             'check_tokenizer')
     net = load_model(model, rope_scaling, max_position_embeddings, dtype, device, lengths)
 
-    # 'dynamic' RoPE rescales with the sequence length, so its cached keys depend on the forward that made them
+    # 'dynamic' RoPE rescales with the sequence length, so its cached keys depend on the forward
+    # that made them
     reuse = (net.args.rope_scaling or {}).get('rope_type') != 'dynamic'
-    cache, cached = KVCache(net.args.n_layers), []  # the prompt prefix shared with the previous trial
+    # the prompt prefix shared with the previous trial
+    cache, cached = KVCache(net.args.n_layers), []
     if task == 'passkey':
         todo = make_trials(lengths, num_trials, depths, seed)
     else:
@@ -591,8 +624,8 @@ def main():
         ids, p, text, rec, key, judge = trial_prompt(tok, task, trial, hints.get(trial[0]))
         hints[trial[0]] = rec['n_filler']
         if max(ids) >= net.args.vocab_size:
-            raise UserError(f"the tokenizer ({tok.path}) gives token id {max(ids)} >= the model's vocab_size "
-                            f"{net.args.vocab_size}: not the model's tokenizer?")
+            raise UserError(f"the tokenizer ({tok.path}) gives token id {max(ids)} >= the model's "
+                            f"vocab_size {net.args.vocab_size}: not the model's tokenizer?")
         prompt = tok.encode(text, bos=True)  # what generation sees
         guess = ids[len(prompt):] if ids[:len(prompt)] == prompt else ids[p:]
         # the budget: the official 10 for the passkey; the needle tasks' whole answer + 10

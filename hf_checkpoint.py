@@ -1,9 +1,10 @@
 """
 Hugging Face checkpoint directories <-> our model (model.py): config.json <-> ModelArgs, weights in
-safetensors (one file or sharded with an index) or pytorch_model*.bin, and the export back to a directory
-that transformers (4.45 and 5) and vLLM load to the same logits (tested: tests/test_model*.py,
-tests/test_export_compat.py). The model file stays the model: it never reads or writes a directory, and
-does not remember where it was loaded from -- whoever exports names the tokenizer to copy.
+safetensors (one file or sharded with an index) or pytorch_model*.bin, and the export back to a
+directory that transformers (4.45 and 5) and vLLM load to the same logits (tested:
+tests/test_model*.py, tests/test_export_compat.py). The model file stays the model: it never reads
+or writes a directory, and does not remember where it was loaded from -- whoever exports names the
+tokenizer to copy.
 
     model = load_pretrained('checkpoints/llama-7b', dtype=torch.bfloat16, rope_scaling={...})
     save_pretrained(model, 'out/hf', tokenizer_dir='checkpoints/llama-7b')
@@ -20,7 +21,8 @@ import torch
 import rope
 from errors import UserError, read_json
 from model import ARCH_NAMES, ModelArgs, Transformer, is_size
-# the tokenizer's files, copied beside an export: defined beside the tokenizer loader, which must not need torch
+# the tokenizer's files, copied beside an export: defined beside the tokenizer loader, which must
+# not need torch
 from tokenizer import TOKENIZER_FILES
 
 MAX_SHARD_SIZE = 5 * 1024**3  # bytes per safetensors shard written by save_pretrained
@@ -37,13 +39,16 @@ def args_from_hf_config(cfg, where='config.json', **overrides):
     archs = cfg.get('architectures') or []
     name = archs[0] if archs else cfg.get('model_type')
     arch = ARCHS.get(name) or {'LLaMAForCausalLM': 'llama', 'llama': 'llama', 'mistral': 'mistral',
-                               'qwen2': 'qwen2'}.get(name)  # very old Llama configs / no architectures
+                               # very old Llama configs / no architectures
+                               'qwen2': 'qwen2'}.get(name)
     if arch is None:
-        raise UserError(f"{where}: unsupported architecture {name!r} (supported: {', '.join(ARCHS)})")
+        raise UserError(f"{where}: unsupported architecture {name!r} "
+                        f"(supported: {', '.join(ARCHS)})")
     for key, ok in (('hidden_act', 'silu'), ('mlp_bias', False), ('attention_bias', False),
                     ('use_sliding_window', False), ('partial_rotary_factor', 1.0)):
         if cfg.get(key, ok) not in (ok, None):
-            raise UserError(f"{where}: config key {key}={cfg[key]!r} is not supported (only {ok!r})")
+            raise UserError(f"{where}: config key {key}={cfg[key]!r} is not supported "
+                            f"(only {ok!r})")
     sizes = ('hidden_size', 'num_hidden_layers', 'num_attention_heads', 'intermediate_size',
              'vocab_size')
     optional = {'max_position_embeddings': 2048, 'num_key_value_heads': None, 'head_dim': None}
@@ -72,7 +77,8 @@ def args_from_hf_config(cfg, where='config.json', **overrides):
                           overrides.get('max_position_embeddings'), where)
         rope_where = 'rope_scaling'
     a = dict(
-        dim=cfg['hidden_size'], n_layers=cfg['num_hidden_layers'], n_heads=cfg['num_attention_heads'],
+        dim=cfg['hidden_size'], n_layers=cfg['num_hidden_layers'],
+        n_heads=cfg['num_attention_heads'],
         n_kv_heads=cfg.get('num_key_value_heads'), head_dim=cfg.get('head_dim'),
         hidden_dim=cfg['intermediate_size'], vocab_size=cfg['vocab_size'],
         norm_eps=cfg.get('rms_norm_eps', 1e-6), rope_theta=theta, max_position_embeddings=mpe,
@@ -89,15 +95,17 @@ def hf_config(args):
     rs, theta = rope.export(args.rope_scaling, args.head_dim, args.rope_theta,
                             args.max_position_embeddings)
     hf = {'architectures': [k for k in ARCHS if ARCHS[k] == args.arch], 'model_type': args.arch,
-          'hidden_size': args.dim, 'intermediate_size': args.hidden_dim, 'num_hidden_layers': args.n_layers,
-          'num_attention_heads': args.n_heads, 'num_key_value_heads': args.n_kv_heads, 'head_dim': args.head_dim,
+          'hidden_size': args.dim, 'intermediate_size': args.hidden_dim,
+          'num_hidden_layers': args.n_layers, 'num_attention_heads': args.n_heads,
+          'num_key_value_heads': args.n_kv_heads, 'head_dim': args.head_dim,
           'vocab_size': args.vocab_size, 'rms_norm_eps': args.norm_eps, 'hidden_act': 'silu',
           'max_position_embeddings': args.max_position_embeddings, 'rope_theta': float(theta),
           'rope_scaling': rs,
           'tie_word_embeddings': args.tie_word_embeddings,
           'bos_token_id': args.bos_token_id, 'eos_token_id': args.eos_token_id,
           'initializer_range': 0.02, 'attention_dropout': 0.0, 'use_cache': True}
-    if rs and rs['rope_type'] == 'longrope':  # transformers 4.4x reads it here (5.x: same value wins)
+    # transformers 4.4x reads it here (5.x: same value wins)
+    if rs and rs['rope_type'] == 'longrope':
         hf['original_max_position_embeddings'] = rs['original_max_position_embeddings']
     if args.arch == 'llama':
         hf.update(attention_bias=False, mlp_bias=False)
@@ -127,41 +135,50 @@ def load_pretrained(path, dtype=torch.float32, device='cpu', **overrides):
     for file in _weight_files(path):
         for hf_name, read in _tensor_readers(file):
             name = hf_name[len('model.'):] if hf_name.startswith('model.') else hf_name
-            if name.endswith('rotary_emb.inv_freq') or (args.tie_word_embeddings and name == 'lm_head.weight'):
-                continue  # derived (old checkpoints store it) / tied to embed_tokens
+            # derived (old checkpoints store it) / tied to embed_tokens
+            if name.endswith('rotary_emb.inv_freq') \
+                    or (args.tie_word_embeddings and name == 'lm_head.weight'):
+                continue
             if name not in expected:
-                raise UserError(f"{file}: unexpected tensor {hf_name!r} for a {args.arch} model with this config")
+                raise UserError(f"{file}: unexpected tensor {hf_name!r} for a {args.arch} model "
+                                "with this config")
             t = read()
             if tuple(t.shape) != tuple(expected[name].shape):
                 raise UserError(f"{file}: tensor {hf_name!r} has shape {tuple(t.shape)}, "
                                  f"config.json implies {tuple(expected[name].shape)}")
-            model.load_state_dict({name: t.to(device=device, dtype=dtype)}, strict=False, assign=True)
+            model.load_state_dict({name: t.to(device=device, dtype=dtype)}, strict=False,
+                                  assign=True)
             seen.add(name)
     missing = [k for k in expected if k not in seen]
     if missing:
-        raise UserError(f"{path}: checkpoint is missing tensors: "
-                         + ', '.join('model.' + k if k != 'lm_head.weight' else k for k in missing[:8])
-                         + (f' (+{len(missing) - 8} more)' if len(missing) > 8 else ''))
+        names = ['model.' + k if k != 'lm_head.weight' else k for k in missing[:8]]
+        raise UserError(f"{path}: checkpoint is missing tensors: " + ', '.join(names)
+                        + (f' (+{len(missing) - 8} more)' if len(missing) > 8 else ''))
     if args.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     return model.eval()
 
 
 def save_pretrained(model, path, tokenizer_dir, state_dict=None, max_shard_size=MAX_SHARD_SIZE):
-    """Write `model` as an HF directory (config.json, safetensors sharded beyond max_shard_size with an
-    index, tokenizer files) to a temp dir, then rename it into place. tokenizer_dir: where the tokenizer
-    comes from (an HF directory, one file, a list of files, or None: no tokenizer files); the caller names
-    it, the model does not know where it was loaded from. state_dict: our-named full tensors (e.g. gathered
-    from FSDP on rank 0, `model` then only gives .args and the names); default: the model's own."""
+    """Write `model` as an HF directory (config.json, safetensors sharded beyond max_shard_size with
+    an index, tokenizer files) to a temp dir, then rename it into place. tokenizer_dir: where the
+    tokenizer comes from (an HF directory, one file, a list of files, or None: no tokenizer files);
+    the caller names it, the model does not know where it was loaded from. state_dict: our-named
+    full tensors (e.g. gathered from FSDP on rank 0, `model` then only gives .args and the names);
+    default: the model's own."""
     from safetensors.torch import save_file
-    own = {k for k in model.state_dict() if not (model.args.tie_word_embeddings and k == 'lm_head.weight')}
+    tied = model.args.tie_word_embeddings
+    own = {k for k in model.state_dict() if not (tied and k == 'lm_head.weight')}
     sd = model.state_dict() if state_dict is None else state_dict
     # keys as wrapped blocks may name them (torch.compile / checkpoint_wrapper prefixes)
-    sd = {k.replace('_orig_mod.', '').replace('_checkpoint_wrapped_module.', ''): v for k, v in sd.items()}
-    sd = {k: v for k, v in sd.items() if k in own or k != 'lm_head.weight'}  # tied: lm_head is embed_tokens
+    sd = {k.replace('_orig_mod.', '').replace('_checkpoint_wrapped_module.', ''): v
+          for k, v in sd.items()}
+    # tied: lm_head is embed_tokens
+    sd = {k: v for k, v in sd.items() if k in own or k != 'lm_head.weight'}
     if set(sd) != own:
         raise ValueError(f"save_pretrained: state_dict does not match the model: "
-                         f"missing {sorted(own - set(sd))[:5]}, unexpected {sorted(set(sd) - own)[:5]}")
+                         f"missing {sorted(own - set(sd))[:5]}, "
+                         f"unexpected {sorted(set(sd) - own)[:5]}")
     tensors = {('model.' + k if k != 'lm_head.weight' else k): v.detach().to('cpu').contiguous()
                for k, v in sd.items()}
     path = os.path.abspath(path)
@@ -177,7 +194,8 @@ def save_pretrained(model, path, tokenizer_dir, state_dict=None, max_shard_size=
     fnames = ['model.safetensors'] if len(shards) == 1 else \
         [f'model-{i + 1:05d}-of-{len(shards):05d}.safetensors' for i in range(len(shards))]
     for fname, names in zip(fnames, shards):
-        save_file({n: tensors[n] for n in names}, os.path.join(tmp, fname), metadata={'format': 'pt'})
+        save_file({n: tensors[n] for n in names}, os.path.join(tmp, fname),
+                  metadata={'format': 'pt'})
     if len(shards) > 1:
         index = {'metadata': {'total_size': sum(t.nbytes for t in tensors.values())},
                  'weight_map': {n: f for f, names in zip(fnames, shards) for n in names}}
@@ -200,7 +218,8 @@ def save_pretrained(model, path, tokenizer_dir, state_dict=None, max_shard_size=
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _tokenizer_files(src):  # a directory (its known tokenizer files), one file, a list of files, or None
+# a directory (its known tokenizer files), one file, a list of files, or None
+def _tokenizer_files(src):
     if src is None or isinstance(src, (list, tuple)):
         return list(src or [])
     if os.path.isfile(src):
@@ -226,12 +245,13 @@ def _weight_files(path):
     for single in ('model.safetensors', 'pytorch_model.bin'):
         if os.path.isfile(os.path.join(path, single)):
             return [os.path.join(path, single)]
-    raise UserError(f"{path}: no model.safetensors, model.safetensors.index.json or pytorch_model*.bin")
+    raise UserError(f"{path}: no model.safetensors, model.safetensors.index.json or "
+                    "pytorch_model*.bin")
 
 
 def _tensor_readers(file):
-    """yield (name, read()) per tensor, reading one tensor at a time. A truncated or corrupt file -> one
-    line naming it (the libraries' own errors would be tracebacks from deep inside)."""
+    """yield (name, read()) per tensor, reading one tensor at a time. A truncated or corrupt file ->
+    one line naming it (the libraries' own errors would be tracebacks from deep inside)."""
     if file.endswith('.safetensors'):
         from safetensors import SafetensorError, safe_open
 
@@ -239,11 +259,13 @@ def _tensor_readers(file):
             try:
                 return f.get_tensor(name)
             except SafetensorError as e:
-                raise UserError(f"{file}: tensor {name!r} unreadable, truncated or corrupt? ({e})") from None
+                raise UserError(f"{file}: tensor {name!r} unreadable, truncated or corrupt? "
+                                f"({e})") from None
         try:
             f = safe_open(file, framework='pt')
         except SafetensorError as e:
-            raise UserError(f"{file}: unreadable safetensors file, truncated or corrupt? ({e})") from None
+            raise UserError(f"{file}: unreadable safetensors file, truncated or corrupt? "
+                            f"({e})") from None
         with f:
             for name in f.keys():
                 yield name, (lambda n=name: get(f, n))

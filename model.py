@@ -28,9 +28,11 @@ except ImportError:
 
 LOSS_CHUNK = 1024  # tokens per lm_head + fp32 cross-entropy chunk (Transformer.loss_chunk); the
 # loss peaks at ~4 [chunk, vocab] fp32 blocks whatever T is (0.5 GB each at chunk 1024, vocab 128k)
-INFER_CHUNK = 512  # rows per chunk of the no-grad eval forward (Transformer.infer_chunk, set by the eval
-# scripts; 0 = off): norms, projections and the MLP run on this many rows, only attention sees all of T
-ARCH_NAMES = ('llama', 'mistral', 'qwen2')  # the LLaMA variants (hf_checkpoint.ARCHS: their HF class names)
+# rows per chunk of the no-grad eval forward (Transformer.infer_chunk, set by the eval scripts; 0 =
+# off): norms, projections and the MLP run on this many rows, only attention sees all of T
+INFER_CHUNK = 512
+# the LLaMA variants (hf_checkpoint.ARCHS: their HF class names)
+ARCH_NAMES = ('llama', 'mistral', 'qwen2')
 
 # -----------------------------------------------------------------------------
 @dataclass
@@ -51,7 +53,8 @@ class ModelArgs:
     arch: str = 'llama'  # 'llama' | 'mistral' | 'qwen2'
     bos_token_id: int | None = 1
     eos_token_id: int | list | None = 2
-    sliding_window: int | None = None  # Mistral: forward refuses sequences longer than this (see Attention)
+    # Mistral: forward refuses sequences longer than this (see Attention)
+    sliding_window: int | None = None
     where: InitVar[str] = 'rope_scaling'  # rope_scaling's source, named in errors (a config.json)
 
     def __post_init__(self, where):
@@ -71,9 +74,11 @@ class ModelArgs:
         self.n_kv_heads = self.n_kv_heads or self.n_heads
         self.head_dim = self.head_dim or self.dim // self.n_heads
         if self.arch not in ARCH_NAMES:
-            raise UserError(f"arch={self.arch!r} is not supported (use one of {sorted(ARCH_NAMES)})")
+            raise UserError(f"arch={self.arch!r} is not supported "
+                            f"(use one of {sorted(ARCH_NAMES)})")
         if self.n_heads % self.n_kv_heads:
-            raise UserError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+            raise UserError(f"n_heads={self.n_heads} is not a multiple of "
+                            f"n_kv_heads={self.n_kv_heads}")
         if self.qkv_bias != (self.arch == 'qwen2'):
             raise UserError(f"qkv_bias={self.qkv_bias} does not match arch={self.arch!r} "
                              "(only qwen2 has q/k/v biases)")
@@ -94,7 +99,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):  # normalise in fp32, scale in the model dtype (as transformers)
         xf = x.float()
-        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
 
 
 def apply_rope(x, cos, sin):
@@ -121,16 +127,23 @@ class Attention(nn.Module):
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def attend(self, q, k, v):
-        """Causal attention over token order (not position ids) -> [B, T, H * d], before o_proj. k, v may hold
-        S > T tokens (a KV cache: the earlier tokens first); query i then sees keys up to S - T + i."""
+        """Causal attention over token order (not position ids) -> [B, T, H * d], before o_proj. k,
+        v may hold S > T tokens (a KV cache: the earlier tokens first); query i then sees keys up to
+        S - T + i."""
         B, T, S = q.shape[0], q.shape[1], k.shape[1]
         if flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
-            y = flash_attn_func(q, k, v, causal=True)  # [B, T, H, d]; GQA natively; S > T: bottom-right causal
-        else:  # K/V heads shared without copies; on CPU this is SDPA's flash kernel: no [H, T, T] scores
-            # after a cache, SDPA's is_causal would align the mask top-left: an explicit [T, S] mask instead
-            mask = None if S == T else torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
-            y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                               attn_mask=mask, is_causal=mask is None,
+            # [B, T, H, d]; GQA natively; S > T: bottom-right causal
+            y = flash_attn_func(q, k, v, causal=True)
+        else:
+            # K/V heads shared without copies; on CPU this is SDPA's flash kernel: no [H, T, T]
+            # scores. After a cache, SDPA's is_causal would align the mask top-left: an explicit
+            # [T, S] mask instead
+            mask = None
+            if S != T:
+                mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+            y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                               v.transpose(1, 2), attn_mask=mask,
+                                               is_causal=mask is None,
                                                enable_gqa=self.n_kv_heads != self.n_heads)
             y = y.transpose(1, 2)  # [B, T, H, d]
         return y.reshape(B, T, self.n_heads * self.head_dim)
@@ -163,18 +176,21 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
     def forward_inference(self, x, cos, sin, chunk, cache=None, layer=0):
-        """The same block without autograd, x updated in place: everything but attention itself runs on
-        `chunk` rows at a time, so the only [T, ...] tensors are x, q, k, v and the attention output (no
-        [T, hidden_dim] MLP activations, cache-sized temporaries). cache (KVCache): x's tokens come after
-        the cached ones, and their keys / values are appended to it."""
+        """The same block without autograd, x updated in place: everything but attention itself runs
+        on `chunk` rows at a time, so the only [T, ...] tensors are x, q, k, v and the attention
+        output (no [T, hidden_dim] MLP activations, cache-sized temporaries). cache (KVCache): x's
+        tokens come after the cached ones, and their keys / values are appended to it."""
         (B, T, _), attn = x.shape, self.self_attn
-        q = x.new_empty(B, T, attn.n_heads, attn.head_dim)  # filled chunk by chunk: never a second copy
+        # filled chunk by chunk: never a second copy
+        q = x.new_empty(B, T, attn.n_heads, attn.head_dim)
         k, v = (x.new_empty(B, T, attn.n_kv_heads, attn.head_dim) for _ in range(2))
         for i in range(0, T, chunk):
             j = min(i + chunk, T)
-            q[:, i:j], k[:, i:j], v[:, i:j] = attn.project(self.input_layernorm(x[:, i:j]), cos[:, i:j], sin[:, i:j])
+            h = self.input_layernorm(x[:, i:j])
+            q[:, i:j], k[:, i:j], v[:, i:j] = attn.project(h, cos[:, i:j], sin[:, i:j])
         if cache is not None:
-            if cache.kv[layer] is not None:  # [B, S + T, Hkv, d]: the earlier tokens' keys / values first
+            # [B, S + T, Hkv, d]: the earlier tokens' keys / values first
+            if cache.kv[layer] is not None:
                 k, v = torch.cat((cache.kv[layer][0], k), 1), torch.cat((cache.kv[layer][1], v), 1)
             cache.kv[layer] = (k, v)
         y = attn.attend(q, k, v)  # [B, T, H * d]
@@ -191,20 +207,23 @@ def _ce_sum(h, weight, targets):  # one loss chunk: lm_head + fp32 cross-entropy
 
 
 def chunked_cross_entropy(h, weight, targets, chunk=LOSS_CHUNK):
-    """mean CE over targets != -100 without ever holding more than one [chunk, vocab] fp32 logits block:
-    each chunk is checkpointed, so backward recomputes its logits instead of keeping them.
-    h [N, dim], weight [V, dim], targets [N]. No valid target -> loss 0 (sum 0 / count clamped to 1)."""
+    """mean CE over targets != -100 without ever holding more than one [chunk, vocab] fp32 logits
+    block: each chunk is checkpointed, so backward recomputes its logits instead of keeping them.
+    h [N, dim], weight [V, dim], targets [N]. No valid target -> loss 0 (sum 0 / count clamped to
+    1)."""
     total = h.new_zeros((), dtype=torch.float32)
     for i in range(0, h.shape[0], chunk):
-        total = total + checkpoint(_ce_sum, h[i:i + chunk], weight, targets[i:i + chunk], use_reentrant=False)
+        total = total + checkpoint(_ce_sum, h[i:i + chunk], weight, targets[i:i + chunk],
+                                   use_reentrant=False)
     return total / (targets != -100).sum().clamp(min=1)
 
 
 class KVCache:
     """Keys and values of the tokens already run, per layer, for greedy decoding (eval_passkey.py):
-    forward_hidden(idx, cache=c) runs idx after them, at the next positions, and appends idx's own. RoPE is
-    applied before caching, so a cached key keeps the rotation it was computed with (as transformers' cache:
-    only 'dynamic' scaling, whose frequencies depend on the length, can differ from a full recompute)."""
+    forward_hidden(idx, cache=c) runs idx after them, at the next positions, and appends idx's own.
+    RoPE is applied before caching, so a cached key keeps the rotation it was computed with (as
+    transformers' cache: only 'dynamic' scaling, whose frequencies depend on the length, can differ
+    from a full recompute)."""
     def __init__(self, n_layers):
         self.kv = [None] * n_layers  # per layer: (k, v) [B, S, Hkv, d] or None
 
@@ -221,7 +240,8 @@ class Transformer(nn.Module):
         super().__init__()
         self.args = args
         self.loss_chunk = LOSS_CHUNK  # tokens per loss chunk; lower it to save memory at huge vocab
-        self.infer_chunk = 0  # eval scripts: INFER_CHUNK rows per chunk without autograd (0: the plain path)
+        # eval scripts: INFER_CHUNK rows per chunk without autograd (0: the plain path)
+        self.infer_chunk = 0
         self.embed_tokens = nn.Embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
@@ -230,7 +250,8 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
 
     def init_weights(self, std=0.02):
-        """From-scratch init (also after `to_empty` of a meta-device model): N(0, std), zero biases, unit norms."""
+        """From-scratch init (also after `to_empty` of a meta-device model): N(0, std), zero biases,
+        unit norms."""
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(m.weight, mean=0.0, std=std)
@@ -240,33 +261,39 @@ class Transformer(nn.Module):
                 nn.init.ones_(m.weight)
 
     def forward_hidden(self, idx, position_ids=None, cache=None):
-        """idx [B,T] int64 -> h [B,T,dim] after the final norm. cache (KVCache, no autograd): idx follows the
-        cached tokens (default positions len(cache) ...) and its keys / values are appended."""
+        """idx [B,T] int64 -> h [B,T,dim] after the final norm. cache (KVCache, no autograd): idx
+        follows the cached tokens (default positions len(cache) ...) and its keys / values are
+        appended."""
         B, T = idx.shape
         if position_ids is None:
             start = 0 if cache is None else len(cache)
             position_ids = torch.arange(start, start + T, device=idx.device)
         if position_ids.dim() > 2 or position_ids.shape[-1] != T or \
                 (position_ids.dim() == 2 and position_ids.shape[0] not in (1, B)):
-            raise ValueError(f"position_ids shape {tuple(position_ids.shape)} does not match idx shape {(B, T)}")
+            raise ValueError(f"position_ids shape {tuple(position_ids.shape)} does not match idx "
+                             f"shape {(B, T)}")
         sw = self.args.sliding_window
         if sw is not None and T > sw:
-            # HF Mistral masks keys more than sliding_window tokens back; we do not implement that, and
-            # with T <= sliding_window the mask is plainly causal, so shorter sequences match exactly.
-            raise UserError(f"sequence length {T} > sliding_window={sw}: load with sliding_window=None "
-                             "to use full causal attention")
+            # HF Mistral masks keys more than sliding_window tokens back; we do not implement that,
+            # and with T <= sliding_window the mask is plainly causal, so shorter sequences match
+            # exactly.
+            raise UserError(f"sequence length {T} > sliding_window={sw}: load with "
+                            "sliding_window=None to use full causal attention")
         x = self.embed_tokens(idx)  # [B, T, dim]
         # angles and cos/sin in fp32, once for all layers; then in the model dtype, as transformers
         # (no [T, H, d] fp32 copies of q and k at 128k tokens; under autocast they stay fp32)
         cos, sin = (t.to(x.dtype) for t in rope.cos_sin(self.args, position_ids.to(idx.device)))
-        if cache is None and (torch.is_grad_enabled() or not self.infer_chunk):  # training, wrapped blocks
+        # training, wrapped blocks
+        if cache is None and (torch.is_grad_enabled() or not self.infer_chunk):
             for layer in self.layers:
                 x = layer(x, cos, sin)
             return self.norm(x)
         if torch.is_grad_enabled():
-            raise RuntimeError("forward_hidden(cache=...) is for inference: run it under torch.no_grad()")
+            raise RuntimeError("forward_hidden(cache=...) is for inference: run it under "
+                               "torch.no_grad()")
         chunk = self.infer_chunk or T
-        for i, layer in enumerate(self.layers):  # no autograd (eval): row chunks, x updated in place
+        # no autograd (eval): row chunks, x updated in place
+        for i, layer in enumerate(self.layers):
             x = layer.forward_inference(x, cos, sin, chunk, cache, i)
         for i in range(0, T, chunk):
             x[:, i:i + chunk] = self.norm(x[:, i:i + chunk])
@@ -276,7 +303,8 @@ class Transformer(nn.Module):
         h = self.forward_hidden(idx, position_ids)  # [B, T, dim]
         if targets is None:
             return self.lm_head(h), None  # [B, T, vocab] in the model dtype
-        loss = chunked_cross_entropy(h.flatten(0, 1), self.lm_head.weight, targets.flatten(), self.loss_chunk)
+        loss = chunked_cross_entropy(h.flatten(0, 1), self.lm_head.weight, targets.flatten(),
+                                     self.loss_chunk)
         return None, loss
 
     def flops_per_token(self, seq_len):

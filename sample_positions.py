@@ -62,7 +62,8 @@ def _check_lengths(doc_len, train_len, target_len):
     if target_len < train_len:
         raise ValueError(f"target_len={target_len} is shorter than train_len={train_len}")
     if doc_len < train_len:
-        raise ValueError(f"doc_len={doc_len} is shorter than train_len={train_len}: the document cannot fill an example")
+        raise ValueError(f"doc_len={doc_len} is shorter than train_len={train_len}: the document "
+                         "cannot fill an example")
 
 
 def _check_chunks(train_len, num_chunks, chunking):
@@ -80,15 +81,17 @@ def _check_content(content):
 
 
 def check_options(method, train_len, target_len, **options):
-    """What a sampler would reject whatever the document: the method, the two lengths and the method's
-    options. Once, before any draw (train.py calls it on its config); raises ValueError naming the value."""
+    """What a sampler would reject whatever the document: the method, the two lengths and the
+    method's options. Once, before any draw (train.py calls it on its config); raises ValueError
+    naming the value."""
     if method not in SAMPLERS:
         raise ValueError(f"method={method!r}: expected one of {sorted(SAMPLERS)}")
     _check_lengths(train_len, train_len, target_len)
     known = ('num_chunks', 'content', 'chunking') if method == 'pose' else ()
     unknown = sorted(set(options) - set(known))
     if unknown:
-        raise ValueError(f"method={method!r} takes no option {unknown[0]!r} (its options: {list(known)})")
+        raise ValueError(f"method={method!r} takes no option {unknown[0]!r} "
+                         f"(its options: {list(known)})")
     if method == 'pose':
         _check_chunks(train_len, options.get('num_chunks', 2), options.get('chunking', 'paper'))
         _check_content(options.get('content', 'uniform'))
@@ -99,7 +102,8 @@ def chunk_lengths(train_len, num_chunks, rng, chunking='paper'):
     a list of ints (tiny; Python ints keep a draw well under 50 us)."""
     L, N = train_len, num_chunks
     _check_chunks(L, N, chunking)
-    if chunking == 'official':  # dwzhu-pku/PoSE train_pose.py: rt1 = random.randint(1, (len_chunk+1)//2)
+    # dwzhu-pku/PoSE train_pose.py: rt1 = random.randint(1, (len_chunk+1)//2)
+    if chunking == 'official':
         l0 = int(rng.integers(1, (L + 1) // 2 + 1))
         return [l0, L - l0]
     k = N - 1  # cut points, distinct, uniform among the (L-1 choose k) subsets of 1..L-1
@@ -127,7 +131,8 @@ def monotone_offsets(n, high, rng):
 
 
 def pose(doc_len, train_len, target_len, rng, num_chunks=2, content='uniform', chunking='paper'):
-    """PoSE (Eq. 3-5): N chunks with skip offsets u_i (positions) and content offsets v_i (tokens)."""
+    """PoSE (Eq. 3-5): N chunks with skip offsets u_i (positions) and content offsets v_i
+    (tokens)."""
     _check_lengths(doc_len, train_len, target_len)
     _check_content(content)  # (num_chunks and chunking: chunk_lengths checks them)
     l = chunk_lengths(train_len, num_chunks, rng, chunking)         # [N] l_i
@@ -138,10 +143,12 @@ def pose(doc_len, train_len, target_len, rng, num_chunks=2, content='uniform', c
         v = [0] * len(l)
     else:  # 'aligned': v_i = u_i, clamped so that the last chunk still ends inside the document
         v = [min(u_i, doc_len - train_len) for u_i in u]
-    position_ids = np.arange(train_len, dtype=np.int64)  # [L_c] st_i + k for the k-th token of chunk i
+    # [L_c] st_i + k for the k-th token of chunk i
+    position_ids = np.arange(train_len, dtype=np.int64)
     token_idx = np.arange(train_len, dtype=np.int64)     # [L_c]
     st = 0
-    for l_i, u_i, v_i in zip(l, u, v):  # chunk c_i holds the example's tokens st_i .. st_i + l_i - 1
+    # chunk c_i holds the example's tokens st_i .. st_i + l_i - 1
+    for l_i, u_i, v_i in zip(l, u, v):
         if u_i:
             position_ids[st:st + l_i] += u_i  # u_i + st_i + k   (Eq. 4)
         if v_i:
@@ -151,9 +158,11 @@ def pose(doc_len, train_len, target_len, rng, num_chunks=2, content='uniform', c
 
 
 def randpos(doc_len, train_len, target_len, rng):
-    """RandPos: L_c distinct positions from {0 .. L_t-1}, sorted; contiguous text at a random offset."""
+    """RandPos: L_c distinct positions from {0 .. L_t-1}, sorted; contiguous text at a random
+    offset."""
     _check_lengths(doc_len, train_len, target_len)
-    position_ids = np.sort(rng.choice(target_len, size=train_len, replace=False, shuffle=False)).astype(np.int64)
+    draw = rng.choice(target_len, size=train_len, replace=False, shuffle=False)
+    position_ids = np.sort(draw).astype(np.int64)
     token_idx = int(rng.integers(0, doc_len - train_len + 1)) + np.arange(train_len, dtype=np.int64)
     return token_idx, position_ids
 
@@ -182,8 +191,10 @@ def relative_distances(position_ids, target_len, method='auto'):
     each distance; it is an integer, exact after rounding: O(L_t log L_t) (RandPos has K ~ L_c).
     'auto' picks 'intervals' when K(K-1)/2 <= 4 L_t."""
     p = np.asarray(position_ids, dtype=np.int64)
-    if p.ndim != 1 or p.size == 0 or p[0] < 0 or p[-1] >= target_len or (p.size > 1 and (np.diff(p) <= 0).any()):
-        raise ValueError(f"position_ids must be strictly increasing in [0, target_len={target_len})")
+    if p.ndim != 1 or p.size == 0 or p[0] < 0 or p[-1] >= target_len \
+            or (p.size > 1 and (np.diff(p) <= 0).any()):
+        raise ValueError(f"position_ids must be strictly increasing in "
+                         f"[0, target_len={target_len})")
     new_run = np.flatnonzero(np.diff(p) != 1) + 1
     a = p[np.concatenate(([0], new_run))]                 # [K] run starts
     b = p[np.concatenate((new_run - 1, [p.size - 1]))]    # [K] run ends (inclusive)
@@ -193,23 +204,27 @@ def relative_distances(position_ids, target_len, method='auto'):
     if method == 'intervals':
         r, s = np.triu_indices(K, 1)
         lo = np.concatenate(([1], a[s] - b[r]))            # [1 + K(K-1)/2]
-        hi = np.concatenate(([(b - a).max()], b[s] - a[r]))  # first interval empty if all runs are singletons
+        # first interval empty if all runs are singletons
+        hi = np.concatenate(([(b - a).max()], b[s] - a[r]))
         keep = lo <= hi
-        delta = np.bincount(lo[keep], minlength=target_len + 1) - np.bincount(hi[keep] + 1, minlength=target_len + 1)
+        delta = np.bincount(lo[keep], minlength=target_len + 1) \
+            - np.bincount(hi[keep] + 1, minlength=target_len + 1)
         return np.cumsum(delta[:target_len]) > 0
     if method == 'fft':
         n = 1 << (2 * target_len - 1).bit_length()  # >= 2 L_t: no circular wrap-around
         ind = np.zeros(n)
         ind[p] = 1.0
         f = np.fft.rfft(ind)
-        pairs = np.rint(np.fft.irfft(f * np.conj(f), n)[:target_len])  # pairs[d] = #{(i, j): p_j - p_i = d}
+        # pairs[d] = #{(i, j): p_j - p_i = d}
+        pairs = np.rint(np.fft.irfft(f * np.conj(f), n)[:target_len])
         exposed = pairs > 0
         exposed[0] = False
         return exposed
     raise ValueError(f"method={method!r}: expected 'auto', 'intervals' or 'fft'")
 
 
-def coverage_curve(sampler, train_len, target_len, draws, rng, *, doc_len=None, progress=False, **options):
+def coverage_curve(sampler, train_len, target_len, draws, rng, *, doc_len=None, progress=False,
+                   **options):
     """Monte-Carlo p_d = P(one draw exposes distance d), d = 0 .. L_t-1 (the paper's Fig. 5/6).
     sampler: a name in SAMPLERS or a sampler function; options go to the sampler."""
     fn = SAMPLERS[sampler] if isinstance(sampler, str) else sampler
@@ -220,7 +235,8 @@ def coverage_curve(sampler, train_len, target_len, draws, rng, *, doc_len=None, 
         from tqdm import tqdm
         it = tqdm(it, desc=f"coverage {getattr(fn, '__name__', fn)} {options or ''}", leave=False)
     for _ in it:
-        counts += relative_distances(fn(doc_len, train_len, target_len, rng, **options)[1], target_len)
+        position_ids = fn(doc_len, train_len, target_len, rng, **options)[1]
+        counts += relative_distances(position_ids, target_len)
     return counts / draws
 
 
@@ -230,8 +246,10 @@ def pose2_coverage_exact(train_len, target_len, chunking='paper'):
     p_d = 1 - (1 - A_d)(1 - B_d), A_d = P(max(l_0, l_1) > d), B_d = P(d-L_c+1 <= u_1 <= d-1)."""
     L, M = train_len, target_len - train_len
     if L < 2 or M < 0:
-        raise ValueError(f"need 2 <= train_len <= target_len, got train_len={L}, target_len={target_len}")
-    l0 = np.arange(1, (L if chunking == 'paper' else (L + 1) // 2 + 1))  # the support of l_0, uniform
+        raise ValueError(f"need 2 <= train_len <= target_len, got train_len={L}, "
+                         f"target_len={target_len}")
+    # the support of l_0, uniform
+    l0 = np.arange(1, (L if chunking == 'paper' else (L + 1) // 2 + 1))
     longest = np.maximum(l0, L - l0)
     d = np.arange(target_len)
     A = 1 - np.cumsum(np.bincount(longest, minlength=target_len)) / l0.size  # A[d] = P(longest > d)
@@ -242,7 +260,8 @@ def pose2_coverage_exact(train_len, target_len, chunking='paper'):
 
 
 def examples_to_cover(p, confidence=0.99):
-    """Training examples needed to see the distances 1 .. L_t-1 of a coverage curve p (draws i.i.d.).
+    """Training examples needed to see the distances 1 .. L_t-1 of a coverage curve p (draws
+    i.i.d.).
     Returns (per_distance, all_distances):
       per_distance  = smallest n with P(d exposed at least once in n draws) = 1 - (1-p_d)^n
                       >= confidence for every d, i.e. max_d ceil(log(1-conf) / log(1-p_d));
@@ -264,7 +283,8 @@ def examples_to_cover(p, confidence=0.99):
     return per, hi
 
 
-def draws_per_second(sampler, train_len, target_len, seconds=1.0, *, doc_len=None, seed=0, **options):
+def draws_per_second(sampler, train_len, target_len, seconds=1.0, *, doc_len=None, seed=0,
+                     **options):
     """Measured sampler speed on one core: draws per CPU second of this process, run for `seconds`
     of CPU time (a sampler is single-threaded; CPU time keeps other jobs on a shared machine
     from deflating the figure)."""
@@ -292,7 +312,8 @@ def plot_coverage(curves, train_len, target_len, path):
         ax.plot(d, p[1:], label=label, linewidth=1)
     ax.axvline(train_len, color='gray', linestyle=':', linewidth=1)
     ax.set(xlabel='relative distance', ylabel='coverage probability (one example)',
-           title=f'Relative-distance coverage, {train_len} -> {target_len}', ylim=(-0.02, 1.02), xlim=(0, target_len))
+           title=f'Relative-distance coverage, {train_len} -> {target_len}', ylim=(-0.02, 1.02),
+           xlim=(0, target_len))
     ax.legend(loc='center right')
     fig.tight_layout()
     with atomic_path(path) as tmp:  # a full disk: the temp file goes, one line names the path
@@ -309,13 +330,14 @@ def main():
     if plot:
         check_writable(plot, 'plot', exts=('.png',))
     if not 3 <= train_len <= target_len:
-        raise UserError(f"need 3 <= train_len <= target_len (N = 1, 2, 3 are compared), got train_len={train_len}, "
-                        f"target_len={target_len}")
-    curves = {name: coverage_curve(s, train_len, target_len, draws, np.random.default_rng(seed), progress=True, **o)
+        raise UserError(f"need 3 <= train_len <= target_len (N = 1, 2, 3 are compared), got "
+                        f"train_len={train_len}, target_len={target_len}")
+    curves = {name: coverage_curve(s, train_len, target_len, draws, np.random.default_rng(seed),
+                                   progress=True, **o)
               for name, (s, o) in methods.items()}
 
-    print(f"coverage probability of each relative distance in one example, {train_len} -> {target_len}, "
-          f"{draws} draws per method (seed {seed}); per bucket: mean / min")
+    print(f"coverage probability of each relative distance in one example, {train_len} -> "
+          f"{target_len}, {draws} draws per method (seed {seed}); per bucket: mean / min")
     width = train_len * max(1, math.ceil(target_len / train_len / 16))  # at most ~16 rows
     print(f"{'distance':>16} " + ' '.join(f"{name:>13}" for name in curves))
     for lo in range(0, target_len, width):
@@ -323,17 +345,20 @@ def main():
         cells = ' '.join(f"{p[a:b].mean():6.3f}/{p[a:b].min():6.3f}" for p in curves.values())
         print(f"{f'[{a}, {b})':>16} {cells}")
 
-    print(f"\ntraining examples until every distance 1..{target_len - 1} is seen with 99% probability "
-          f"(per distance / all at once, union bound; from the Monte-Carlo p_d, so a p_d below ~1/{draws} reads as 0 -> inf):")
+    print(f"\ntraining examples until every distance 1..{target_len - 1} is seen with 99% "
+          f"probability (per distance / all at once, union bound; from the Monte-Carlo p_d, so a "
+          f"p_d below ~1/{draws} reads as 0 -> inf):")
     for name, p in curves.items():
         per, joint = examples_to_cover(p)
         print(f"{name:>8}: {per} / {joint}  (unseen distances: {int((p[1:] == 0).sum())})")
     per, joint = examples_to_cover(pose2_coverage_exact(train_len, target_len))
-    print(f"{'N=2':>8}: {per} / {joint}  (exact p_d; the rarest distance is L_t-1, p = 1/(L_t-L_c+1))")
+    print(f"{'N=2':>8}: {per} / {joint}  (exact p_d; the rarest distance is L_t-1, "
+          f"p = 1/(L_t-L_c+1))")
 
     print(f"\ndraw speed at {train_len} -> {target_len} (one core, {speed_seconds:g} s each):")
     for name, (s, o) in {**methods, 'full': ('full', {})}.items():
-        print(f"{name:>8}: {draws_per_second(s, train_len, target_len, speed_seconds, seed=seed, **o):10,.0f} draws/s")
+        rate = draws_per_second(s, train_len, target_len, speed_seconds, seed=seed, **o)
+        print(f"{name:>8}: {rate:10,.0f} draws/s")
 
     if plot:
         plot_coverage(curves, train_len, target_len, plot)

@@ -2,7 +2,7 @@
 # in 2 chunks whose position ids get random skip offsets up to L_t, YaRN scaling (factor 512 / 128
 # = 4). The baselines (demo_contig.py, demo_randpos.py, demo_full.py) exec this file: every
 # setting below but method / train_len / num_chunks: the same data, steps, batch and learning
-# rate. Why YaRN and not linear here, why 4x and not 8x: measured, see the README's demo section.
+# rate. Why YaRN and not linear, why 4x and not 8x: docs/miniature-notes.md.
 # demo.sh sets init_from (the base model), out_dir and seed per run.
 #   python train.py config/demo_pose.py
 init_from = 'out-demo/seed-1/original/hf'
@@ -17,7 +17,7 @@ rope_scaling = {'rope_type': 'yarn'}  # factor = target_len / 128 = 4, original 
 batch_size = 16
 gradient_accumulation_steps = 1
 max_iters = 400
-learning_rate = 3e-3  # probes (PoSE, 8x): 1e-3 x 150 steps kept 40% at L_c only; 3e-3 x 300: 100% to 4 L_c; 6e-3 broke it
+learning_rate = 3e-3  # 1e-3 extends too slowly for 400 steps; 6e-3 breaks the base's retrieval
 min_lr = 0.0
 warmup_iters = 20
 lr_schedule = 'linear'

@@ -1,9 +1,11 @@
-# make demo-real, the paper's regime: L_c = 8192 = SmolLM2-135M's own window, extended 4x to L_t = 32768.
+# make demo-real, the paper's regime: L_c = 8192 = SmolLM2-135M's own window, extended 4x to L_t =
+# 32768.
 #   python train.py config/real_pose_32k.py --init_from=$HOME/.cache/nanopose/smollm2-135m-instruct
-# The contiguous control is the same run with --num_chunks=1 (positions 0 .. 8191, the same documents,
-# the same draws of the document per step): it differs from PoSE in the position ids alone.
-# YaRN x4 (factor = 32768 / 8192): the paper pairs PoSE with linear, NTK or YaRN; YaRN keeps local order.
-# Budget: 8 steps x 2 inputs of 8192 tokens per arm (131k tokens), the most a 2-core CPU affords here.
+# The contiguous control is the same run with --num_chunks=1 (positions 0 .. 8191, the same
+# documents, the same draws of the document per step): it differs from PoSE in the position ids
+# alone. YaRN x4 (factor = 32768 / 8192): the paper pairs PoSE with linear, NTK or YaRN; YaRN keeps
+# local order. Budget: 8 steps x 2 inputs of 8192 tokens per arm (131k tokens), the most a 2-core
+# CPU affords here.
 init_from = ''  # set by demo_real.sh: the converted model dir (convert_gguf.py)
 data_dir = 'data-real'
 out_dir = 'out-real/pose32k-s1337'
@@ -13,7 +15,8 @@ target_len = 32768  # L_t
 num_chunks = 2
 content = 'uniform'
 chunking = 'paper'
-rope_scaling = {'rope_type': 'yarn'}  # factor = 32768 / 8192 = 4, original_max_position_embeddings = 8192
+# factor = 32768 / 8192 = 4, original_max_position_embeddings = 8192
+rope_scaling = {'rope_type': 'yarn'}
 batch_size = 1
 gradient_accumulation_steps = 2
 max_iters = 8

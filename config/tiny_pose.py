@@ -1,9 +1,11 @@
-# PoSE in miniature on CPU: extend the tiny base model (config/tiny_scratch.py, window 64) to 256 positions
-# while training on 64-token inputs, 2 chunks, linear interpolation (factor 256 / 64 = 4).
+# PoSE in miniature on CPU: extend the tiny base model (config/tiny_scratch.py, window 64) to 256
+# positions while training on 64-token inputs, 2 chunks, linear interpolation (factor 256 / 64 = 4).
 #   python train.py config/tiny_pose.py --init_from=out-tiny-scratch/hf
-# With --init_from=scratch it trains a new tiny model (model_args below) the PoSE way (the tests do).
+# With --init_from=scratch it trains a new tiny model (model_args below) the PoSE way (the tests
+# do).
 init_from = 'out-tiny-scratch/hf'
-model_args = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=172, max_position_embeddings=64)
+model_args = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=172,
+                  max_position_embeddings=64)
 data_dir = 'data-tiny'
 out_dir = 'out-tiny-pose'
 method = 'pose'

@@ -1,8 +1,10 @@
-# A tiny LLaMA trained from scratch on CPU at a short window (train_len = target_len = 64): the base model
-# that config/tiny_pose.py extends (the demo's is config/demo_pretrain.py). ~0.1M parameters + embeddings.
+# A tiny LLaMA trained from scratch on CPU at a short window (train_len = target_len = 64): the base
+# model that config/tiny_pose.py extends (the demo's is config/demo_pretrain.py). ~0.1M parameters +
+# embeddings.
 #   python train.py config/tiny_scratch.py --data_dir=data-tiny
 init_from = 'scratch'
-model_args = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=172)  # vocab_size: from data meta.json
+# vocab_size: from data meta.json
+model_args = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=172)
 data_dir = 'data-tiny'
 out_dir = 'out-tiny-scratch'
 method = 'full'  # plain training at the model's own window

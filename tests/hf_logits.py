@@ -1,8 +1,10 @@
-"""The reference side of test_export_compat.py: logits of HF checkpoints under whichever transformers this
-interpreter has. Imported there for transformers 5.x; run as a script by .venv-hf445's python (4.45.2):
+"""The reference side of test_export_compat.py: logits of HF checkpoints under whichever
+transformers this interpreter has. Imported there for transformers 5.x; run as a script by
+.venv-hf445's python (4.45.2):
     python tests/hf_logits.py jobs.pt out.pt
-jobs.pt: {name: (model_dir, idx [B, T], position_ids [B, T])}; out.pt: {'version': ..., 'logits': {name: [B, T, V]}}
-Only torch and transformers are imported here, so the same file runs in either environment."""
+jobs.pt: {name: (model_dir, idx [B, T], position_ids [B, T])}; out.pt: {'version': ..., 'logits':
+{name: [B, T, V]}} Only torch and transformers are imported here, so the same file runs in either
+environment."""
 import copy
 import os
 import sys

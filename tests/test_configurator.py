@@ -35,7 +35,8 @@ def result(proc):
 
 
 def test_overrides_and_config_file(tmp_path):
-    cfg = "import math\n_n = 3\nbatch_size = _n * 2\nrope_scaling = {'rope_type': 'linear', 'factor': 8.0}\n"
+    cfg = ("import math\n_n = 3\nbatch_size = _n * 2\n"
+           "rope_scaling = {'rope_type': 'linear', 'factor': 8.0}\n")
     proc = run(tmp_path, '--learning_rate=1', '--out_dir=123', '--compile=True', config=cfg)
     assert result(proc) == (6, 1.0, '123', True, {'rope_type': 'linear', 'factor': 8.0})
     assert isinstance(result(proc)[1], float)
@@ -67,7 +68,8 @@ def test_missing_config_file(tmp_path):
 def test_help_lists_keys_with_comments(tmp_path):
     proc = run(tmp_path, '--help')
     assert proc.returncode == 0 and 'RESULT' not in proc.stdout
-    assert 'batch_size = 4  # int' in proc.stdout and 'rope_scaling = None  # dict or None' in proc.stdout
+    assert 'batch_size = 4  # int' in proc.stdout \
+        and 'rope_scaling = None  # dict or None' in proc.stdout
 
 
 TYPED = """

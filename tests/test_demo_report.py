@@ -245,6 +245,25 @@ def test_select_the_first_base_that_retrieves(tmp_path, monkeypatch, capsys):
     assert not json.load(open(os.path.join(low[1], 'selection.json')))['retrieves']
     with pytest.raises(UserError, match='eval_passkey seed 7'):  # a probe on the evaluation's keys
         select([candidate(str(tmp_path), 'gg', 30, seed=7)])
+    with pytest.raises(UserError, match='no base.json'):  # a dir that stage base never made
+        select([str(tmp_path)])
+
+
+def test_missing_input_is_one_line_and_a_bug_keeps_its_traceback(tmp_path):
+    """Stage passkey before stage sources: one line naming the missing file, exit 2. A bad
+    file's contents that the code does not check (a ppl JSON without 'ppl') is a traceback."""
+    def script(*args):
+        return subprocess.run([sys.executable, 'demo_report.py', *args], cwd=ROOT,
+                              capture_output=True, text=True)
+    out = script('--stage=passkey', f'--src_dir={tmp_path}', '--tokenizer=' + __file__)
+    assert out.returncode == 2 and 'Traceback' not in out.stderr
+    assert 'python_train.jsonl not found' in out.stderr
+    write(str(tmp_path / 'ppl-pose.json'), {'settings': {}})
+    out = script('--stage=report', f'--out_dir={tmp_path}', '--seeds=1', '--methods=original')
+    assert out.returncode == 0
+    write(str(tmp_path / 'ppl-original.json'), {'settings': {}})
+    out = script('--stage=report', f'--out_dir={tmp_path}', '--seeds=1', '--methods=original')
+    assert out.returncode == 1 and 'Traceback' in out.stderr and "KeyError: 'ppl'" in out.stderr
 
 
 # ---- the pure functions against hand-computed values ----
@@ -277,7 +296,7 @@ def test_pose_above_needs_direction_and_significance():
     # Contiguous above
     assert not demo_report.pose_above({'discordant': [0, 6], 'mcnemar_p': P_MCNEMAR_6_0})
     assert not demo_report.pose_above({'discordant': [3, 1], 'mcnemar_p': P_MCNEMAR_3_1})
-    # verdicts tied, log-likelihoods apart: the goal names either test
+    # verdicts tied, log-likelihoods apart: either test counts
     assert demo_report.pose_above({'discordant': [0, 0], 'mcnemar_p': 1.0, 'mean_dlogp': 2.1,
                                    'wilcoxon_p': P_WILCOXON_ALL_POSITIVE_6})
     assert not demo_report.pose_above({'discordant': [0, 0], 'mcnemar_p': 1.0, 'mean_dlogp': -2.1,

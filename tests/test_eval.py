@@ -1,6 +1,7 @@
-"""eval_ppl.py and eval_passkey.py against independent references: transformers' own Llama on the same
-tiny random checkpoint (perplexity by a token-by-token brute force, greedy decoding step by step), the
-paper's prompt template written out by hand, and a real (sentencepiece) tokenizer trained here."""
+"""eval_ppl.py and eval_passkey.py against independent references: transformers' own Llama on the
+same tiny random checkpoint (perplexity by a token-by-token brute force, greedy decoding step by
+step), the paper's prompt template written out by hand, and a real (sentencepiece) tokenizer trained
+here."""
 import io
 import itertools
 import json
@@ -28,8 +29,8 @@ from hf_checkpoint import load_pretrained  # noqa: E402
 from tokenizer import load_tokenizer  # noqa: E402
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
-TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
-        "I will quiz you about the important information there.")
+TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize "
+        "them. I will quiz you about the important information there.")
 ENGLISH = """It was a bright cold day in April, and the clocks were striking thirteen.
 The quick brown fox jumps over the lazy dog while the farmer sleeps under the old oak tree.
 Call me Ishmael. Some years ago, never mind how long precisely, I thought I would sail about a little.
@@ -43,7 +44,8 @@ MAX_POS = 256
 
 
 def hf_llama(tmp, name, vocab, rope_scaling=None, seed=0):
-    """A tiny random transformers Llama saved as an HF dir (weights large enough that context matters)."""
+    """A tiny random transformers Llama saved as an HF dir (weights large enough that context
+    matters)."""
     from transformers import LlamaConfig, LlamaForCausalLM
     cfg = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=MAX_POS,
@@ -64,10 +66,12 @@ def env(tmp_path_factory):
     import sentencepiece as spm
     tmp = tmp_path_factory.mktemp('eval')
     lines = ENGLISH.splitlines() + [FILLER, TASK] * 3
-    buf = io.BytesIO()  # a Llama-style sentencepiece model: unk 0, bos 1, eos 2, digits split, byte fallback
+    # a Llama-style sentencepiece model: unk 0, bos 1, eos 2, digits split, byte fallback
+    buf = io.BytesIO()
     spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=buf, vocab_size=400,
-                                   model_type='bpe', split_digits=True, byte_fallback=True, unk_id=0,
-                                   bos_id=1, eos_id=2, pad_id=-1, hard_vocab_limit=False, minloglevel=2)
+                                   model_type='bpe', split_digits=True, byte_fallback=True,
+                                   unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+                                   hard_vocab_limit=False, minloglevel=2)
     sp = spm.SentencePieceProcessor(model_proto=buf.getvalue())
     vocab = sp.get_piece_size()
     plain, hf = hf_llama(tmp, 'llama', vocab)
@@ -75,7 +79,8 @@ def env(tmp_path_factory):
     from transformers import LlamaForCausalLM
     lin = {'rope_type': 'linear', 'factor': 2.0}
     scaled, hf_scaled = hf_llama(tmp, 'llama_linear', vocab, rope_scaling=lin)
-    hf_scaled.load_state_dict(hf.state_dict())  # the same weights, a linear-scaled RoPE in config.json
+    # the same weights, a linear-scaled RoPE in config.json
+    hf_scaled.load_state_dict(hf.state_dict())
     hf_scaled.save_pretrained(scaled)
     hf_scaled = LlamaForCausalLM.from_pretrained(scaled).eval()
     # a prepared split in the documented format: docs start with BOS like prepare_data writes them
@@ -86,20 +91,23 @@ def env(tmp_path_factory):
     data.mkdir()
     np.concatenate(docs).astype(np.uint16).tofile(data / 'val.bin')
     np.concatenate([[0], np.cumsum(lens)]).astype(np.int64).tofile(data / 'val.idx')
-    meta = {'tokenizer': str(tmp / 'llama' / 'tokenizer.model'), 'tokenizer_sha256': '', 'vocab_size': vocab,
-            'dtype': 'uint16', 'bos_id': 1, 'eos_id': 2, 'splits': {'val': {'docs': len(lens), 'tokens': sum(lens)}}}
+    meta = {'tokenizer': str(tmp / 'llama' / 'tokenizer.model'), 'tokenizer_sha256': '',
+            'vocab_size': vocab, 'dtype': 'uint16', 'bos_id': 1, 'eos_id': 2,
+            'splits': {'val': {'docs': len(lens), 'tokens': sum(lens)}}}
     (data / 'meta.json').write_text(json.dumps(meta))
     ours, ours_scaled = load_pretrained(plain), load_pretrained(scaled)
-    ours.infer_chunk = ours_scaled.infer_chunk = 16  # the eval forward in many row chunks (load_model: 512)
-    return dict(tmp=tmp, plain=plain, scaled=scaled, hf=hf, hf_scaled=hf_scaled, data=str(data), docs=docs,
-                tok=load_tokenizer(plain), ours=ours, ours_scaled=ours_scaled, lin=lin)
+    # the eval forward in many row chunks (load_model: 512)
+    ours.infer_chunk = ours_scaled.infer_chunk = 16
+    return dict(tmp=tmp, plain=plain, scaled=scaled, hf=hf, hf_scaled=hf_scaled, data=str(data),
+                docs=docs, tok=load_tokenizer(plain), ours=ours, ours_scaled=ours_scaled, lin=lin)
 
 
 def scoring_window(n, L, stride, mode, add_bos):
-    """Brute force, token by token: {j: the start b of the window that scores doc[j]}. The windows, as a set:
-    every multiple of the stride whose window ends before the text's end, plus one window flush with the text's
-    end (the whole text when it is shorter); only the first in 'truncate'. doc[j] goes to the first window
-    whose input holds the token that predicts it (the BOS predicts doc[b])."""
+    """Brute force, token by token: {j: the start b of the window that scores doc[j]}. The windows,
+    as a set: every multiple of the stride whose window ends before the text's end, plus one window
+    flush with the text's end (the whole text when it is shorter); only the first in 'truncate'.
+    doc[j] goes to the first window whose input holds the token that predicts it (the BOS predicts
+    doc[b])."""
     nbos = int(add_bos)
     n_doc, stride = L - nbos, stride or L
     starts = sorted({b for b in range(0, n, stride) if b + n_doc < n} | {max(n - n_doc, 0)})
@@ -113,17 +121,19 @@ def scoring_window(n, L, stride, mode, add_bos):
 
 
 def test_window_spans_equals_the_brute_force_windows():
-    for n, L, stride, mode, add_bos in product(range(1, 40), (2, 3, 5, 8), (None, 1, 2, 3, 5), ('sliding', 'truncate'),
-                                               (False, True)):
+    for n, L, stride, mode, add_bos in product(range(1, 40), (2, 3, 5, 8), (None, 1, 2, 3, 5),
+                                               ('sliding', 'truncate'), (False, True)):
         if stride is not None and stride > L or L - add_bos < 1:
             continue
-        got = {j: b for b, first, end in eval_ppl.window_spans(n, L, stride, mode, add_bos) for j in range(first, end)}
+        spans = eval_ppl.window_spans(n, L, stride, mode, add_bos)
+        got = {j: b for b, first, end in spans for j in range(first, end)}
         assert got == scoring_window(n, L, stride, mode, add_bos), (n, L, stride, mode, add_bos)
 
 
 @torch.no_grad()
 def hf_nll(hf, doc, L, stride, mode, add_bos, bos=1):
-    """doc[j] scored by its window (scoring_window); its log-prob from transformers' full logits of that window."""
+    """doc[j] scored by its window (scoring_window); its log-prob from transformers' full logits of
+    that window."""
     n, nbos = len(doc), int(add_bos)
     n_doc = L - nbos
     logp, total, count = {}, 0.0, 0
@@ -140,7 +150,8 @@ def test_window_spans_by_hand():
     # n=10, L=4, stride 2: inputs doc[0:4], [2:6], [4:8], [6:10]; each scores what the last did not
     assert eval_ppl.window_spans(10, 4, 2) == [(0, 1, 5), (2, 5, 7), (4, 7, 9), (6, 9, 10)]
     # BOS + 3 doc tokens per window; the BOS predicts doc[b], so doc[0] is scored too
-    assert eval_ppl.window_spans(10, 4, 2, add_bos=True) == [(0, 0, 4), (2, 4, 6), (4, 6, 8), (6, 8, 10)]
+    assert eval_ppl.window_spans(10, 4, 2, add_bos=True) \
+        == [(0, 0, 4), (2, 4, 6), (4, 6, 8), (6, 8, 10)]
     # disjoint; the last window is pulled back to doc[6:10] and scores only doc[9]
     assert eval_ppl.window_spans(10, 4) == [(0, 1, 5), (4, 5, 9), (6, 9, 10)]
     assert eval_ppl.window_spans(10, 4, 1, mode='truncate') == [(0, 1, 5)]
@@ -155,7 +166,8 @@ def test_window_spans_by_hand():
     (64, None, 'sliding', True, 'plain'),  # disjoint
     (64, None, 'truncate', False, 'plain'),
     (100, 30, 'sliding', True, 'scaled'),  # the checkpoint's own rope_scaling
-    (100, 30, 'sliding', True, 'override'),  # rope_scaling override on the unscaled weights (PI-only)
+    # rope_scaling override on the unscaled weights (PI-only)
+    (100, 30, 'sliding', True, 'override'),
 ])
 def test_ppl_matches_transformers(env, L, stride, mode, add_bos, which):
     if which == 'override':
@@ -178,8 +190,8 @@ def test_ppl_matches_transformers(env, L, stride, mode, add_bos, which):
 
 @torch.no_grad()
 def official_ppl(hf, docs, L, step, truncate, bos=1):
-    """dwzhu-pku/PoSE src/eval_ppl.py compute_perplexity (add_start_token=True), transcribed: transformers'
-    own loss on labels masked to the window's last trg_len tokens, times trg_len."""
+    """dwzhu-pku/PoSE src/eval_ppl.py compute_perplexity (add_start_token=True), transcribed:
+    transformers' own loss on labels masked to the window's last trg_len tokens, times trg_len."""
     max_tok = L - 1
     if truncate:
         docs, step = [d[:max_tok] for d in docs], max_tok
@@ -201,62 +213,101 @@ def official_ppl(hf, docs, L, step, truncate, bos=1):
     return total, count
 
 
-@pytest.mark.parametrize('L,stride,mode', [(64, 24, 'sliding'), (48, 47, 'sliding'), (64, None, 'sliding'),
+@pytest.mark.parametrize('L,stride,mode',
+                         [(64, 24, 'sliding'), (48, 47, 'sliding'), (64, None, 'sliding'),
                                            (48, None, 'truncate'), (300, 40, 'sliding')])
 def test_official_windows_match_the_authors_code(env, L, stride, mode):
     docs = [d[1:] for d in env['docs'][1:5]]  # 332, 99, 411, 299 tokens: short last windows too
     ours_sum, ours_n = 0.0, 0
     for d in docs:
-        s, c = eval_ppl.sliding_window_nll(env['ours'], d, L, stride, mode, True, bos_id=1, windows='official')
+        s, c = eval_ppl.sliding_window_nll(env['ours'], d, L, stride, mode, True, bos_id=1,
+                                           windows='official')
         ours_sum, ours_n = ours_sum + s, ours_n + c
     ref_sum, ref_n = official_ppl(env['hf'], docs, L, stride or L - 1, mode == 'truncate')
     assert ours_n == ref_n and ours_sum == pytest.approx(ref_sum, rel=1e-4)
     if mode == 'truncate':
-        assert ours_n == (L - 1) * len([d for d in docs if len(d) >= L - 1]) + sum(len(d) for d in docs if len(d) < L - 1)
+        assert ours_n == (L - 1) * len([d for d in docs if len(d) >= L - 1]) \
+            + sum(len(d) for d in docs if len(d) < L - 1)
 
 
 def test_protocols_cli(env, tmp_path):
-    """--protocol=official with window lengths the tiny data allows: the first docs in data order, the
-    authors' windows, every setting recorded and printed; ppl = the authors' code on those docs."""
+    """--protocol=official with window lengths the tiny data allows: the first docs in data order,
+    the authors' windows, every setting recorded and printed; ppl = the authors' code on those
+    docs."""
     out = str(tmp_path / 'official.json')
-    proc = run('eval_ppl.py', f"--model={env['plain']}", f"--data_dir={env['data']}", '--protocol=official',
-               '--lengths=[32,64]', '--min_doc_len=299', '--doc_tokens=299', '--num_docs=2', '--dtype=float32',
-               '--device=cpu', f'--out={out}')
+    proc = run('eval_ppl.py', f"--model={env['plain']}", f"--data_dir={env['data']}",
+               '--protocol=official', '--lengths=[32,64]', '--min_doc_len=299', '--doc_tokens=299',
+               '--num_docs=2', '--dtype=float32', '--device=cpu', f'--out={out}')
     assert proc.returncode == 0, proc.stderr
     r = json.load(open(out))
     lens = [len(d) - 1 for d in env['docs']]  # 39, 332, 99, 411, 299, 699 without the leading BOS
     assert r['doc_ids'] == [1, 3]  # the first two with >= 299 tokens, not a random draw
-    assert r['protocol'] == 'official' and r['overridden'] == ['doc_tokens', 'dtype', 'lengths', 'min_doc_len', 'num_docs']
-    st = r['settings']
-    assert (st['mode'], st['windows'], st['draw'], st['stride'], st['add_bos']) == ('truncate', 'official', 'first', 0, True)
-    assert 'protocol official:' in proc.stdout and 'documents (2): [1, 3]' in proc.stdout and 'windows=official' in proc.stdout
+    assert r['protocol'] == 'official' and r['overridden'] == ['doc_tokens', 'dtype', 'lengths',
+                                                               'min_doc_len', 'num_docs']
+    st = r['settings']  # every setting recorded: the protocol's own where not overridden
+    assert all(st[k] == eval_ppl.PROTOCOLS['official'][k]
+               for k in eval_ppl.SETTING_KEYS if k not in r['overridden'])
+    assert 'protocol official:' in proc.stdout and 'documents (2): [1, 3]' in proc.stdout \
+        and 'windows=official' in proc.stdout
     for L in (32, 64):
-        ref_sum, ref_n = official_ppl(env['hf'], [env['docs'][i][1:300] for i in (1, 3)], L, None, True)
+        picked = [env['docs'][i][1:300] for i in (1, 3)]
+        ref_sum, ref_n = official_ppl(env['hf'], picked, L, None, True)
         assert r['tokens'][str(L)] == ref_n == 2 * (L - 1)
         assert r['ppl'][str(L)] == pytest.approx(np.exp(ref_sum / ref_n), rel=1e-4)
     assert lens[1] >= 299 and lens[3] >= 299 and lens[2] < 299
 
 
-def test_protocols_resolve():
-    st = eval_ppl.resolve_protocol('paper_table1', {'lengths': None})
-    assert (st['min_doc_len'], st['num_docs'], st['stride'], st['draw']) == (32769, 50, 1024, 'random')
-    st = eval_ppl.resolve_protocol('nanopose', {'lengths': [128, 1024], 'stride': 64})
-    assert (st['min_doc_len'], st['doc_tokens'], st['stride']) == (1024, 1024, 64)
-    with pytest.raises(ValueError, match="protocol='table1' is unknown"):
+@pytest.mark.parametrize('name', list(eval_ppl.PROTOCOLS))
+def test_each_protocol_picks_and_scores_like_the_references(env, name):
+    """Each protocol at toy scale (its lengths, document lengths and stride divided by one factor
+    so that its longest window is 64 tokens; 2 documents): the documents it picks are the ones it
+    names (long enough; the first ones or a seeded draw), and its NLL per length equals the
+    brute-force windows scored by transformers (aligned) or the authors' code (official)."""
+    full = eval_ppl.resolve_protocol(name, {})
+    k = max(full['lengths']) // 64
+    toy = {'lengths': sorted({max(2, L // k) for L in full['lengths']})[-2:], 'num_docs': 2,
+           'stride': full['stride'] // k, 'min_doc_len': -(-full['min_doc_len'] // k),
+           'doc_tokens': full['doc_tokens'] // k, 'dtype': 'float32'}
+    st = eval_ppl.resolve_protocol(name, toy)
+    docs = [d[1:] for d in env['docs']]  # without the BOS prepare_data writes (load_docs drops it)
+    ids = eval_ppl.select_docs([len(d) for d in docs], st['min_doc_len'], 2, 1337, st['draw'])
+    long_enough = [i for i, d in enumerate(docs) if len(d) >= st['min_doc_len']]
+    assert len(ids) == 2 and set(ids) <= set(long_enough)
+    if st['draw'] == 'first':
+        assert ids == long_enough[:2]
+    picked = [docs[i][:st['doc_tokens']] if st['doc_tokens'] else docs[i] for i in ids]
+    _, nll, counts, _ = eval_ppl.evaluate(env['ours'], picked, st, st['add_bos'], 1)
+    for L in st['lengths']:
+        if st['windows'] == 'official':
+            ref, n = official_ppl(env['hf'], picked, L, st['stride'] or L - 1,
+                                  st['mode'] == 'truncate')
+        else:
+            ref, n = map(sum, zip(*(hf_nll(env['hf'], d, L, st['stride'] or None, st['mode'],
+                                           st['add_bos']) for d in picked)))
+        assert counts[str(L)] == n and nll[str(L)] == pytest.approx(ref, rel=1e-4), (name, L)
+
+
+def test_protocols_resolve_refuses_bad_values():
+    with pytest.raises(ValueError, match="'table1'"):
         eval_ppl.resolve_protocol('table1', {})
-    with pytest.raises(ValueError, match="draw must be one of random, first; got 'last'"):
+    with pytest.raises(ValueError, match="draw.*'last'"):
         eval_ppl.resolve_protocol('official', {'draw': 'last'})
 
 
 def test_default_names_unique_and_no_overwrite(env, tmp_path):
-    """Two train.py exports (both named hf) get two result files; a third run refuses, --overwrite replaces."""
+    """Two train.py exports (both named hf) get two result files; a third run refuses, --overwrite
+    replaces."""
     for run_dir in ('run-a', 'run-b'):
         shutil.copytree(env['plain'], tmp_path / run_dir / 'hf')
-    names = {eval_ppl.default_out('ppl', str(tmp_path / r / 'hf'), None, 'nanopose') for r in ('run-a', 'run-b')}
-    assert names == {os.path.join('out', 'ppl-run-a-nanopose.json'), os.path.join('out', 'ppl-run-b-nanopose.json')}
+    names = {eval_ppl.default_out('ppl', str(tmp_path / r / 'hf'), None, 'nanopose')
+             for r in ('run-a', 'run-b')}
+    assert names == {os.path.join('out', 'ppl-run-a-nanopose.json'),
+                     os.path.join('out', 'ppl-run-b-nanopose.json')}
     assert eval_ppl.default_out('passkey', str(tmp_path / 'run-a' / 'hf'), env['lin']) == \
-        os.path.join('out', 'passkey-run-a-linearx2.0.json')  # PI-only next to the original: another file
-    args = ['eval_passkey.py', f"--model={tmp_path / 'run-a' / 'hf'}", '--lengths=[300]', '--num_trials=1', '--device=cpu']
+        os.path.join('out',
+                     'passkey-run-a-linearx2.0.json')  # PI-only next to the original: another file
+    args = ['eval_passkey.py', f"--model={tmp_path / 'run-a' / 'hf'}", '--lengths=[300]',
+            '--num_trials=1', '--device=cpu']
     env_cwd = dict(os.environ, OMP_NUM_THREADS='1')
     first = subprocess.run([sys.executable, os.path.join(ROOT, args[0]), *args[1:]], cwd=tmp_path,
                            capture_output=True, text=True, timeout=600, env=env_cwd)
@@ -267,7 +318,8 @@ def test_default_names_unique_and_no_overwrite(env, tmp_path):
                            capture_output=True, text=True, timeout=600, env=env_cwd)
     assert again.returncode == 2 and again.stderr.strip().count('\n') == 0
     assert 'exists' in again.stderr and 'overwrite' in again.stderr and path.read_bytes() == before
-    forced = subprocess.run([sys.executable, os.path.join(ROOT, args[0]), *args[1:], '--overwrite=True', '--seed=5'],
+    forced = subprocess.run([sys.executable, os.path.join(ROOT, args[0]), *args[1:],
+                             '--overwrite=True', '--seed=5'],
                             cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env_cwd)
     assert forced.returncode == 0, forced.stderr
     assert json.loads(path.read_text())['settings']['seed'] == 5
@@ -275,12 +327,14 @@ def test_default_names_unique_and_no_overwrite(env, tmp_path):
 
 @pytest.mark.parametrize('chunk', [0, 7, 64, 1000])
 def test_chunked_eval_forward_matches_transformers(env, chunk):
-    """The row-chunked no-grad forward (x updated in place) == transformers' logits, batch 2, skip-wise
-    position ids, T not a multiple of the chunk; and our chunk_nll == log_softmax's NLL."""
+    """The row-chunked no-grad forward (x updated in place) == transformers' logits, batch 2,
+    skip-wise position ids, T not a multiple of the chunk; and our chunk_nll == log_softmax's
+    NLL."""
     ours, hf = eval_ppl.load_model(env['scaled']), env['hf_scaled']
     ours.infer_chunk = chunk
     idx = torch.from_numpy(np.stack([env['docs'][3][:100], env['docs'][4][:100]]).astype(np.int64))
-    pos = torch.cat([torch.arange(40), torch.arange(40) + 90, torch.arange(20) + 200])[None].repeat(2, 1)
+    pos = torch.cat([torch.arange(40), torch.arange(40) + 90, torch.arange(20) + 200])
+    pos = pos[None].repeat(2, 1)
     with torch.inference_mode():
         h = ours.forward_hidden(idx, pos)
         ref = hf(input_ids=idx, position_ids=pos).logits
@@ -304,7 +358,8 @@ def test_select_docs_and_length_warnings():
 
 
 def test_prompt_template():
-    text, n_before = eval_passkey.make_passkey_prompt(17, '40213', 0.4)  # round(6.8) = 7 words before
+    # round(6.8) = 7 words before
+    text, n_before = eval_passkey.make_passkey_prompt(17, '40213', 0.4)
     assert n_before == 7
     assert text == (TASK + "\nThe grass is green. The sky is\n"
                     "The pass key is 40213. Remember it. 40213 is the pass key.\n"
@@ -325,20 +380,24 @@ def test_prompt_length_and_depth(env, length):
         assert ids == tok.encode(text + ' ' + key, bos=True)  # BOS + prompt + " key"
         assert ids[:p] == tok.encode(text, bos=True) and tok.decode(ids[p:]).strip() == key
         before = text.split('\n')[1]
-        assert len(before.split()) == n_before == round(depth * n)  # filler words before the key line
-        # the key line sits at `depth` of the filler, measured in tokens too
+        # filler words before the key line the key line sits at `depth` of the filler, measured in
+        # tokens too
+        assert len(before.split()) == n_before == round(depth * n)
         key_at = len(tok.encode(text[:text.index('The pass key is')], bos=True))
-        filler_tokens = len(ids) - len(tok.encode(TASK + '\n\nThe pass key is 12345. Remember it. 12345 is the '
-                                                  'pass key.\n\nWhat is the pass key? The pass key is 12345', bos=True))
+        rest = TASK + '\n\nThe pass key is 12345. Remember it. 12345 is the pass key.\n\n' \
+            'What is the pass key? The pass key is 12345'
+        filler_tokens = len(ids) - len(tok.encode(rest, bos=True))
         assert abs((key_at - len(tok.encode(TASK, bos=True))) / filler_tokens - depth) < 0.02
 
 
 def test_prompt_within_one_percent_or_error(env):
-    """Short lengths: an error exactly when no filler count lands in [0.99 L, L] (brute force over n)."""
+    """Short lengths: an error exactly when no filler count lands in [0.99 L, L] (brute force over
+    n)."""
     tok, n_err = env['tok'], 0
     base = len(eval_passkey.encode_trial(tok, 0, '24680', 0.3)[0])
     for L in range(base, base + 90, 3):
-        sizes = [len(eval_passkey.encode_trial(tok, n, '24680', 0.3)[0]) for n in range(L - base + 1)]
+        sizes = [len(eval_passkey.encode_trial(tok, n, '24680', 0.3)[0])
+                 for n in range(L - base + 1)]
         possible = any(0.99 * L <= x <= L for x in sizes)
         try:
             ids = eval_passkey.build_passkey_prompt(tok, L, '24680', 0.3)[0]
@@ -353,8 +412,9 @@ def test_prompt_within_one_percent_or_error(env):
 
 @torch.no_grad()
 def official_verdict(next_token, prompt, key, tok, max_new_tokens=10):
-    """The official script, written out plainly: greedy generation of up to max_new_tokens (stopping at
-    EOS), the output decoded, int(first \\d+) == key, no number = fail. next_token(ids) -> the argmax."""
+    """The official script, written out plainly: greedy generation of up to max_new_tokens (stopping
+    at EOS), the output decoded, int(first \\d+) == key, no number = fail. next_token(ids) -> the
+    argmax."""
     ids = list(prompt)
     for _ in range(max_new_tokens):
         ids.append(next_token(ids))
@@ -366,21 +426,25 @@ def official_verdict(next_token, prompt, key, tok, max_new_tokens=10):
 
 
 def scripted_model(prompt, script, vocab, other):
-    """A causal LM (our forward_hidden / lm_head interface) whose greedy continuation of `prompt` is `script`
-    then `other` forever; off the script it predicts `other`. The prediction at position i reads ids[:i+1] only."""
+    """A causal LM (our forward_hidden / lm_head interface) whose greedy continuation of `prompt` is
+    `script` then `other` forever; off the script it predicts `other`. The prediction at position i
+    reads ids[:i+1] only."""
     def next_token(prefix):
         k = len(prefix) - len(prompt)
-        on_script = k >= 0 and prefix[:len(prompt)] == list(prompt) and prefix[len(prompt):] == script[:k]
+        on_script = k >= 0 and prefix[:len(prompt)] == list(prompt) \
+            and prefix[len(prompt):] == script[:k]
         return script[k] if on_script and k < len(script) else other
 
-    def forward_hidden(idx, cache=None):  # the cache's "keys" are the cached token ids: [1, S, 1, 1]
+    # the cache's "keys" are the cached token ids: [1, S, 1, 1]
+    def forward_hidden(idx, cache=None):
         past = [] if cache is None or cache.kv[0] is None else cache.kv[0][0].flatten().tolist()
         ids = past + idx[0].tolist()
         if cache is not None:
             cache.kv[0] = (torch.tensor(ids)[None, :, None, None],) * 2
-        return F.one_hot(torch.tensor([next_token(ids[:i + 1]) for i in range(len(past), len(ids))]),
-                         vocab)[None].float()
-    net = SimpleNamespace(forward_hidden=forward_hidden, lm_head=lambda h: h, args=SimpleNamespace(n_layers=1))
+        nxt = [next_token(ids[:i + 1]) for i in range(len(past), len(ids))]
+        return F.one_hot(torch.tensor(nxt), vocab)[None].float()
+    net = SimpleNamespace(forward_hidden=forward_hidden, lm_head=lambda h: h,
+                          args=SimpleNamespace(n_layers=1))
     return net, next_token
 
 
@@ -407,27 +471,31 @@ def test_passkey_official_semantics(env, output, passes):
         ok, gen, _, _, n_fwd = eval_passkey.greedy_passkey(net, prompt, guess, key, tok.decode,
                                                             eos_id=tok.eos_id)
         assert ok == ref == passes, (output, tok.decode(ref_gen))
-        assert gen == ref_gen[:len(gen)]  # the same greedy tokens, stopped once the verdict is fixed
+        # the same greedy tokens, stopped once the verdict is fixed
+        assert gen == ref_gen[:len(gen)]
         assert n_fwd <= len(gen)
     if output == '12345.':
         assert n_fwd == 1  # the key and one more position: a single forward
 
 
 def test_passkey_equals_greedy_decoding(env):
-    """Our model + greedy_passkey vs transformers, token by token with full recompute, + the official regex:
-    the same verdict and the same tokens, for keys greedy does write (pass) and keys it does not (fail)."""
+    """Our model + greedy_passkey vs transformers, token by token with full recompute, + the
+    official regex: the same verdict and the same tokens, for keys greedy does write (pass) and keys
+    it does not (fail)."""
     tok, hf, ours = env['tok'], env['hf'], env['ours']
     next_token = lambda ids: int(hf(torch.tensor(ids)[None]).logits[0, -1].argmax())  # noqa: E731
     n_pass = n_fail = 0
-    for key, depth, n in [('12345', 0.1, 6), ('80808', 0.5, 9), ('31415', 0.9, 4), ('27182', 0.0, 7)]:
+    for key, depth, n in [('12345', 0.1, 6), ('80808', 0.5, 9), ('31415', 0.9, 4),
+                          ('27182', 0.0, 7)]:
         ids, p, _ = eval_passkey.encode_trial(tok, n, key, depth)
         prompt = ids[:p]
         ref_ok, ref_gen = official_verdict(next_token, prompt, key, tok)
-        ok, gen, tf_pred, key_lp, _ = eval_passkey.greedy_passkey(ours, prompt, ids[p:], key, tok.decode,
-                                                                  eos_id=tok.eos_id)
+        ok, gen, tf_pred, key_lp, _ = eval_passkey.greedy_passkey(ours, prompt, ids[p:], key,
+                                                                  tok.decode, eos_id=tok.eos_id)
         assert ok == ref_ok and gen == ref_gen[:len(gen)]
-        assert tf_pred[0] == ref_gen[0]  # the teacher-forced first prediction is greedy's first token
-        # the key's log-likelihood: transformers' full forward over prompt + key, log-softmax summed
+        # the teacher-forced first prediction is greedy's first token the key's log-likelihood:
+        # transformers' full forward over prompt + key, log-softmax summed
+        assert tf_pred[0] == ref_gen[0]
         lp = hf(torch.tensor(ids)[None]).logits[0].detach().float().log_softmax(-1)
         ref_lp = sum(float(lp[i - 1, ids[i]]) for i in range(p, len(ids)))
         assert abs(key_lp - ref_lp) < 1e-3 * max(1.0, abs(ref_lp)), (key_lp, ref_lp)
@@ -438,30 +506,34 @@ def test_passkey_equals_greedy_decoding(env):
             key2 = re.search(r'\d+', tok.decode(ref_gen)).group()
             ok2, gen2, *_ = eval_passkey.greedy_passkey(ours, prompt, ids[p:], key2, tok.decode,
                                                         eos_id=tok.eos_id)
-            assert ok2 == official_verdict(next_token, prompt, key2, tok)[0] and gen2 == ref_gen[:len(gen2)]
+            assert ok2 == official_verdict(next_token, prompt, key2, tok)[0] \
+                and gen2 == ref_gen[:len(gen2)]
             n_pass += ok2
     assert n_fail == 4 and n_pass >= 1, n_pass  # a random model does not know the key
 
 
 def test_passkey_prefix_reuse(env):
-    """Trials run over one cache that keeps the prefix shared with the previous trial (extend_cache) give
-    the verdicts, tokens and key log-likelihoods of trials that each start from an empty cache."""
+    """Trials run over one cache that keeps the prefix shared with the previous trial (extend_cache)
+    give the verdicts, tokens and key log-likelihoods of trials that each start from an empty
+    cache."""
     tok, ours = env['tok'], env['ours']
     cache, cached = model.KVCache(ours.args.n_layers), []
-    for key, depth, n in [('12345', 0.5, 8), ('80808', 0.5, 8), ('31415', 0.2, 8), ('31415', 0.2, 8)]:
+    for key, depth, n in [('12345', 0.5, 8), ('80808', 0.5, 8), ('31415', 0.2, 8),
+                          ('31415', 0.2, 8)]:
         ids, p, _ = eval_passkey.encode_trial(tok, n, key, depth)
         prompt = ids[:p]
-        fresh = eval_passkey.greedy_passkey(ours, prompt, ids[p:], key, tok.decode, eos_id=tok.eos_id)
+        fresh = eval_passkey.greedy_passkey(ours, prompt, ids[p:], key, tok.decode,
+                                            eos_id=tok.eos_id)
         cached = eval_passkey.extend_cache(ours, cache, cached, prompt[:-1])
         assert len(cache) == len(prompt) - 1
-        reused = eval_passkey.greedy_passkey(ours, prompt, ids[p:], key, tok.decode, eos_id=tok.eos_id,
-                                             cache=cache)
+        reused = eval_passkey.greedy_passkey(ours, prompt, ids[p:], key, tok.decode,
+                                             eos_id=tok.eos_id, cache=cache)
         assert reused[:3] == fresh[:3] and abs(reused[3] - fresh[3]) < 1e-4
 
 
 def test_trials_paired_and_nested():
-    """The same seed gives every method the same trials; more trials extend fewer (per length and depth);
-    adding a length leaves the others' trials alone; keys are 5-digit numbers."""
+    """The same seed gives every method the same trials; more trials extend fewer (per length and
+    depth); adding a length leaves the others' trials alone; keys are 5-digit numbers."""
     few = eval_passkey.make_trials([100, 200], 2, [0.1, 0.9], seed=7)
     many = eval_passkey.make_trials([300, 200], 5, [0.1, 0.9], seed=7)
     for L in (200,):
@@ -471,12 +543,13 @@ def test_trials_paired_and_nested():
             assert len(a) == 2 and b[:2] == a
     keys = [k for *_, k in many]
     assert all(len(k) == 5 for k in keys) and len(set(keys)) > len(keys) // 2
-    assert eval_passkey.make_trials([100], 3, None, 7) == eval_passkey.make_trials([100], 3, None, 7)
+    assert eval_passkey.make_trials([100], 3, None, 7) \
+        == eval_passkey.make_trials([100], 3, None, 7)
 
 
 def test_wilson_interval():
-    """The Wilson interval's ends are the p where the score test just rejects: |k/n - p| = z sqrt(p(1-p)/n),
-    found here by bisection on each side of k/n."""
+    """The Wilson interval's ends are the p where the score test just rejects: |k/n - p| = z
+    sqrt(p(1-p)/n), found here by bisection on each side of k/n."""
     z = 1.96
     for k, n in [(0, 5), (4, 5), (5, 5), (31, 180), (116, 180), (1, 1)]:
         def f(q):
@@ -502,10 +575,12 @@ def test_paired_tests_brute_force():
         disc = [(x, y) for x, y in zip(a, b) if x != y]
         m = len(disc)
         k = sum(1 for x, y in disc if x)
-        # two-sided: patterns whose count of "a wins" is at least as far from m/2 as the observed one
+        # two-sided: patterns whose count of "a wins" is at least as far from m/2 as the observed
+        # one
         extreme = sum(1 for bits in itertools.product([0, 1], repeat=m)
                       if abs(sum(bits) - m / 2) >= abs(k - m / 2))
-        assert abs(eval_passkey.mcnemar_exact(list(a), list(b)) - (extreme / 2 ** m if m else 1.0)) < 1e-12
+        expected = extreme / 2 ** m if m else 1.0
+        assert abs(eval_passkey.mcnemar_exact(list(a), list(b)) - expected) < 1e-12
         x = np.round(rng.normal(size=n), 1)  # rounding makes ties and zeros
         d = [v for v in x if v != 0]
         absd = [abs(v) for v in d]
@@ -514,27 +589,33 @@ def test_paired_tests_brute_force():
         t = sum(r for r, v in zip(ranks, d) if v > 0)
         mean = sum(ranks) / 2
         total = list(itertools.product([0, 1], repeat=len(d)))
+        def positive_sum(bits):
+            return sum(r for r, s in zip(ranks, bits) if s)
         extreme = sum(1 for bits in total
-                      if abs(sum(r for r, s in zip(ranks, bits) if s) - mean) >= abs(t - mean) - 1e-9)
+                      if abs(positive_sum(bits) - mean) >= abs(t - mean) - 1e-9)
         p, used = eval_passkey.wilcoxon_signed_rank(x, np.zeros(n))
         assert used == len(d)
         assert abs(p - (extreme / len(total) if d else 1.0)) < 1e-12, (x, p)
 
 
 def test_accuracy_by_depth_bins():
-    """Random depths: ten bins [0, .1), [.1, .2), ..., [.9, 1.0] of the realised depth, worked out by hand."""
+    """Random depths: ten bins [0, .1), [.1, .2), ..., [.9, 1.0] of the realised depth, worked out
+    by hand."""
     trials = [{'length': 100, 'depth': d, 'pass': ok} for d, ok in
               [(0.0, True), (0.05, False), (0.1, True), (0.55, True), (0.999, False), (1.0, True)]]
     rows = eval_passkey.accuracy_table(trials, [100, 200], None)
     assert list(rows) == [f'{i / 10:.1f}-{(i + 1) / 10:.1f}' for i in range(10)] + ['all']
-    assert rows['0.0-0.1'][100] == 0.5 and rows['0.1-0.2'][100] == 1.0 and rows['0.5-0.6'][100] == 1.0
-    assert rows['0.9-1.0'][100] == 0.5 and rows['0.3-0.4'][100] is None and rows['all'][100] == 4 / 6
+    assert rows['0.0-0.1'][100] == 0.5 and rows['0.1-0.2'][100] == 1.0 \
+        and rows['0.5-0.6'][100] == 1.0
+    assert rows['0.9-1.0'][100] == 0.5 and rows['0.3-0.4'][100] is None \
+        and rows['all'][100] == 4 / 6
     assert all(rows[r][200] is None for r in rows)
 
 
 def run(*args):
     env = dict(os.environ, OMP_NUM_THREADS='1')
-    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600, env=env)
 
 
 def run_main(monkeypatch, module, **config):
@@ -548,8 +629,9 @@ def run_main(monkeypatch, module, **config):
 def test_eval_ppl_cli(env):
     tmp = env['tmp']
     out, png = str(tmp / 'ppl.json'), str(tmp / 'ppl.png')
-    proc = run('eval_ppl.py', f"--model={env['plain']}", f"--data_dir={env['data']}", '--lengths=[50,300]',
-               '--stride=40', '--num_docs=2', '--doc_tokens=0', '--device=cpu', f'--out={out}', f'--plot={png}')
+    proc = run('eval_ppl.py', f"--model={env['plain']}", f"--data_dir={env['data']}",
+               '--lengths=[50,300]', '--stride=40', '--num_docs=2', '--doc_tokens=0',
+               '--device=cpu', f'--out={out}', f'--plot={png}')
     assert proc.returncode == 0, proc.stderr
     assert 'warning: length 300 > max_position_embeddings 256' in proc.stdout
     r = json.load(open(out))
@@ -557,7 +639,8 @@ def test_eval_ppl_cli(env):
     for L in (50, 300):
         ref_sum, ref_n = 0.0, 0
         for i in r['doc_ids']:
-            s, c = hf_nll(env['hf'], env['docs'][i][1:], L, 40, 'sliding', True)  # leading BOS dropped
+            # leading BOS dropped
+            s, c = hf_nll(env['hf'], env['docs'][i][1:], L, 40, 'sliding', True)
             ref_sum, ref_n = ref_sum + s, ref_n + c
         assert r['tokens'][str(L)] == ref_n
         assert r['ppl'][str(L)] == pytest.approx(np.exp(ref_sum / ref_n), rel=1e-4)
@@ -569,7 +652,8 @@ def test_eval_ppl_raw_input_and_plot_only(env, monkeypatch, capsys):
     (tmp / 'raw').mkdir()
     (tmp / 'raw' / 'a.txt').write_text(ENGLISH * 3)
     (tmp / 'raw' / 'b.txt').write_text(FILLER)  # too short for the window: not chosen
-    (tmp / 'raw' / 'c.jsonl').write_text(json.dumps({'text': FILLER}) + '\n' + json.dumps({'text': ENGLISH * 2}) + '\n')
+    (tmp / 'raw' / 'c.jsonl').write_text(json.dumps({'text': FILLER}) + '\n'
+                                         + json.dumps({'text': ENGLISH * 2}) + '\n')
     out = str(tmp / 'ppl_raw.json')
     run_main(monkeypatch, eval_ppl, model=env['plain'], input=str(tmp / 'raw' / '*'), lengths=[200],
              add_bos=False, device='cpu', out=out)
@@ -580,7 +664,8 @@ def test_eval_ppl_raw_input_and_plot_only(env, monkeypatch, capsys):
         ref_sum, ref_n = ref_sum + s, ref_n + c
     r = json.load(open(out))
     assert r['data']['docs'] == [[str(tmp / 'raw' / 'a.txt'), 0], [str(tmp / 'raw' / 'c.jsonl'), 1]]
-    assert r['ppl']['200'] == pytest.approx(np.exp(ref_sum / ref_n), rel=1e-4) and r['tokens']['200'] == 2 * 199
+    assert r['ppl']['200'] == pytest.approx(np.exp(ref_sum / ref_n), rel=1e-4) \
+        and r['tokens']['200'] == 2 * 199
     # overlay two result files in one plot, no model
     json.dump(dict(r, label='other', ppl={'64': 3.0, '200': 2.5}), open(tmp / 'other.json', 'w'))
     png = str(tmp / 'both.png')
@@ -591,8 +676,9 @@ def test_eval_ppl_raw_input_and_plot_only(env, monkeypatch, capsys):
 
 def test_eval_passkey_cli(env):
     out, png = str(env['tmp'] / 'pk.json'), str(env['tmp'] / 'pk.png')
-    proc = run('eval_passkey.py', f"--model={env['plain']}", '--lengths=[1000,2000]', '--num_trials=1',
-               '--depths=[0.0,0.5,1.0]', '--max_new_tokens=4', '--device=cpu', f'--out={out}', f'--plot={png}')
+    proc = run('eval_passkey.py', f"--model={env['plain']}", '--lengths=[1000,2000]',
+               '--num_trials=1', '--depths=[0.0,0.5,1.0]', '--max_new_tokens=4', '--device=cpu',
+               f'--out={out}', f'--plot={png}')
     assert proc.returncode == 0, proc.stderr
     assert 'warning: length 1000 > max_position_embeddings 256' in proc.stdout
     r = json.load(open(out))
@@ -602,23 +688,26 @@ def test_eval_passkey_cli(env):
     for t in r['trials']:
         assert 0.99 * t['length'] <= t['tokens'] <= t['length'] and len(t['key']) == 5
         text, _ = eval_passkey.make_passkey_prompt(t['n_filler'], t['key'], t['depth_requested'])
-        ok, gen = official_verdict(next_token, tok.encode(text, bos=True), t['key'], tok, max_new_tokens=4)
+        ok, gen = official_verdict(next_token, tok.encode(text, bos=True), t['key'], tok,
+                                   max_new_tokens=4)
         assert t['pass'] == ok and t['output_ids'] == gen[:len(t['output_ids'])]
     for L in ('1000', '2000'):
         hits = [t['pass'] for t in r['trials'] if str(t['length']) == L]
         assert r['accuracy'][L] == sum(hits) / len(hits)
         for d in (0.0, 0.5, 1.0):  # one row per requested depth
-            hits = [t['pass'] for t in r['trials'] if str(t['length']) == L and t['depth_requested'] == d]
+            hits = [t['pass'] for t in r['trials']
+                    if str(t['length']) == L and t['depth_requested'] == d]
             assert r['accuracy_by_depth'][f'{d:.2f}'][L] == sum(hits) / len(hits)
     assert open(png, 'rb').read(8) == b'\x89PNG\r\n\x1a\n'
 
 
 @pytest.mark.parametrize('depths', [[0.0, 0.5, 1.0], None])
 def test_passkey_accuracy_by_depth_is_an_independent_count(env, monkeypatch, depths):
-    """accuracy and accuracy_by_depth against a count made here from what the model was really asked: every
-    prompt is captured as it is built (its key, filler words and depth) and checked to be what the model saw;
-    a scripted verdict (pass iff the key is not a multiple of 3) gives mixed outcomes. Rows: the requested depth
-    (a grid) or ten bins of the realised depth round(depth n) / n (random depths, the paper)."""
+    """accuracy and accuracy_by_depth against a count made here from what the model was really
+    asked: every prompt is captured as it is built (its key, filler words and depth) and checked to
+    be what the model saw; a scripted verdict (pass iff the key is not a multiple of 3) gives mixed
+    outcomes. Rows: the requested depth (a grid) or ten bins of the realised depth round(depth n) /
+    n (random depths, the paper)."""
     built, seen = [], []
     make = eval_passkey.make_passkey_prompt
 
@@ -629,7 +718,8 @@ def test_passkey_accuracy_by_depth_is_an_independent_count(env, monkeypatch, dep
 
     def verdict(net, prompt, guess, key, *args, **kwargs):
         text, n_filler, prompt_key, depth = built[-1]
-        assert prompt == env['tok'].encode(text, bos=True) and key == prompt_key  # the prompt just built
+        # the prompt just built
+        assert prompt == env['tok'].encode(text, bos=True) and key == prompt_key
         length = next(L for L in (1000, 2000) if 0.99 * L <= len(prompt) + len(guess) <= L)
         words_before = len(text.split('\n')[1].split())
         assert words_before == round(depth * n_filler)
@@ -638,14 +728,15 @@ def test_passkey_accuracy_by_depth_is_an_independent_count(env, monkeypatch, dep
     monkeypatch.setattr(eval_passkey, 'make_passkey_prompt', capture)
     monkeypatch.setattr(eval_passkey, 'greedy_passkey', verdict)
     out = str(env['tmp'] / f'pk-count-{depths is None}.json')
-    run_main(monkeypatch, eval_passkey, model=env['plain'], lengths=[1000, 2000], num_trials=6, depths=depths,
-             seed=5, device='cpu', out=out, overwrite=True)
+    run_main(monkeypatch, eval_passkey, model=env['plain'], lengths=[1000, 2000], num_trials=6,
+             depths=depths, seed=5, device='cpu', out=out, overwrite=True)
     r = json.load(open(out))
     assert len(seen) == 2 * 6 * (3 if depths else 1)
     assert 0 < sum(ok for *_, ok in seen) < len(seen)  # mixed outcomes: a wrong count can show
     rows = {}  # label -> length -> [verdicts]
     for length, depth, realised, ok in seen:
-        label = f'{depth:.2f}' if depths else f'{min(int(realised * 10), 9) / 10:.1f}-{min(int(realised * 10), 9) / 10 + 0.1:.1f}'
+        b = min(int(realised * 10), 9) / 10  # the realised depth's bin
+        label = f'{depth:.2f}' if depths else f'{b:.1f}-{b + 0.1:.1f}'
         rows.setdefault(label, {}).setdefault(str(length), []).append(ok)
     for L in ('1000', '2000'):
         oks = [ok for length, *_, ok in seen if str(length) == L]
@@ -666,12 +757,14 @@ def test_bad_input(env, tmp_path, monkeypatch):
     assert proc.stderr.startswith('error:') and missing in proc.stderr
     out = str(tmp_path / 'x.json')
     with pytest.raises(ValueError, match=r'no document has >= 5000 tokens \(the longest has 699\)'):
-        run_main(monkeypatch, eval_ppl, model=env['plain'], data_dir=env['data'], lengths=[5000], out=out)
+        run_main(monkeypatch, eval_ppl, model=env['plain'], data_dir=env['data'], lengths=[5000],
+                 out=out)
     assert not os.path.exists(out)
     with pytest.raises(UserError, match='no_such_model'):
         run_main(monkeypatch, eval_passkey, model=missing)
     with pytest.raises(ValueError, match='length 20 is shorter than the passkey prompt'):
-        run_main(monkeypatch, eval_passkey, model=env['plain'], lengths=[20], num_trials=1, device='cpu', out=out)
+        run_main(monkeypatch, eval_passkey, model=env['plain'], lengths=[20], num_trials=1,
+                 device='cpu', out=out)
     assert not os.path.exists(out)
 
 

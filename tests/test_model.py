@@ -1,6 +1,7 @@
-"""model.py vs transformers (the reference): tiny random Llama / Mistral / Qwen2 checkpoints written by
-transformers' own save_pretrained, loaded by our load_pretrained; and our save_pretrained loaded back by
-transformers. fp32 logits must agree within 2e-4 for every RoPE type and for skip-wise position ids."""
+"""model.py vs transformers (the reference): tiny random Llama / Mistral / Qwen2 checkpoints written
+by transformers' own save_pretrained, loaded by our load_pretrained; and our save_pretrained loaded
+back by transformers. fp32 logits must agree within 2e-4 for every RoPE type and for skip-wise
+position ids."""
 import copy
 import json
 import os
@@ -8,64 +9,12 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, \
-    Qwen2Config, Qwen2ForCausalLM
+from transformers import AutoModelForCausalLM
 
 from hf_checkpoint import load_pretrained, save_pretrained
 from model import KVCache, ModelArgs, Transformer, chunked_cross_entropy
-
-TOL = 2e-4
-VOCAB, MPE, HEAD_DIM = 128, 32, 16
-CLASSES = {'llama': (LlamaConfig, LlamaForCausalLM), 'mistral': (MistralConfig, MistralForCausalLM),
-           'qwen2': (Qwen2Config, Qwen2ForCausalLM)}
-
-
-def make_hf(tmp_path, arch='llama', kv=2, tie=False, rope=None, theta=10000.0, mpe=MPE, **extra):
-    """A tiny random HF model saved by transformers; weights scaled up so RoPE errors show in the logits."""
-    cfg_cls, model_cls = CLASSES[arch]
-    cfg = cfg_cls(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=kv, vocab_size=VOCAB, max_position_embeddings=mpe, tie_word_embeddings=tie,
-                  rope_parameters=dict(rope or {'rope_type': 'default'}, rope_theta=theta), **extra)
-    torch.manual_seed(0)
-    hf = model_cls(cfg).eval()
-    with torch.no_grad():
-        for p in hf.parameters():
-            if p.dim() > 1:
-                p.normal_(0, 0.3)  # large weights: sharp attention, so wrong angles move the logits a lot
-            else:
-                p.add_(torch.randn_like(p) * 0.1)  # norms / biases away from their 1 / 0 init
-    d = str(tmp_path / f'hf_{arch}')
-    hf.save_pretrained(d)
-    return hf, d
-
-
-def positions(kind, B=2):
-    """[B, T] position ids: contiguous, short (inside the original window), skip-wise, mixed rows."""
-    skip = torch.cat([torch.arange(0, 16), torch.arange(16 + 60, 16 + 60 + 32)])  # [0..k) u [k+s..T+s)
-    if kind == 'short':
-        p = torch.arange(24)
-    elif kind == 'contig':
-        p = torch.arange(48)
-    elif kind == 'skip':
-        p = skip
-    else:  # rows differ: one contiguous, one skip-wise
-        return torch.stack([torch.arange(48), skip])
-    return p[None].expand(B, -1)
-
-
-def hf_logits(hf, idx, pos):
-    with torch.no_grad():  # a fresh copy each time: transformers' dynamic RoPE keeps state between calls
-        return copy.deepcopy(hf)(idx, position_ids=pos).logits
-
-
-def our_logits(model, idx, pos):
-    with torch.no_grad():
-        return model(idx, pos)[0]
-
-
-def idx_for(pos):
-    g = torch.Generator().manual_seed(1)
-    return torch.randint(0, VOCAB, pos.shape, generator=g)
+from conftest import (ROPE_CASES, TOL, VOCAB, hf_logits, idx_for, make_hf, max_logit_diff,
+                      our_logits, positions)
 
 
 def test_roundtrip_export(tmp_path):
@@ -74,41 +23,15 @@ def test_roundtrip_export(tmp_path):
     save_pretrained(model, tmp_path / 'ours', tokenizer_dir=None)
     hf2 = AutoModelForCausalLM.from_pretrained(tmp_path / 'ours').eval()
     pos = positions('skip')
-    assert (hf_logits(hf2, idx_for(pos), pos) - our_logits(model, idx_for(pos), pos)).abs().max() < TOL
+    assert max_logit_diff(hf2, model, pos) < TOL
 
 
 # ---- every RoPE type, both config forms, contiguous and skip-wise positions ----------------------
-ROPE_CASES = {  # name: (rope dict for transformers, max_position_embeddings)
-    'default': ({'rope_type': 'default'}, MPE),
-    'linear': ({'rope_type': 'linear', 'factor': 4.0}, MPE),
-    'dynamic': ({'rope_type': 'dynamic', 'factor': 4.0}, MPE),  # 'short' stays inside, the rest go beyond
-    'yarn': ({'rope_type': 'yarn', 'factor': 4.0, 'original_max_position_embeddings': 32}, 128),
-    'yarn_attn': ({'rope_type': 'yarn', 'factor': 4.0, 'original_max_position_embeddings': 32,
-                   'attention_factor': 1.3, 'beta_fast': 16, 'beta_slow': 2}, 128),
-    'yarn_mscale': ({'rope_type': 'yarn', 'factor': 4.0, 'original_max_position_embeddings': 32,
-                     'mscale': 1.0, 'mscale_all_dim': 0.5, 'truncate': False}, 128),
-    # factor != max_position_embeddings / original (8 != 4, and 2 != 4): the factor given wins, not the ratio
-    # (no factor at all: transformers 5's config refuses it; test_rope checks that fallback on its RoPE init)
-    'yarn_factor8': ({'rope_type': 'yarn', 'factor': 8.0, 'original_max_position_embeddings': 32}, 128),
-    'yarn_factor2_mscale': ({'rope_type': 'yarn', 'factor': 2.0, 'original_max_position_embeddings': 32,
-                             'mscale': 1.0, 'mscale_all_dim': 0.5}, 128),
-    'llama3': ({'rope_type': 'llama3', 'factor': 8.0, 'low_freq_factor': 1.0, 'high_freq_factor': 4.0,
-                'original_max_position_embeddings': 32}, 128),
-    'longrope': ({'rope_type': 'longrope', 'original_max_position_embeddings': 32,  # short/long regimes
-                  'short_factor': [1.0, 1.1, 1.2, 1.3, 1.4, 1.5, 1.6, 1.7],
-                  'long_factor': [1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0]}, 128),
-    'longrope_attn': ({'rope_type': 'longrope', 'original_max_position_embeddings': 32, 'factor': 4.0,
-                       'attention_factor': 1.2, 'short_factor': [1.0] * 4 + [2.0] * 4,
-                       'long_factor': [1.0, 1.0, 2.0, 2.0, 4.0, 4.0, 6.0, 6.0]}, 128),
-    'longrope_factor2': ({'rope_type': 'longrope', 'original_max_position_embeddings': 32, 'factor': 2.0,
-                          'short_factor': [1.0] * 4 + [2.0] * 4, 'long_factor': [1.0, 1.0, 2.0, 2.0, 4.0, 4.0, 6.0, 6.0]},
-                         128),  # attention factor from factor 2, not from 128 / 32
-}
 
 
 def to_rope_scaling_form(d):
-    """Rewrite a transformers-5 config.json (`rope_parameters` with rope_theta inside) in the older form:
-    `rope_scaling` with a `type` key and a top-level `rope_theta`."""
+    """Rewrite a transformers-5 config.json (`rope_parameters` with rope_theta inside) in the older
+    form: `rope_scaling` with a `type` key and a top-level `rope_theta`."""
     p = os.path.join(d, 'config.json')
     cfg = json.load(open(p))
     rp = cfg.pop('rope_parameters')
@@ -125,7 +48,8 @@ def test_rope_parity(tmp_path, case):
     ours_new = load_pretrained(d)
     to_rope_scaling_form(d)
     ours_old = load_pretrained(d)
-    for kind in ('short', 'mixed'):  # inside the original window; a contiguous row + a skip-wise row
+    # inside the original window; a contiguous row + a skip-wise row
+    for kind in ('short', 'mixed'):
         pos = positions(kind)
         ref = hf_logits(hf, idx_for(pos), pos)
         for model in (ours_new, ours_old):
@@ -133,17 +57,20 @@ def test_rope_parity(tmp_path, case):
     # our export -> transformers loads it to our logits
     save_pretrained(ours_old, tmp_path / 'ours', tokenizer_dir=None)
     cfg = json.load(open(tmp_path / 'ours' / 'config.json'))
-    assert 'rope_parameters' not in cfg and cfg['rope_theta'] == 10000.0 and cfg['max_position_embeddings'] == mpe
-    exported = {'yarn': 'longrope'}.get(rope['rope_type'], rope['rope_type'])  # yarn: see test_export_compat
+    assert 'rope_parameters' not in cfg and cfg['rope_theta'] == 10000.0 \
+        and cfg['max_position_embeddings'] == mpe
+    # yarn: see test_export_compat
+    exported = {'yarn': 'longrope'}.get(rope['rope_type'], rope['rope_type'])
     assert (cfg['rope_scaling'] or {'rope_type': 'default'})['rope_type'] == exported
     hf2 = AutoModelForCausalLM.from_pretrained(tmp_path / 'ours').eval()
     pos = positions('skip')
-    assert (hf_logits(hf2, idx_for(pos), pos) - our_logits(ours_old, idx_for(pos), pos)).abs().max() < TOL
+    assert max_logit_diff(hf2, ours_old, pos) < TOL
 
 
 def test_parity_tests_can_fail(tmp_path):
-    """Guard for the parity tests: on these inputs every scaling (and one more skip) moves the logits by
-    far more than TOL, so a wrong formula cannot pass. (Ours equal transformers' in the tests above.)"""
+    """Guard for the parity tests: on these inputs every scaling (and one more skip) moves the
+    logits by far more than TOL, so a wrong formula cannot pass. (Ours equal transformers' in the
+    tests above.)"""
     _, d = make_hf(tmp_path)
     pos = positions('skip')
     outs = {}
@@ -160,29 +87,33 @@ def test_parity_tests_can_fail(tmp_path):
             assert (outs[a] - outs[b]).abs().max() > 100 * TOL, (a, b)
 
 
-# ---- architectures ----------------------------------------------------------------------------------
-@pytest.mark.parametrize('arch,kv,tie', [('llama', 4, False), ('llama', 2, True), ('mistral', 2, False),
+# ---- architectures
+# ----------------------------------------------------------------------------------
+@pytest.mark.parametrize('arch,kv,tie',
+                         [('llama', 4, False), ('llama', 2, True), ('mistral', 2, False),
                                          ('qwen2', 2, False), ('qwen2', 2, True)])
 def test_arch_parity(tmp_path, arch, kv, tie):
     rope = ROPE_CASES['yarn'][0]
     hf, d = make_hf(tmp_path, arch=arch, kv=kv, tie=tie, rope=rope, mpe=128)
     model = load_pretrained(d)
-    assert model.args.arch == arch and model.args.n_kv_heads == kv and model.args.tie_word_embeddings == tie
+    assert model.args.arch == arch and model.args.n_kv_heads == kv \
+        and model.args.tie_word_embeddings == tie
     if tie:
         assert model.lm_head.weight is model.embed_tokens.weight
     pos = positions('mixed')
-    assert (hf_logits(hf, idx_for(pos), pos) - our_logits(model, idx_for(pos), pos)).abs().max() < TOL
+    assert max_logit_diff(hf, model, pos) < TOL
     save_pretrained(model, tmp_path / 'ours', tokenizer_dir=None)
     hf2 = AutoModelForCausalLM.from_pretrained(tmp_path / 'ours').eval()
     assert type(hf2) is type(hf)
     pos = positions('skip')
-    assert (hf_logits(hf2, idx_for(pos), pos) - our_logits(model, idx_for(pos), pos)).abs().max() < TOL
+    assert max_logit_diff(hf2, model, pos) < TOL
 
 
 @pytest.mark.parametrize('arch,kv,chunk', [('llama', 2, 4), ('qwen2', 4, 0)])
 def test_kv_cache_equals_full_forward(tmp_path, arch, kv, chunk):
-    """forward_hidden with a KVCache (prefill, several tokens after the cache, one token, a truncated cache)
-    gives transformers' logits of the whole sequence at those positions (eval_passkey's greedy decoding)."""
+    """forward_hidden with a KVCache (prefill, several tokens after the cache, one token, a
+    truncated cache) gives transformers' logits of the whole sequence at those positions
+    (eval_passkey's greedy decoding)."""
     hf, d = make_hf(tmp_path, arch=arch, kv=kv, rope=ROPE_CASES['yarn'][0], mpe=128)
     model = load_pretrained(d)
     model.infer_chunk = chunk  # 0: the cache path runs each call in one chunk
@@ -190,7 +121,8 @@ def test_kv_cache_equals_full_forward(tmp_path, arch, kv, chunk):
     ref = hf_logits(hf, idx, torch.arange(40)[None])[0]
     cache = KVCache(model.args.n_layers)
     with torch.no_grad():
-        for a, b in [(0, 25), (25, 35), (35, 36), (30, 40)]:  # the last reruns 30..35 after truncate(30)
+        # the last reruns 30..35 after truncate(30)
+        for a, b in [(0, 25), (25, 35), (35, 36), (30, 40)]:
             cache.truncate(a)
             got = model.lm_head(model.forward_hidden(idx[:, a:b], cache=cache))[0]
             assert len(cache) == b
@@ -201,14 +133,15 @@ def test_mistral_sliding_window(tmp_path):
     hf, d = make_hf(tmp_path, arch='mistral', sliding_window=16)
     model = load_pretrained(d)
     pos = torch.cat([torch.arange(8), torch.arange(40, 48)])[None]  # T = 16 = window: plain causal
-    assert (hf_logits(hf, idx_for(pos), pos) - our_logits(model, idx_for(pos), pos)).abs().max() < TOL
+    assert max_logit_diff(hf, model, pos) < TOL
     with pytest.raises(ValueError, match='sliding_window=16'):
         model(idx_for(positions('short')))
     full = load_pretrained(d, sliding_window=None)  # opting out: full causal attention
     assert full(idx_for(positions('short')))[0].shape == (2, 24, VOCAB)
 
 
-# ---- chunked loss -----------------------------------------------------------------------------------
+# ---- chunked loss
+# -----------------------------------------------------------------------------------
 def test_chunked_loss_equals_cross_entropy():
     g = torch.Generator().manual_seed(0)
     h = torch.randn(50, 16, generator=g, requires_grad=True)
@@ -234,12 +167,17 @@ def test_chunked_loss_keeps_no_logits_for_backward():
     t = torch.randint(0, V, (N,))
     def saved_shapes(fn):
         shapes = []
-        with torch.autograd.graph.saved_tensors_hooks(lambda x: shapes.append(tuple(x.shape)) or x, lambda x: x):
+        def pack(x):
+            shapes.append(tuple(x.shape))
+            return x
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
             out = fn()
         return out, shapes
     loss, ours = saved_shapes(lambda: chunked_cross_entropy(h, w, t, chunk=chunk))
-    assert ours and not any(s[-1:] == (V,) for s in ours), ours  # only the inputs h, w, targets (+ scalars)
-    _, plain = saved_shapes(lambda: F.cross_entropy((h @ w.T).float(), t))  # guard: plain CE saves logits
+    # only the inputs h, w, targets (+ scalars)
+    assert ours and not any(s[-1:] == (V,) for s in ours), ours
+    # guard: plain CE saves logits
+    _, plain = saved_shapes(lambda: F.cross_entropy((h @ w.T).float(), t))
     assert (N, V) in plain
     loss.backward()
     assert h.grad is not None and torch.isfinite(h.grad).all()
@@ -247,7 +185,8 @@ def test_chunked_loss_keeps_no_logits_for_backward():
 
 def test_model_loss_matches_plain_cross_entropy():
     torch.manual_seed(0)
-    model = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=96, vocab_size=VOCAB))
+    model = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=96,
+                                  vocab_size=VOCAB))
     model.init_weights()
     model.loss_chunk = 5
     pos = positions('mixed')
@@ -288,19 +227,22 @@ def test_bf16_close_to_fp32(tmp_path):
 
 @pytest.mark.parametrize('tie', [False, True])
 def test_flops_per_token_counts_what_a_training_step_multiplies(tie):
-    """torch's FlopCounterMode over a real forward + backward (GQA, T = 64 and 256; SDPA's math backend so that
-    attention shows as the bmm it is): the matmul FLOPs it counts are flops_per_token(T) * T, less the norm
-    weights, which the 6N convention counts (6 per weight per token) but which multiply no matrix."""
+    """torch's FlopCounterMode over a real forward + backward (GQA, T = 64 and 256; SDPA's math
+    backend so that attention shows as the bmm it is): the matmul FLOPs it counts are
+    flops_per_token(T) * T, less the norm weights, which the 6N convention counts (6 per weight per
+    token) but which multiply no matrix."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
     torch.manual_seed(0)
-    model = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=96, vocab_size=VOCAB,
-                                  tie_word_embeddings=tie))
+    model = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=96,
+                                  vocab_size=VOCAB, tie_word_embeddings=tie))
     model.init_weights()
     norm_weights = sum(p.numel() for p in model.parameters() if p.dim() == 1)
     for T in (64, 256):
         idx = torch.randint(0, VOCAB, (1, T))
         with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
-            logits, _ = model(idx)  # full logits + F.cross_entropy: the chunked loss's recompute is not the model's
+            # full logits + F.cross_entropy: the chunked loss's recompute is not the model's
+            logits, _ = model(idx)
             F.cross_entropy(logits.flatten(0, 1), idx.flatten()).backward()
-        assert counter.get_total_flops() == model.flops_per_token(T) * T - 6 * norm_weights * T, (tie, T)
+        assert counter.get_total_flops() \
+            == model.flops_per_token(T) * T - 6 * norm_weights * T, (tie, T)

@@ -1,5 +1,5 @@
-"""Checkpoint I/O: sharded safetensors, pytorch_model*.bin, overrides, tokenizer files, atomic export,
-and bad inputs that must end in one clear error naming the file / tensor / key."""
+"""Checkpoint I/O: sharded safetensors, pytorch_model*.bin, overrides, tokenizer files, atomic
+export, and bad inputs that must end in one clear error naming the file / tensor / key."""
 import json
 import os
 import shutil
@@ -12,24 +12,27 @@ from transformers import AutoModelForCausalLM
 from errors import UserError  # noqa: E402
 from hf_checkpoint import load_pretrained, save_pretrained
 from model import Transformer
-from test_model import ROPE_CASES, TOL, hf_logits, idx_for, make_hf, our_logits, positions
+from conftest import ROPE_CASES, TOL, make_hf, max_logit_diff, positions
 
 
 def assert_parity(hf, model, kinds=('skip',)):
     for kind in kinds:
         pos = positions(kind)
-        assert (hf_logits(hf, idx_for(pos), pos) - our_logits(model, idx_for(pos), pos)).abs().max() < TOL
+        assert max_logit_diff(hf, model, pos) < TOL
 
 
 def test_sharded_safetensors_roundtrip(tmp_path):
     hf, d = make_hf(tmp_path, tie=True)
     model = load_pretrained(d)
-    save_pretrained(model, tmp_path / 'sharded', tokenizer_dir=None, max_shard_size=20_000)  # forces several shards
+    # forces several shards
+    save_pretrained(model, tmp_path / 'sharded', tokenizer_dir=None, max_shard_size=20_000)
     files = sorted(os.listdir(tmp_path / 'sharded'))
     shards = [f for f in files if f.endswith('.safetensors')]
-    assert len(shards) > 2 and 'model.safetensors.index.json' in files and 'model.safetensors' not in files
+    assert len(shards) > 2 and 'model.safetensors.index.json' in files \
+        and 'model.safetensors' not in files
     index = json.load(open(tmp_path / 'sharded' / 'model.safetensors.index.json'))
-    assert set(index['weight_map'].values()) == set(shards) and 'lm_head.weight' not in index['weight_map']
+    assert set(index['weight_map'].values()) == set(shards) \
+        and 'lm_head.weight' not in index['weight_map']
     assert not any(f.endswith(('.tmp', '.old')) for f in os.listdir(tmp_path))
     assert_parity(hf, load_pretrained(tmp_path / 'sharded'))
     assert_parity(AutoModelForCausalLM.from_pretrained(tmp_path / 'sharded').eval(), model)
@@ -42,10 +45,12 @@ def test_pytorch_bin_single_and_sharded(tmp_path):
     for out in (single, sharded):
         os.makedirs(out)
         shutil.copy(os.path.join(d, 'config.json'), out)
-    sd_old = dict(sd, **{'model.layers.0.self_attn.rotary_emb.inv_freq': torch.ones(8)})  # old checkpoints had it
+    # old checkpoints had it
+    sd_old = dict(sd, **{'model.layers.0.self_attn.rotary_emb.inv_freq': torch.ones(8)})
     torch.save(sd_old, single / 'pytorch_model.bin')
     names = list(sd)
-    parts = {'pytorch_model-00001-of-00002.bin': names[:10], 'pytorch_model-00002-of-00002.bin': names[10:]}
+    parts = {'pytorch_model-00001-of-00002.bin': names[:10],
+             'pytorch_model-00002-of-00002.bin': names[10:]}
     for fname, keys in parts.items():
         torch.save({k: sd[k] for k in keys}, sharded / fname)
     json.dump({'weight_map': {k: f for f, keys in parts.items() for k in keys}},
@@ -55,8 +60,8 @@ def test_pytorch_bin_single_and_sharded(tmp_path):
 
 
 def test_rope_override_on_checkpoint(tmp_path):
-    """Overriding rope_scaling + max_position_embeddings on a plain checkpoint == transformers with that
-    config; original_max_position_embeddings defaults to the checkpoint's own window (32)."""
+    """Overriding rope_scaling + max_position_embeddings on a plain checkpoint == transformers with
+    that config; original_max_position_embeddings defaults to the checkpoint's own window (32)."""
     _, d = make_hf(tmp_path)
     model = load_pretrained(d, rope_scaling={'rope_type': 'yarn', 'factor': 4.0},
                                         max_position_embeddings=128)
@@ -67,10 +72,12 @@ def test_rope_override_on_checkpoint(tmp_path):
     cfg['rope_parameters'] = dict(ROPE_CASES['yarn'][0], rope_theta=10000.0)
     cfg['max_position_embeddings'] = 128
     json.dump(cfg, open(ref_dir / 'config.json', 'w'))
-    assert_parity(AutoModelForCausalLM.from_pretrained(ref_dir).eval(), model, kinds=('contig', 'skip'))
+    assert_parity(AutoModelForCausalLM.from_pretrained(ref_dir).eval(), model,
+                  kinds=('contig', 'skip'))
     save_pretrained(model, tmp_path / 'ours', tokenizer_dir=None)
     out = json.load(open(tmp_path / 'ours' / 'config.json'))
-    assert out['max_position_embeddings'] == 128 and out['rope_scaling']['original_max_position_embeddings'] == 32
+    assert out['max_position_embeddings'] == 128 \
+        and out['rope_scaling']['original_max_position_embeddings'] == 32
 
 
 def test_tokenizer_files_and_overwrite(tmp_path):
@@ -79,11 +86,14 @@ def test_tokenizer_files_and_overwrite(tmp_path):
         open(os.path.join(d, name), 'w').write(name)
     model = load_pretrained(d)
     out = tmp_path / 'out'
-    save_pretrained(model, out, tokenizer_dir=None)  # the model does not remember its folder: no tokenizer
+    # the model does not remember its folder: no tokenizer
+    save_pretrained(model, out, tokenizer_dir=None)
     assert sorted(os.listdir(out)) == ['config.json', 'model.safetensors']
     save_pretrained(model, out, tokenizer_dir=d)  # the caller names it: the model's own directory
-    assert open(out / 'tokenizer.model').read() == 'tokenizer.model' and (out / 'tokenizer_config.json').exists()
-    assert open(out / 'generation_config.json').read() == 'generation_config.json'  # its eos ids for generate()
+    assert open(out / 'tokenizer.model').read() == 'tokenizer.model' \
+        and (out / 'tokenizer_config.json').exists()
+    # its eos ids for generate()
+    assert open(out / 'generation_config.json').read() == 'generation_config.json'
     tok = tmp_path / 'tok'
     os.makedirs(tok)
     open(tok / 'tokenizer.json', 'w').write('{}')
@@ -92,7 +102,8 @@ def test_tokenizer_files_and_overwrite(tmp_path):
     assert sorted(os.listdir(tmp_path)) == sorted(['hf_llama', 'out', 'tok'])  # no temp dirs left
 
 
-# ---- bad inputs ---------------------------------------------------------------------------------------
+# ---- bad inputs
+# ---------------------------------------------------------------------------------------
 def edit_weights(d, fn):
     p = os.path.join(d, 'model.safetensors')
     sd = load_file(p)
@@ -122,8 +133,10 @@ def test_bad_inputs(tmp_path):
     with pytest.raises(ValueError, match=r'missing.*model\.layers\.1\.mlp\.up_proj\.weight'):
         load_pretrained(p)
     p = bad('extra')
-    edit_weights(p, lambda sd: sd.update({'model.layers.0.self_attn.q_norm.weight': torch.ones(16)}))
-    with pytest.raises(ValueError, match=r'unexpected.*model\.layers\.0\.self_attn\.q_norm\.weight'):
+    edit_weights(p,
+                 lambda sd: sd.update({'model.layers.0.self_attn.q_norm.weight': torch.ones(16)}))
+    with pytest.raises(ValueError,
+                       match=r'unexpected.*model\.layers\.0\.self_attn\.q_norm\.weight'):
         load_pretrained(p)
     p = bad('shape')
     edit_weights(p, lambda sd: sd.update({'model.norm.weight': torch.ones(63)}))
@@ -159,7 +172,8 @@ def test_bad_inputs(tmp_path):
         f.write('}')
     with pytest.raises(UserError, match=f"{os.path.join(p, 'config.json')}: invalid JSON"):
         load_pretrained(p)
-    for rope, needle in [({'rope_type': 'linear', 'factor': -4.0}, 'factor=-4.0 must be a number >= 1'),
+    for rope, needle in [({'rope_type': 'linear', 'factor': -4.0},
+                          'factor=-4.0 must be a number >= 1'),
                          ({'rope_type': 'linear', 'factor': 0.5}, 'factor=0.5'),
                          ({'rope_type': 'linear', 'factor': '4'}, "factor='4'"),
                          ('linear', "rope_scaling='linear': expected a dict")]:
@@ -173,11 +187,13 @@ def test_bad_inputs(tmp_path):
 
 
 def test_save_given_state_dict_from_meta_model(tmp_path):
-    """train.py's export: a meta-device model (only .args) writes a gathered state dict, whose keys may
-    carry torch.compile / checkpoint_wrapper prefixes; a state dict that does not fit is refused."""
+    """train.py's export: a meta-device model (only .args) writes a gathered state dict, whose keys
+    may carry torch.compile / checkpoint_wrapper prefixes; a state dict that does not fit is
+    refused."""
     hf, d = make_hf(tmp_path, tie=True)
     model = load_pretrained(d)
-    sd = {k.replace('layers.0.', 'layers.0._orig_mod.'): v.clone() for k, v in model.state_dict().items()}
+    sd = {k.replace('layers.0.', 'layers.0._orig_mod.'): v.clone()
+          for k, v in model.state_dict().items()}
     with torch.device('meta'):
         export = Transformer(model.args)
     save_pretrained(export, tmp_path / 'out', tokenizer_dir=None, state_dict=sd)

@@ -1,6 +1,7 @@
-"""Bad input and faults, class by class: every case ends with a non-zero exit, one line naming the culprit
-(file, key or value), no traceback, and nothing half-written. Faults are injected, not provoked: a full disk
-is a monkeypatched write raising ENOSPC (the prelude of `script`), Ctrl-C is a real SIGINT."""
+"""Bad input and faults, class by class: every case ends with a non-zero exit, one line naming the
+culprit (file, key or value), no traceback, and nothing half-written. Faults are injected, not
+provoked: a full disk is a monkeypatched write raising ENOSPC (the prelude of `script`), Ctrl-C is a
+real SIGINT."""
 import errno
 import importlib.util
 import json
@@ -22,11 +23,11 @@ import eval_ppl  # noqa: E402
 import errors  # noqa: E402
 from data_format import open_split  # noqa: E402
 from errors import UserError  # noqa: E402
-from test_prepare_data import make_hf_tokenizer, word_docs  # noqa: E402
-from test_train import ENV, TINY, make_data  # noqa: E402
+from conftest import ENV, TINY, make_data, make_hf_tokenizer, word_docs  # noqa: E402
 
 # run a script as __main__ after a monkeypatch (the fault), in a fresh interpreter
-PRELUDE = "import errno, os, runpy, sys\n{patch}\nsys.argv = sys.argv[1:]\nrunpy.run_path(sys.argv[0], run_name='__main__')\n"
+PRELUDE = ("import errno, os, runpy, sys\n{patch}\nsys.argv = sys.argv[1:]\n"
+           "runpy.run_path(sys.argv[0], run_name='__main__')\n")
 FULL = "OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))"
 DCP_FULL = f"""
 import torch.distributed.checkpoint.filesystem as fs
@@ -39,10 +40,10 @@ fs.FileSystem.create_stream = create_stream
 """
 SAFETENSORS_FULL = """
 import safetensors, safetensors.torch
-def save_file(tensors, filename, metadata=None):  # half a file, then the error safetensors (Rust) raises
+def save_file(tensors, filename, metadata=None):  # half a file, then safetensors' (Rust) error
     open(filename, 'wb').write(b'x' * 100)
-    raise safetensors.SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, '
-                                      'message: "No space left on device" })')
+    raise safetensors.SafetensorError('Error while serializing: IoError(Os { code: 28, '
+                                      'kind: StorageFull, message: "No space left on device" })')
 safetensors.torch.save_file = save_file
 """
 OPEN_FULL = f"""
@@ -55,28 +56,33 @@ class Full:  # a file on a full disk: every write fails, and so does the flush o
     def __enter__(self): return self
     def __exit__(self, *a): self.close()
 def open(path, mode='r', *a, **k):
-    return Full(path) if str(path).endswith('.bin.tmp') and 'w' in mode else _open(path, mode, *a, **k)
+    full = str(path).endswith('.bin.tmp') and 'w' in mode
+    return Full(path) if full else _open(path, mode, *a, **k)
 builtins.open = open
 """
 
 
 def default_sigint():
-    # a suite started in the background (`cmd &` in a script, nohup) inherits SIGINT ignored, and Python then
-    # installs no Ctrl-C handler: the child must get the default back, or the SIGINT tests wait forever
+    # a suite started in the background (`cmd &` in a script, nohup) inherits SIGINT ignored, and
+    # Python then installs no Ctrl-C handler: the child must get the default back, or the SIGINT
+    # tests wait forever
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def script(name, *args, patch=''):
-    cmd = [sys.executable, '-c', PRELUDE.format(patch=patch), name, *args] if patch else [sys.executable, name, *args]
-    return subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=default_sigint)
+    cmd = [sys.executable, '-c', PRELUDE.format(patch=patch), name, *args] if patch \
+        else [sys.executable, name, *args]
+    return subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, preexec_fn=default_sigint)
 
 
 def refused(proc, code, *needles):
-    """The process ended with `code` and one line on stderr that names every needle; no traceback."""
+    """The process ended with `code` and one line on stderr that names every needle; no
+    traceback."""
     out, err = proc.communicate(timeout=300)
     lines = [l for l in err.splitlines() if l.strip()]
-    assert proc.returncode == code and 'Traceback' not in err, (proc.args[-6:], out[-500:], err[-3000:])
+    assert proc.returncode == code \
+        and 'Traceback' not in err, (proc.args[-6:], out[-500:], err[-3000:])
     assert len([l for l in lines if l.startswith(('error', 'interrupted'))]) == 1, err
     for n in needles:
         assert n in lines[-1], (n, lines[-1])
@@ -101,7 +107,8 @@ def run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp('rel')
     data = make_data(str(tmp / 'data'), n_train=12, n_val=4)
     out = str(tmp / 'run')
-    proc = script('train.py', *TINY, f'--data_dir={data}', f'--out_dir={out}', '--max_iters=2', '--eval_interval=0')
+    proc = script('train.py', *TINY, f'--data_dir={data}', f'--out_dir={out}', '--max_iters=2',
+                  '--eval_interval=0')
     assert proc.wait(timeout=300) == 0, proc.stderr.read()
     return dict(tmp=tmp, data=data, out=out, hf=os.path.join(out, 'hf'))
 
@@ -117,7 +124,8 @@ def test_train_refuses_bad_settings_and_data(run):
     bad_meta, uint17, other_tok = (copy(data, tmp / n) for n in ('bad_meta', 'uint17', 'other_tok'))
     with open(os.path.join(bad_meta, 'meta.json'), 'a') as f:
         f.write('}')
-    for d, upd in ((uint17, {'dtype': 'uint17'}), (other_tok, {'tokenizer': '/elsewhere/tokenizer.model',
+    for d, upd in ((uint17, {'dtype': 'uint17'}),
+                   (other_tok, {'tokenizer': '/elsewhere/tokenizer.model',
                                                                   'tokenizer_sha256': 'ab' * 32})):
         meta = json.load(open(os.path.join(d, 'meta.json')))
         json.dump(dict(meta, **upd), open(os.path.join(d, 'meta.json'), 'w'))
@@ -130,15 +138,21 @@ def test_train_refuses_bad_settings_and_data(run):
         (('train.py', *common, '--learning_rate=-1'), ['learning_rate=-1.0']),
         (('train.py', *common, '--beta1=1.0'), ['beta1=1.0']),
         (('train.py', *common, '--eval_iters=0'), ['eval_iters=0']),
-        (('train.py', *common, "--rope_scaling={'rope_type':'linear','factor':-4}"), ['rope_scaling', 'factor=-4']),
-        (('train.py', *common, "--rope_scaling={'rope_type':'linear','factor':'4'}"), ['rope_scaling', "factor='4'"]),
+        (('train.py', *common, "--rope_scaling={'rope_type':'linear','factor':-4}"),
+         ['rope_scaling', 'factor=-4']),
+        (('train.py', *common, "--rope_scaling={'rope_type':'linear','factor':'4'}"),
+         ['rope_scaling', "factor='4'"]),
         (('train.py', *common, f'--out_dir={a_file}'), [a_file, 'is a file']),
-        (('train.py', *common, f'--data_dir={bad_meta}'), [os.path.join(bad_meta, 'meta.json'), 'invalid JSON']),
-        (('train.py', *common, f'--data_dir={uint17}'), [os.path.join(uint17, 'meta.json'), "dtype='uint17'"]),
+        (('train.py', *common, f'--data_dir={bad_meta}'),
+         [os.path.join(bad_meta, 'meta.json'), 'invalid JSON']),
+        (('train.py', *common, f'--data_dir={uint17}'),
+         [os.path.join(uint17, 'meta.json'), "dtype='uint17'"]),
         (('train.py', *common, f'--data_dir={other_tok}', f'--init_from={model}'),
-         [other_tok, '/elsewhere/tokenizer.model', model, 'tokenizer.json sha256', 'check_tokenizer=False']),
+         [other_tok, '/elsewhere/tokenizer.model', model, 'tokenizer.json sha256',
+          'check_tokenizer=False']),
         # the model's window is 64 (model_args): target_len 32 would give a linear factor 0.5
-        (('train.py', *common, '--train_len=32', '--target_len=32', '--method=full'), ['target_len=32', '64', 'factor 0.5']),
+        (('train.py', *common, '--train_len=32', '--target_len=32', '--method=full'),
+         ['target_len=32', '64', 'factor 0.5']),
     ])
     assert not os.path.exists(tmp / 'never')
 
@@ -146,17 +160,20 @@ def test_train_refuses_bad_settings_and_data(run):
 def test_resume_refuses_changed_settings(run):
     """(A resume that changes max_iters: test_train.py's GPU recipe.)"""
     out = copy(run['out'], run['tmp'] / 'resume')
-    common = [*TINY, f"--data_dir={run['data']}", f'--out_dir={out}', '--init_from=resume', '--eval_interval=0']
+    common = [*TINY, f"--data_dir={run['data']}", f'--out_dir={out}', '--init_from=resume',
+              '--eval_interval=0']
     state = os.path.join(out, 'ckpt-2', 'train_state.json')
     refused_all([(('train.py', *common, '--train_len=32'), ['train_len=32', 'train_len=64', state]),
-                 (('train.py', *common, "--rope_scaling={'rope_type':'yarn'}"), ['rope_scaling', "'yarn'", "'linear'"]),
+                 (('train.py', *common, "--rope_scaling={'rope_type':'yarn'}"),
+                  ['rope_scaling', "'yarn'", "'linear'"]),
                  (('train.py', *common, '--batch_size=4'), ['global batch 4 x 1', '8 x 1', state])])
     assert files(out) == files(run['out'])
 
 
 def test_corrupt_checkpoints_and_weights_are_named(run, monkeypatch):
-    """A truncated DCP shard or train_state.json on resume, a truncated model.safetensors in the evals (train.py
-    reads weights with the same hf_checkpoint.load_pretrained; test_model_io.py has the other weight formats)."""
+    """A truncated DCP shard or train_state.json on resume, a truncated model.safetensors in the
+    evals (train.py reads weights with the same hf_checkpoint.load_pretrained; test_model_io.py has
+    the other weight formats)."""
     tmp = run['tmp']
     distcp, state, weights = (copy(run['out'], tmp / n) for n in ('distcp', 'state', 'weights'))
     shard = os.path.join(distcp, 'ckpt-2', '__0_0.distcp')
@@ -167,14 +184,17 @@ def test_corrupt_checkpoints_and_weights_are_named(run, monkeypatch):
     os.truncate(st, os.path.getsize(st) // 2)
     common = [*TINY, f"--data_dir={run['data']}", '--max_iters=3', '--eval_interval=0']
     refused_all([
-        (('train.py', *common, f'--out_dir={distcp}', '--init_from=resume'), [os.path.join(distcp, 'ckpt-2'), 'unreadable checkpoint']),
-        (('train.py', *common, f'--out_dir={state}', '--init_from=resume'), [os.path.join(state, 'ckpt-2', 'train_state.json')]),
+        (('train.py', *common, f'--out_dir={distcp}', '--init_from=resume'),
+         [os.path.join(distcp, 'ckpt-2'), 'unreadable checkpoint']),
+        (('train.py', *common, f'--out_dir={state}', '--init_from=resume'),
+         [os.path.join(state, 'ckpt-2', 'train_state.json')]),
     ])
     make_hf_tokenizer(tmp / 'tok60', 60)
     for module, cfg in ((eval_ppl, dict(data_dir=run['data'], tokenizer=None)),
                         (eval_passkey, dict(tokenizer=str(tmp / 'tok60'), num_trials=1,
                                             check_tokenizer=False))):  # (the export has none)
-        for k, v in dict(cfg, model=os.path.join(weights, 'hf'), lengths=[64], device='cpu', out=str(tmp / 'never.json')).items():
+        for k, v in dict(cfg, model=os.path.join(weights, 'hf'), lengths=[64], device='cpu',
+                         out=str(tmp / 'never.json')).items():
             monkeypatch.setattr(module, k, v)
         with pytest.raises(UserError, match=f'{st}: unreadable safetensors'):
             module.main()
@@ -182,23 +202,28 @@ def test_corrupt_checkpoints_and_weights_are_named(run, monkeypatch):
 
 
 def test_disk_full_names_the_path_and_leaves_no_temp_files(run, tmp_path, monkeypatch):
-    """ENOSPC at a checkpoint, at the export and while tokenizing: one line, exit 1, no temp files, and
-    `latest` still names a complete checkpoint."""
+    """ENOSPC at a checkpoint, at the export and while tokenizing: one line, exit 1, no temp files,
+    and `latest` still names a complete checkpoint."""
     ckpt_out, export_out = str(tmp_path / 'ckpt'), copy(run['out'], tmp_path / 'export')
     common = [*TINY, f"--data_dir={run['data']}", '--eval_interval=0']
     at_ckpt = script('train.py', *common, f'--out_dir={ckpt_out}', '--max_iters=1', patch=DCP_FULL)
-    at_export = script('train.py', *common, f'--out_dir={export_out}', '--init_from=resume', '--max_iters=2',
+    at_export = script('train.py', *common, f'--out_dir={export_out}', '--init_from=resume',
+                       '--max_iters=2',
                        patch=SAFETENSORS_FULL)  # resumed at max_iters: straight to the export
     refused(at_ckpt, 1, f'no space left on device writing {ckpt_out}/ckpt-1.tmp')
     assert files(ckpt_out) == ['log.jsonl']
     refused(at_export, 1, f"no space left on device writing {os.path.join(export_out, 'hf')}")
-    assert files(export_out) == ['ckpt-2', 'hf', 'latest', 'log.jsonl'] and files(os.path.join(export_out, 'hf')) == files(run['hf'])
-    # prepare_data: the flush on close fails too (the old handler re-raised there, before its cleanup)
+    assert files(export_out) == ['ckpt-2', 'hf', 'latest', 'log.jsonl'] \
+        and files(os.path.join(export_out, 'hf')) == files(run['hf'])
+    # prepare_data: the flush on close fails too (the old handler re-raised there, before its
+    # cleanup)
     make_hf_tokenizer(tmp_path / 'tok', 50)
-    (tmp_path / 'docs.jsonl').write_text(''.join(json.dumps({'text': d}) + '\n' for d in word_docs(50)))
+    (tmp_path / 'docs.jsonl').write_text(''.join(json.dumps({'text': d}) + '\n'
+                                                 for d in word_docs(50)))
     out = str(tmp_path / 'data')
-    proc = script('prepare_data.py', f"--input={tmp_path / 'docs.jsonl'}", f"--tokenizer={tmp_path / 'tok'}",
-                  '--val_fraction=0.2', f'--out_dir={out}', patch=OPEN_FULL)
+    proc = script('prepare_data.py', f"--input={tmp_path / 'docs.jsonl'}",
+                  f"--tokenizer={tmp_path / 'tok'}", '--val_fraction=0.2', f'--out_dir={out}',
+                  patch=OPEN_FULL)
     refused(proc, 1, f'no space left on device writing {out}')
     assert not os.path.exists(out)  # no temp files, not even the directory it made
     # an eval result
@@ -209,7 +234,8 @@ def test_disk_full_names_the_path_and_leaves_no_temp_files(run, tmp_path, monkey
     path = str(tmp_path / 'r.json')
     with pytest.raises(UserError, match=f'no space left on device writing {path}'):
         errors.write_json_atomic(path, {'ppl': 1.0})
-    assert not [f for f in files(tmp_path) if f.startswith('r.json')]  # neither the result nor its temp
+    # neither the result nor its temp
+    assert not [f for f in files(tmp_path) if f.startswith('r.json')]
 
 
 def test_ctrl_c_is_one_line_exit_130_and_nothing_half_written(run, tmp_path):
@@ -217,7 +243,8 @@ def test_ctrl_c_is_one_line_exit_130_and_nothing_half_written(run, tmp_path):
     train = script('train.py', *TINY, f"--data_dir={run['data']}", f'--out_dir={out}',
                    '--max_iters=100000', '--save_interval=1', '--eval_interval=0')
     deadline = time.time() + 120
-    while not os.path.exists(os.path.join(out, 'latest')):  # interrupt it in the middle of its checkpoints
+    # interrupt it in the middle of its checkpoints
+    while not os.path.exists(os.path.join(out, 'latest')):
         assert train.poll() is None and time.time() < deadline
         time.sleep(0.01)
     time.sleep(0.3)
@@ -227,8 +254,9 @@ def test_ctrl_c_is_one_line_exit_130_and_nothing_half_written(run, tmp_path):
     name = open(os.path.join(out, 'latest')).read().strip()
     assert os.path.isfile(os.path.join(out, name, 'train_state.json'))
     res = str(tmp_path / 'ppl.json')  # eval: stride 1 makes ~4000 windows, seconds of work
-    ev = script('eval_ppl.py', f"--model={run['hf']}", f"--data_dir={run['data']}", '--split=train', '--lengths=[64]',
-                '--stride=1', '--num_docs=None', '--doc_tokens=0', '--device=cpu', f'--out={res}')
+    ev = script('eval_ppl.py', f"--model={run['hf']}", f"--data_dir={run['data']}", '--split=train',
+                '--lengths=[64]', '--stride=1', '--num_docs=None', '--doc_tokens=0', '--device=cpu',
+                f'--out={res}')
     seen = ''
     while 'L=64' not in seen:  # the progress bar: the model is loaded, the windows are running
         seen += os.read(ev.stderr.fileno(), 1000).decode()
@@ -237,7 +265,8 @@ def test_ctrl_c_is_one_line_exit_130_and_nothing_half_written(run, tmp_path):
     _, err = ev.communicate(timeout=60)
     err = seen + err
     assert ev.returncode == 130 and 'Traceback' not in err, err[-2000:]
-    assert err.rstrip().endswith('interrupted (Ctrl-C): stopped, no partial results written')  # after the bar
+    # after the bar
+    assert err.rstrip().endswith('interrupted (Ctrl-C): stopped, no partial results written')
     assert err.count('interrupted') == 1 and files(tmp_path).count('ppl.json') == 0
     assert not [f for f in files(tmp_path) if f.endswith('.tmp')]
 
@@ -468,10 +497,11 @@ def test_torchrun_says_a_bad_input_once(run, tmp_path):
 
 
 def test_eval_bad_input(run, tmp_path, monkeypatch):
-    """Checked before the work: an existing directory as --out, num_docs=0; token ids past the model's vocab
-    and another tokenizer's data are refused by name."""
+    """Checked before the work: an existing directory as --out, num_docs=0; token ids past the
+    model's vocab and another tokenizer's data are refused by name."""
     def main(module, **cfg):
-        base = dict(model=run['hf'], lengths=[64], device='cpu', tokenizer=None, out=str(tmp_path / 'r.json'))
+        base = dict(model=run['hf'], lengths=[64], device='cpu', tokenizer=None,
+                    out=str(tmp_path / 'r.json'))
         if module is eval_ppl:
             base.update(data_dir=run['data'], num_docs=None)
         cfg = dict(base, **cfg)
@@ -486,24 +516,29 @@ def test_eval_bad_input(run, tmp_path, monkeypatch):
     tokens.tofile(os.path.join(big, 'val.bin'))
     meta = json.load(open(os.path.join(big, 'meta.json')))
     json.dump(dict(meta, vocab_size=100), open(os.path.join(big, 'meta.json'), 'w'))
-    with pytest.raises(UserError, match=f"data_dir='{big}' has token id 99 >= the model's vocab_size 64"):
+    with pytest.raises(UserError,
+                       match=f"data_dir='{big}' has token id 99 >= the model's vocab_size 64"):
         main(eval_ppl, data_dir=big)
     json.dump(dict(meta, tokenizer_sha256='ab' * 32), open(os.path.join(big, 'meta.json'), 'w'))
     model = copy(run['hf'], tmp_path / 'with_tok')
     make_hf_tokenizer(model, 60)
     with pytest.raises(UserError, match=f"data_dir='{big}'.*does not match {model}'s tokenizer"):
         main(eval_ppl, data_dir=big, model=model)
-    import tokenizers  # a tokenizer with more ids than the model has embeddings: every word of the prompt is id 199
-    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({f'w{i}': i for i in range(199)} | {'[UNK]': 199}, unk_token='[UNK]'))
+    # a tokenizer with more ids than the model has embeddings: every word of the prompt is id 199
+    import tokenizers
+    vocab = {f'w{i}': i for i in range(199)} | {'[UNK]': 199}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token='[UNK]'))
     tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
     os.makedirs(tmp_path / 'tok200')
     tok.save(str(tmp_path / 'tok200' / 'tokenizer.json'))
     with pytest.raises(UserError, match="gives token id .* >= the model's vocab_size 64"):
         main(eval_passkey, tokenizer=str(tmp_path / 'tok200'), lengths=[300], num_trials=1,
              check_tokenizer=False)  # (the export has no tokenizer to check it against)
-    with pytest.raises(UserError, match=f"tokenizer='{tmp_path / 'tok200'}'.*does not match {model}'s tokenizer"):
-        main(eval_passkey, model=model, tokenizer=str(tmp_path / 'tok200'), lengths=[300], num_trials=1,
-             check_tokenizer=True)
+    with pytest.raises(UserError,
+                       match=f"tokenizer='{tmp_path / 'tok200'}'.*does not match {model}'s "
+                             "tokenizer"):
+        main(eval_passkey, model=model, tokenizer=str(tmp_path / 'tok200'), lengths=[300],
+             num_trials=1, check_tokenizer=True)
     assert files(tmp_path).count('r.json') == 0
 
 
@@ -523,34 +558,53 @@ def test_prepare_data_and_readers_name_the_file(tmp_path):
     assert not os.path.exists(tmp_path / 'o')
     d = make_data(str(tmp_path / 'd'))
     meta = json.load(open(os.path.join(d, 'meta.json')))
-    for bad, needle in [({'dtype': 'uint17'}, "dtype='uint17'"), ({'vocab_size': 'big'}, "vocab_size='big'"),
+    for bad, needle in [({'dtype': 'uint17'}, "dtype='uint17'"),
+                        ({'vocab_size': 'big'}, "vocab_size='big'"),
                         ({'splits': {'train': 3}}, 'splits=')]:
         json.dump(dict(meta, **bad), open(os.path.join(d, 'meta.json'), 'w'))
         with pytest.raises(UserError, match=f"{os.path.join(d, 'meta.json')}: {needle}"):
             open_split(d, 'train')
 
 
-def test_help_lists_exactly_the_config_keys():
+# instead of its main: the script's globals once its config block has run, as repr strings
+DEFAULTS = ("import errors, json\nerrors.run = lambda main, *a, **k: print(json.dumps("
+            "{n: repr(v) for n, v in main.__globals__.items()}))")
+
+
+def test_help_shows_the_defaults_each_script_runs_with():
+    """--help lists each config key with the value the script really has when given no arguments
+    (its globals at main, read from a run without main); train.py lists exactly the keys of the
+    `config` it records in its checkpoints, in order, with their values before it derives any."""
     import ast
-    tree = ast.parse(open(os.path.join(ROOT, 'train.py')).read())
-    keys = []
-    for node in tree.body:
-        if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):
-            if node.targets[0].id == 'config_keys':
-                break
-            keys.append(node.targets[0].id)
-    expect = {'train.py': keys, 'sample_positions.py': ['train_len', 'target_len', 'draws', 'seed', 'plot', 'speed_seconds']}
-    procs = {name: script(name, '--help') for name in expect}
-    for name, proc in procs.items():
-        out, err = proc.communicate(timeout=60)
-        assert proc.returncode == 0, err
-        listed = [l.split('=')[0].strip() for l in out.splitlines()[2:]]
-        assert listed == expect[name], (name, listed)
+    names = ('train.py', 'sample_positions.py', 'eval_ppl.py')
+    helps = {n: script(n, '--help') for n in names}
+    runs = {n: script(n, patch=DEFAULTS) for n in names}
+    for name in names:
+        out, err = helps[name].communicate(timeout=120)
+        assert helps[name].returncode == 0, err
+        g_out, err = runs[name].communicate(timeout=120)
+        assert runs[name].returncode == 0, err
+        actual = json.loads(g_out.splitlines()[-1])
+        if 'config' in actual:  # train.py: the config as read, before it derives device / dtype
+            actual = {k: repr(v) for k, v in ast.literal_eval(actual['config']).items()}
+        listed = [ast.parse(line.strip()).body[0] for line in out.splitlines()[2:]]
+        keys = [a.targets[0].id for a in listed]
+        assert len(keys) >= 6 and len(set(keys)) == len(keys), (name, keys)
+        for key, assign in zip(keys, listed):
+            assert key in actual, (name, key)
+            try:
+                shown = ast.literal_eval(assign.value)
+            except ValueError:  # an expression (device = 'cuda' if ... else 'cpu'): shown as code
+                continue
+            assert repr(shown) == actual[key], (name, key, shown, actual[key])
+        if name == 'train.py':
+            assert keys == list(actual), keys
 
 
 def test_atomic_writes_and_missing_matplotlib(run, tmp_path, monkeypatch, capsys):
-    """A write that fails leaves the old file and no temp; a plot without matplotlib: a one-line error before
-    an eval's work, a note for the bench / demo reports (their numbers are written already)."""
+    """A write that fails leaves the old file and no temp; a plot without matplotlib: a one-line
+    error before an eval's work, a note for the bench / demo reports (their numbers are written
+    already)."""
     path = str(tmp_path / 'a.txt')
     errors.write_text_atomic(path, 'old')
     with pytest.raises(RuntimeError):
@@ -560,11 +614,13 @@ def test_atomic_writes_and_missing_matplotlib(run, tmp_path, monkeypatch, capsys
     assert open(path).read() == 'old' and files(tmp_path) == ['a.txt']
     monkeypatch.setitem(sys.modules, 'matplotlib', None)  # import matplotlib -> ImportError
     assert errors.pyplot('the plot x.png', required=False) is None
-    assert capsys.readouterr().out == 'note: the plot x.png needs matplotlib (pip install matplotlib): no plot\n'
+    assert capsys.readouterr().out \
+        == 'note: the plot x.png needs matplotlib (pip install matplotlib): no plot\n'
     png, out = str(tmp_path / 'p.png'), str(tmp_path / 'r.json')
     for module, cfg in ((eval_ppl, dict(data_dir=run['data'], num_docs=None, tokenizer=None)),
                         (eval_passkey, dict(tokenizer=None, num_trials=1))):
-        for k, v in dict(cfg, model=run['hf'], lengths=[64], device='cpu', out=out, plot=png).items():
+        settings = dict(cfg, model=run['hf'], lengths=[64], device='cpu', out=out, plot=png)
+        for k, v in settings.items():
             monkeypatch.setattr(module, k, v)
         with pytest.raises(UserError, match=f"plot='{png}' needs matplotlib"):
             module.main()

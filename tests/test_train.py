@@ -1,8 +1,9 @@
-"""train.py end to end on CPU: torchrun (2 processes, gloo, FSDP2) == one process for the same global batch;
-kill + resume == uninterrupted, bitwise; the training loss and the HF export agree with transformers on the
-documented batches; PoSE lowers the loss; bad configs stop with one line."""
-import ast
+"""train.py end to end on CPU: torchrun (2 processes, gloo, FSDP2) == one process for the same
+global batch; kill + resume == uninterrupted, bitwise; the training loss and the HF export agree
+with transformers on the documented batches; PoSE lowers the loss; bad configs stop with one
+line."""
 import json
+import math
 import os
 import signal
 import subprocess
@@ -17,35 +18,7 @@ from safetensors.torch import load_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import sample_positions  # noqa: E402
-
-VOCAB = 64
-ENV = dict(os.environ, OMP_NUM_THREADS='1', PYTHONWARNINGS='ignore')
-TINY = ['config/tiny_pose.py', '--init_from=scratch', '--log_interval=1', '--eval_iters=2']
-
-
-def make_data(d, n_train=40, n_val=8, lens=(80, 300), seed=0):
-    """The documented format, written directly: {split}.bin uint16, {split}.idx int64 offsets, meta.json.
-    A learnable corpus: the next token is (5 t + 3) mod VOCAB with probability 0.9, else random."""
-    os.makedirs(d, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    splits = {}
-    for split, n in (('train', n_train), ('val', n_val)):
-        docs = []
-        for _ in range(n):
-            t = np.empty(int(rng.integers(lens[0], lens[1] + 1)), np.int64)
-            t[0] = rng.integers(VOCAB)
-            for i in range(1, len(t)):
-                t[i] = (t[i - 1] * 5 + 3) % VOCAB if rng.random() < 0.9 else rng.integers(VOCAB)
-            docs.append(t)
-        np.concatenate(docs).astype(np.uint16).tofile(os.path.join(d, f'{split}.bin'))
-        np.concatenate([[0], np.cumsum([len(t) for t in docs])]).astype(np.int64).tofile(os.path.join(d, f'{split}.idx'))
-        splits[split] = {'docs': n, 'tokens': int(sum(len(t) for t in docs))}
-    meta = {'tokenizer': '', 'tokenizer_sha256': '', 'vocab_size': VOCAB, 'dtype': 'uint16', 'bos_id': None,
-            'eos_id': None, 'splits': splits}
-    with open(os.path.join(d, 'meta.json'), 'w') as f:
-        json.dump(meta, f)
-    return d
+from conftest import DATA_VOCAB, ENV, TINY, make_data  # noqa: E402
 
 
 @pytest.fixture(scope='module')
@@ -55,9 +28,10 @@ def data(tmp_path_factory):
 
 def start(*args, nproc=1):
     cmd = [sys.executable, 'train.py'] if nproc == 1 else \
-        [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}', 'train.py']
-    return subprocess.Popen(cmd + list(args), cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+        [sys.executable, '-m', 'torch.distributed.run', '--standalone',
+         f'--nproc_per_node={nproc}', 'train.py']
+    return subprocess.Popen(cmd + list(args), cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
 
 
 def finish(proc, check=True):
@@ -83,32 +57,38 @@ def read_log(out_dir):
 
 
 def test_two_processes_give_the_one_process_losses(tmp_path, data):
-    """FSDP2 over 2 gloo processes (batch 2 each, grad accumulation 2, activation checkpointing) trains on the
-    same global batch as 1 process with batch 4: the same losses and weights up to float rounding."""
-    common = TINY + [f'--data_dir={data}', '--max_iters=4', '--eval_interval=2', '--gradient_accumulation_steps=2']
+    """FSDP2 over 2 gloo processes (batch 2 each, grad accumulation 2, activation checkpointing)
+    trains on the same global batch as 1 process with batch 4: the same losses and weights up to
+    float rounding."""
+    common = TINY + [f'--data_dir={data}', '--max_iters=4', '--eval_interval=2',
+                     '--gradient_accumulation_steps=2']
     one = start(*common, '--batch_size=4', f'--out_dir={tmp_path / "one"}')  # both at once: 2 cores
-    two = start(*common, '--batch_size=2', '--activation_checkpointing=True', f'--out_dir={tmp_path / "two"}', nproc=2)
+    two = start(*common, '--batch_size=2', '--activation_checkpointing=True',
+                f'--out_dir={tmp_path / "two"}', nproc=2)
     finish(one), finish(two)
     one, two = read_log(tmp_path / 'one'), read_log(tmp_path / 'two')
     assert sorted(one) == sorted(two) and len(one) == 4 + 3
     for k in one:
         assert abs(one[k] - two[k]) < 1e-5, (k, one[k], two[k])
     assert one[('loss', 4)] < one[('loss', 1)]  # it trained
-    w1, w2 = load_file(tmp_path / 'one/hf/model.safetensors'), load_file(tmp_path / 'two/hf/model.safetensors')
+    w1 = load_file(tmp_path / 'one/hf/model.safetensors')
+    w2 = load_file(tmp_path / 'two/hf/model.safetensors')
     assert w1.keys() == w2.keys()
     for k in w1:
         torch.testing.assert_close(w1[k], w2[k], rtol=0, atol=1e-5)
 
 
 def test_kill_and_resume_is_bitwise(tmp_path, data):
-    """SIGKILL a run as soon as its first checkpoint exists (possibly mid-save of the next), resume it:
-    the losses, the log and the exported weights are exactly those of the uninterrupted run."""
-    common = TINY + [f'--data_dir={data}', '--max_iters=8', '--save_interval=2', '--eval_interval=4']
+    """SIGKILL a run as soon as its first checkpoint exists (possibly mid-save of the next),
+    resume it: the losses, the log and the exported weights are exactly those of the uninterrupted
+    run."""
+    common = TINY + [f'--data_dir={data}', '--max_iters=8', '--save_interval=2',
+                     '--eval_interval=4']
     a, b = tmp_path / 'a', tmp_path / 'b'
     uninterrupted = start(*common, f'--out_dir={a}')  # runs beside the one we kill
     with open(tmp_path / 'b.err', 'w') as err:
-        proc = subprocess.Popen([sys.executable, 'train.py', *common, f'--out_dir={b}'], cwd=ROOT, env=ENV,
-                                stdout=subprocess.DEVNULL, stderr=err)
+        proc = subprocess.Popen([sys.executable, 'train.py', *common, f'--out_dir={b}'], cwd=ROOT,
+                                env=ENV, stdout=subprocess.DEVNULL, stderr=err)
         deadline = time.time() + 120
         while not (b / 'latest').exists():
             assert proc.poll() is None, open(tmp_path / 'b.err').read()[-2000:]
@@ -130,17 +110,19 @@ def test_kill_and_resume_is_bitwise(tmp_path, data):
     assert (b / 'latest').read_text().strip() == 'ckpt-8'
     assert json.load(open(b / 'ckpt-8/train_state.json'))['iter'] == 8
     lines = (b / 'log.jsonl').read_text().splitlines()
-    assert [json.loads(l)['iter'] for l in lines] == [json.loads(l)['iter'] for l in (a / 'log.jsonl').read_text().splitlines()]
+    assert [json.loads(l)['iter'] for l in lines] \
+        == [json.loads(l)['iter'] for l in (a / 'log.jsonl').read_text().splitlines()]
 
 
 def paper_pose(doc_len, train_len, target_len, rng, num_chunks):
-    """PoSE (§3.2, Eq. 3-5) written out token by token, independent of sample_positions.py; it draws from rng
-    in the documented order: the N - 1 chunk cuts (uniform in 1 .. L_c - 1, all redrawn on a collision), then
-    the skip offsets u_1 .. u_{N-1}, then the content offsets v_1 .. v_{N-1}, each u_i ~ U{u_{i-1} .. L_t - L_c}
-    and v_i ~ U{v_{i-1} .. L_x - L_c}. Token j of the example, in chunk i (the number of cuts <= j), is
-    x[v_i + j] at position u_i + j."""
+    """PoSE (§3.2, Eq. 3-5) written out token by token, independent of sample_positions.py; it draws
+    from rng in the documented order: the N - 1 chunk cuts (uniform in 1 .. L_c - 1, all redrawn on
+    a collision), then the skip offsets u_1 .. u_{N-1}, then the content offsets v_1 .. v_{N-1},
+    each u_i ~ U{u_{i-1} .. L_t - L_c} and v_i ~ U{v_{i-1} .. L_x - L_c}. Token j of the example, in
+    chunk i (the number of cuts <= j), is x[v_i + j] at position u_i + j."""
     L = train_len
-    while len(set(cuts := [int(rng.integers(1, L)) for _ in range(num_chunks - 1)])) < num_chunks - 1:
+    while len(set(cuts := [int(rng.integers(1, L)) for _ in range(num_chunks - 1)])) \
+        < num_chunks - 1:
         pass
     u, v = [0], [0]
     for _ in range(num_chunks - 1):
@@ -148,15 +130,16 @@ def paper_pose(doc_len, train_len, target_len, rng, num_chunks):
     for _ in range(num_chunks - 1):
         v.append(int(rng.integers(v[-1], doc_len - L + 1)))
     chunk = [sum(j >= c for c in cuts) for j in range(L)]
-    return np.array([v[chunk[j]] + j for j in range(L)]), np.array([u[chunk[j]] + j for j in range(L)])
+    tokens = np.array([v[chunk[j]] + j for j in range(L)])
+    return tokens, np.array([u[chunk[j]] + j for j in range(L)])
 
 
-def hf_val_loss(model_dir, data_dir, seed, eval_iters, batch_size, train_len, target_len, num_chunks, plain=False,
-                **cfg_overrides):
+def hf_val_loss(model_dir, data_dir, seed, eval_iters, batch_size, train_len, target_len,
+                num_chunks, plain=False, **cfg_overrides):
     """The val loss by transformers on the documented draws: example g of val batch k comes from
-    rng = default_rng([seed, 1, k, 0, g]): a document with >= train_len + 1 tokens, then PoSE (paper_pose) on
-    its first len - 1 tokens; the target of each input is the next token of the document. plain: the same
-    tokens at positions 0 .. L_c - 1."""
+    rng = default_rng([seed, 1, k, 0, g]): a document with >= train_len + 1 tokens, then PoSE
+    (paper_pose) on its first len - 1 tokens; the target of each input is the next token of the
+    document. plain: the same tokens at positions 0 .. L_c - 1."""
     from transformers import AutoConfig, AutoModelForCausalLM
     cfg = AutoConfig.from_pretrained(model_dir)
     for k, v in cfg_overrides.items():
@@ -183,15 +166,16 @@ def hf_val_loss(model_dir, data_dir, seed, eval_iters, batch_size, train_len, ta
 
 
 def test_fine_tune_hf_model_matches_transformers(tmp_path, data):
-    """init_from an HF dir: PoSE with the default linear scaling (factor = target_len / the checkpoint's
-    window). The first val loss equals transformers' on the base weights with that scaling, the last one
-    equals transformers' on the export; the export records the scaling and max_position_embeddings = target_len
-    and carries the tokenizer files."""
+    """init_from an HF dir: PoSE with the default linear scaling (factor = target_len / the
+    checkpoint's window). The first val loss equals transformers' on the base weights with that
+    scaling, the last one equals transformers' on the export; the export records the scaling and
+    max_position_embeddings = target_len and carries the tokenizer files."""
     from transformers import LlamaConfig, LlamaForCausalLM
     base = str(tmp_path / 'base')
     torch.manual_seed(0)
-    hf = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                      num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=32))
+    hf = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2,
+                                      vocab_size=DATA_VOCAB, max_position_embeddings=32))
     with torch.no_grad():  # large weights: sharp attention, so the RoPE scaling shows in the loss
         for p in hf.parameters():
             if p.dim() > 1:
@@ -201,15 +185,18 @@ def test_fine_tune_hf_model_matches_transformers(tmp_path, data):
         f.write('{"a stand-in": "copied byte for byte"}')
     out = tmp_path / 'out'
     run = dict(seed=7, eval_iters=2, batch_size=2, train_len=32, target_len=256, num_chunks=3)
-    train(f'--init_from={base}', f'--data_dir={data}', f'--out_dir={out}', '--method=pose', '--max_iters=3',
-          '--eval_interval=3', '--learning_rate=1e-2', '--warmup_iters=0', '--device=cpu', '--dtype=float32',
-          '--compile=False', '--activation_checkpointing=False', '--gradient_accumulation_steps=1', *[f'--{k}={v}' for k, v in run.items()])
+    train(f'--init_from={base}', f'--data_dir={data}', f'--out_dir={out}', '--method=pose',
+          '--max_iters=3', '--eval_interval=3', '--learning_rate=1e-2', '--warmup_iters=0',
+          '--device=cpu', '--dtype=float32', '--compile=False', '--activation_checkpointing=False',
+          '--gradient_accumulation_steps=1', *[f'--{k}={v}' for k, v in run.items()])
     log = read_log(out)
-    # under torchrun only rank 0 reads the weights and scatters them after fully_shard: same run, same numbers
+    # under torchrun only rank 0 reads the weights and scatters them after fully_shard: same run,
+    # same numbers
     two = tmp_path / 'two'
-    train(f'--init_from={base}', f'--data_dir={data}', f'--out_dir={two}', '--method=pose', '--max_iters=3',
-          '--eval_interval=3', '--learning_rate=1e-2', '--warmup_iters=0', '--device=cpu', '--dtype=float32',
-          '--compile=False', '--activation_checkpointing=False', '--gradient_accumulation_steps=1',
+    train(f'--init_from={base}', f'--data_dir={data}', f'--out_dir={two}', '--method=pose',
+          '--max_iters=3', '--eval_interval=3', '--learning_rate=1e-2', '--warmup_iters=0',
+          '--device=cpu', '--dtype=float32', '--compile=False', '--activation_checkpointing=False',
+          '--gradient_accumulation_steps=1',
           *[f'--{k}={v}' for k, v in dict(run, batch_size=1).items()], nproc=2)
     log2 = read_log(two)
     assert log.keys() == log2.keys() and all(abs(log[k] - log2[k]) < 1e-5 for k in log), (log, log2)
@@ -219,50 +206,60 @@ def test_fine_tune_hf_model_matches_transformers(tmp_path, data):
     scaled = dict(rope_parameters={'rope_type': 'linear', 'factor': 8.0, 'rope_theta': 10000.0},
                   max_position_embeddings=256)
     before, plain = hf_val_loss(base, data, **run, **scaled), hf_val_loss(base, data, **run)
-    assert abs(plain - before) > 1e-3  # the scaling matters on these positions: the check below can fail
+    # the scaling matters on these positions: the check below can fail
+    assert abs(plain - before) > 1e-3
     assert abs(log[('val_loss', 0)] - before) < 1e-4, (log[('val_loss', 0)], before)
     assert abs(log[('val_loss', 3)] - log[('val_loss', 0)]) > 1e-3  # trained
     assert abs(log[('val_loss', 3)] - hf_val_loss(str(out / 'hf'), data, **run)) < 1e-4
     cfg = json.load(open(out / 'hf/config.json'))
     assert cfg['max_position_embeddings'] == 256
-    assert cfg['rope_scaling']['rope_type'] == 'linear' and cfg['rope_scaling']['factor'] == 8.0  # 256 / 32
-    assert open(out / 'hf/tokenizer.json').read() == open(os.path.join(base, 'tokenizer.json')).read()
-    # extending the export further: the factor stays relative to the base window (512 / 32), not to 256
-    train(f'--init_from={out / "hf"}', f'--data_dir={data}', f'--out_dir={tmp_path / "again"}', '--max_iters=0',
-          '--eval_interval=0', '--train_len=32', '--target_len=512', '--device=cpu', '--dtype=float32')
+    # 256 / 32
+    assert cfg['rope_scaling']['rope_type'] == 'linear' and cfg['rope_scaling']['factor'] == 8.0
+    assert open(out / 'hf/tokenizer.json').read() \
+        == open(os.path.join(base, 'tokenizer.json')).read()
+    # extending the export further: the factor stays relative to the base window (512 / 32), not to
+    # 256
+    train(f'--init_from={out / "hf"}', f'--data_dir={data}', f'--out_dir={tmp_path / "again"}',
+          '--max_iters=0', '--eval_interval=0', '--train_len=32', '--target_len=512',
+          '--device=cpu', '--dtype=float32')
     cfg = json.load(open(tmp_path / 'again/hf/config.json'))
     assert cfg['max_position_embeddings'] == 512 and cfg['rope_scaling']['factor'] == 16.0
 
 
 def test_pose_lowers_the_loss(tmp_path, data):
-    """config/tiny_pose.py (from scratch) on the learnable corpus: val loss well below its start (ln 64 = 4.16),
-    and that val loss is the loss on PoSE's skip-wise positions: transformers on the export, on draws made by
-    paper_pose (not by sample_positions.py), gives the same number; plain positions give another."""
+    """config/tiny_pose.py (from scratch) on the learnable corpus: val loss well below its start (ln
+    64 = 4.16), and that val loss is the loss on PoSE's skip-wise positions: transformers on the
+    export, on draws made by paper_pose (not by sample_positions.py), gives the same number; plain
+    positions give another."""
     out = tmp_path / 'pose'
     train(*TINY, f'--data_dir={data}', f'--out_dir={out}', '--max_iters=40', '--eval_interval=40')
     log = read_log(out)
     assert log[('val_loss', 0)] > 4.0
     assert log[('val_loss', 40)] < log[('val_loss', 0)] - 1.0, log
-    run = dict(seed=1337, eval_iters=2, batch_size=8, train_len=64, target_len=256)  # config/tiny_pose.py + TINY
+    # config/tiny_pose.py + TINY
+    run = dict(seed=1337, eval_iters=2, batch_size=8, train_len=64, target_len=256)
     pose_loss = hf_val_loss(str(out / 'hf'), data, **run, num_chunks=2)
-    assert abs(log[('val_loss', 40)] - pose_loss) < 1e-6, (log[('val_loss', 40)], pose_loss)  # fp32, same ops: ~0
-    # this corpus is a bigram chain: a model that learned it barely looks at positions (the same tokens at plain
-    # positions move the loss by ~1e-5 here), hence the tight tolerance above; this guard keeps it meaningful
+    # fp32, same ops: ~0 this corpus is a bigram chain: a model that learned it barely looks at
+    # positions (the same tokens at plain positions move the loss by ~1e-5 here), hence the tight
+    # tolerance above; this guard keeps it meaningful
+    assert abs(log[('val_loss', 40)] - pose_loss) < 1e-6, (log[('val_loss', 40)], pose_loss)
     plain = hf_val_loss(str(out / 'hf'), data, **run, num_chunks=2, plain=True)
     assert abs(plain - pose_loss) > 4e-6, (plain, pose_loss)
 
 
 def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, data):
     out = tmp_path / 'nan'
-    proc = train(*TINY, f'--data_dir={data}', f'--out_dir={out}', '--max_iters=10', '--save_interval=1',
-                 '--eval_interval=0', '--learning_rate=1e30', '--warmup_iters=0', '--grad_clip=0', check=False)
+    proc = train(*TINY, f'--data_dir={data}', f'--out_dir={out}', '--max_iters=10',
+                 '--save_interval=1', '--eval_interval=0', '--learning_rate=1e30',
+                 '--warmup_iters=0', '--grad_clip=0', check=False)
     assert proc.returncode == 1, proc.stderr[-2000:]
     err = [l for l in proc.stderr.splitlines() if l.startswith('error:')]
     assert len(err) == 1 and 'loss is nan at iter' in err[0] and 'Traceback' not in proc.stderr
     bad_iter = int(err[0].split('at iter ')[1].split(':')[0])
     latest = (out / 'latest').read_text().strip()
     assert latest == f'ckpt-{bad_iter - 1}' and latest in err[0]
-    assert sorted(os.listdir(out)) == sorted([latest, 'latest', 'log.jsonl'])  # no export of a broken model
+    # no export of a broken model
+    assert sorted(os.listdir(out)) == sorted([latest, 'latest', 'log.jsonl'])
     state = json.load(open(out / latest / 'train_state.json'))
     assert state['iter'] == bad_iter - 1
 
@@ -275,19 +272,24 @@ BAD_CONFIGS = [  # (overrides, what the one error line must name)
     (['--content=middle'], ["'middle'"]),
     (['--chunking=official', '--num_chunks=3'], ["chunking='official'", 'num_chunks=3']),
     (['--method=full'], ["method='full'", 'train_len']),
-    (['--train_len=400', '--target_len=800'], ['no document is long enough', 'train', '401', 'longest has ']),
+    (['--train_len=400', '--target_len=800'],
+     ['no document is long enough', 'train', '401', 'longest has ']),
     (['--init_from=/no/such/model'], ['/no/such/model']),
     (['--init_from=resume'], ['resume', 'no checkpoint']),
-    (['config/pose_yarn_128k.py'], ["init_from='checkpoints/llama-7b'"]),  # a paper config, through configurator.py
+    # a paper config, through configurator.py
+    (['config/pose_yarn_128k.py'], ["init_from='checkpoints/llama-7b'"]),
 ]
 
 
 def test_bad_config_is_one_clear_line(tmp_path, data):
     longest = np.diff(np.fromfile(os.path.join(data, 'train.idx'), dtype=np.int64)).max()
-    cases = [(args, needles + [data, f'longest has {longest}'] if 'no document is long enough' in needles else needles)
-             for args, needles in BAD_CONFIGS]  # that one names the data and its longest document too
+    # "no document is long enough" also names the data and its longest document
+    named = [data, f'longest has {longest}']
+    cases = [(args, needles + named if 'no document is long enough' in needles else needles)
+             for args, needles in BAD_CONFIGS]
     for i in range(0, len(cases), 2):  # two at a time: 2 cores
-        procs = [(args, needles, start(*TINY, f'--data_dir={data}', f'--out_dir={tmp_path / "o"}', *args))
+        procs = [(args, needles,
+                  start(*TINY, f'--data_dir={data}', f'--out_dir={tmp_path / "o"}', *args))
                  for args, needles in cases[i:i + 2]]
         for args, needles, proc in procs:
             finish(proc, check=False)
@@ -298,82 +300,106 @@ def test_bad_config_is_one_clear_line(tmp_path, data):
                 assert n in lines[0], (args, n, lines[0])
 
 
-PAPER = {  # config: (method, train_len, target_len, rope_type) -- PoSE §4.1, §5.2, §5.3 and the brief
-    'pose_16k': ('pose', 2048, 16384, 'linear'), 'pose_32k': ('pose', 2048, 32768, 'linear'),
-    'pose_ntk_16k': ('pose', 2048, 16384, 'ntk'), 'pose_yarn_16k': ('pose', 2048, 16384, 'yarn_pose'),
-    'pose_yarn_128k': ('pose', 2048, 131072, 'yarn_pose'), 'full_16k': ('full', 16384, 16384, 'linear'),
-    'randpos_16k': ('randpos', 2048, 16384, 'linear'), 'pose_llama2_4k_16k': ('pose', 4096, 16384, 'linear'),
-    'pose_llama3_8k_64k': ('pose', 8192, 65536, 'llama3'),
-}
+def train_globals(argv):
+    """train.py's module code as `python train.py *argv` runs it (configurator, config files,
+    overrides, derived settings), without its closing `run(main, ...)`: its functions, bound to
+    that config."""
+    path = os.path.join(ROOT, 'train.py')
+    body = open(path).read().rsplit("\nif __name__ == '__main__':", 1)[0]
+    argv0, sys.argv = sys.argv, [path, *argv]
+    try:
+        ns = {'__name__': '__main__', '__file__': path}
+        exec(compile(body, path, 'exec'), ns)
+    finally:
+        sys.argv = argv0
+    return ns
 
 
-DEMO = {  # the configs demo.sh runs: (method, train_len, target_len, rope_type)
-    'demo_pretrain': ('full', 128, 128, None), 'demo_pose': ('pose', 128, 512, 'yarn'),
-    'demo_randpos': ('randpos', 128, 512, 'yarn'), 'demo_full': ('full', 512, 512, 'yarn'),
-}
+def check_paper_constraints(x, y, p, method, cfg, train_len, target_len):
+    """One batch of a document corpus whose tokens are their own offsets (so x shows where each
+    token came from) against the paper's definitions (PoSE Eq. 3-5; RandPos; full-length)."""
+    for xr, yr, pr in zip(x.numpy(), y.numpy(), p.numpy()):
+        n = int((yr != -100).sum())  # < train_len only for full_min_doc's padded documents
+        xr, yr, pr = xr[:n], yr[:n], pr[:n]
+        assert (yr == xr + 1).all()  # the target is the next token of the document
+        assert (np.diff(pr) > 0).all() and 0 <= pr[0] and pr[-1] < target_len
+        u, v = pr - np.arange(n), xr - np.arange(n)  # each chunk's skip / content offset
+        if method == 'pose':  # u_0 = v_0 = 0, both non-decreasing, changing only between chunks
+            assert u[0] == 0 and v[0] == 0 and (np.diff(u) >= 0).all() and (np.diff(v) >= 0).all()
+            assert u[-1] <= target_len - train_len
+            assert int(((np.diff(u) > 0) | (np.diff(v) > 0)).sum()) <= cfg['num_chunks'] - 1
+            if cfg.get('content') == 'zero':
+                assert (v == 0).all()
+        else:  # RandPos (sorted distinct positions) and full: one contiguous span of text
+            assert (v == v[0]).all()
+            if method == 'full':
+                assert (u == 0).all()
 
 
-def test_configs_set_only_train_keys_and_follow_the_paper(monkeypatch):
-    """Every config (as configurator.py runs it) assigns only train.py keys and passes the sampler's checks; the
-    paper configs carry the paper's recipe: 1,000 steps, lr 2e-5 linear with 10 warmup steps, AdamW, global
-    batch 64 on 8 GPUs; the demo configs are the runs demo.sh makes (L_c = 128 -> L_t = 512, YaRN)."""
-    monkeypatch.chdir(ROOT)
-    tree = ast.parse(open('train.py').read())
-    keys = set()
-    for node in tree.body:
-        if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):
-            if node.targets[0].id == 'config_keys':
-                break
-            keys.add(node.targets[0].id)
-    assert {'init_from', 'rope_scaling', 'gradient_accumulation_steps', 'activation_checkpointing'} <= keys
-    names = sorted(f[:-3] for f in os.listdir('config') if f.endswith('.py'))
-    assert set(PAPER) | set(DEMO) | {'tiny_scratch', 'tiny_pose'} <= set(names)
-    import demo_report  # the demo's L_c / L_t, as its report labels them
+def test_every_config_checks_and_takes_its_first_step(tmp_path, monkeypatch, capsys):
+    """Every config/*.py, through train.py's configurator and config check, at toy scale: a tiny
+    scratch model, tiny data and L_c = 32 (override), while the config's method, sampler options,
+    RoPE type and L_t / L_c ratio stay its own. Its first batch obeys the paper's definition of
+    its method, the model gets the config's RoPE type and L_t, and one optimizer step runs."""
+    monkeypatch.chdir(ROOT)  # configs exec their base config by a relative path
+    lens = [40, 70, 100, 130, 200, 250]
+    for split in ('train', 'val'):
+        tokens = np.concatenate([np.arange(n) for n in lens]).astype(np.uint16)
+        tokens.tofile(tmp_path / f'{split}.bin')
+        np.concatenate([[0], np.cumsum(lens)]).astype(np.int64).tofile(tmp_path / f'{split}.idx')
+    (tmp_path / 'meta.json').write_text(json.dumps(
+        {'dtype': 'uint16', 'vocab_size': 256, 'tokenizer': '',
+         'splits': {s: {'docs': len(lens), 'tokens': sum(lens)} for s in ('train', 'val')}}))
+    names = sorted(f for f in os.listdir('config') if f.endswith('.py'))
+    assert len(names) >= 10
+    T = 32
     for name in names:
-        ns = {}
-        exec(compile(open(f'config/{name}.py').read(), name, 'exec'), ns)  # demo_full / demo_randpos exec demo_pose
-        cfg = {k: v for k, v in ns.items() if not k.startswith('_') and not callable(v) and type(v).__name__ != 'module'}
-        assert set(cfg) <= keys, (name, set(cfg) - keys)
-        assert cfg['target_len'] >= cfg['train_len'], name
-        options = {k: cfg[k] for k in ('num_chunks', 'content', 'chunking') if k in cfg} if cfg['method'] == 'pose' else {}
-        sample_positions.check_options(cfg['method'], cfg['train_len'], cfg['target_len'], **options)
-        if name in DEMO:  # what demo.sh runs: its L_c = 128 -> L_t = 512 with YaRN, into out-demo/seed-1
-            method, train_len, target_len, rope_type = DEMO[name]
-            rope = cfg['rope_scaling']
-            assert (cfg['method'], cfg['train_len'], cfg['target_len'], rope and rope['rope_type']) == \
-                (method, train_len, target_len, rope_type), name
-            assert cfg['out_dir'].startswith('out-demo/seed-1/') and cfg['data_dir'].startswith('data-demo/'), name
-            assert (demo_report.train_len, demo_report.target_len) == (128, 512)
-            assert cfg['init_from'] == ('scratch' if name == 'demo_pretrain' else 'out-demo/seed-1/original/hf'), name
-        if name in PAPER:
-            method, train_len, target_len, rope_type = PAPER[name]
-            assert (cfg['method'], cfg['train_len'], cfg['target_len'], cfg['rope_scaling']['rope_type']) == \
-                (method, train_len, target_len, rope_type), name
-            assert 'factor' not in cfg['rope_scaling']  # derived: target_len / the checkpoint's window
-            assert cfg['init_from'].startswith('checkpoints/'), name
-            assert (cfg['max_iters'], cfg['learning_rate'], cfg['warmup_iters'], cfg['lr_schedule']) == \
-                (1000, 2e-5, 10, 'linear'), name
-            assert cfg['batch_size'] * cfg['gradient_accumulation_steps'] * 8 == 64, name
-    demo = open('demo.sh').read()
-    assert 'train.py config/demo_pretrain.py' in demo and 'train.py config/demo_$2.py' in demo  # extend seed method
-    assert all(f'echo "extend $seed {m}"' in demo for m in ('pose', 'randpos', 'full'))  # each method is a job
+        cfg = {}
+        exec(compile(open(f'config/{name}').read(), name, 'exec'), cfg)
+        scale = T / cfg['train_len']
+        toy = dict(init_from='scratch', data_dir=str(tmp_path), out_dir=str(tmp_path / 'o' / name),
+                   model_args=dict(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, hidden_dim=64),
+                   train_len=T, target_len=round(cfg['target_len'] * scale), batch_size=4,
+                   gradient_accumulation_steps=1, device='cpu', dtype='float32', compile=False,
+                   activation_checkpointing=False, eval_interval=0, wandb_log=False)
+        for k in ('doc_cap', 'full_min_doc'):  # lengths in tokens: scaled with L_c
+            if cfg.get(k):
+                toy[k] = max(1, round(cfg[k] * scale))
+        ns = train_globals([f'config/{name}'] + [f'--{k}={v}' for k, v in toy.items()])
+        method, L_t = ns['method'], toy['target_len']
+        assert method == cfg['method'] and ns['rope_scaling'] == cfg.get('rope_scaling'), name
+        data, meta, _, _, model, margs, _, _ = ns['prepare']()  # check_config, data, model
+        rope_type = (cfg.get('rope_scaling') or {}).get('rope_type')
+        assert (margs.rope_scaling or {}).get('rope_type') == rope_type, name
+        assert margs.max_position_embeddings == L_t, name
+        x, y, p = ns['get_batch'](data, 'train', 0, 0)
+        assert x.shape == y.shape == p.shape == (4, T), name
+        check_paper_constraints(x, y, p, method, cfg, T, L_t)
+        autocast = ns['wrap_model'](model, None)
+        loss, _, _ = ns['train_step'](model, ns['make_optimizer'](model), data, autocast, 0)
+        assert math.isfinite(loss), name
+    capsys.readouterr()
 
 
 def test_full_on_pose_documents_and_doc_cap(tmp_path, monkeypatch):
-    """full_min_doc: the full-length baseline also draws PoSE's shorter documents, whole, right-padded with
-    unscored targets (the official code's truncate/pad); doc_cap: tokens only from a document's first doc_cap + 1.
-    Token value = its offset in the document, so every row shows where it came from."""
+    """full_min_doc: the full-length baseline also draws PoSE's shorter documents, whole,
+    right-padded with unscored targets (the official code's truncate/pad); doc_cap: tokens only from
+    a document's first doc_cap + 1. Token value = its offset in the document, so every row shows
+    where it came from."""
     lens = [40, 70, 100, 130, 300, 500]
     np.concatenate([np.arange(n) for n in lens]).astype(np.uint16).tofile(tmp_path / 'train.bin')
     np.concatenate([[0], np.cumsum(lens)]).astype(np.int64).tofile(tmp_path / 'train.idx')
-    (tmp_path / 'meta.json').write_text(json.dumps({'dtype': 'uint16', 'vocab_size': 512, 'tokenizer': 'none',
-                                                    'splits': {'train': {'docs': len(lens), 'tokens': sum(lens)}}}))
+    (tmp_path / 'meta.json').write_text(json.dumps({'dtype': 'uint16', 'vocab_size': 512,
+                                                    'tokenizer': 'none',
+                                                    'splits': {'train': {'docs': len(lens),
+                                                                         'tokens': sum(lens)}}}))
     monkeypatch.setattr(sys, 'argv', ['train.py', '--device=cpu'])  # the config, set as by a user
     import importlib
     train = importlib.import_module('train')
     monkeypatch.setattr(train, 'data_dir', str(tmp_path))
     monkeypatch.setattr(train, 'batch_size', 64)
-    for k, v in dict(method='full', train_len=128, target_len=128, full_min_doc=64, sampler_options={}).items():
+    for k, v in dict(method='full', train_len=128, target_len=128, full_min_doc=64,
+                     sampler_options={}).items():
         monkeypatch.setattr(train, k, v)
     data = {'train': train.load_split('train', 512)}
     assert list(data['train'][2]) == [1, 2, 3, 4, 5]  # >= 65 tokens: PoSE's documents at L_c = 64
@@ -382,32 +408,37 @@ def test_full_on_pose_documents_and_doc_cap(tmp_path, monkeypatch):
     for xr, yr, pr in zip(x.numpy(), y.numpy(), p.numpy()):
         n = int((yr != -100).sum())
         assert (pr == np.arange(128)).all() and (yr[n:] == -100).all() and (xr[n:] == 0).all()
-        assert (yr[:n] == xr[:n] + 1).all() and (np.diff(xr[:n]) == 1).all()  # contiguous text, next tokens
+        # contiguous text, next tokens
+        assert (yr[:n] == xr[:n] + 1).all() and (np.diff(xr[:n]) == 1).all()
         if n < 128:  # a short document: all of it from its start (70 or 100 tokens: 69 / 99 inputs)
             assert xr[0] == 0 and n + 1 in (70, 100)
         seen.add(n)
     assert {69, 99, 128} <= seen
     for k, v in dict(method='pose', train_len=32, target_len=256, full_min_doc=0, doc_cap=60,
-                     sampler_options={'num_chunks': 2, 'content': 'uniform', 'chunking': 'paper'}).items():
+                     sampler_options={'num_chunks': 2, 'content': 'uniform',
+                                      'chunking': 'paper'}).items():
         monkeypatch.setattr(train, k, v)
     data = {'train': train.load_split('train', 512)}
     x, y, p = train.get_batch(data, 'train', 3, 0)
     assert 50 <= y.max() <= 60 and (y == x + 1).all()  # from the first 61 tokens only
     monkeypatch.setattr(train, 'doc_cap', 0)
-    assert train.get_batch(data, 'train', 3, 0)[1].max() > 100  # without the cap: the whole document
+    # without the cap: the whole document
+    assert train.get_batch(data, 'train', 3, 0)[1].max() > 100
 
 
 def test_gpu_recipe_on_cpu_fsdp2_bf16_compile_checkpointing_and_resume(tmp_path, data):
-    """The combination users run on GPUs, on 2 gloo processes: FSDP2 with a bf16 MixedPrecisionPolicy,
-    inductor-compiled blocks, activation checkpointing; a checkpoint, a resume from it, an export each time.
-    Both runs exit 0 (no abort at exit: every tensor reference is dropped before destroy_process_group)."""
+    """The combination users run on GPUs, on 2 gloo processes: FSDP2 with a bf16
+    MixedPrecisionPolicy, inductor-compiled blocks, activation checkpointing; a checkpoint, a resume
+    from it, an export each time. Both runs exit 0 (no abort at exit: every tensor reference is
+    dropped before destroy_process_group)."""
     recipe = ['config/tiny_pose.py', '--init_from=scratch', '--dtype=bfloat16', '--compile=True',
-              '--activation_checkpointing=True', f'--data_dir={data}', f'--out_dir={tmp_path}', '--batch_size=2',
-              '--eval_interval=0', '--save_interval=1', '--log_interval=1']
+              '--activation_checkpointing=True', f'--data_dir={data}', f'--out_dir={tmp_path}',
+              '--batch_size=2', '--eval_interval=0', '--save_interval=1', '--log_interval=1']
     first = train(*recipe, '--max_iters=1', nproc=2)
     resumed = train(*recipe, '--init_from=resume', '--max_iters=2', nproc=2)
     for proc in (first, resumed):
-        assert 'terminate called' not in proc.stderr and 'Traceback' not in proc.stderr, proc.stderr[-3000:]
+        assert 'terminate called' not in proc.stderr \
+            and 'Traceback' not in proc.stderr, proc.stderr[-3000:]
     log = read_log(tmp_path)
     assert sorted(log) == [('loss', 1), ('loss', 2)] and all(np.isfinite(v) for v in log.values())
     assert sorted(os.listdir(tmp_path)) == ['ckpt-2', 'hf', 'latest', 'log.jsonl']

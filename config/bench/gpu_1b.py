@@ -1,4 +1,5 @@
-# bench.py on one GPU, a TinyLlama-1.1B-shaped model: python bench.py config/bench/gpu_1b.py --only=train
+# bench.py on one GPU, a TinyLlama-1.1B-shaped model: python bench.py config/bench/gpu_1b.py
+# --only=train
 device = 'cuda'
 dim = 2048
 n_layers = 22

@@ -1,5 +1,5 @@
-# bench.py on one GPU, a Llama-2-7B-shaped model: python bench.py config/bench/gpu_7b.py --only=evalmem
-# (eval_len: the 128k-token window of the paper's Table 2)
+# bench.py on one GPU, a Llama-2-7B-shaped model: python bench.py config/bench/gpu_7b.py
+# --only=evalmem (eval_len: the 128k-token window of the paper's Table 2)
 device = 'cuda'
 dim = 4096
 n_layers = 32
