@@ -250,8 +250,9 @@ def test_select_the_first_base_that_retrieves(tmp_path, monkeypatch, capsys):
 
 
 def test_missing_input_is_one_line_and_a_bug_keeps_its_traceback(tmp_path):
-    """Stage passkey before stage sources: one line naming the missing file, exit 2. A bad
-    file's contents that the code does not check (a ppl JSON without 'ppl') is a traceback."""
+    """Stage passkey before stage sources: one line naming the missing file, exit 2; a report with
+    no results of its rows: one line. A bad file's contents that the code does not check (a ppl
+    JSON without 'ppl') is a traceback."""
     def script(*args):
         return subprocess.run([sys.executable, 'demo_report.py', *args], cwd=ROOT,
                               capture_output=True, text=True)
@@ -260,7 +261,7 @@ def test_missing_input_is_one_line_and_a_bug_keeps_its_traceback(tmp_path):
     assert 'python_train.jsonl not found' in out.stderr
     write(str(tmp_path / 'ppl-pose.json'), {'settings': {}})
     out = script('--stage=report', f'--out_dir={tmp_path}', '--seeds=1', '--methods=original')
-    assert out.returncode == 0
+    assert out.returncode == 2 and 'Traceback' not in out.stderr  # no results of the rows asked
     write(str(tmp_path / 'ppl-original.json'), {'settings': {}})
     out = script('--stage=report', f'--out_dir={tmp_path}', '--seeds=1', '--methods=original')
     assert out.returncode == 1 and 'Traceback' in out.stderr and "KeyError: 'ppl'" in out.stderr
