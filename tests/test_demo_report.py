@@ -338,7 +338,7 @@ def test_claims_by_hand(monkeypatch):
 
 
 def test_report_refuses_a_dir_without_results(tmp_path):
-    """A mistyped out_dir (missing, or holding no eval JSONs) is one line and exit 2, no report written."""
+    """A mistyped out_dir (missing, or holding no eval JSONs): one line, exit 2, no report."""
     for d in (tmp_path / 'missing', tmp_path):
         r = subprocess.run([sys.executable, 'demo_report.py', '--stage=report', f'--out_dir={d}'],
                            cwd=ROOT, capture_output=True, text=True)
