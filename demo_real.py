@@ -40,7 +40,7 @@ import zipfile
 import numpy as np
 
 from errors import UserError, pyplot, run, save_figure, write_jsonl_atomic, write_text_atomic
-from eval_passkey import mcnemar_exact, wilcoxon_signed_rank, wilson
+from eval_passkey import compare_paired, wilson
 
 # -----------------------------------------------------------------------------
 stage = 'report'  # 'sources' | 'prose' | 'report'
@@ -199,13 +199,6 @@ def passkey_table(res, names):
     return '\n'.join(lines)
 
 
-def paired(a, b):
-    """Trials both rows ran (same length, depth and key), as (a's trial, b's trial) pairs."""
-    index = {(t['depth_requested'], t['key']): t for t in b}
-    return [(t, index[(t['depth_requested'], t['key'])]) for t in a
-            if (t['depth_requested'], t['key']) in index]
-
-
 def compare(res, names, seed_list):
     """One line per (PoSE row, control row, length past the window), then the lengths pooled."""
     head = (f"{'PoSE vs':<24}{'length':>8}{'n':>5}{'PoSE':>6}{'other':>6}{'McNemar p':>11}"
@@ -217,31 +210,25 @@ def compare(res, names, seed_list):
             b = f'{b_kind}-s{s}' if b_kind in TRAINED else b_kind
             if a not in res or b not in res:
                 continue
-            pooled = []
-            for L in sorted(set(res[a]['trials']) & set(res[b]['trials'])):
-                if L <= window:
-                    continue
-                pairs = paired(res[a]['trials'][L], res[b]['trials'][L])
-                pooled += pairs
-                stats[(a, b, L)] = line_stats(pairs)
+            far = [L for L in sorted(set(res[a]['trials']) & set(res[b]['trials'])) if L > window]
+            for L in far:
+                stats[(a, b, L)] = compare_paired(res[a]['trials'][L], res[b]['trials'][L])
                 lines.append(format_line(names[b], L, stats[(a, b, L)]))
-            if len({p[0]['length'] for p in pooled}) > 1:
-                stats[(a, b, 'pooled')] = line_stats(pooled)
+            if len(far) > 1:
+                stats[(a, b, 'pooled')] = compare_paired(
+                    [t for L in far for t in res[a]['trials'][L]],
+                    [t for L in far for t in res[b]['trials'][L]])
                 lines.append(format_line(names[b], 'pooled', stats[(a, b, 'pooled')]))
     return '\n'.join(lines), stats
 
 
-def line_stats(pairs):
-    va, vb = [x['pass'] for x, _ in pairs], [y['pass'] for _, y in pairs]
-    la, lb = [x['key_logprob'] for x, _ in pairs], [y['key_logprob'] for _, y in pairs]
-    return {'n': len(pairs), 'a': sum(va), 'b': sum(vb), 'mcnemar': mcnemar_exact(va, vb),
-            'dlogp': float(np.median(np.subtract(la, lb))) if pairs else 0.0,
-            'wilcoxon': wilcoxon_signed_rank(la, lb)[0]}
-
-
 def format_line(other, L, s):
-    return (f"{other:<24}{L:>8}{s['n']:>5}{s['a']:>6}{s['b']:>6}{s['mcnemar']:>11.3g}"
-            f"{s['dlogp']:>14.2f}{s['wilcoxon']:>12.3g}")
+    """A compare line: pairs, passes, McNemar p, then the key log-likelihoods' median difference
+    and Wilcoxon p ('-' without them)."""
+    (pa, pb), logp = s['passed'], f"{'-':>14}{'-':>12}"
+    if 'wilcoxon_p' in s:
+        logp = f"{s['median_dlogp']:>14.2f}{s['wilcoxon_p']:>12.3g}"
+    return f"{other:<24}{L:>8}{s['n']:>5}{pa:>6}{pb:>6}{s['mcnemar_p']:>11.3g}" + logp
 
 
 def ppl_table(res, names, corpus):
@@ -258,6 +245,13 @@ def ppl_table(res, names, corpus):
     return '\n'.join(lines)
 
 
+def above(v):
+    """Row a above row b on one compare_paired: more passes with McNemar p < 0.05, or a higher
+    median key log-likelihood with Wilcoxon p < 0.05."""
+    return (v['passed'][0] > v['passed'][1] and v['mcnemar_p'] < 0.05
+            or v.get('median_dlogp', 0.0) > 0 and v.get('wilcoxon_p', 1.0) < 0.05)
+
+
 def claims(res, stats, seed_list):
     """The experiment's questions, each '+' holds, '-' fails, '?' not measured."""
     out = []
@@ -270,9 +264,7 @@ def claims(res, stats, seed_list):
         far = [v for (a, b, L), v in stats.items() if a == pose and b == contig and L != 'pooled'
                and L > 16384]
         out.append((f"{pose} above {contig} past 16k, paired p < 0.05 (McNemar or Wilcoxon)",
-                    None if not far else any(v['a'] > v['b'] and v['mcnemar'] < 0.05
-                                             or v['dlogp'] > 0 and v['wilcoxon'] < 0.05
-                                             for v in far)))
+                    None if not far else any(map(above, far))))
         for row in (pose, f'pose16k-s{s}'):
             p = res.get(row, {}).get('ppl', {}).get('prose', {})
             o = res.get('original', {}).get('ppl', {}).get('prose', {})

@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from errors import (UserError, pyplot, read_json, run, save_figure, write_json_atomic,
                     write_jsonl_atomic, write_text_atomic)
-from eval_passkey import mcnemar_exact, wilcoxon_signed_rank, wilson
+from eval_passkey import compare_paired, wilson
 from tokenizer import sha256_file
 
 # -----------------------------------------------------------------------------
@@ -362,34 +362,22 @@ def pooled_trials(runs, m, L):
     return [t for r in seed_rows(runs, m) for t in r.get(m, {}).get('trials', {}).get(L, [])]
 
 
-def paired_test(a, b):
-    """Method a vs b on the same passkey trials (paired in order; keys and depths must match):
-    exact McNemar on the verdicts, Wilcoxon signed-rank on the key log-likelihoods (if present)."""
-    same = lambda ts: [(t['key'], t.get('depth_requested')) for t in ts]  # noqa: E731
-    if same(a) != same(b):
-        raise UserError('PoSE and Contiguous were not evaluated on the same passkey trials '
-                         '(another eval_passkey seed or num_trials?): no paired test')
-    va, vb = [bool(t['pass']) for t in a], [bool(t['pass']) for t in b]
-    out = {'n': len(a), 'passed': [sum(va), sum(vb)],
-           'discordant': [sum(x and not y for x, y in zip(va, vb)),
-                          sum(y and not x for x, y in zip(va, vb))],
-           'mcnemar_p': mcnemar_exact(va, vb)}
-    if all(t.get('key_logprob') is not None for t in a + b):
-        la, lb = [t['key_logprob'] for t in a], [t['key_logprob'] for t in b]
-        p, n = wilcoxon_signed_rank(la, lb)
-        out.update(mean_dlogp=float(np.mean(np.subtract(la, lb))), wilcoxon_p=p, wilcoxon_n=n)
-    return out
-
-
 def paired_tests(runs, a='pose', b='contig'):
-    """{seed: {L: paired_test}} of a vs b at each passkey length past L_c that both have, and
-    'pooled': every seed's pairs together, at the lengths every seed has."""
+    """{seed: {L: compare_paired}} of a vs b at each passkey length past L_c that both have, and
+    'pooled': every seed's pairs together, at the lengths every seed has. Both must hold the same
+    trials (the same keys, depths and lengths), every one paired."""
+    def paired(ta, tb):
+        t = compare_paired(ta, tb)
+        if not t['n'] == len(ta) == len(tb):
+            raise UserError('PoSE and Contiguous were not evaluated on the same passkey trials '
+                            '(another eval_passkey seed or num_trials?): no paired test')
+        return t
     out = {}
     for s, r in runs.items():
         ta, tb = r.get(a, {}).get('trials', {}), r.get(b, {}).get('trials', {})
-        out[s] = {L: paired_test(ta[L], tb[L]) for L in sorted(ta) if L > train_len and L in tb}
+        out[s] = {L: paired(ta[L], tb[L]) for L in sorted(ta) if L > train_len and L in tb}
     common = sorted(set.intersection(*(set(t) for t in out.values()))) if out else []
-    out['pooled'] = {L: paired_test(pooled_trials(runs, a, L), pooled_trials(runs, b, L))
+    out['pooled'] = {L: paired(pooled_trials(runs, a, L), pooled_trials(runs, b, L))
                      for L in common}
     return out
 

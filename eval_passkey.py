@@ -152,6 +152,34 @@ def wilcoxon_signed_rank(x, y):
     return min(1.0, 2 * min(lo, hi)), n
 
 
+def compare_paired(a, b):
+    """Method a vs method b on the same passkey trials: each trial of a paired with b's trial of
+    the same identity (length, requested depth, key; the i-th repeat of an identity with the i-th),
+    the unpaired left out. {'n': pairs, 'passed': [a, b], 'discordant': [a only, b only],
+    'mcnemar_p'} and, when every paired trial has its key log-likelihood, d = a - b per pair:
+    'mean_dlogp', 'median_dlogp' and the Wilcoxon signed-rank 'wilcoxon_p' / 'wilcoxon_n'."""
+    def identities(trials):
+        seen = {}
+        for t in trials:
+            k = (t['length'], t.get('depth_requested'), t['key'])
+            seen[k] = seen.get(k, 0) + 1
+            yield k, seen[k]
+    index = dict(zip(identities(b), b))
+    pairs = [(x, index[k]) for k, x in zip(identities(a), a) if k in index]
+    va, vb = [bool(x['pass']) for x, _ in pairs], [bool(y['pass']) for _, y in pairs]
+    out = {'n': len(pairs), 'passed': [sum(va), sum(vb)],
+           'discordant': [sum(x and not y for x, y in zip(va, vb)),
+                          sum(y and not x for x, y in zip(va, vb))],
+           'mcnemar_p': mcnemar_exact(va, vb)}
+    if pairs and all(t.get('key_logprob') is not None for pair in pairs for t in pair):
+        la, lb = [x['key_logprob'] for x, _ in pairs], [y['key_logprob'] for _, y in pairs]
+        p, n = wilcoxon_signed_rank(la, lb)
+        d = np.subtract(la, lb)
+        out.update(mean_dlogp=float(np.mean(d)), median_dlogp=float(np.median(d)), wilcoxon_p=p,
+                   wilcoxon_n=n)
+    return out
+
+
 # -----------------------------------------------------------------------------
 # this script's pieces (tests and demo_report.py import them; the shared ones live in eval_ppl.py)
 

@@ -598,6 +598,45 @@ def test_paired_tests_brute_force():
         assert abs(p - (extreme / len(total) if d else 1.0)) < 1e-12, (x, p)
 
 
+def test_compare_paired_against_brute_force_pairing():
+    """compare_paired on a hand-made list: b in another order, one identity twice (two seeds'
+    pooled trials), the same key at another length, and one unpaired trial on each side. The
+    reference pairs by a plain scan (each a trial with b's first unused trial of the same length,
+    depth and key) and counts by hand."""
+    def t(L, d, key, ok, lp):
+        return {'length': L, 'depth_requested': d, 'key': key, 'pass': ok, 'key_logprob': lp}
+    a = [t(100, 0.1, '11111', True, -1.0), t(100, 0.5, '22222', True, -2.0),
+         t(100, 0.5, '22222', False, -6.0), t(200, 0.1, '11111', True, -0.5),
+         t(200, 0.9, '33333', False, -4.0), t(100, 0.9, '44444', True, -1.0)]
+    b = [t(200, 0.9, '33333', True, -3.0), t(100, 0.5, '22222', False, -5.0),
+         t(200, 0.1, '11111', False, -2.5), t(100, 0.1, '11111', True, -1.0),
+         t(100, 0.5, '22222', False, -7.0), t(300, 0.1, '55555', True, -1.0)]
+    used, pairs = set(), []
+    for x in a:
+        for j, y in enumerate(b):
+            if j not in used and all(x[k] == y[k] for k in ('length', 'depth_requested', 'key')):
+                used.add(j)
+                pairs.append((x, y))
+                break
+    assert len(pairs) == 5  # a's 44444 and b's 55555 have no partner
+    got = eval_passkey.compare_paired(a, b)
+    va, vb = [x['pass'] for x, _ in pairs], [y['pass'] for _, y in pairs]
+    d = sorted(x['key_logprob'] - y['key_logprob'] for x, y in pairs)
+    assert d == [-1.0, 0.0, 1.0, 2.0, 3.0]  # the two 22222 trials paired in their order
+    assert got['n'] == 5 and got['passed'] == [sum(va), sum(vb)] == [3, 2]
+    assert got['discordant'] == [2, 1]  # 22222 at 0.5 and 11111 at 200 vs 33333 at 200
+    assert got['mcnemar_p'] == eval_passkey.mcnemar_exact(va, vb) == 1.0  # B(3, 1/2): P(X <= 1) x2
+    assert math.isclose(got['mean_dlogp'], 1.0) and got['median_dlogp'] == d[2] == 1.0
+    # 4 non-zero d with |d| ranks 1.5, 1.5, 3, 4 (-1 and 1 tied); T+ = 8.5 of 10
+    assert got['wilcoxon_n'] == 4
+    sums = [sum(r for r, s in zip((1.5, 1.5, 3, 4), bits) if s)
+            for bits in itertools.product([0, 1], repeat=4)]
+    assert math.isclose(got['wilcoxon_p'], 2 * sum(x >= 8.5 for x in sums) / 16)
+    del a[0]['key_logprob']  # a trial without its log-likelihood: verdicts only
+    assert 'wilcoxon_p' not in eval_passkey.compare_paired(a, b)
+    assert eval_passkey.compare_paired([], b)['n'] == 0
+
+
 def test_accuracy_by_depth_bins():
     """Random depths: ten bins [0, .1), [.1, .2), ..., [.9, 1.0] of the realised depth, worked out
     by hand."""
