@@ -24,7 +24,7 @@ $(VENV)/.installed-dev: $(VENV)/.installed requirements-dev.txt
 	$(BIN)/pip install -q -r requirements-dev.txt
 	touch $@
 
-# make demo-real only: transformers + gguf + accelerate read SmolLM2's GGUF (convert_gguf.py),
+# make demo-real only: transformers + gguf + accelerate read SmolLM2's GGUF (demo/convert_gguf.py),
 # matplotlib plots
 $(VENV)/.installed-real: $(VENV)/.installed requirements-real.txt
 	$(BIN)/pip install -q -r requirements-real.txt
@@ -44,10 +44,10 @@ test: $(VENV)/.installed-dev $(VENV_HF445)/.installed
 # make demo SEEDS="1 2 3": one run per seed, the table gives each cell's mean (min-max)
 SEEDS ?= 1
 demo: $(VENV)/.installed-dev  # matplotlib for the plots
-	PY=$(BIN)/python SEEDS="$(SEEDS)" bash demo.sh
+	PY=$(BIN)/python SEEDS="$(SEEDS)" bash demo/mini.sh
 
 demo-real: $(VENV)/.installed-real
-	PY=$(BIN)/python bash demo_real.sh
+	PY=$(BIN)/python bash demo/real.sh
 
 clean:
 	rm -rf $(VENV) $(VENV_HF445) out-* data-*

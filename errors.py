@@ -1,6 +1,6 @@
 """
 One error idiom for every entry script (train.py, prepare_data.py, eval_*.py, sample_positions.py,
-bench.py, convert_gguf.py, the demos):
+bench.py, demo/convert_gguf.py, the demos):
 
 - input that cannot be used (a file, key or value), or a machine that refuses (a full disk), is
   raised as UserError('one line naming the culprit') where it enters; `run(main)` catches it once,

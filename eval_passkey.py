@@ -181,7 +181,7 @@ def compare_paired(a, b):
 
 
 # -----------------------------------------------------------------------------
-# this script's pieces (tests and demo_report.py import them; the shared ones live in eval_ppl.py)
+# this script's pieces (tests and demo/mini_report.py import them; shared ones live in eval_ppl.py)
 
 
 def filler_text(n):

@@ -3,7 +3,7 @@
 # = 4). The baselines (demo_contig.py, demo_randpos.py, demo_full.py) exec this file: every
 # setting below but method / train_len / num_chunks: the same data, steps, batch and learning
 # rate. Why YaRN and not linear, why 4x and not 8x: docs/miniature-notes.md.
-# demo.sh sets init_from (the base model), out_dir and seed per run.
+# demo/mini.sh sets init_from (the base model), out_dir and seed per run.
 #   python train.py config/demo_pose.py
 init_from = 'out-demo/seed-1/original/hf'
 data_dir = 'data-demo/ext'  # the stdlib pieces alone: no passkey prompt (pretraining has them)

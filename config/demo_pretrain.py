@@ -1,8 +1,8 @@
 # make demo, step 2: the "Original" model -- a tiny LLaMA pretrained from scratch at a short
 # window L_c = 128 on Python stdlib source (512-token pieces) + 40% synthetic passkey prompts of
-# exactly L_c + 1 tokens + 20% random-word copy drills, all documents fresh (demo_report.py says
-# why that matters). Only pretraining sees the passkey prompts; demo.sh sets out_dir and seed per
-# run.
+# exactly L_c + 1 tokens + 20% random-word copy drills, all documents fresh (demo/mini_report.py
+# says why that matters). Only pretraining sees the passkey prompts; demo/mini.sh sets out_dir and
+# seed per run.
 #   python train.py config/demo_pretrain.py
 init_from = 'scratch'
 # vocab_size from the data

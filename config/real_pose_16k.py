@@ -6,7 +6,7 @@
 # already seen distances up to 8k in pretraining, so this regime asks less of PoSE than the paper's
 # (real_pose_32k.py). YaRN, not linear: it leaves the high-frequency RoPE dimensions (local order)
 # untouched. Budget: 30 steps x 4 inputs of 2048 tokens per arm.
-init_from = ''  # set by demo_real.sh: the converted model dir (convert_gguf.py)
+init_from = ''  # set by demo/real.sh: the converted model dir (demo/convert_gguf.py)
 data_dir = 'data-real'
 out_dir = 'out-real/pose16k-s1337'
 method = 'pose'

