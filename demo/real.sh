@@ -16,8 +16,9 @@
 #              (demo/real.py --stage=prose)
 #   3. train   PoSE and Contiguous per regime and extension seed (SEEDS)
 #   4. eval    eval_passkey.py: the same keys and depths for every row (seed 7, depths 0.1 .. 0.9),
-#              the key's log-likelihood beside each verdict; eval_ppl.py: held-out stdlib and the
-#              novels
+#              the key's log-likelihood beside each verdict; its multikey task (one of 4 needles
+#              asked, 2 trials per depth at 8k / 16k) for the Original and PoSE 8k->32k;
+#              eval_ppl.py: held-out stdlib and the novels
 #   5. report  demo/real.py --stage=report: counts with 95% Wilson intervals, paired McNemar /
 #              Wilcoxon tests
 # Every job writes one file and is skipped when it exists (training resumes from its last
@@ -33,7 +34,7 @@
 #   GPU=1: what a CPU cannot, on one CUDA GPU (JOBS=1, bf16), into out-real-gpu/: the paper
 #     regime with 40 steps x 8 inputs, beside it the full-length 32k baseline (same documents),
 #     linear-scaled PoSE / Contiguous and the 8k -> 64k pair (YaRN x8); 50 passkey trials per
-#     length past the window
+#     length past the window, 50 multikey trials per length
 set -euo pipefail
 cd "$(dirname "$0")/.."  # the repo root: the stages and data / out dirs are relative to it
 PY=${PY:-.venv/bin/python}
@@ -58,6 +59,8 @@ HALF=$(( (TRIALS + 1) / 2 ))
 # (paper = the 8k -> 32k rows and YaRN-only x4)
 PK_PAPER="16384:$TRIALS 24576:$TRIALS 32768:$HALF 8192:1 4096:1"
 PK_SHORT="16384:$HALF 12288:$HALF 8192:1 4096:1"
+# multikey (RULER's needle task): the Original and PoSE 8k->32k, 10 trials per length
+MK="8192:2 16384:2"
 # perplexity (eval_ppl's default protocol): each document's first max(lengths) tokens, disjoint
 # windows; stdlib: the held-out packages (~50k tokens each); prose: the novels, all of them
 # (2k = short context kept, 16k = past the window)
@@ -65,7 +68,7 @@ PPL_STD="[2048,8192,16384]"; STD_DOCS=2
 PPL_PROSE="[2048,16384]"; PROSE_DOCS=0
 TRAIN_ARGS=(); DEVICE=(--device=cpu --dtype=bfloat16)
 if [ "${QUICK:-0}" = 1 ]; then
-  O=${OUT:-out-real-quick}; DEPTHS="[0.5]"; PK_PAPER="2048:1"; PK_SHORT="2048:1"
+  O=${OUT:-out-real-quick}; DEPTHS="[0.5]"; PK_PAPER="2048:1"; PK_SHORT="2048:1"; MK="2048:1"
   PPL_STD="[1024,2048]"; PPL_PROSE="[1024,2048]"; STD_DOCS=1; PROSE_DOCS=1
   TRAIN_ARGS=(--max_iters=2 --warmup_iters=1 --gradient_accumulation_steps=1 --train_len=512
               --save_interval=1)
@@ -150,13 +153,14 @@ train() {  # row: pose32k-s1337 | contig16k-s1 | ...
   $PY train.py $(run_of ${1%-s*}) --init_from="$init" --data_dir=$D --out_dir=$O/$1 \
       --seed=${1##*-s} "${TRAIN_ARGS[@]}" "${quick[@]}" || { touch $O/$1.failed; return 1; }
 }
-passkey() {  # row length[,length...] trials-per-depth
-  local f=$O/passkey-$1-$2.json
+passkey() {  # row length[,length...] trials-per-depth [task: passkey (default) | multikey]
+  local task=${4:-passkey}
+  local f=$O/$task-$1-$2.json
   [ -f $f ] && return 0
   wait_model $1
   # shellcheck disable=SC2046  # model_args' words are --key=value pairs without spaces
-  $PY eval_passkey.py $(model_args $1) --lengths="[$2]" --depths="$DEPTHS" --num_trials=$3 \
-      --seed=7 "${DEVICE[@]}" --out=$f
+  $PY eval_passkey.py $(model_args $1) --task=$task --lengths="[$2]" --depths="$DEPTHS" \
+      --num_trials=$3 --seed=7 "${DEVICE[@]}" --out=$f
 }
 ppl() {  # row corpus (stdlib | prose)
   local f=$O/ppl-$2-$1.json
@@ -184,7 +188,8 @@ export TRAIN_ARGS_STR="${TRAIN_ARGS[*]}" DEVICE_STR="${DEVICE[*]}"
 # GPU=1: one job per row and length list (a process start costs more than a trial there)
 gpu_jobs() {
   local s=${SEEDS%% *} r L32="16384,24576,32768" L64="16384,32768,49152,65536" n=10
-  [ "${QUICK:-0}" = 1 ] && L32=2048 && L64=2048 && n=1
+  local LMK="8192,16384"
+  [ "${QUICK:-0}" = 1 ] && L32=2048 && L64=2048 && LMK=2048 && n=1
   for r in pose32k contig32k full32k lpose32k lcontig32k pose64k contig64k; do
     echo "train $r-s$s"
   done
@@ -193,6 +198,7 @@ gpu_jobs() {
     echo "passkey $r $L32 $n"; echo "ppl $r prose"
   done
   for r in pose64k-s$s contig64k-s$s yarn8; do echo "passkey $r $L64 $n"; echo "ppl $r prose"; done
+  for r in original pose32k-s$s; do echo "passkey $r $LMK $n multikey"; done
 }
 # the paper regime's decisive pair first, at the two lengths past the window first
 jobs_in_order() {
@@ -212,6 +218,9 @@ jobs_in_order() {
   for L in "${rest[@]}"; do
     for s in $SEEDS; do for r in pose32k contig32k; do echo "passkey $r-s$s ${L/:/ }"; done; done
     echo "passkey yarn4 ${L/:/ }"
+  done
+  for L in $MK; do
+    for r in original pose32k-s$first; do echo "passkey $r ${L/:/ } multikey"; done
   done
   for s in $SEEDS; do echo "train pose16k-s$s"; echo "train contig16k-s$s"; done
   for L in $PK_SHORT; do

@@ -44,6 +44,13 @@ def test_report_pairs_trials_and_tests(tmp_path):
     write(tmp_path / 'passkey-contig32k-s1-4096.json', passkey_json(4096, [True], [-1.0], keys[:1]))
     write(tmp_path / 'ppl-prose-original.json', {'ppl': {'2048': 10.0}})
     write(tmp_path / 'ppl-prose-pose32k-s1.json', {'ppl': {'2048': 10.2}})
+    # multikey: PoSE 10/10 at 8k (the Original has no 8k file) and 8/10 at 16k, the Original 0/10
+    write(tmp_path / 'multikey-pose32k-s1-8192.json',
+          passkey_json(8192, [True] * 10, [-1.0] * 10, keys))
+    write(tmp_path / 'multikey-pose32k-s1-16384.json',
+          passkey_json(16384, [True] * 8 + [False] * 2, [-1.0] * 10, keys))
+    write(tmp_path / 'multikey-original-16384.json',
+          passkey_json(16384, [False] * 10, [-9.0] * 10, keys))
     r = report(tmp_path)
     assert r.returncode == 0, r.stderr
     text = open(tmp_path / 'results.txt').read()
@@ -65,6 +72,20 @@ def test_report_pairs_trials_and_tests(tmp_path):
     assert not any('4096' in x.split()[1:2] for x in text.splitlines()
                    if x.startswith('Contiguous 8k '))
     assert '+  pose32k-s1 above contig32k-s1 past 16k' in text
+    multi = text.split('Multi-key retrieval')[1].split('Perplexity')[0].splitlines()
+    assert multi[2].split() == ['8192', '16384']
+
+    def cell(k, n):
+        p = k / n
+        c = (p + z * z / (2 * n)) / (1 + z * z / n)
+        h = z / (1 + z * z / n) * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+        return f"{k}/{n} [{max(c - h, 0):.2f},{min(c + h, 1):.2f}]"
+    orig = next(x for x in multi if x.startswith('Original'))
+    pose = next(x for x in multi if x.startswith('PoSE 8k->32k'))
+    assert orig.split()[1:] == ['-'] + cell(0, 10).split()
+    assert pose.split()[2:] == cell(10, 10).split() + cell(8, 10).split()
+    # 8 discordant pairs, all PoSE's: McNemar p = 2 / 2^8
+    assert '+  pose32k-s1 above the Original on multikey at 16k' in text
     assert '+  pose32k-s1: prose perplexity at 2k within 3%' in text  # 10.2 <= 1.03 * 10
 
 
@@ -153,5 +174,10 @@ def test_gpu_profile_runs_at_toy_size_on_cpu(tmp_path):
     full = json.load(open(out / 'full32k-s1337' / 'hf' / 'config.json'))
     # QUICK's full-length run trains at its input length
     assert full['max_position_embeddings'] == 512
+    for row in ('original', 'pose32k-s1337'):
+        mk = json.load(open(out / f'multikey-{row}-2048.json'))
+        assert mk['settings']['task'] == 'multikey' and mk['count']['2048'] == 1
     text = open(out / 'results.txt').read()
     assert 'Full-length 32k' in text and 'PoSE 8k->64k' in text and 'YaRN-only x8' in text
+    multi = text.split('Multi-key retrieval')[1].split('Perplexity')[0]
+    assert {x.split()[0] for x in multi.splitlines()[3:] if x.strip()} == {'Original', 'PoSE'}
