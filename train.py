@@ -19,7 +19,8 @@ out_dir/ckpt-{iter}/  torch.distributed.checkpoint of model + optimizer, and tra
 out_dir/latest        the name of the newest complete checkpoint (replaced atomically; older ones
                       deleted after)
 out_dir/log.jsonl     one JSON object per log line (train and val)
-out_dir/hf/           the final model in Hugging Face format (max_position_embeddings = target_len)
+out_dir/hf/           the final model in Hugging Face format (max_position_embeddings = target_len;
+                      LoRA adapters merged into the weights)
 
 A new run refuses an out_dir that holds another run; `init_from='resume'` continues it,
 `overwrite=True` replaces it. Under torchrun every rank checks the user's input (config, data, model
@@ -42,10 +43,10 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn as nn
-import torch.nn.functional as F
 import torch.distributed.checkpoint as dcp
 import torch.distributed.checkpoint.state_dict as sd_api  # get_state_dict / set_state_dict
+import torch.nn as nn
+import torch.nn.functional as F
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 

@@ -386,6 +386,10 @@ def test_every_config_checks_and_takes_its_first_step(tmp_path, monkeypatch, cap
         x, y, p = ns['get_batch'](data, 'train', 0, 0)
         assert x.shape == y.shape == p.shape == (4, T), name
         check_paper_constraints(x, y, p, method, cfg, T, L_t)
+        # a LoRA config: adapters on its targets, and only they, embeddings and norms train
+        lora = [n for n, p in model.named_parameters() if p.requires_grad and 'lora' in n]
+        assert len(lora) == 2 * len(cfg.get('lora_targets', [])) if cfg.get('lora_rank') \
+            else not lora, name
         autocast = ns['wrap_model'](model, None)
         loss, _, _ = ns['train_step'](model, ns['make_optimizer'](model), data, autocast, 0)
         assert math.isfinite(loss), name
