@@ -95,8 +95,7 @@ grad_clip = 1.0  # clip the global grad norm to this (0 = off)
 lora_rank = 0  # adapter rank r; 0 = full fine-tuning (every weight trains)
 lora_alpha = 16.0  # the low-rank update is scaled by lora_alpha / lora_rank
 lora_targets = ['q', 'k', 'v', 'o']  # the projections adapted in every block: q k v o gate up down
-# LoRA+: embeddings, lm_head (if untied) and every RMSNorm train too; False = plain LoRA
-train_embeddings_norms = True
+train_embeddings_norms = True  # LoRA+: embeddings, lm_head and norms train too (False: plain LoRA)
 # system
 device = ''  # 'cpu' | 'cuda' (under torchrun: cuda:LOCAL_RANK) | '' = cuda when available, else cpu
 dtype = ''  # 'float32' | 'bfloat16' (fp32 master weights, bf16 compute) | '' = bf16 on cuda
