@@ -464,6 +464,10 @@ def test_gpu_recipe_on_cpu_fsdp2_bf16_compile_checkpointing_and_resume(tmp_path,
 
 
 # ---- LoRA / LoRA+ ----
+LORA_PROJ = {'q': 'q_proj', 'k': 'k_proj', 'v': 'v_proj', 'o': 'o_proj', 'gate': 'gate_proj',
+             'up': 'up_proj', 'down': 'down_proj'}  # lora_targets' names: the HF projections
+
+
 def lora_count(cfg, rank, targets, embeddings_norms):
     """The trainable parameters LoRA+ prescribes, from an HF config.json: rank x (d_in + d_out) per
     adapted projection per layer; LoRA+ adds the token embeddings, lm_head when untied and every
@@ -535,25 +539,30 @@ def test_lora_plus_trains_what_it_should_and_exports_merged_weights(tmp_path, da
         with pytest.raises(UserError, match=f"{key}=.* differs from the checkpoint's {key}="):
             train_globals(common + ['--batch_size=2', f'--out_dir={one}', '--init_from=resume',
                                     change])['prepare']()
+    # a checkpoint written before the LoRA keys existed was full fine-tuning: not resumed as LoRA
+    state_path = one / 'ckpt-3' / 'train_state.json'
+    state = json.load(open(state_path))
+    state['config'] = {k: v for k, v in state['config'].items() if 'lora' not in k}
+    state_path.write_text(json.dumps(state))
+    with pytest.raises(UserError, match="lora_rank=4 differs from the checkpoint's lora_rank=0"):
+        train_globals(common + ['--batch_size=2', f'--out_dir={one}',
+                                '--init_from=resume'])['prepare']()
 
 
-LORA_PROJ = {'q': 'q_proj', 'k': 'k_proj', 'v': 'v_proj', 'o': 'o_proj', 'gate': 'gate_proj',
-             'up': 'up_proj', 'down': 'down_proj'}
-
-
-@pytest.mark.parametrize('tie', [False, True], ids=['untied', 'tied'])
-def test_lora_trainable_count_and_config_checks(tmp_path, tie, capsys):
+def test_lora_trainable_count_and_config_checks(tmp_path, capsys):
     """add_lora on an HF model: the trainable parameters are LoRA+'s (or plain LoRA's) count from
     config.json, tied embeddings counted once; a bad LoRA setting is one error naming it."""
     from hf_checkpoint import load_pretrained
-    _, base = make_hf(tmp_path, tie=tie, kv=1)
-    cfg = json.load(open(os.path.join(base, 'config.json')))
     ns = train_globals(['--device=cpu', f'--out_dir={tmp_path / "o"}'])
-    for targets, plus in ((['q', 'k', 'v', 'o'], True), (list(LORA_PROJ), False), (['down'], True)):
-        model = load_pretrained(base, dtype=torch.float32)
-        ns['add_lora'](model, 8, 16.0, targets, plus)
-        count = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        assert count == lora_count(cfg, 8, targets, plus), (targets, plus)
+    for tie in (False, True):
+        _, base = make_hf(tmp_path / f'tie{tie}', tie=tie, kv=1)
+        cfg = json.load(open(os.path.join(base, 'config.json')))
+        for targets, plus in ((['q', 'k', 'v', 'o'], True), (list(LORA_PROJ), False),
+                              (['down'], True)):
+            model = load_pretrained(base, dtype=torch.float32)
+            ns['add_lora'](model, 8, 16.0, targets, plus)
+            count = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            assert count == lora_count(cfg, 8, targets, plus), (tie, targets, plus)
     bad = [(['--lora_rank=-1'], 'lora_rank=-1'), (['--lora_alpha=0'], 'lora_alpha=0'),
            (['--lora_targets=[]'], 'lora_targets=[]'),
            (["--lora_targets=['q','q']"], "lora_targets=['q', 'q']"),
