@@ -5,6 +5,7 @@ throughput and MFU, eval throughput against transformers, sampler speed and data
     python bench.py                                    # every CPU section, a tiny model (minutes)
     python bench.py --only=fig3 --train_len=128        # Fig. 3 only: L_t = L_c x {1,2,...,64}
     python bench.py --only=train --dtype=bfloat16 --compile=True --batch_size=16 --seq_len=256
+    python bench.py --only=lora                        # LoRA+ vs full fine-tuning, SmolLM2-135M
     # one GPU, real shapes (config files; --key=value after them still wins):
     python bench.py config/bench/gpu_1b.py --only=train    # ~1B-shaped model, MFU at 2k
     python bench.py config/bench/gpu_7b.py --only=evalmem  # eval_ppl's peak memory, 128k window, 7B
