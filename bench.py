@@ -36,11 +36,11 @@ Sections (`only`, comma-separated):
            included.
   lora     a LoRA+ training step (train.py's add_lora: rank lora_rank on lora_targets, embeddings
            and norms trained, frozen weights in bf16 under dtype=bfloat16) beside a full
-           fine-tuning step, the same weights (the converted SmolLM2-135M by default) and batch, in
-           one run, alternating: step time (median, min), memory as fig3 counts it (CUDA: the
-           step's peak growth + parameters + AdamW state), trainable parameters and the AdamW-state
-           and gradient bytes as held after a step; the loss of both at the first step (equal: B =
-           0).
+           fine-tuning step: the same weights (the converted SmolLM2-135M by default), the same
+           batch, in one run, alternating. Step time (median, min; CPU seconds), memory as fig3
+           counts it (CUDA: the step's peak growth + parameters + AdamW state), trainable
+           parameters, AdamW-state and gradient bytes as held after a step, and both first losses
+           (equal: B = 0).
   evalcpu  one window of SmolLM2-135M's shape (or evalcpu_model), fp32 on this CPU: eval_ppl's NLL
            path vs transformers' model(x).logits + log_softmax. Peak RSS growth over the loaded
            models (VmHWM, reset through /proc/self/clear_refs after malloc_trim, so each run starts
@@ -592,34 +592,41 @@ def bench_lora():
     for _ in range(warmup):
         for m, o in zip(models, opts):
             train_step(m, o, *batch)
-    times = [[], []]
+    times, cpu = [[], []], [[], []]
     for r in range(iters):  # alternating: a drift in the machine's load hits both alike
         for i in (0, 1) if r % 2 == 0 else (1, 0):
+            c0 = time.process_time()
             times[i].append(train_step(models[i], opts[i], *batch)[0])
+            # CPU seconds of all threads: steadier than wall on a busy machine
+            cpu[i].append(time.process_time() - c0)
     rows = {}
-    for name, m, o, t, loss in zip(('full', 'lora'), models, opts, times, losses):
+    for name, m, o, t, c, loss in zip(('full', 'lora'), models, opts, times, cpu, losses):
         rows[name] = {'params': sum(p.numel() for p in m.parameters()),
                       'trainable': sum(p.numel() for p in m.parameters() if p.requires_grad),
-                      'step_s': statistics.median(t), 'step_s_min': min(t), 'first_loss': loss}
+                      'step_s': statistics.median(t), 'step_s_min': min(t),
+                      'cpu_s': statistics.median(c), 'times': t, 'cpu_times': c,
+                      'first_loss': loss}
         lora_memory(rows[name], m, o, batch)
     full, lora = rows['full'], rows['lora']
     r = {'model': what, 'rank': lora_rank, 'alpha': lora_alpha, 'targets': lora_targets,
-         'seq_len': lora_seq_len, 'iters': iters, 'rows': rows,
+         'seq_len': lora_seq_len, 'iters': iters, 'threads': torch.get_num_threads(), 'rows': rows,
          'step_ratio': lora['step_s'] / full['step_s'],
          'step_ratio_min': lora['step_s_min'] / full['step_s_min'],
+         'cpu_ratio': lora['cpu_s'] / full['cpu_s'],
          'memory_ratio': lora['memory_bytes'] / full['memory_bytes']}
     results['lora'] = r
     print(f"\n== lora: LoRA+ (rank {lora_rank} on {','.join(lora_targets)} + embeddings, norms) "
           f"vs full fine-tuning, {what}, 1 x {lora_seq_len} tokens, {dtype}, {device}")
-    print(f"{'':>6} {'params':>9} {'trainable':>10} {'step s':>8} {'min s':>8} {'memory':>12} "
-          f"{'AdamW':>12} {'grads':>12} {'first loss':>11}")
+    print(f"{'':>6} {'params':>9} {'trainable':>10} {'step s':>8} {'min s':>8} {'CPU s':>8} "
+          f"{'memory':>12} {'AdamW':>12} {'grads':>12} {'first loss':>11}")
     for name, row in rows.items():
         print(f"{name:>6} {row['params'] / 1e6:>8.2f}M {row['trainable'] / 1e6:>9.2f}M "
-              f"{row['step_s']:>8.3f} {row['step_s_min']:>8.3f} {human(row['memory_bytes']):>12} "
-              f"{human(row['optimizer_bytes']):>12} {human(row['grad_bytes']):>12} "
-              f"{row['first_loss']:>11.5f}")
+              f"{row['step_s']:>8.3f} {row['step_s_min']:>8.3f} {row['cpu_s']:>8.3f} "
+              f"{human(row['memory_bytes']):>12} {human(row['optimizer_bytes']):>12} "
+              f"{human(row['grad_bytes']):>12} {row['first_loss']:>11.5f}")
     print(f"LoRA+ / full: step time {r['step_ratio']:.3f} (median), {r['step_ratio_min']:.3f} "
-          f"(min); memory {r['memory_ratio']:.3f} ({full['memory_what']})")
+          f"(min), CPU time {r['cpu_ratio']:.3f}; memory {r['memory_ratio']:.3f} "
+          f"({full['memory_what']})")
 
 
 # ----------------------------------------------------------------------------- sampler, prepare
