@@ -102,9 +102,9 @@ evalcpu_lengths = [4096, 8192, 16384]  # window lengths: our peak RSS growth at 
 evalcpu_hf_max = 8192  # transformers up to here only (its logits + log_softmax: 6.4 GB at 16k)
 # lora: LoRA+ vs full fine-tuning, one step each on the same model and batch
 lora_model = ''  # HF dir; '' = SMOLLM2_DIR when converted, else random weights of SmolLM2's shape
-lora_rank = 8  # train.py's LoRA keys
-lora_alpha = 16.0
-lora_targets = ['q', 'k', 'v', 'o']
+lora_rank = 8  # adapter rank (as train.py's lora_* keys; LoRA+: embeddings and norms train)
+lora_alpha = 16.0  # the update is scaled by lora_alpha / lora_rank
+lora_targets = ['q', 'k', 'v', 'o']  # the adapted projections: q k v o gate up down
 lora_seq_len = 512  # tokens of the one example per step
 # timing
 warmup = 2  # untimed steps first (allocator, compile)
