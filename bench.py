@@ -5,6 +5,7 @@ throughput and MFU, eval throughput against transformers, sampler speed and data
     python bench.py                                    # every CPU section, a tiny model (minutes)
     python bench.py --only=fig3 --train_len=128        # Fig. 3 only: L_t = L_c x {1,2,...,64}
     python bench.py --only=train --dtype=bfloat16 --compile=True --batch_size=16 --seq_len=256
+    python bench.py --only=lora                        # LoRA+ vs full fine-tuning, SmolLM2-135M
     # one GPU, real shapes (config files; --key=value after them still wins):
     python bench.py config/bench/gpu_1b.py --only=train    # ~1B-shaped model, MFU at 2k
     python bench.py config/bench/gpu_7b.py --only=evalmem  # eval_ppl's peak memory, 128k window, 7B
@@ -33,6 +34,13 @@ Sections (`only`, comma-separated):
            sliding_window_nll over the model as load_model sets it up (the row-chunked no-grad
            forward, only the scored positions through lm_head, no [T, vocab] logits); weights
            included.
+  lora     a LoRA+ training step (train.py's add_lora: rank lora_rank on lora_targets, embeddings
+           and norms trained, frozen weights in bf16 under dtype=bfloat16) beside a full
+           fine-tuning step: the same weights (the converted SmolLM2-135M by default), the same
+           batch, in one run, alternating. Step time (median, min; CPU seconds), memory as fig3
+           counts it (CUDA: the step's peak growth + parameters + AdamW state), trainable
+           parameters, AdamW-state and gradient bytes as held after a step, and both first losses
+           (equal: B = 0).
   evalcpu  one window of SmolLM2-135M's shape (or evalcpu_model), fp32 on this CPU: eval_ppl's NLL
            path vs transformers' model(x).logits + log_softmax. Peak RSS growth over the loaded
            models (VmHWM, reset through /proc/self/clear_refs after malloc_trim, so each run starts
@@ -57,10 +65,11 @@ import torch
 from data_format import corpus_files
 from errors import PLOT_EXTS, UserError, check_writable, pyplot, run, save_figure, write_json_atomic
 from eval_ppl import load_model, sliding_window_nll
-from hf_checkpoint import save_pretrained
+from hf_checkpoint import load_pretrained, save_pretrained
 from model import INFER_CHUNK, ModelArgs, Transformer, gpu_peak_flops, wrap_blocks
 import sample_positions
 from tokenizer import load_tokenizer
+from train import LORA_TARGETS, add_lora
 
 # -----------------------------------------------------------------------------
 only = 'fig3,train,eval,sampler,prepare'  # sections (comma-separated): the names in SECTIONS below
@@ -91,6 +100,12 @@ eval_tokens = 8192  # tokens scored per model in the eval section
 evalcpu_model = ''  # HF model dir; '' = random weights of SmolLM2-135M's shape (cost: same)
 evalcpu_lengths = [4096, 8192, 16384]  # window lengths: our peak RSS growth at each (linear in T?)
 evalcpu_hf_max = 8192  # transformers up to here only (its logits + log_softmax: 6.4 GB at 16k)
+# lora: LoRA+ vs full fine-tuning, one step each on the same model and batch
+lora_model = ''  # HF dir; '' = SMOLLM2_DIR when converted, else random weights of SmolLM2's shape
+lora_rank = 8  # adapter rank (as train.py's lora_* keys; LoRA+: embeddings and norms train)
+lora_alpha = 16.0  # the update is scaled by lora_alpha / lora_rank
+lora_targets = ['q', 'k', 'v', 'o']  # the adapted projections: q k v o gate up down
+lora_seq_len = 512  # tokens of the one example per step
 # timing
 warmup = 2  # untimed steps first (allocator, compile)
 iters = 5  # timed steps; the median (and the min) is reported
@@ -127,7 +142,8 @@ def build_model(max_len):
 
 
 def make_optimizer(model):
-    return torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda)
+    params = [p for p in model.parameters() if p.requires_grad]  # (LoRA: what trains)
+    return torch.optim.AdamW(params, lr=1e-4, fused=cuda)
 
 
 def saved_activation_bytes(fn, params):
@@ -166,9 +182,10 @@ def train_step(model, opt, x, y, pos, count_saved=False):
 
 
 def static_bytes(model):
-    """Parameters + gradients + AdamW exp_avg and exp_avg_sq (all fp32): what any training step
-    holds."""
-    return 4 * sum(p.numel() * p.element_size() for p in model.parameters())
+    """Parameters + the gradients and AdamW exp_avg / exp_avg_sq of those that train (each the size
+    of its parameter): what any training step holds."""
+    return sum(p.numel() * p.element_size() * (4 if p.requires_grad else 1)
+               for p in model.parameters())
 
 
 def matmul_peak_flops():
@@ -511,6 +528,107 @@ def bench_evalcpu():
           f"transformers {r['cpu_s_hf']:.2f} s, speedup {r['cpu_s_hf'] / r['cpu_s_ours']:.2f}x")
 
 
+# ----------------------------------------------------------------------------- lora vs full
+SMOLLM2_DIR = os.path.expanduser('~/.cache/nanopose/smollm2-135m-instruct')  # convert_gguf.py's
+
+
+def lora_models(tmp):
+    """(full, LoRA+) models of the same weights, wrapped as train.py wraps them, and what they
+    are: lora_model, else the converted SmolLM2-135M, else random weights of its shape (the same
+    cost)."""
+    path, what = lora_model, lora_model
+    if not path and os.path.isfile(os.path.join(SMOLLM2_DIR, 'config.json')):
+        path, what = SMOLLM2_DIR, SMOLLM2_DIR
+    if not path:
+        torch.manual_seed(seed)
+        m = Transformer(ModelArgs(**SMOLLM2_135M, max_position_embeddings=lora_seq_len))
+        m.init_weights()
+        save_pretrained(m, tmp, tokenizer_dir=None)
+        path, what = tmp, 'random weights, SmolLM2-135M shape'
+    models = []
+    for lora in (False, True):
+        model = load_pretrained(path, dtype=torch.float32)
+        if lora:
+            torch.manual_seed(seed)
+            add_lora(model, lora_rank, lora_alpha, lora_targets, True,
+                     torch.bfloat16 if dtype == 'bfloat16' else torch.float32)
+        wrap_blocks(model, activation_checkpointing, compile)
+        models.append(model.to(device).train())
+    return models, what
+
+
+def lora_memory(row, model, opt, batch):
+    """One step's memory (fig3's count on CPU; on CUDA this model's own: the step's peak growth +
+    its parameters and AdamW state), then the AdamW state and gradient bytes as held."""
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    _, saved = train_step(model, opt, *batch, count_saved=not cuda)
+    opt_bytes = sum(t.nbytes for st in opt.state.values() for t in st.values()
+                    if torch.is_tensor(t))
+    if cuda:
+        params = sum(p.numel() * p.element_size() for p in model.parameters())
+        row.update(memory_bytes=torch.cuda.max_memory_allocated() - before + params + opt_bytes,
+                   memory_what='step peak growth + params + AdamW state')
+    else:
+        row.update(activation_bytes=saved, memory_bytes=saved + static_bytes(model),
+                   memory_what='saved-for-backward + params/grads/AdamW')
+    with autocast:
+        model(batch[0], batch[2], batch[1])[1].backward()
+    row.update(optimizer_bytes=opt_bytes,
+               grad_bytes=sum(p.grad.nbytes for p in model.parameters() if p.grad is not None))
+    opt.zero_grad(set_to_none=True)
+
+
+def bench_lora():
+    with tempfile.TemporaryDirectory() as tmp:
+        models, what = lora_models(tmp)
+    x = torch.from_numpy(np.random.default_rng(seed).integers(
+        0, models[0].args.vocab_size, (1, lora_seq_len))).to(device)
+    batch = (x, x, None)  # (x, targets, position ids)
+    opts = [make_optimizer(m) for m in models]
+    with torch.no_grad(), autocast:  # B = 0: the adapted model starts as the base
+        losses = [m(x, None, x)[1].item() for m in models]
+    for _ in range(warmup):
+        for m, o in zip(models, opts):
+            train_step(m, o, *batch)
+    times, cpu = [[], []], [[], []]
+    for r in range(iters):  # alternating: a drift in the machine's load hits both alike
+        for i in (0, 1) if r % 2 == 0 else (1, 0):
+            c0 = time.process_time()
+            times[i].append(train_step(models[i], opts[i], *batch)[0])
+            # CPU seconds of all threads: steadier than wall on a busy machine
+            cpu[i].append(time.process_time() - c0)
+    rows = {}
+    for name, m, o, t, c, loss in zip(('full', 'lora'), models, opts, times, cpu, losses):
+        rows[name] = {'params': sum(p.numel() for p in m.parameters()),
+                      'trainable': sum(p.numel() for p in m.parameters() if p.requires_grad),
+                      'step_s': statistics.median(t), 'step_s_min': min(t),
+                      'cpu_s': statistics.median(c), 'times': t, 'cpu_times': c,
+                      'first_loss': loss}
+        lora_memory(rows[name], m, o, batch)
+    full, lora = rows['full'], rows['lora']
+    r = {'model': what, 'rank': lora_rank, 'alpha': lora_alpha, 'targets': lora_targets,
+         'seq_len': lora_seq_len, 'iters': iters, 'threads': torch.get_num_threads(), 'rows': rows,
+         'step_ratio': lora['step_s'] / full['step_s'],
+         'step_ratio_min': lora['step_s_min'] / full['step_s_min'],
+         'cpu_ratio': lora['cpu_s'] / full['cpu_s'],
+         'memory_ratio': lora['memory_bytes'] / full['memory_bytes']}
+    results['lora'] = r
+    print(f"\n== lora: LoRA+ (rank {lora_rank} on {','.join(lora_targets)} + embeddings, norms) "
+          f"vs full fine-tuning, {what}, 1 x {lora_seq_len} tokens, {dtype}, {device}")
+    print(f"{'':>6} {'params':>9} {'trainable':>10} {'step s':>8} {'min s':>8} {'CPU s':>8} "
+          f"{'memory':>12} {'AdamW':>12} {'grads':>12} {'first loss':>11}")
+    for name, row in rows.items():
+        print(f"{name:>6} {row['params'] / 1e6:>8.2f}M {row['trainable'] / 1e6:>9.2f}M "
+              f"{row['step_s']:>8.3f} {row['step_s_min']:>8.3f} {row['cpu_s']:>8.3f} "
+              f"{human(row['memory_bytes']):>12} {human(row['optimizer_bytes']):>12} "
+              f"{human(row['grad_bytes']):>12} {row['first_loss']:>11.5f}")
+    print(f"LoRA+ / full: step time {r['step_ratio']:.3f} (median), {r['step_ratio_min']:.3f} "
+          f"(min), CPU time {r['cpu_ratio']:.3f}; memory {r['memory_ratio']:.3f} "
+          f"({full['memory_what']})")
+
+
 # ----------------------------------------------------------------------------- sampler, prepare
 def bench_sampler():
     rows = []
@@ -566,7 +684,8 @@ def bench_prepare():
 
 
 SECTIONS = {'fig3': bench_fig3, 'train': bench_train, 'eval': bench_eval, 'sampler': bench_sampler,
-            'prepare': bench_prepare, 'evalmem': bench_evalmem, 'evalcpu': bench_evalcpu}
+            'prepare': bench_prepare, 'evalmem': bench_evalmem, 'evalcpu': bench_evalcpu,
+            'lora': bench_lora}
 
 
 def main():
@@ -588,6 +707,11 @@ def main():
     if 'evalcpu' in sections and importlib.util.find_spec('transformers') is None:
         raise UserError('only=evalcpu compares with transformers: '
                         'pip install -r requirements-dev.txt')
+    if 'lora' in sections and not (lora_rank >= 1 and lora_alpha > 0 and lora_targets and all(
+            isinstance(t, str) and t in LORA_TARGETS for t in lora_targets)):
+        raise UserError(f"lora_rank={lora_rank}, lora_alpha={lora_alpha}, "
+                        f"lora_targets={lora_targets!r}: expected a rank >= 1, alpha > 0 and "
+                        f"names among {', '.join(LORA_TARGETS)}")
     check_writable(out, 'out', exts=('.json',))
     if plot and 'fig3' in sections:
         check_writable(plot, 'plot', exts=PLOT_EXTS)

@@ -19,7 +19,8 @@ out_dir/ckpt-{iter}/  torch.distributed.checkpoint of model + optimizer, and tra
 out_dir/latest        the name of the newest complete checkpoint (replaced atomically; older ones
                       deleted after)
 out_dir/log.jsonl     one JSON object per log line (train and val)
-out_dir/hf/           the final model in Hugging Face format (max_position_embeddings = target_len)
+out_dir/hf/           the final model in Hugging Face format (max_position_embeddings = target_len;
+                      LoRA adapters merged into the weights)
 
 A new run refuses an out_dir that holds another run; `init_from='resume'` continues it,
 `overwrite=True` replaces it. Under torchrun every rank checks the user's input (config, data, model
@@ -44,6 +45,8 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.distributed.checkpoint.state_dict as sd_api  # get_state_dict / set_state_dict
+import torch.nn as nn
+import torch.nn.functional as F
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -52,7 +55,7 @@ import sample_positions  # SAMPLERS (a module: the configurator cannot take it f
 from data_format import open_split, read_meta
 from errors import UserError, is_interrupt, read_json, remove, run, writing
 from hf_checkpoint import load_pretrained, save_pretrained
-from model import ModelArgs, Transformer, gpu_peak_flops, wrap_blocks
+from model import ModelArgs, RMSNorm, Transformer, gpu_peak_flops, wrap_blocks
 from tokenizer import TOKENIZER_FILES, check_same_tokenizer
 
 # -----------------------------------------------------------------------------
@@ -88,6 +91,11 @@ weight_decay = 0.0  # AdamW weight decay on matrices (the paper: Trainer default
 beta1 = 0.9  # AdamW beta1
 beta2 = 0.999  # AdamW beta2
 grad_clip = 1.0  # clip the global grad norm to this (0 = off)
+# LoRA (Hu et al. 2021) on frozen weights; LoRA+ (LongLoRA) also trains embeddings and norms
+lora_rank = 0  # adapter rank r; 0 = full fine-tuning (every weight trains)
+lora_alpha = 16.0  # the low-rank update is scaled by lora_alpha / lora_rank
+lora_targets = ['q', 'k', 'v', 'o']  # the projections adapted in every block: q k v o gate up down
+train_embeddings_norms = True  # LoRA+: embeddings, lm_head and norms train too (False: plain LoRA)
 # system
 device = ''  # 'cpu' | 'cuda' (under torchrun: cuda:LOCAL_RANK) | '' = cuda when available, else cpu
 dtype = ''  # 'float32' | 'bfloat16' (fp32 master weights, bf16 compute) | '' = bf16 on cuda
@@ -106,7 +114,7 @@ wandb_project = 'nanopose'  # wandb project
 wandb_run_name = 'pose'  # wandb run name
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items()
-               if not k.startswith('_') and isinstance(v, (int, float, bool, str, dict))]
+               if not k.startswith('_') and isinstance(v, (int, float, bool, str, dict, list))]
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
 config = {k: globals()[k] for k in config_keys}
 # -----------------------------------------------------------------------------
@@ -122,6 +130,10 @@ RESUME_MAY_CHANGE = {'init_from', 'out_dir', 'overwrite', 'data_dir', 'max_iters
 DATA_IDENTITY = ('tokenizer_sha256', 'vocab_size', 'dtype', 'bos_id', 'eos_id', 'add_bos',
                  'add_eos', 'splits')
 STREAMS = {'train': 0, 'val': 1}  # separate random streams for the two splits
+# lora_targets' names -> the projection of a block they adapt
+LORA_TARGETS = {'q': 'self_attn.q_proj', 'k': 'self_attn.k_proj', 'v': 'self_attn.v_proj',
+                'o': 'self_attn.o_proj', 'gate': 'mlp.gate_proj', 'up': 'mlp.up_proj',
+                'down': 'mlp.down_proj'}
 SCAN_TOKENS = 1 << 26  # tokens per block of the scan for ids past the vocab (128 MB of uint16)
 RUN_FILE = re.compile(r'latest|hf|ckpt-\d+')  # a run in out_dir: a checkpoint or an export
 
@@ -194,6 +206,17 @@ def check_config():
          f"out_dir='{out_dir}' is a file, not a directory"),
         (not wandb_log or importlib.util.find_spec('wandb') is not None,
          'wandb_log=True needs wandb (pip install wandb)'),
+        (lora_rank >= 0, f'lora_rank={lora_rank}: must be >= 0 (0 = full fine-tuning)'),
+        (math.isfinite(lora_alpha) and lora_alpha > 0,
+         f'lora_alpha={lora_alpha}: must be a finite number > 0'),
+        (len(lora_targets) > 0 and all(isinstance(t, str) and t in LORA_TARGETS
+                                       for t in lora_targets)
+         and len(set(lora_targets)) == len(lora_targets),
+         f"lora_targets={lora_targets!r}: expected distinct names among "
+         f"{', '.join(LORA_TARGETS)}"),
+        (lora_rank > 0 or train_embeddings_norms,
+         'train_embeddings_norms=False freezes the embeddings and norms of a LoRA run: it needs '
+         'lora_rank > 0 (full fine-tuning trains every weight)'),
     ]
     for ok, msg in rules:
         if not ok:
@@ -268,7 +291,7 @@ def read_train_state():
 
 
 def check_resume(state, path):
-    saved = state['config']
+    saved = {'lora_rank': 0, **state['config']}  # a checkpoint from before LoRA: full fine-tuning
     for k, v in saved.items():
         now = config.get(k)
         if k not in RESUME_MAY_CHANGE and now != v:
@@ -452,6 +475,59 @@ def load_checkpoint(model, optimizer, ckpt_dir):
 
 
 # -----------------------------------------------------------------------------
+# LoRA / LoRA+: low-rank adapters on frozen weights, merged into them at export
+class LoRALinear(nn.Module):
+    """A frozen nn.Linear's weight (and bias) plus a trainable low-rank update (Hu et al. 2021):
+    y = x W^T + b + (alpha / rank) (x A^T) B^T. A [rank, in] gets nn.Linear's kaiming-uniform init,
+    B [out, rank] zeros, so training starts at the base model. State dict: weight, bias (the base's
+    names), lora_A, lora_B."""
+    def __init__(self, base, rank, alpha):
+        super().__init__()
+        self.weight, self.bias, self.scale = base.weight, base.bias, alpha / rank
+        kw = dict(device=base.weight.device, dtype=base.weight.dtype)
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, **kw))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, **kw))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias) \
+            + self.scale * F.linear(F.linear(x, self.lora_A), self.lora_B)
+
+
+def add_lora(model, rank, alpha, targets, embeddings_norms, frozen_dtype=torch.float32):
+    """In place, before any wrapping: every weight frozen, a LoRALinear on each `targets`
+    projection (LORA_TARGETS) of every block; embeddings_norms (LoRA+, LongLoRA: Chen et al. 2024):
+    the token embeddings, lm_head and every RMSNorm train too. Biases (Qwen2's q/k/v) stay frozen.
+    The frozen weights are then stored in frozen_dtype (bf16 halves them: what never updates needs
+    no fp32 master copy); what trains keeps its dtype."""
+    model.requires_grad_(False)
+    for block in model.layers:
+        for t in targets:
+            parent, name = LORA_TARGETS[t].split('.')
+            parent = getattr(block, parent)
+            setattr(parent, name, LoRALinear(getattr(parent, name), rank, alpha))
+    if embeddings_norms:
+        model.embed_tokens.weight.requires_grad_(True)
+        model.lm_head.weight.requires_grad_(True)  # (the same tensor when tied)
+        for m in model.modules():
+            if isinstance(m, RMSNorm):
+                m.weight.requires_grad_(True)
+    for p in model.parameters():
+        if not p.requires_grad:
+            p.data = p.data.to(frozen_dtype)
+
+
+def merge_lora(sd, scale):
+    """A full state dict with adapters -> the plain one, W' = W + scale * B A (in fp32, then the
+    weight's dtype), without the lora_A / lora_B keys."""
+    for key in [k for k in sd if k.endswith('.lora_A')]:
+        prefix = key[:-len('lora_A')]
+        a, b, w = sd.pop(key), sd.pop(prefix + 'lora_B'), sd[prefix + 'weight']
+        sd[prefix + 'weight'] = (w.float() + scale * (b.float() @ a.float())).to(w.dtype)
+    return sd
+
+
+# -----------------------------------------------------------------------------
 # checkpoints, logging, export
 def barrier():
     if dist.is_initialized():
@@ -533,6 +609,8 @@ def export(model, margs, tokenizer_src):
     options = sd_api.StateDictOptions(full_state_dict=True, cpu_offload=True)
     sd = sd_api.get_model_state_dict(model, options=options)
     if master:
+        if lora_rank:  # a plain checkpoint: the adapters merged into their weights, in fp32
+            sd = merge_lora(sd, lora_alpha / lora_rank)
         if dtype == 'bfloat16':
             sd = {k: v.to(torch.bfloat16) for k, v in sd.items()}  # bf16 on disk, as Llama's
         with torch.device('meta'):  # only .args are used: save_pretrained writes the gathered sd
@@ -661,6 +739,10 @@ def prepare():
         data['val'] = load_split('val', meta['vocab_size'])
     torch.manual_seed(seed)
     model, margs, tokenizer_src, full_sd = build_model(meta, resumed_args)
+    if lora_rank:  # adapters before the wrappers; rank 0's full state dict then holds them too
+        add_lora(model, lora_rank, lora_alpha, lora_targets, train_embeddings_norms,
+                 torch.bfloat16 if dtype == 'bfloat16' else torch.float32)
+        full_sd = model.state_dict() if full_sd is not None else None
     if meta['vocab_size'] > margs.vocab_size:
         raise UserError(f"data_dir='{data_dir}' was tokenized with vocab_size={meta['vocab_size']} "
                         f"> the model's {margs.vocab_size}")
@@ -680,6 +762,10 @@ def start_run(model, margs, iter_num):
     print(f'{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, world size '
           f'{world_size}, {tokens_per_iter:,} tokens per step, method={method} '
           f'train_len={train_len} target_len={target_len} rope_scaling={margs.rope_scaling}')
+    if lora_rank:
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        print(f"LoRA{'+' if train_embeddings_norms else ''}: rank {lora_rank} on "
+              f"{','.join(lora_targets)}, {trainable / 1e6:.2f}M trainable parameters")
     if wandb_log:
         import wandb  # optional: only with wandb_log=True
         wandb.init(project=wandb_project, name=wandb_run_name, config=config)

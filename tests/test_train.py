@@ -5,6 +5,7 @@ line."""
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -18,7 +19,9 @@ from safetensors.torch import load_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from conftest import DATA_VOCAB, ENV, TINY, make_data  # noqa: E402
+from conftest import (DATA_VOCAB, ENV, TINY, TOL, make_data, make_hf,  # noqa: E402
+                      max_logit_diff, positions)
+from errors import UserError  # noqa: E402
 
 
 @pytest.fixture(scope='module')
@@ -78,12 +81,19 @@ def test_two_processes_give_the_one_process_losses(tmp_path, data):
         torch.testing.assert_close(w1[k], w2[k], rtol=0, atol=1e-5)
 
 
-def test_kill_and_resume_is_bitwise(tmp_path, data):
+# LoRA+ on every projection, frozen weights in bf16: the adapters, the trained embeddings and
+# norms, their AdamW state and the frozen weights all go through the checkpoint
+LORA_BF16 = ['--lora_rank=4', "--lora_targets=['q','k','v','o','gate','up','down']",
+             '--dtype=bfloat16']
+
+
+@pytest.mark.parametrize('extra', [[], LORA_BF16], ids=['full', 'lora_bf16'])
+def test_kill_and_resume_is_bitwise(tmp_path, data, extra):
     """SIGKILL a run as soon as its first checkpoint exists (possibly mid-save of the next),
     resume it: the losses, the log and the exported weights are exactly those of the uninterrupted
     run."""
     common = TINY + [f'--data_dir={data}', '--max_iters=8', '--save_interval=2',
-                     '--eval_interval=4']
+                     '--eval_interval=4', *extra]
     a, b = tmp_path / 'a', tmp_path / 'b'
     uninterrupted = start(*common, f'--out_dir={a}')  # runs beside the one we kill
     with open(tmp_path / 'b.err', 'w') as err:
@@ -278,6 +288,7 @@ BAD_CONFIGS = [  # (overrides, what the one error line must name)
     (['--init_from=resume'], ['resume', 'no checkpoint']),
     # a paper config, through configurator.py
     (['config/pose_yarn_128k.py'], ["init_from='checkpoints/llama-7b'"]),
+    (['--lora_rank=4', "--lora_targets=['q','gate','mlp']"], ['lora_targets', "'mlp'", 'down']),
 ]
 
 
@@ -375,6 +386,10 @@ def test_every_config_checks_and_takes_its_first_step(tmp_path, monkeypatch, cap
         x, y, p = ns['get_batch'](data, 'train', 0, 0)
         assert x.shape == y.shape == p.shape == (4, T), name
         check_paper_constraints(x, y, p, method, cfg, T, L_t)
+        # a LoRA config: adapters on its targets, and only they, embeddings and norms train
+        lora = [n for n, p in model.named_parameters() if p.requires_grad and 'lora' in n]
+        assert len(lora) == 2 * len(cfg.get('lora_targets', [])) if cfg.get('lora_rank') \
+            else not lora, name
         autocast = ns['wrap_model'](model, None)
         loss, _, _ = ns['train_step'](model, ns['make_optimizer'](model), data, autocast, 0)
         assert math.isfinite(loss), name
@@ -446,3 +461,114 @@ def test_gpu_recipe_on_cpu_fsdp2_bf16_compile_checkpointing_and_resume(tmp_path,
     assert cfg['torch_dtype'] == 'bfloat16' and cfg['max_position_embeddings'] == 256
     w = load_file(tmp_path / 'hf/model.safetensors')
     assert all(t.dtype == torch.bfloat16 and torch.isfinite(t.float()).all() for t in w.values())
+
+
+# ---- LoRA / LoRA+ ----
+LORA_PROJ = {'q': 'q_proj', 'k': 'k_proj', 'v': 'v_proj', 'o': 'o_proj', 'gate': 'gate_proj',
+             'up': 'up_proj', 'down': 'down_proj'}  # lora_targets' names: the HF projections
+
+
+def lora_count(cfg, rank, targets, embeddings_norms):
+    """The trainable parameters LoRA+ prescribes, from an HF config.json: rank x (d_in + d_out) per
+    adapted projection per layer; LoRA+ adds the token embeddings, lm_head when untied and every
+    RMSNorm (two per layer and the final one)."""
+    d, f, layers = cfg['hidden_size'], cfg['intermediate_size'], cfg['num_hidden_layers']
+    hd = cfg.get('head_dim') or d // cfg['num_attention_heads']
+    q, kv = cfg['num_attention_heads'] * hd, cfg['num_key_value_heads'] * hd
+    d_in_out = {'q': (d, q), 'k': (d, kv), 'v': (d, kv), 'o': (q, d), 'gate': (d, f),
+                'up': (d, f), 'down': (f, d)}
+    n = layers * sum(rank * sum(d_in_out[t]) for t in targets)
+    if embeddings_norms:
+        n += cfg['vocab_size'] * d * (1 if cfg['tie_word_embeddings'] else 2)
+        n += (2 * layers + 1) * d
+    return n
+
+
+def test_lora_plus_trains_what_it_should_and_exports_merged_weights(tmp_path, data):
+    """LoRA+ (rank 4 on q, v, o, gate) from an HF model, one process and FSDP2 over 2 (rank 0
+    scatters weights and adapters): the same losses and export. Resumed in this process, the model
+    with its adapters unmerged gives transformers' logits on the export (merged, no extra keys);
+    the projections without adapters are the base's bit for bit; the trainable parameters and the
+    AdamW state are LoRA+'s count from config.json; a resume cannot change a LoRA setting."""
+    import transformers
+    _, base = make_hf(tmp_path, tie=False)
+    targets = ['q', 'v', 'o', 'gate']
+    one, two = tmp_path / 'one', tmp_path / 'two'
+    common = [f'--init_from={base}', f'--data_dir={data}', '--method=pose', '--train_len=24',
+              '--target_len=128', '--max_iters=3', '--eval_interval=3', '--eval_iters=1',
+              '--learning_rate=1e-2', '--warmup_iters=0', '--device=cpu', '--dtype=float32',
+              '--compile=False', '--activation_checkpointing=False',
+              '--gradient_accumulation_steps=1', '--lora_rank=4', f'--lora_targets={targets}']
+    procs = [start(*common, '--batch_size=2', f'--out_dir={one}'),
+             start(*common, '--batch_size=1', f'--out_dir={two}', nproc=2)]
+    for proc in procs:
+        finish(proc)
+    log1, log2 = read_log(one), read_log(two)
+    assert log1.keys() == log2.keys() and all(abs(log1[k] - log2[k]) < 1e-5 for k in log1)
+    w1, w2 = load_file(one / 'hf/model.safetensors'), load_file(two / 'hf/model.safetensors')
+    for k in w1:
+        torch.testing.assert_close(w1[k], w2[k], rtol=0, atol=1e-5)
+    # the export: the base's tensor names, nothing else; frozen projections untouched
+    w0 = load_file(os.path.join(base, 'model.safetensors'))
+    assert w1.keys() == w0.keys()
+    for k in w0:
+        adapted = any(f'.{LORA_PROJ[t]}.' in k for t in targets)
+        frozen = k.endswith('proj.weight') and not adapted
+        assert torch.equal(w1[k], w0[k]) == frozen, k  # the rest trained (embeddings, norms too)
+    # the trained model, adapters unmerged, from the last checkpoint
+    ns = train_globals(common + ['--batch_size=2', f'--out_dir={one}', '--init_from=resume'])
+    _, _, ckpt_dir, _, model, _, _, _ = ns['prepare']()
+    ns['wrap_model'](model, None)
+    opt = ns['make_optimizer'](model)
+    ns['load_checkpoint'](model, opt, ckpt_dir)
+    adapters = [m for m in model.modules() if hasattr(m, 'lora_B')]
+    assert len(adapters) == 2 * len(targets) and all(m.lora_B.abs().min() > 0 for m in adapters)
+    cfg = json.load(open(os.path.join(base, 'config.json')))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert sum(p.numel() for p in trainable) == lora_count(cfg, 4, targets, True)
+    assert {id(p) for g in opt.param_groups for p in g['params']} == {id(p) for p in trainable}
+    assert sum(s['exp_avg'].numel() for s in opt.state.values()) == lora_count(cfg, 4, targets,
+                                                                               True)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(one / 'hf'),
+                                                           dtype=torch.float32).eval()
+    for kind in ('contig', 'mixed'):
+        assert max_logit_diff(hf, model, positions(kind)) < TOL, kind
+    for change in ('--lora_rank=8', '--lora_alpha=8', "--lora_targets=['q']",
+                   '--train_embeddings_norms=False'):
+        key = change[2:].split('=')[0]
+        with pytest.raises(UserError, match=f"{key}=.* differs from the checkpoint's {key}="):
+            train_globals(common + ['--batch_size=2', f'--out_dir={one}', '--init_from=resume',
+                                    change])['prepare']()
+    # a checkpoint written before the LoRA keys existed was full fine-tuning: not resumed as LoRA
+    state_path = one / 'ckpt-3' / 'train_state.json'
+    state = json.load(open(state_path))
+    state['config'] = {k: v for k, v in state['config'].items() if 'lora' not in k}
+    state_path.write_text(json.dumps(state))
+    with pytest.raises(UserError, match="lora_rank=4 differs from the checkpoint's lora_rank=0"):
+        train_globals(common + ['--batch_size=2', f'--out_dir={one}',
+                                '--init_from=resume'])['prepare']()
+
+
+def test_lora_trainable_count_and_config_checks(tmp_path, capsys):
+    """add_lora on an HF model: the trainable parameters are LoRA+'s (or plain LoRA's) count from
+    config.json, tied embeddings counted once; a bad LoRA setting is one error naming it."""
+    from hf_checkpoint import load_pretrained
+    ns = train_globals(['--device=cpu', f'--out_dir={tmp_path / "o"}'])
+    for tie in (False, True):
+        _, base = make_hf(tmp_path / f'tie{tie}', tie=tie, kv=1)
+        cfg = json.load(open(os.path.join(base, 'config.json')))
+        for targets, plus in ((['q', 'k', 'v', 'o'], True), (list(LORA_PROJ), False),
+                              (['down'], True)):
+            model = load_pretrained(base, dtype=torch.float32)
+            ns['add_lora'](model, 8, 16.0, targets, plus)
+            count = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            assert count == lora_count(cfg, 8, targets, plus), (tie, targets, plus)
+    bad = [(['--lora_rank=-1'], 'lora_rank=-1'), (['--lora_alpha=0'], 'lora_alpha=0'),
+           (['--lora_targets=[]'], 'lora_targets=[]'),
+           (["--lora_targets=['q','q']"], "lora_targets=['q', 'q']"),
+           (['--train_embeddings_norms=False'], 'train_embeddings_norms=False')]
+    for args, needle in bad:
+        ns = train_globals(['--device=cpu', f'--out_dir={tmp_path / "o"}', *args])
+        with pytest.raises(UserError, match=re.escape(needle)):
+            ns['check_config']()
+    capsys.readouterr()
