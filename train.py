@@ -602,7 +602,10 @@ def prepare_select(data, meta, tokenizer_src, margs):
             else tokenizer_src
         what = f"select_by='{select_by}': the quick passkey (select_keys={select_keys})"
         try:
-            sel['tok'] = load_tokenizer(src or '')
+            if not src:
+                raise UserError('no tokenizer to build its prompts with (none in the model '
+                                "directory or the data's meta.json)")
+            sel['tok'] = load_tokenizer(src)
             sel['trials'] = make_trials(sorted({target_len, train_len}, reverse=True),
                                         select_keys, None, select_seed)
             for t in sel['trials']:
