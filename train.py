@@ -20,6 +20,8 @@ out_dir/latest        the name of the newest complete checkpoint (replaced atomi
                       deleted after)
 out_dir/log.jsonl     one JSON object per log line (train and val)
 out_dir/hf/           the final model in Hugging Face format (max_position_embeddings = target_len)
+out_dir/hf-best/      with select_by: the best step's model by that metric, and selected.json (its
+                      step and checks)
 
 A new run refuses an out_dir that holds another run; `init_from='resume'` continues it,
 `overwrite=True` replaces it. Under torchrun every rank checks the user's input (config, data, model
