@@ -648,8 +648,8 @@ def select_ppl_documents(val, bos_id):
 
 def select_net(model, margs):
     """The model the checks run on: in one process the training model itself; under FSDP2 a full
-    copy on rank 0 (its weights gathered as export() gathers them; the other ranks get None). The
-    checks then need no collective: the passkey's cached decoding is no forward FSDP2 hooks into."""
+    copy on rank 0 (its weights gathered as export() gathers them; the other ranks get None): the
+    checks run the blocks' forward_inference, which FSDP2's hooks (on forward) would not unshard."""
     if not ddp:
         return model
     options = sd_api.StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -668,13 +668,13 @@ def quick_checks(net, sel, autocast):
     was_training, chunk = net.training, net.infer_chunk
     net.eval()
     net.infer_chunk = INFER_CHUNK  # the eval scripts' no-grad forward (the wrapped blocks unused)
-    rec, cache, cached = {}, prompt_cache(net), []
+    by_len, cache, cached = {}, prompt_cache(net), []
     try:
         with torch.no_grad(), autocast:
             for t in sel['trials']:
                 r, cached = run_trial(net, sel['tok'], 'passkey', t, sel['hints'].get(t[0]), None,
                                       device, cache, cached)
-                rec.setdefault('passkey', {}).setdefault(str(t[0]), []).append(r)
+                by_len.setdefault(str(t[0]), []).append(r)
             nll, n = 0.0, 0
             for d in sel['docs']:
                 s, c = sliding_window_nll(net, d, target_len, add_bos=sel['bos_id'] is not None,
@@ -685,10 +685,10 @@ def quick_checks(net, sel, autocast):
         net.train(was_training)
     out = {}
     if sel['trials']:
-        out['passkey'] = {L: sum(r['pass'] for r in rs) for L, rs in rec['passkey'].items()}
+        out['passkey'] = {L: sum(r['pass'] for r in rs) for L, rs in by_len.items()}
         out['passkey_trials'] = select_keys
         out['key_logprob'] = {L: sum(r['key_logprob'] for r in rs) / len(rs)
-                              for L, rs in rec['passkey'].items()}
+                              for L, rs in by_len.items()}
     if sel['docs']:
         out['ppl'], out['ppl_tokens'] = math.exp(nll / n), n
     return out
@@ -710,9 +710,12 @@ def better(value, best):
 
 
 def resume_best(iter_num):
-    """Rank 0, after open_log: the best (iter, value) so far from log.jsonl (its records end at the
-    checkpoint), or None. An hf-best that is not that step's (exported after the checkpoint, or
-    cut by the kill) is removed: the resumed run exports its best again as it gets there."""
+    """Rank 0, after open_log: on resume the best (iter, value) so far from log.jsonl (its records
+    end at the checkpoint), or None. An hf-best that is not that step's (exported after the
+    checkpoint, or cut by the kill) is removed: the resumed run exports its best again as it gets
+    there."""
+    if init_from != 'resume':
+        return None
     log_path, best = os.path.join(out_dir, 'log.jsonl'), None
     if os.path.exists(log_path):
         with open(log_path, encoding='utf-8') as f:
@@ -771,9 +774,11 @@ def select_line(rec):
             for L, k in rec['passkey'].items()))
     if 'ppl' in rec:
         parts.append(f"ppl {rec['ppl']:.3f} at {target_len}")
+    v = rec['select_value']
+    v = f'{v[0]}/{select_keys}, {v[1]:.2f}' if select_by == 'passkey' else f'{v:.4f}'
     best = 'new best -> hf-best' if rec['best'] else f"best: iter {rec['best_iter']}"
-    return f"iter {rec['iter']}: {'; '.join(parts) or select_by}; {best} by {select_by}; " \
-           f"{rec['select_s']:.1f} s"
+    parts += [f'{select_by} {v}: {best}', f"{rec['select_s']:.1f} s"]
+    return f"iter {rec['iter']}: " + '; '.join(parts)
 
 
 # -----------------------------------------------------------------------------

@@ -178,6 +178,7 @@ def test_resume_keeps_the_best_of_the_log(train, monkeypatch, tmp_path):
     checkpoint); an hf-best of a later step (exported after the checkpoint) is removed, one of the
     logged best step kept; a replacement cut between its renames is restored first."""
     monkeypatch.setattr(train, 'out_dir', str(tmp_path))
+    monkeypatch.setattr(train, 'init_from', 'resume')
     log = [{'iter': 0, 'select_value': 5.0, 'best': True}, {'iter': 2, 'select_value': 4.0,
                                                            'best': True},
            {'iter': 4, 'select_value': 4.5, 'best': False}]
