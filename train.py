@@ -56,7 +56,7 @@ from eval_passkey import make_trials, prompt_cache, run_trial, trial_prompt
 from eval_ppl import select_docs, sliding_window_nll
 from errors import UserError, is_interrupt, read_json, remove, run, write_json_atomic, writing
 from hf_checkpoint import load_pretrained, save_pretrained
-from model import INFER_CHUNK, ModelArgs, Transformer, gpu_peak_flops, wrap_blocks
+from model import ModelArgs, Transformer, gpu_peak_flops, wrap_blocks
 from tokenizer import TOKENIZER_FILES, check_same_tokenizer, load_tokenizer
 
 # -----------------------------------------------------------------------------
@@ -665,6 +665,7 @@ def select_net(model, margs):
 def quick_checks(net, sel, autocast):
     """The passkey (passed and mean key log-likelihood per length) and the perplexity at
     target_len of `net`, in eval mode without autograd (train mode restored) -> log fields."""
+    from model import INFER_CHUNK  # (here: an int among the globals would be a config key)
     was_training, chunk = net.training, net.infer_chunk
     net.eval()
     net.infer_chunk = INFER_CHUNK  # the eval scripts' no-grad forward (the wrapped blocks unused)
