@@ -521,6 +521,37 @@ def trial_prompt(tok, task, trial, hint):
     return ids, p, text, rec, None, lambda text, done: all_values_state(text, values, done)
 
 
+def prompt_cache(net):
+    """A KVCache that consecutive trials share (run_trial), or None for 'dynamic' RoPE: it rescales
+    with the sequence length, so its cached keys depend on the forward that made them."""
+    if (net.args.rope_scaling or {}).get('rope_type') == 'dynamic':
+        return None
+    return KVCache(net.args.n_layers)
+
+
+def run_trial(net, tok, task, trial, hint=None, max_new_tokens=None, device='cpu', cache=None,
+              cached=()):
+    """One trial: its prompt (trial_prompt), greedy output and verdict (greedy_passkey) -> (the
+    trial's JSON record, the ids `cache` holds now). cache (prompt_cache): holds `cached`, the ids
+    of the trial before; the prefix they share is kept (extend_cache). None: a fresh cache.
+    max_new_tokens None: the task's own budget. train.py's checkpoint selection runs this too."""
+    ids, p, text, rec, key, judge = trial_prompt(tok, task, trial, hint)
+    if max(ids) >= net.args.vocab_size:
+        raise UserError(f"the tokenizer ({tok.path}) gives token id {max(ids)} >= the model's "
+                        f"vocab_size {net.args.vocab_size}: not the model's tokenizer?")
+    prompt = tok.encode(text, bos=True)  # what generation sees
+    guess = ids[len(prompt):] if ids[:len(prompt)] == prompt else ids[p:]
+    # the budget: the official 10 for the passkey; the needle tasks' whole answer + 10
+    budget = max_new_tokens or (10 if task == 'passkey' else len(ids) - p + 10)
+    if cache is not None:
+        cached = extend_cache(net, cache, cached, prompt[:-1], device)
+    ok, gen, tf_pred, key_lp, n_fwd = greedy_passkey(
+        net, prompt, guess, key, tok.decode, budget, tok.eos_id, device, cache, judge)
+    return {**rec, 'answer_ids': list(ids[p:]), 'pred_ids': tf_pred[:len(ids) - p],
+            'output_ids': gen, 'output': tok.decode(gen), 'forwards': n_fwd,
+            'key_logprob': key_lp, 'pass': ok}, cached
+
+
 def check_task():
     """The task keys (before the work): a known task, needle counts that fit the word list."""
     if task not in TASKS:
@@ -637,11 +668,7 @@ def main():
                              'check_tokenizer')
     net = load_model(model, rope_scaling, max_position_embeddings, dtype, device, lengths)
 
-    # 'dynamic' RoPE rescales with the sequence length, so its cached keys depend on the forward
-    # that made them
-    reuse = (net.args.rope_scaling or {}).get('rope_type') != 'dynamic'
-    # the prompt prefix shared with the previous trial
-    cache, cached = KVCache(net.args.n_layers), []
+    cache, cached = prompt_cache(net), []  # the prompt prefix shared with the previous trial
     if task == 'passkey':
         todo = make_trials(lengths, num_trials, depths, seed)
     else:
@@ -649,23 +676,10 @@ def main():
                                   num_queries)
     trials, hints, t0 = [], {}, time.time()
     for trial in tqdm(todo, desc=task):
-        ids, p, text, rec, key, judge = trial_prompt(tok, task, trial, hints.get(trial[0]))
+        rec, cached = run_trial(net, tok, task, trial, hints.get(trial[0]), max_new_tokens, device,
+                                cache, cached)
         hints[trial[0]] = rec['n_filler']
-        if max(ids) >= net.args.vocab_size:
-            raise UserError(f"the tokenizer ({tok.path}) gives token id {max(ids)} >= the model's "
-                            f"vocab_size {net.args.vocab_size}: not the model's tokenizer?")
-        prompt = tok.encode(text, bos=True)  # what generation sees
-        guess = ids[len(prompt):] if ids[:len(prompt)] == prompt else ids[p:]
-        # the budget: the official 10 for the passkey; the needle tasks' whole answer + 10
-        budget = max_new_tokens or (10 if task == 'passkey' else len(ids) - p + 10)
-        if reuse:
-            cached = extend_cache(net, cache, cached, prompt[:-1], device)
-        ok, gen, tf_pred, key_lp, n_fwd = greedy_passkey(
-            net, prompt, guess, key, tok.decode, budget, tok.eos_id, device,
-            cache if reuse else None, judge)
-        trials.append({**rec, 'answer_ids': list(ids[p:]), 'pred_ids': tf_pred[:len(ids) - p],
-                       'output_ids': gen, 'output': tok.decode(gen), 'forwards': n_fwd,
-                       'key_logprob': key_lp, 'pass': ok})
+        trials.append(rec)
     dt = time.time() - t0
 
     rows = accuracy_table(trials, lengths, depths)

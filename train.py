@@ -21,6 +21,8 @@ out_dir/latest        the name of the newest complete checkpoint (replaced atomi
 out_dir/log.jsonl     one JSON object per log line (train and val)
 out_dir/hf/           the final model in Hugging Face format (max_position_embeddings = target_len;
                       LoRA adapters merged into the weights)
+out_dir/hf-best/      with select_by: the best step's model by that metric, and selected.json (its
+                      step and checks)
 
 A new run refuses an out_dir that holds another run; `init_from='resume'` continues it,
 `overwrite=True` replaces it. Under torchrun every rank checks the user's input (config, data, model
@@ -53,10 +55,12 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 import rope
 import sample_positions  # SAMPLERS (a module: the configurator cannot take it for a config key)
 from data_format import open_split, read_meta
-from errors import UserError, is_interrupt, read_json, remove, run, writing
+from eval_passkey import make_trials, prompt_cache, run_trial, trial_prompt
+from eval_ppl import select_docs, sliding_window_nll
+from errors import UserError, is_interrupt, read_json, remove, run, write_json_atomic, writing
 from hf_checkpoint import load_pretrained, save_pretrained
 from model import ModelArgs, RMSNorm, Transformer, gpu_peak_flops, wrap_blocks
-from tokenizer import TOKENIZER_FILES, check_same_tokenizer
+from tokenizer import TOKENIZER_FILES, check_same_tokenizer, load_tokenizer
 
 # -----------------------------------------------------------------------------
 # default config values; a config file or --key=value overrides them (configurator.py)
@@ -106,6 +110,11 @@ eval_interval = 100  # val loss every this many steps, at step 0 and at the end 
 eval_iters = 10  # val batches per eval (the same draws every time)
 save_interval = 200  # checkpoint every this many steps, and at the end (0 = only at the end)
 log_interval = 1  # print + log.jsonl every this many steps
+# long-context checkpoint selection at every eval: quick checks logged, the best -> out_dir/hf-best
+select_by = ''  # '' = off | 'passkey' (ties: key log-lik.) | 'ppl' (at target_len) | 'loss' (val)
+select_keys = 5  # quick passkey trials at target_len and at train_len each (0 = no passkey check)
+select_ppl_docs = 4  # val documents of >= target_len tokens for the ppl check (0 = no ppl check)
+select_seed = 1007  # the checks' keys, depths and documents: not those of the evaluation runs
 seed = 1337  # data draws and scratch init
 check_tokenizer = True  # refuse data of another tokenizer than the model's (False: skip the check)
 peak_flops = 0.0  # per-device peak FLOP/s for MFU; 0 = model.PEAK_FLOPS's entry for the GPU
@@ -135,7 +144,7 @@ LORA_TARGETS = {'q': 'self_attn.q_proj', 'k': 'self_attn.k_proj', 'v': 'self_att
                 'o': 'self_attn.o_proj', 'gate': 'mlp.gate_proj', 'up': 'mlp.up_proj',
                 'down': 'mlp.down_proj'}
 SCAN_TOKENS = 1 << 26  # tokens per block of the scan for ids past the vocab (128 MB of uint16)
-RUN_FILE = re.compile(r'latest|hf|ckpt-\d+')  # a run in out_dir: a checkpoint or an export
+RUN_FILE = re.compile(r'latest|hf|hf-best|ckpt-\d+')  # a run in out_dir: checkpoints, exports
 
 warnings.filterwarnings('ignore', message='torch.distributed is disabled')  # dcp in one process
 ddp = 'RANK' in os.environ and 'WORLD_SIZE' in os.environ  # launched by torchrun
@@ -223,8 +232,27 @@ def check_config():
             raise UserError(msg)
     if rope_scaling is not None:
         rope.check(rope_scaling)
+    check_select_config()
     check_out_dir()
     check_device()
+
+
+def check_select_config():
+    """The checkpoint-selection keys (what they need of tokenizer and data: prepare_select)."""
+    rules = [
+        (select_by in ('', 'passkey', 'ppl', 'loss'),
+         f"select_by='{select_by}': expected '' (off), 'passkey', 'ppl' or 'loss'"),
+        (not select_by or eval_interval > 0,
+         f"select_by='{select_by}' selects at the evals: needs eval_interval > 0"),
+        (min(select_keys, select_ppl_docs) >= 0, 'select_keys and select_ppl_docs must be >= 0'),
+        (select_by != 'passkey' or select_keys >= 1,
+         f"select_by='passkey' needs select_keys >= 1 (got {select_keys})"),
+        (select_by != 'ppl' or select_ppl_docs >= 1,
+         f"select_by='ppl' needs select_ppl_docs >= 1 (got {select_ppl_docs})"),
+    ]
+    for ok, msg in rules:
+        if not ok:
+            raise UserError(msg)
 
 
 def check_out_dir():
@@ -603,9 +631,9 @@ def log(log_file, record, line):
         wandb.log(record, step=record['iter'])
 
 
-def export(model, margs, tokenizer_src):
-    """out_dir/hf in Hugging Face format, from rank 0 (a temp dir renamed into place by
-    save_pretrained)."""
+def export(model, margs, tokenizer_src, name='hf'):
+    """out_dir/<name> (the final model: hf) in Hugging Face format, from rank 0 (a temp dir renamed
+    into place by save_pretrained)."""
     options = sd_api.StateDictOptions(full_state_dict=True, cpu_offload=True)
     sd = sd_api.get_model_state_dict(model, options=options)
     if master:
@@ -615,7 +643,7 @@ def export(model, margs, tokenizer_src):
             sd = {k: v.to(torch.bfloat16) for k, v in sd.items()}  # bf16 on disk, as Llama's
         with torch.device('meta'):  # only .args are used: save_pretrained writes the gathered sd
             shell = Transformer(margs)
-        hf_dir = os.path.join(out_dir, 'hf')
+        hf_dir = os.path.join(out_dir, name)
         if isinstance(tokenizer_src, list):  # (moved since? then export without them)
             tokenizer_src = [p for p in tokenizer_src if os.path.isfile(p)]
         elif tokenizer_src and not os.path.isdir(tokenizer_src):
@@ -634,6 +662,204 @@ def export(model, margs, tokenizer_src):
         print(f'exported {hf_dir} (max_position_embeddings={margs.max_position_embeddings}, '
               f'rope_scaling={margs.rope_scaling})', flush=True)
     barrier()
+
+
+# -----------------------------------------------------------------------------
+# long-context checkpoint selection (select_by): at every eval, a quick passkey at target_len and
+# at train_len (eval_passkey.py's trials, greedy + the official verdict + the key's log-likelihood)
+# and the perplexity at target_len (eval_ppl.py's nanopose protocol at one length), logged with
+# their cost; the best step by select_by -> out_dir/hf-best, its step in hf-best/selected.json
+def prepare_select(data, meta, tokenizer_src, margs):
+    """The checks' fixed inputs, checked before the training: the passkey trials (keys and depths
+    from select_seed) with the model's tokenizer, every prompt built once; the val documents of the
+    perplexity, cut to target_len. -> the selection's state (a dict), or None (select_by='')."""
+    if not select_by:
+        return None
+    sel = {'tok': None, 'trials': [], 'hints': {}, 'docs': [], 'bos_id': meta.get('bos_id'),
+           'best': None}
+    if select_keys:
+        src = tokenizer_src[0] if isinstance(tokenizer_src, list) and tokenizer_src \
+            else tokenizer_src
+        what = f"select_by='{select_by}': the quick passkey (select_keys={select_keys})"
+        try:
+            if not src:
+                raise UserError('no tokenizer to build its prompts with (none in the model '
+                                "directory or the data's meta.json)")
+            sel['tok'] = load_tokenizer(src)
+            sel['trials'] = make_trials(sorted({target_len, train_len}, reverse=True),
+                                        select_keys, None, select_seed)
+            for t in sel['trials']:
+                hint = sel['hints'].get(t[0])
+                ids, _, _, rec, _, _ = trial_prompt(sel['tok'], 'passkey', t, hint)
+                sel['hints'][t[0]] = rec['n_filler']
+                if max(ids) >= margs.vocab_size:
+                    raise UserError(f"token id {max(ids)} >= the model's vocab_size "
+                                    f"{margs.vocab_size}: not the model's tokenizer?")
+        except UserError as e:
+            raise UserError(f"{what} at lengths {target_len} and {train_len}: {e} "
+                            "(select_keys=0 skips it)") from None
+    if select_ppl_docs:
+        sel['docs'] = select_ppl_documents(data['val'], sel['bos_id'])
+    return sel
+
+
+def select_ppl_documents(val, bos_id):
+    """select_ppl_docs val documents of >= target_len tokens (a leading BOS not counted, as
+    eval_ppl.py), drawn with select_seed, cut to target_len: each is one full window."""
+    tokens, offsets, _ = val
+    lens = np.diff(offsets)
+    lead = np.zeros(len(lens), np.int64)
+    if bos_id is not None:
+        lead[lens > 0] = np.asarray(tokens[offsets[:-1][lens > 0]]) == bos_id
+    if not (lens - lead >= target_len).any():
+        raise UserError(f"select_ppl_docs={select_ppl_docs}: the perplexity at target_len="
+                        f"{target_len} needs val documents of >= {target_len} tokens in data_dir="
+                        f"'{data_dir}' (the longest has {int((lens - lead).max())}; "
+                        "select_ppl_docs=0 skips it)")
+    ids = select_docs(lens - lead, target_len, select_ppl_docs, select_seed, 'random')
+    if len(ids) < select_ppl_docs and master:
+        print(f'note: select_ppl_docs={select_ppl_docs} but only {len(ids)} val document(s) have '
+              f'>= {target_len} tokens: the perplexity check is over {len(ids)}')
+    return [np.asarray(tokens[offsets[i] + lead[i]:offsets[i] + lead[i] + target_len])
+            for i in ids]
+
+
+def select_net(model, margs):
+    """The model the checks run on: in one process the training model itself; under FSDP2 a full
+    copy on rank 0 (its weights gathered as export() gathers them; the other ranks get None): the
+    checks run the blocks' forward_inference, which FSDP2's hooks (on forward) would not unshard."""
+    if not ddp:
+        return model
+    options = sd_api.StateDictOptions(full_state_dict=True, cpu_offload=True)
+    sd = sd_api.get_model_state_dict(model, options=options)
+    if not master:
+        return None
+    if lora_rank:  # the plain model's keys: the adapters merged, as the export does
+        sd = merge_lora(sd, lora_alpha / lora_rank)
+    with torch.device('meta'):
+        net = Transformer(margs)
+    net.load_state_dict(sd, assign=True)
+    return net.to(device, torch.bfloat16 if dtype == 'bfloat16' else torch.float32)
+
+
+def quick_checks(net, sel, autocast):
+    """The passkey (passed and mean key log-likelihood per length) and the perplexity at
+    target_len of `net`, in eval mode without autograd (train mode restored) -> log fields."""
+    from model import INFER_CHUNK  # (here: an int among the globals would be a config key)
+    was_training, chunk = net.training, net.infer_chunk
+    net.eval()
+    net.infer_chunk = INFER_CHUNK  # the eval scripts' no-grad forward (the wrapped blocks unused)
+    by_len, cache, cached = {}, prompt_cache(net), []
+    try:
+        with torch.no_grad(), autocast:
+            for t in sel['trials']:
+                r, cached = run_trial(net, sel['tok'], 'passkey', t, sel['hints'].get(t[0]), None,
+                                      device, cache, cached)
+                by_len.setdefault(str(t[0]), []).append(r)
+            nll, n = 0.0, 0
+            for d in sel['docs']:
+                s, c = sliding_window_nll(net, d, target_len, add_bos=sel['bos_id'] is not None,
+                                          bos_id=sel['bos_id'], device=device)
+                nll, n = nll + s, n + c
+    finally:
+        net.infer_chunk = chunk
+        net.train(was_training)
+    out = {}
+    if sel['trials']:
+        out['passkey'] = {L: sum(r['pass'] for r in rs) for L, rs in by_len.items()}
+        out['passkey_trials'] = select_keys
+        out['key_logprob'] = {L: sum(r['key_logprob'] for r in rs) / len(rs)
+                              for L, rs in by_len.items()}
+    if sel['docs']:
+        out['ppl'], out['ppl_tokens'] = math.exp(nll / n), n
+    return out
+
+
+def select_value(checks, val_loss):
+    """The select_by metric of one eval: [passed at target_len, mean key log-likelihood] for
+    'passkey' (higher is better), the perplexity or the val loss (lower is better)."""
+    if select_by == 'passkey':
+        return [checks['passkey'][str(target_len)], checks['key_logprob'][str(target_len)]]
+    return checks['ppl'] if select_by == 'ppl' else val_loss
+
+
+def better(value, best):
+    """value beats best (None: nothing selected yet); a tie keeps the earlier step."""
+    if best is None:
+        return True
+    return value > best if select_by == 'passkey' else value < best
+
+
+def resume_best(iter_num):
+    """Rank 0, after open_log: on resume the best (iter, value) so far from log.jsonl (its records
+    end at the checkpoint), or None. An hf-best that is not that step's (exported after the
+    checkpoint, or cut by the kill) is removed: the resumed run exports its best again as it gets
+    there."""
+    if init_from != 'resume':
+        return None
+    log_path, best = os.path.join(out_dir, 'log.jsonl'), None
+    if os.path.exists(log_path):
+        with open(log_path, encoding='utf-8') as f:
+            for rec in map(json.loads, f):
+                if rec.get('best') is True:
+                    best = (rec['iter'], rec['select_value'])
+    best_dir = os.path.join(out_dir, 'hf-best')
+    if not os.path.exists(best_dir) and os.path.isdir(best_dir + '.old'):
+        os.rename(best_dir + '.old', best_dir)  # a replacement cut between its two renames
+    remove(best_dir + '.tmp')  # an export cut by the kill
+    selected = os.path.join(best_dir, 'selected.json')
+    held = read_json(selected).get('iter') if os.path.isfile(selected) else None
+    if os.path.exists(best_dir) and (best is None or held != best[0]):
+        remove(best_dir)
+        print(f'note: removed {best_dir} (step {held}): not the best step up to the checkpoint '
+              f'at iter {iter_num}', flush=True)
+    return best
+
+
+def select_step(model, margs, sel, it, val_loss, autocast, tokenizer_src, log_file):
+    """At an eval: the quick checks on this step's weights (every rank takes part in the gather);
+    when select_by improves, these weights -> out_dir/hf-best and hf-best/selected.json; then one
+    log record of the checks, the selection and the seconds they took."""
+    t0 = time.time()
+    net = select_net(model, margs)
+    improved, checks, value = False, None, None
+    if master:
+        checks = quick_checks(net, sel, autocast)
+        value = select_value(checks, val_loss)
+        improved = better(value, None if sel['best'] is None else sel['best'][1])
+    del net
+    if ddp:  # rank 0 decided: every rank takes part in the export's gather
+        flag = [improved]
+        dist.broadcast_object_list(flag, src=0)
+        improved = flag[0]
+    if improved:
+        export(model, margs, tokenizer_src, 'hf-best')
+    if not master:
+        return
+    if improved:
+        sel['best'] = (it, value)
+        write_json_atomic(os.path.join(out_dir, 'hf-best', 'selected.json'),
+                          {'iter': it, 'select_by': select_by, 'value': value,
+                           'val_loss': val_loss, **checks})
+    rec = {'iter': it, **checks, 'select_by': select_by, 'select_value': value,
+           'best': improved, 'best_iter': sel['best'][0], 'select_s': time.time() - t0}
+    log(log_file, rec, select_line(rec))
+
+
+def select_line(rec):
+    """The console line of a selection record."""
+    parts = []
+    if 'passkey' in rec:
+        parts.append('passkey ' + ', '.join(
+            f"{k}/{rec['passkey_trials']} at {L} (key log-lik {rec['key_logprob'][L]:.2f})"
+            for L, k in rec['passkey'].items()))
+    if 'ppl' in rec:
+        parts.append(f"ppl {rec['ppl']:.3f} at {target_len}")
+    v = rec['select_value']
+    v = f'{v[0]}/{select_keys}, {v[1]:.2f}' if select_by == 'passkey' else f'{v:.4f}'
+    best = 'new best -> hf-best' if rec['best'] else f"best: iter {rec['best_iter']}"
+    parts += [f'{select_by} {v}: {best}', f"{rec['select_s']:.1f} s"]
+    return f"iter {rec['iter']}: " + '; '.join(parts)
 
 
 # -----------------------------------------------------------------------------
@@ -775,6 +1001,7 @@ def start_run(model, margs, iter_num):
 def main():
     try:
         data, meta, ckpt_dir, state, model, margs, tokenizer_src, full_sd = prepare()
+        sel = prepare_select(data, meta, tokenizer_src, margs)
     except UserError as e:
         if not master:  # every rank checked the same input: rank 0 alone says what is wrong
             raise SystemExit(e.code) from None
@@ -796,10 +1023,14 @@ def main():
         peak = gpu_peak_flops(torch.cuda.get_device_name())
     data_identity = {k: meta.get(k) for k in DATA_IDENTITY}
     log_file = start_run(model, margs, iter_num) if master else None
+    if sel is not None and master:
+        sel['best'] = resume_best(iter_num)
     try:
         if eval_interval > 0 and iter_num == 0:
             v = estimate_val_loss(model, data, autocast)
             log(log_file, {'iter': 0, 'val_loss': v}, f'iter 0: val loss {v:.4f}')
+            if sel is not None:
+                select_step(model, margs, sel, 0, v, autocast, tokenizer_src, log_file)
         while iter_num < max_iters:
             t0 = time.time()
             loss, lr, grad_norm = train_step(model, optimizer, data, autocast, iter_num)
@@ -811,6 +1042,8 @@ def main():
                 v = estimate_val_loss(model, data, autocast)
                 log(log_file, {'iter': iter_num, 'val_loss': v},
                     f'iter {iter_num}: val loss {v:.4f}')
+                if sel is not None:
+                    select_step(model, margs, sel, iter_num, v, autocast, tokenizer_src, log_file)
             if iter_num == max_iters or (save_interval > 0 and iter_num % save_interval == 0):
                 save_checkpoint(model, optimizer, margs, iter_num, tokenizer_src, data_identity)
         optimizer = None

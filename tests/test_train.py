@@ -91,9 +91,9 @@ LORA_BF16 = ['--lora_rank=4', "--lora_targets=['q','k','v','o','gate','up','down
 def test_kill_and_resume_is_bitwise(tmp_path, data, extra):
     """SIGKILL a run as soon as its first checkpoint exists (possibly mid-save of the next),
     resume it: the losses, the log and the exported weights are exactly those of the uninterrupted
-    run."""
+    run; so are checkpoint selection's checks (perplexity at target_len) and its best export."""
     common = TINY + [f'--data_dir={data}', '--max_iters=8', '--save_interval=2',
-                     '--eval_interval=4', *extra]
+                     '--eval_interval=4', '--select_by=loss', '--select_keys=0', *extra]
     a, b = tmp_path / 'a', tmp_path / 'b'
     uninterrupted = start(*common, f'--out_dir={a}')  # runs beside the one we kill
     with open(tmp_path / 'b.err', 'w') as err:
@@ -115,8 +115,15 @@ def test_kill_and_resume_is_bitwise(tmp_path, data, extra):
     assert read_log(a) == read_log(b)  # every train and val loss, bit for bit
     wa, wb = load_file(a / 'hf/model.safetensors'), load_file(b / 'hf/model.safetensors')
     assert all(torch.equal(wa[k], wb[k]) for k in wa) and wa.keys() == wb.keys()
+    wa, wb = load_file(a / 'hf-best/model.safetensors'), load_file(b / 'hf-best/model.safetensors')
+    assert all(torch.equal(wa[k], wb[k]) for k in wa) and wa.keys() == wb.keys()
+    checks = [[{k: v for k, v in json.loads(l).items() if k != 'select_s'} for l in
+               (d / 'log.jsonl').read_text().splitlines() if 'select_by' in l] for d in (a, b)]
+    assert checks[0] == checks[1] and [r['iter'] for r in checks[0]] == [0, 4, 8]
+    assert json.load(open(b / 'hf-best/selected.json')) \
+        == json.load(open(a / 'hf-best/selected.json'))
     # layout: one complete checkpoint named by `latest`, no temp dirs left
-    assert sorted(os.listdir(b)) == ['ckpt-8', 'hf', 'latest', 'log.jsonl']
+    assert sorted(os.listdir(b)) == ['ckpt-8', 'hf', 'hf-best', 'latest', 'log.jsonl']
     assert (b / 'latest').read_text().strip() == 'ckpt-8'
     assert json.load(open(b / 'ckpt-8/train_state.json'))['iter'] == 8
     lines = (b / 'log.jsonl').read_text().splitlines()
@@ -282,6 +289,8 @@ BAD_CONFIGS = [  # (overrides, what the one error line must name)
     (['--content=middle'], ["'middle'"]),
     (['--chunking=official', '--num_chunks=3'], ["chunking='official'", 'num_chunks=3']),
     (['--method=full'], ["method='full'", 'train_len']),
+    (['--select_by=best'], ["select_by='best'"]),
+    (['--select_by=loss'], ['select_keys=0', 'no tokenizer']),  # the data has no tokenizer
     (['--train_len=400', '--target_len=800'],
      ['no document is long enough', 'train', '401', 'longest has ']),
     (['--init_from=/no/such/model'], ['/no/such/model']),
