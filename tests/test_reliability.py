@@ -65,8 +65,10 @@ builtins.open = open
 def default_sigint():
     # a suite started in the background (`cmd &` in a script, nohup) inherits SIGINT ignored, and
     # Python then installs no Ctrl-C handler: the child must get the default back, or the SIGINT
-    # tests wait forever
+    # tests wait forever; a mask blocking SIGINT (set by a thread library in the parent) is
+    # inherited across exec too, so it is cleared as well
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
 def script(name, *args, patch=''):
