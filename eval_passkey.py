@@ -55,6 +55,7 @@ values joined by ", " after a space; it takes the key's place in the 1% length f
 guess and `key_logprob` (its teacher-forced log-likelihood). The output budget is the answer's
 tokens + 10 unless max_new_tokens is set.
 """
+import json
 import math
 import os
 import re
@@ -610,19 +611,26 @@ num_values = 4  # multivalue: values of the one key, all asked
 num_queries = 2  # multiquery: needles asked at once (the first num_queries of the num_needles)
 out = ''  # JSON results path ('' = out/<task>-<model>[-<rope override>].json)
 overwrite = False  # replace an existing `out` (else: refuse before evaluating)
+# keep the trials of an existing `out` made with the same settings but fewer num_trials, run the rest
+extend = False
 plot = ''  # heatmap PNG path ('' = none)
 CONFIG_TYPES = {'rope_scaling': dict, 'max_position_embeddings': int, 'tokenizer': str,
                 'depths': list, 'max_new_tokens': int}  # keys whose default is None
 
 
+def run_settings(net):
+    """The JSON's settings: what decides the trials and their verdicts."""
+    return {**task_settings(), 'lengths': lengths, 'num_trials': num_trials, 'depths': depths,
+            'seed': seed, 'max_new_tokens': max_new_tokens if max_new_tokens is not None else
+            10 if task == 'passkey' else 'answer tokens + 10',
+            'scoring': SCORING[task], 'dtype': dtype,
+            'torch_dtype': str(next(net.parameters()).dtype), 'device': device}
+
+
 def result_json(trials, rows, net, tok, seconds):
     """The run's JSON: settings, per length accuracy, passed / count and the 95% Wilson interval,
     the depth rows, every trial."""
-    settings = {'lengths': lengths, 'num_trials': num_trials, 'depths': depths, 'seed': seed,
-                'max_new_tokens': max_new_tokens if max_new_tokens is not None else
-                10 if task == 'passkey' else 'answer tokens + 10',
-                'scoring': SCORING[task], 'dtype': dtype,
-                'torch_dtype': str(next(net.parameters()).dtype), 'device': device}
+    settings = run_settings(net)
     passed = {L: sum(t['pass'] for t in trials if t['length'] == L) for L in lengths}
     count = {L: sum(t['length'] == L for t in trials) for L in lengths}
     return {
@@ -631,7 +639,7 @@ def result_json(trials, rows, net, tok, seconds):
         'rope_scaling_override': rope_scaling is not None,
         'max_position_embeddings': net.args.max_position_embeddings,
         'tokenizer': tok.files,
-        'settings': {**task_settings(), **settings},
+        'settings': settings,
         'accuracy': {str(L): rows['all'][L] for L in lengths},
         'passed': {str(L): passed[L] for L in lengths},
         'count': {str(L): count[L] for L in lengths},
@@ -642,13 +650,53 @@ def result_json(trials, rows, net, tok, seconds):
     }
 
 
+def reused_trials(path, todo, settings):
+    """extend=True: ({repr(trial): record}, its seconds) from the result at `path`, which must be
+    this model's and these settings' with at most num_trials; ({}, 0) when there is none. Its trials
+    are the first ones of this run's streams (trial_streams): the merged result equals one run."""
+    if not os.path.exists(path):
+        return {}, 0.0
+    try:
+        old = json.load(open(path))
+        old_settings, old_trials = old['settings'], old['trials']
+        old_model, old_override = old['model'], old['rope_scaling_override']
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"extend: {path} is not an eval_passkey result ({e})")
+    if old_model != os.path.abspath(model):
+        raise UserError(f"extend: {path} was made with model {old_model}, not {model}")
+    if (rope_scaling is not None) != old_override or (
+            rope_scaling is not None and old['rope_scaling'] != rope_scaling):
+        raise UserError(f"extend: {path} was made with rope_scaling "
+                        f"{old['rope_scaling'] if old_override else None}, not {rope_scaling}")
+    for k, v in settings.items():
+        if k != 'num_trials' and old_settings.get(k) != v:
+            raise UserError(f"extend: {path} was made with {k}={old_settings.get(k)!r}, "
+                            f"not {v!r}")
+    if old_settings['num_trials'] > num_trials:
+        raise UserError(f"extend: {path} has num_trials={old_settings['num_trials']} > "
+                        f"{num_trials}: nothing to extend")
+    before = make_todo(old_settings['num_trials'])
+    if len(before) != len(old_trials):
+        raise UserError(f"extend: {path} holds {len(old_trials)} trials, its settings make "
+                        f"{len(before)}")
+    return {repr(t): rec for t, rec in zip(before, old_trials)}, float(old.get('seconds', 0.0))
+
+
+def make_todo(n):
+    """This run's trials with num_trials=n."""
+    if task == 'passkey':
+        return make_trials(lengths, n, depths, seed)
+    return make_needle_trials(task, lengths, n, depths, seed, num_needles, num_values,
+                              num_queries)
+
+
 def main():
     from tqdm import tqdm  # after the config: a bad key fails before the heavy imports
 
     from tokenizer import check_same_tokenizer, load_tokenizer, sha256_file
 
     check_task()
-    path = check_run(task, model, rope_scaling, out, overwrite, plot)
+    path = check_run(task, model, rope_scaling, out, overwrite or extend, plot)
     if not lengths or any(not isinstance(L, int) or L < 1 for L in lengths):
         raise UserError(f"lengths must be a list of positive ints, got {lengths!r}")
     if depths is not None and (not depths or any(
@@ -669,18 +717,17 @@ def main():
     net = load_model(model, rope_scaling, max_position_embeddings, dtype, device, lengths)
 
     cache, cached = prompt_cache(net), []  # the prompt prefix shared with the previous trial
-    if task == 'passkey':
-        todo = make_trials(lengths, num_trials, depths, seed)
-    else:
-        todo = make_needle_trials(task, lengths, num_trials, depths, seed, num_needles, num_values,
-                                  num_queries)
+    todo = make_todo(num_trials)
+    done, seconds = reused_trials(path, todo, run_settings(net)) if extend else ({}, 0.0)
     trials, hints, t0 = [], {}, time.time()
     for trial in tqdm(todo, desc=task):
-        rec, cached = run_trial(net, tok, task, trial, hints.get(trial[0]), max_new_tokens, device,
-                                cache, cached)
+        rec = done.get(repr(trial))
+        if rec is None:
+            rec, cached = run_trial(net, tok, task, trial, hints.get(trial[0]), max_new_tokens,
+                                    device, cache, cached)
         hints[trial[0]] = rec['n_filler']
         trials.append(rec)
-    dt = time.time() - t0
+    dt = seconds + time.time() - t0  # with the extended result's own
 
     rows = accuracy_table(trials, lengths, depths)
     result = result_json(trials, rows, net, tok, dt)

@@ -740,6 +740,32 @@ def test_eval_passkey_cli(env):
     assert open(png, 'rb').read(8) == b'\x89PNG\r\n\x1a\n'
 
 
+def test_passkey_extend_equals_one_run(env, monkeypatch):
+    """extend=True keeps an earlier result's trials and runs only the new ones: the merged result
+    equals a run of all trials at once; a result made with other settings is refused."""
+    tmp, cfg = env['tmp'], dict(model=env['plain'], lengths=[300, 400], depths=[0.2, 0.8],
+                                max_new_tokens=4, device='cpu', seed=11)
+    run_main(monkeypatch, eval_passkey, num_trials=3, out=str(tmp / 'all.json'), **cfg)
+    run_main(monkeypatch, eval_passkey, num_trials=1, out=str(tmp / 'ext.json'), **cfg)
+    part = json.load(open(tmp / 'ext.json'))
+    for t in part['trials']:
+        t['kept'] = True  # a trial that is rerun loses this
+    json.dump(part, open(tmp / 'ext.json', 'w'))
+    run_main(monkeypatch, eval_passkey, num_trials=3, extend=True, out=str(tmp / 'ext.json'), **cfg)
+    full, ext = json.load(open(tmp / 'all.json')), json.load(open(tmp / 'ext.json'))
+    # forwards: the prefix reuse differs when trials are skipped
+    drop = lambda t: {k: v for k, v in t.items() if k not in ('forwards', 'kept')}  # noqa: E731
+    assert [drop(t) for t in ext['trials']] == [drop(t) for t in full['trials']]
+    assert sum(t.get('kept', False) for t in ext['trials']) == len(part['trials']) == 4
+    assert ext['passed'] == full['passed'] and ext['settings'] == full['settings']
+    with pytest.raises(UserError, match='extend: .* seed=11.*not 12'):
+        run_main(monkeypatch, eval_passkey, num_trials=4, extend=True, out=str(tmp / 'ext.json'),
+                 **dict(cfg, seed=12))
+    with pytest.raises(UserError, match='num_trials=3 > 2'):
+        run_main(monkeypatch, eval_passkey, num_trials=2, extend=True, out=str(tmp / 'ext.json'),
+                 **cfg)
+
+
 @pytest.mark.parametrize('depths', [[0.0, 0.5, 1.0], None])
 def test_passkey_accuracy_by_depth_is_an_independent_count(env, monkeypatch, depths):
     """accuracy and accuracy_by_depth against a count made here from what the model was really
