@@ -22,8 +22,9 @@
 #   5. report  demo/real.py --stage=report: counts with 95% Wilson intervals, paired McNemar /
 #              Wilcoxon tests
 # Every job writes one file and is skipped when it exists (training resumes from its last
-# checkpoint), so the table can be built over several sittings; jobs run JOBS at a time (default:
-# one per core), one thread each, in the order below (the paper regime's decisive cells first);
+# checkpoint; a passkey file with fewer trials than asked is extended), so the table can be built
+# over several sittings; jobs run JOBS at a time (default: one per core), one thread each, in the
+# order below (the paper regime's decisive cells first);
 # logs in $O/log-*.txt.
 # Usage: bash demo/real.sh
 #   PY=python  MODEL=dir (a converted SmolLM2)  SEEDS="1337 1" extension seeds
@@ -156,11 +157,13 @@ train() {  # row: pose32k-s1337 | contig16k-s1 | ...
 passkey() {  # row length[,length...] trials-per-depth [task: passkey (default) | multikey]
   local task=${4:-passkey}
   local f=$O/$task-$1-$2.json
-  [ -f $f ] && return 0
+  # done when it holds this many trials; one with fewer is extended (its trials kept)
+  [ -f $f ] && $PY -c "import json, sys; sys.exit(json.load(open('$f'))['settings'][
+    'num_trials'] < $3)" 2>/dev/null && return 0
   wait_model $1
   # shellcheck disable=SC2046  # model_args' words are --key=value pairs without spaces
   $PY eval_passkey.py $(model_args $1) --task=$task --lengths="[$2]" --depths="$DEPTHS" \
-      --num_trials=$3 --seed=7 "${DEVICE[@]}" --out=$f
+      --num_trials=$3 --seed=7 "${DEVICE[@]}" --extend=True --out=$f
 }
 ppl() {  # row corpus (stdlib | prose)
   local f=$O/ppl-$2-$1.json

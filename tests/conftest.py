@@ -3,6 +3,8 @@ from each other)."""
 import copy
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -126,6 +128,16 @@ ROPE_CASES = {  # name: (rope dict for transformers, max_position_embeddings)
 # ---- data and tokenizers (test_train, test_prepare_data, test_reliability) ----
 DATA_VOCAB = 64  # make_data's token ids
 ENV = dict(os.environ, OMP_NUM_THREADS='1', PYTHONWARNINGS='ignore')
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def start_train(*args, nproc=1):
+    """train.py in the background (torchrun over nproc gloo processes when nproc > 1)."""
+    cmd = [sys.executable, 'train.py'] if nproc == 1 else \
+        [sys.executable, '-m', 'torch.distributed.run', '--standalone',
+         f'--nproc_per_node={nproc}', 'train.py']
+    return subprocess.Popen(cmd + list(args), cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
 TINY = ['config/tiny_pose.py', '--init_from=scratch', '--log_interval=1', '--eval_iters=2']
 
 

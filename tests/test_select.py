@@ -9,7 +9,6 @@ import io
 import json
 import os
 import re
-import subprocess
 import sys
 
 import numpy as np
@@ -19,7 +18,7 @@ from safetensors.torch import load_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from conftest import ENV, TINY, make_data  # noqa: E402
+from conftest import ENV, TINY, make_data, start_train as start  # noqa: E402
 
 # the tokenizer's corpus: the passkey prompt's sentences (so the prompt is short enough at L_c)
 PASSKEY_TEXT = [
@@ -54,14 +53,6 @@ def data(tmp_path_factory):
     with open(os.path.join(d, 'meta.json'), 'w') as f:
         json.dump(meta, f)
     return d
-
-
-def start(*args, nproc=1):
-    cmd = [sys.executable, 'train.py'] if nproc == 1 else \
-        [sys.executable, '-m', 'torch.distributed.run', '--standalone',
-         f'--nproc_per_node={nproc}', 'train.py']
-    return subprocess.Popen(cmd + list(args), cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
 
 
 def finish(proc):

@@ -20,21 +20,13 @@ from safetensors.torch import load_file
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from conftest import (DATA_VOCAB, ENV, TINY, TOL, make_data, make_hf,  # noqa: E402
-                      max_logit_diff, positions)
+                      max_logit_diff, positions, start_train as start)
 from errors import UserError  # noqa: E402
 
 
 @pytest.fixture(scope='module')
 def data(tmp_path_factory):
     return make_data(str(tmp_path_factory.mktemp('data')))
-
-
-def start(*args, nproc=1):
-    cmd = [sys.executable, 'train.py'] if nproc == 1 else \
-        [sys.executable, '-m', 'torch.distributed.run', '--standalone',
-         f'--nproc_per_node={nproc}', 'train.py']
-    return subprocess.Popen(cmd + list(args), cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
 
 
 def finish(proc, check=True):
