@@ -34,6 +34,10 @@
 #   BASE_SEED=3     without BASE: pretrain with this seed; BASE_SEED="1 2 3": candidates
 #   TRIALS=30       passkey trials per length;  JOBS=N: jobs at a time
 #   QUICK=1         5 training steps per run, 4 passkey trials: a smoke test of the pipeline
+#   EXT_PASSKEY=0.1 this share of the extension data is pretraining's L_c-token passkey prompts
+#                   (default 0: none). The skill is then rehearsed at L_c only: retrieval past L_c
+#                   still has to come from the positions. Into out-demo-pk<share>/
+#   METHODS="pose contig"  the extension methods to run (default: full pose contig randpos)
 set -euo pipefail
 cd "$(dirname "$0")/.."  # the repo root: the stages and data / out dirs are relative to it
 PY=${PY:-.venv/bin/python}
@@ -41,6 +45,8 @@ SEEDS=${SEEDS:-1}
 BASE=${BASE:-}
 BASE_SEED=${BASE_SEED:-3}  # the pretraining seed of the README table's base (it retrieves at L_c)
 TRIALS=${TRIALS:-30}
+EXT_PASSKEY=${EXT_PASSKEY:-0}
+METHODS=${METHODS:-full pose contig randpos}
 EVAL_SEED=7  # eval_passkey's keys and depths for every model and seed: fixed, so trials are paired
 PROBE_SEED=1007  # the base probe's keys and depths: not the evaluation's
 D=data-demo
@@ -53,6 +59,14 @@ for s in $SEEDS $BASE_SEED; do
   [[ $s =~ ^[0-9]+$ ]] || die "SEEDS='$SEEDS' BASE_SEED='$BASE_SEED': '$s' is not an integer >= 0"
 done
 [[ $TRIALS =~ ^[1-9][0-9]*$ ]] || die "TRIALS='$TRIALS': expected a positive integer"
+[[ $EXT_PASSKEY =~ ^(0|0?\.[0-9]+)$ ]] \
+  || die "EXT_PASSKEY='$EXT_PASSKEY': expected a share in [0, 1), e.g. 0.1"
+for m in $METHODS; do
+  [[ $m =~ ^(full|pose|contig|randpos)$ ]] \
+    || die "METHODS='$METHODS': '$m' is not one of full pose contig randpos"
+done
+EXT=$D/ext  # the extension runs' data
+if [ "$EXT_PASSKEY" != 0 ]; then EXT=$D/ext-pk$EXT_PASSKEY; O=$O-pk$EXT_PASSKEY; fi
 TRAIN_ARGS=()
 if [ "${QUICK:-0}" = 1 ]; then
   TRAIN_ARGS=(--max_iters=5 --warmup_iters=1); TRIALS=4; O=out-demo-quick
@@ -81,6 +95,19 @@ if [ ! -f $D/ext/meta.json ]; then
   rm -rf $D/ext
   $PY prepare_data.py --input=$D/src/python_short.jsonl --val_input=$D/src/python_val.jsonl \
       --tokenizer=$D/tok/tokenizer.model --out_dir=$D/ext --num_proc=2
+fi
+if [ ! -f $EXT/meta.json ]; then
+  step "1/5 data: the extension data with a share $EXT_PASSKEY of L_c-token passkey prompts"
+  rm -rf $EXT
+  # stage_passkey writes the passkey prompts first in passkey_short.jsonl, then the copy drills
+  $PY -c "import sys; s = float(sys.argv[1]); py = open(sys.argv[2]).readlines()
+n = round(s / (1 - s) * len(py)); pk = open(sys.argv[3]).readlines()[:n]
+assert all('pass key' in line for line in pk), 'fewer passkey prompts than the share needs'
+open(sys.argv[4], 'w').writelines(pk)" "$EXT_PASSKEY" $D/src/python_short.jsonl \
+      $D/src/passkey_short.jsonl $D/src/passkey_ext.jsonl
+  $PY prepare_data.py --input=$D/src/python_short.jsonl,$D/src/passkey_ext.jsonl \
+      --val_input=$D/src/python_val.jsonl --tokenizer=$D/tok/tokenizer.model --out_dir=$EXT \
+      --num_proc=2
 fi
 PK=$(cat $D/src/passkey_lengths.txt)
 LT=512  # L_t (config/demo_pose.py)
@@ -119,8 +146,8 @@ extend() {  # seed method: fine-tune the base to L_t with this method and seed, 
   local S=$OB/seed-$1
   if [ ! -f $S/$2/hf/config.json ]; then
     rm -rf $S/$2 $S/*-$2.json
-    $PY train.py config/demo_$2.py --init_from=$BASE_HF --out_dir=$S/$2 --seed=$1 \
-        "${TRAIN_ARGS[@]}" || return 1
+    $PY train.py config/demo_$2.py --init_from=$BASE_HF --data_dir=$EXT --out_dir=$S/$2 \
+        --seed=$1 "${TRAIN_ARGS[@]}" || return 1
   fi
   evaluate $S $2 --model=$S/$2/hf
 }
@@ -177,10 +204,11 @@ OB=${sel##*selected: }
 for i in "${!dirs[@]}"; do if [ "${dirs[$i]}" = "$OB" ]; then BASE_HF=${cands[$i]% *}; fi; done
 
 step "3-4/5 extend $BASE_HF and evaluate: seeds $SEEDS, $JOBS jobs at a time, one thread each"
-{ for seed in $SEEDS; do echo "extend $seed full"; done  # the longest jobs first
+has() { [[ " $METHODS " == *" $1 "* ]]; }
+{ if has full; then for seed in $SEEDS; do echo "extend $seed full"; done; fi  # longest first
   echo "baselines"
   for seed in $SEEDS; do
-    echo "extend $seed pose"; echo "extend $seed contig"; echo "extend $seed randpos"
+    for m in pose contig randpos; do if has $m; then echo "extend $seed $m"; fi; done
   done
 } | pool $OB
 
