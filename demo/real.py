@@ -70,9 +70,11 @@ BASE_ROWS = {'original': 'Original', 'yarn4': 'YaRN-only x4', 'yarn2': 'YaRN-onl
 TRAINED = {'pose32k': 'PoSE 8k->32k', 'contig32k': 'Contiguous 8k', 'full32k': 'Full-length 32k',
            'lpose32k': 'PoSE 8k->32k linear', 'lcontig32k': 'Contiguous 8k linear',
            'pose64k': 'PoSE 8k->64k', 'contig64k': 'Contiguous 8k x8',
-           'pose16k': 'PoSE 2k->16k', 'contig16k': 'Contiguous 2k'}
-ORDER = ['original', 'pose32k', 'contig32k', 'full32k', 'yarn4', 'lpose32k', 'lcontig32k',
-         'linear4', 'pose64k', 'contig64k', 'yarn8', 'pose16k', 'contig16k', 'yarn2', 'linear2']
+           'pose16k': 'PoSE 2k->16k', 'contig16k': 'Contiguous 2k',
+           'lorapose32k': 'PoSE 8k->32k LoRA+'}
+ORDER = ['original', 'pose32k', 'contig32k', 'lorapose32k', 'full32k', 'yarn4', 'lpose32k',
+         'lcontig32k', 'linear4', 'pose64k', 'contig64k', 'yarn8', 'pose16k', 'contig16k', 'yarn2',
+         'linear2']
 # (PoSE, its control): the contiguous fine-tune isolates the skip-wise positions, the no-training
 # row with the same scaling isolates fine-tuning at all, full-length is the paper's upper bound
 PAIRS = [('pose32k', 'contig32k'), ('pose32k', 'yarn4'), ('pose32k', 'full32k'),

