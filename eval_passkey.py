@@ -650,7 +650,7 @@ def result_json(trials, rows, net, tok, seconds):
     }
 
 
-def reused_trials(path, todo, settings):
+def reused_trials(path, settings, tok_files):
     """extend=True: ({repr(trial): record}, its seconds) from the result at `path`, which must be
     this model's and these settings' with at most num_trials; ({}, 0) when there is none. Its trials
     are the first ones of this run's streams (trial_streams): the merged result equals one run."""
@@ -664,6 +664,9 @@ def reused_trials(path, todo, settings):
         raise UserError(f"extend: {path} is not an eval_passkey result ({e})")
     if old_model != os.path.abspath(model):
         raise UserError(f"extend: {path} was made with model {old_model}, not {model}")
+    if old.get('tokenizer') != tok_files:
+        raise UserError(f"extend: {path} was made with tokenizer {old.get('tokenizer')}, "
+                        f"not {tok_files}")
     if (rope_scaling is not None) != old_override or (
             rope_scaling is not None and old['rope_scaling'] != rope_scaling):
         raise UserError(f"extend: {path} was made with rope_scaling "
@@ -718,7 +721,7 @@ def main():
 
     cache, cached = prompt_cache(net), []  # the prompt prefix shared with the previous trial
     todo = make_todo(num_trials)
-    done, seconds = reused_trials(path, todo, run_settings(net)) if extend else ({}, 0.0)
+    done, seconds = reused_trials(path, run_settings(net), tok.files) if extend else ({}, 0.0)
     trials, hints, t0 = [], {}, time.time()
     for trial in tqdm(todo, desc=task):
         rec = done.get(repr(trial))
