@@ -196,7 +196,7 @@ def passkey_table(res, names, kind='trials'):
     if not lengths:
         return '(not measured)'
     w = max(len(n) for n in names.values())
-    lines = [f"{'':<{w}}" + ''.join(f"{L:>17}" for L in lengths)]
+    lines = [f"{'':<{w}}" + ''.join(f"{L:>18}" for L in lengths)]
     for r, v in res.items():
         cells = []
         for L in lengths:
@@ -205,7 +205,7 @@ def passkey_table(res, names, kind='trials'):
             lo, hi = wilson(k, n)
             cells.append(f"{k}/{n} [{lo:.2f},{hi:.2f}]" if n else '-')
         if any(c != '-' for c in cells):
-            lines.append(f"{names[r]:<{w}}" + ''.join(f"{c:>17}" for c in cells))
+            lines.append(f"{names[r]:<{w}}" + ''.join(f"{c:>18}" for c in cells))
     return '\n'.join(lines)
 
 
