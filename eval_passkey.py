@@ -106,7 +106,8 @@ def wilson(k, n, z=1.96):
     p = k / n
     mid = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return max(0.0, mid - half), min(1.0, mid + half)
+    # the ends at k = 0 and k = n are exactly 0 and 1 (in floats mid + half can fall 1e-16 short)
+    return 0.0 if k == 0 else max(0.0, mid - half), 1.0 if k == n else min(1.0, mid + half)
 
 
 def mcnemar_exact(a, b):

@@ -564,6 +564,10 @@ def test_wilson_interval():
         ends = (0.0 if k == 0 else root(0.0, k / n), 1.0 if k == n else root(k / n, 1.0))
         got = eval_passkey.wilson(k, n)
         assert abs(got[0] - ends[0]) < 1e-9 and abs(got[1] - ends[1]) < 1e-9, (k, n, got, ends)
+    # the ends hold the proportion itself: an error bar from k/n to either end is never negative
+    for k, n in [(90, 90), (0, 90), (7, 7), (0, 7), (45, 90)]:
+        lo, hi = eval_passkey.wilson(k, n)
+        assert lo <= k / n <= hi and (hi == 1.0) == (k == n) and (lo == 0.0) == (k == 0)
 
 
 def test_paired_tests_brute_force():
