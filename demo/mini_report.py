@@ -588,14 +588,16 @@ def report_lines(runs, labels, meta=None):
     lines += mean_section(runs, labels, title, 'step_ms', '.0f')
     per_seed = {s: claims(r, tests.get(s, {})) for s, r in runs.items()}
     lines += ['Claims (per extension seed: + holds, - fails, ? not measured):']
-    lines += claim_lines(per_seed, seed_list)
-    if len(seed_list) > 1:
+    claim = claim_lines(per_seed, seed_list)
+    if len(seed_list) > 1:  # the pooled PoSE-above-Contiguous test, under its per-seed line
         v = above(tests['pooled'])
         nw = max(len(c) for c, _ in per_seed[seed_list[0]])
         name = '... the same, pooled over the seeds'
-        lines.append(f"  {mark(v):<{max(len(seed_list), 5)}} {name:<{nw}}  "
+        at = 1 + next(i for i, (c, _) in enumerate(per_seed[seed_list[0]])
+                      if c.startswith('PoSE above Contiguous'))
+        claim.insert(at, f"  {mark(v):<{max(len(seed_list), 5)}} {name:<{nw}}  "
                      + ('unmeasured' if v is None else 'holds' if v else 'fails'))
-    return lines, per_seed, tests
+    return lines + claim, per_seed, tests
 
 
 def claim_lines(per_seed, seed_list):

@@ -148,6 +148,8 @@ def test_report_counts_intervals_paired_tests_and_claims(tmp_path, monkeypatch, 
     # p 0.031; 0.63 and 0.44
     assert v['PoSE above Contiguous at each length past L_c (p < 0.05)'] == '+-'
     assert v['... the same, pooled over the seeds'] == '+'  # McNemar 9 vs 1: p 0.021
+    at = next(i for i, line in enumerate(lines) if 'PoSE above Contiguous at each' in line)
+    assert '... the same, pooled over the seeds' in lines[at + 1]  # under the claim it pools
     assert v['Full-length passkey >= 0.9 at every length'] == '++'
     assert v['RandPos passkey at L_t <= PoSE - 0.3'] == '+-'  # 0 <= 0.9 - 0.3; 0.1 > 0.3 - 0.3
     assert v['Contiguous ppl at L_t above PoSE'] == '+-'  # 30 > 10.4; 9 < 10.4
