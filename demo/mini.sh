@@ -65,12 +65,12 @@ for m in $METHODS; do
   [[ $m =~ ^(full|pose|contig|randpos)$ ]] \
     || die "METHODS='$METHODS': '$m' is not one of full pose contig randpos"
 done
-EXT=$D/ext  # the extension runs' data
-if [ "$EXT_PASSKEY" != 0 ]; then EXT=$D/ext-pk$EXT_PASSKEY; O=$O-pk$EXT_PASSKEY; fi
 TRAIN_ARGS=()
 if [ "${QUICK:-0}" = 1 ]; then
   TRAIN_ARGS=(--max_iters=5 --warmup_iters=1); TRIALS=4; O=out-demo-quick
 fi
+EXT=$D/ext  # the extension runs' data
+if [ "$EXT_PASSKEY" != 0 ]; then EXT=$D/ext-pk$EXT_PASSKEY; O=$O-pk$EXT_PASSKEY; fi
 mkdir -p "$O"
 
 if [ ! -f $D/short/meta.json ]; then
