@@ -61,6 +61,7 @@ HALF=$(( (TRIALS + 1) / 2 ))
 # (paper = the 8k -> 32k rows and YaRN-only x4)
 PK_PAPER="16384:$TRIALS 24576:$TRIALS 32768:$HALF 8192:1 4096:1"
 PK_SHORT="16384:$HALF 12288:$HALF 8192:1 4096:1"
+PK_LORA="16384:$HALF 8192:1"  # the LoRA+ row
 # multikey (RULER's needle task): the Original and PoSE 8k->32k, 10 trials per length
 MK="8192:2 16384:2"
 # perplexity (eval_ppl's default protocol): each document's first max(lengths) tokens, disjoint
@@ -70,7 +71,8 @@ PPL_STD="[2048,8192,16384]"; STD_DOCS=2
 PPL_PROSE="[2048,16384]"; PROSE_DOCS=0
 TRAIN_ARGS=(); DEVICE=(--device=cpu --dtype=bfloat16)
 if [ "${QUICK:-0}" = 1 ]; then
-  O=${OUT:-out-real-quick}; DEPTHS="[0.5]"; PK_PAPER="2048:1"; PK_SHORT="2048:1"; MK="2048:1"
+  O=${OUT:-out-real-quick}; DEPTHS="[0.5]"; PK_PAPER="2048:1"; PK_SHORT="2048:1"
+  PK_LORA="2048:1"; MK="2048:1"
   PPL_STD="[1024,2048]"; PPL_PROSE="[1024,2048]"; STD_DOCS=1; PROSE_DOCS=1
   TRAIN_ARGS=(--max_iters=2 --warmup_iters=1 --gradient_accumulation_steps=1 --train_len=512
               --save_interval=1)
@@ -229,7 +231,7 @@ jobs_in_order() {
   done
   # PoSE with LoRA+ (the same run, rank-8 adapters): beside the full fine-tune
   echo "train lorapose32k-s$first"
-  for L in 16384:$HALF 8192:1; do echo "passkey lorapose32k-s$first ${L/:/ }"; done
+  for L in $PK_LORA; do echo "passkey lorapose32k-s$first ${L/:/ }"; done
   echo "ppl lorapose32k-s$first prose"
   for s in $SEEDS; do echo "train pose16k-s$s"; echo "train contig16k-s$s"; done
   for L in $PK_SHORT; do
