@@ -700,7 +700,6 @@ def main():
     from tokenizer import check_same_tokenizer, load_tokenizer, sha256_file
 
     check_task()
-    path = check_run(task, model, rope_scaling, out, overwrite or extend, plot)
     if not lengths or any(not isinstance(L, int) or L < 1 for L in lengths):
         raise UserError(f"lengths must be a list of positive ints, got {lengths!r}")
     if depths is not None and (not depths or any(
@@ -714,6 +713,8 @@ def main():
     if num_trials < 1:
         raise UserError(f"num_trials must be >= 1, got {num_trials}")
     torch_dtype(dtype, device)  # a bad dtype fails here, before the work
+    # the result's name is claimed once the settings are known good, before the work
+    path = check_run(task, model, rope_scaling, out, overwrite or extend, plot)
     tok = load_tokenizer(tokenizer or model)
     if tokenizer and check_tokenizer:
         check_same_tokenizer(sha256_file(tok.path), f"tokenizer='{tokenizer}'", model,

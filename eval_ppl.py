@@ -542,9 +542,6 @@ def main():
         plot_results(results, plot)
         print(f"wrote {plot}")
         return
-    # before reading any data
-    path = check_run('ppl', model, rope_scaling, out, overwrite, plot, protocol)
-    others = [load_result(p) for p in plot_inputs]  # the plot's other lines, read before the work
     if bool(data_dir) == bool(input):
         raise UserError("give exactly one of --data_dir (a prepared split) "
                         "or --input (raw text files)")
@@ -553,6 +550,9 @@ def main():
                         f"got {max_position_embeddings}")
     given = {k: globals()[k] for k in SETTING_KEYS}
     st = resolve_protocol(protocol, given)
+    # the result's name is claimed once the settings are known good, before reading any data
+    path = check_run('ppl', model, rope_scaling, out, overwrite, plot, protocol)
+    others = [load_result(p) for p in plot_inputs]  # the plot's other lines, read before the work
     docs, ids, data_info, bos_id = load_docs(st)
     # the result is not over what the protocol asks
     if st['num_docs'] and len(ids) < st['num_docs']:

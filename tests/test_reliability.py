@@ -706,8 +706,10 @@ def test_eval_refuses_or_says_what_would_mislabel_a_result(run, tmp_path):
     res = str(tmp_path / 'r.json')
     common = ('eval_ppl.py', f"--model={run['hf']}", f"--data_dir={run['data']}", '--split=train',
               '--device=cpu', f'--out={res}')
+    # the two run at once, so each has its own result name (one would hold the other's lock)
     refused_all([((*common, '--doc_tokens=16', '--lengths=[64]'), ['doc_tokens=16', 'L=64']),
-                 ((*common, '--min_doc_len=20', '--lengths=[64]'), ['min_doc_len=20', 'L=64'])])
+                 ((*common, '--min_doc_len=20', '--lengths=[64]', f"--out={tmp_path / 's.json'}"),
+                  ['min_doc_len=20', 'L=64'])])
     assert files(tmp_path) == []
     # paper_table1 asks for 50 documents, 12 qualify: said on the console, under the table, in JSON
     proc = script(*common, '--protocol=paper_table1', '--lengths=[64]', '--min_doc_len=63',
