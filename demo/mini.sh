@@ -99,12 +99,7 @@ fi
 if [ ! -f $EXT/meta.json ]; then
   step "1/5 data: the extension data with a share $EXT_PASSKEY of L_c-token passkey prompts"
   rm -rf $EXT
-  # stage_passkey writes the passkey prompts first in passkey_short.jsonl, then the copy drills
-  $PY -c "import sys; s = float(sys.argv[1]); py = open(sys.argv[2]).readlines()
-n = round(s / (1 - s) * len(py)); pk = open(sys.argv[3]).readlines()[:n]
-assert all('pass key' in line for line in pk), 'fewer passkey prompts than the share needs'
-open(sys.argv[4], 'w').writelines(pk)" "$EXT_PASSKEY" $D/src/python_short.jsonl \
-      $D/src/passkey_short.jsonl $D/src/passkey_ext.jsonl
+  $PY demo/mini_report.py --stage=rehearsal --ext_passkey=$EXT_PASSKEY --src_dir=$D/src
   $PY prepare_data.py --input=$D/src/python_short.jsonl,$D/src/passkey_ext.jsonl \
       --val_input=$D/src/python_val.jsonl --tokenizer=$D/tok/tokenizer.model --out_dir=$EXT \
       --num_proc=2

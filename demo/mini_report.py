@@ -4,6 +4,7 @@ model, prints the final table.
 
     python demo/mini_report.py --stage=sources  # stdlib -> src/python_{train,val}.jsonl, tok.jsonl
     python demo/mini_report.py --stage=passkey  # src/python_short.jsonl, passkey_short.jsonl, ...
+    python demo/mini_report.py --stage=rehearsal --ext_passkey=0.1  # src/passkey_ext.jsonl
     python demo/mini_report.py --stage=base --base=DIR  # checks DIR's sha256, prints its output dir
     python demo/mini_report.py --stage=select --base_dirs="A B"  # passkey probes at L_c: the base
     python demo/mini_report.py --stage=report --out_dir=out-demo/base-X --seeds="1 2"  # table, plot
@@ -44,7 +45,7 @@ from eval_passkey import compare_paired, wilson  # noqa: E402
 from tokenizer import sha256_file  # noqa: E402
 
 # -----------------------------------------------------------------------------
-stage = 'report'  # 'sources' | 'passkey' | 'base' | 'select' | 'report'
+stage = 'report'  # 'sources' | 'passkey' | 'rehearsal' | 'base' | 'select' | 'report'
 src_dir = 'data-demo/src'  # where the demo's jsonl inputs go
 tokenizer = 'data-demo/tok/tokenizer.model'  # the demo's sentencepiece model (stage passkey)
 train_len = 128  # L_c: the original window
@@ -60,6 +61,8 @@ passkey_share = 0.4  # fraction of the drawable training documents that are pass
 copy_share = 0.2
 # the stdlib files are cut into pieces of this many tokens for the L_c mix (python_pieces)
 piece_tokens = 512
+# stage rehearsal: the share of the extension data that is pretraining's passkey prompts
+ext_passkey = 0.1
 seed = 1337  # file split, keys, depths
 base = ''  # stage base: an HF dir of a pretrained Original
 base_sha256 = ''  # stage base: its weights' sha256 ('' = base/model.safetensors.sha256, if any)
@@ -208,6 +211,25 @@ def stage_passkey():
     with open(os.path.join(src_dir, 'passkey_lengths.txt'), 'w') as f:
         f.write(','.join(map(str, lengths)) + '\n')
     print(f'passkey eval lengths: {lengths} (written to {src_dir}/passkey_lengths.txt)')
+
+
+def stage_rehearsal():
+    """src/passkey_ext.jsonl: the first of pretraining's L_c-token passkey prompts, as many as make
+    them `ext_passkey` of the extension data beside the stdlib pieces (mini.sh EXT_PASSKEY): the
+    skill is rehearsed at L_c only, so retrieval past L_c still has to come from the positions."""
+    if not 0 < ext_passkey < 1:
+        raise UserError(f"ext_passkey={ext_passkey!r}: expected a share in (0, 1)")
+    short = read_jsonl(os.path.join(src_dir, 'python_short.jsonl'))
+    path = os.path.join(src_dir, 'passkey_short.jsonl')
+    n = round(ext_passkey / (1 - ext_passkey) * len(short))
+    # stage passkey writes its passkey prompts first, then the copy drills
+    docs = read_jsonl(path)[:n]
+    if len(docs) < n or not all('pass key' in d for d in docs):
+        raise UserError(f"{path}: fewer than {n} passkey prompts lead it, which "
+                        f"ext_passkey={ext_passkey} needs next to {len(short)} stdlib pieces")
+    write_jsonl_atomic(os.path.join(src_dir, 'passkey_ext.jsonl'), docs)
+    print(f'passkey_ext: {n} passkey documents next to {len(short)} python documents '
+          f'({100 * n / (n + len(short)):.1f}% of what the extension runs draw)')
 
 
 def passkey_eval_lengths(tok, rng):
@@ -698,8 +720,8 @@ def plot(runs, labels):
 
 
 def main():
-    stages = {'sources': stage_sources, 'passkey': stage_passkey, 'base': stage_base,
-              'select': stage_select, 'report': stage_report}
+    stages = {'sources': stage_sources, 'passkey': stage_passkey, 'rehearsal': stage_rehearsal,
+              'base': stage_base, 'select': stage_select, 'report': stage_report}
     if stage not in stages:
         raise UserError(f"stage='{stage}': expected one of {', '.join(stages)}")
     stages[stage]()

@@ -251,6 +251,23 @@ def test_select_the_first_base_that_retrieves(tmp_path, monkeypatch, capsys):
         select([str(tmp_path)])
 
 
+def test_rehearsal_takes_the_leading_passkey_prompts_at_the_share(tmp_path, monkeypatch, capsys):
+    """9 stdlib pieces, 4 passkey prompts then 2 drills: a share of 1/4 is 3 prompts (3 of 12
+    drawn documents), the first three; a share that needs more prompts than lead is refused."""
+    src = str(tmp_path)
+    python = [f'def f{i}(): pass' for i in range(9)]
+    prompts = [f'the pass key is {k}. What is the pass key? {k}' for k in range(4)]
+    for name, texts in (('python_short', python), ('passkey_short', prompts + ['a b a b'] * 2)):
+        with open(os.path.join(src, name + '.jsonl'), 'w') as f:
+            f.writelines(json.dumps({'text': t}) + '\n' for t in texts)
+    stage(monkeypatch, capsys, stage='rehearsal', src_dir=src, ext_passkey=0.25)
+    with open(os.path.join(src, 'passkey_ext.jsonl')) as f:
+        assert [json.loads(line)['text'] for line in f] == prompts[:3]
+    for share in (0.5, 0.0):  # 9 prompts: the drills lead after 4; 0: nothing to write
+        with pytest.raises(UserError, match=f'ext_passkey={share}'):
+            stage(monkeypatch, capsys, stage='rehearsal', src_dir=src, ext_passkey=share)
+
+
 def test_missing_input_is_one_line_and_a_bug_keeps_its_traceback(tmp_path):
     """Stage passkey before stage sources: one line naming the missing file, exit 2; a report with
     no results of its rows: one line. A bad file's contents that the code does not check (a ppl
