@@ -395,8 +395,8 @@ def paired_tests(runs, a='pose', b='contig'):
     def paired(ta, tb):
         t = compare_paired(ta, tb)
         if not t['n'] == len(ta) == len(tb):
-            raise UserError('PoSE and Contiguous were not evaluated on the same passkey trials '
-                            '(another eval_passkey seed or num_trials?): no paired test')
+            raise UserError(f'{LABELS[a]} and {LABELS[b]} were not evaluated on the same passkey '
+                            f'trials (another eval_passkey seed or num_trials?): no paired test')
         return t
     out = {}
     for s, r in runs.items():
@@ -551,14 +551,39 @@ def paired_lines(tests, seed_list):
              '(d = PoSE - Contiguous, nats):',
              f"{'seed':<8}{'L':>5}{'PoSE':>9}{'Contig':>9}{'P only':>8}{'C only':>8}"
              f"{'McNemar p':>11}{'mean d':>9}{'Wilcoxon p':>12}{'n':>5}"]
-    for s, L, t in rows:
-        (pa, pb), (da, db), n = t['passed'], t['discordant'], t['n']
-        wil = f"{'-':>9}{'-':>12}{'-':>5}"
-        if 'wilcoxon_p' in t:
-            wil = f"{t['mean_dlogp']:>+9.2f}{t['wilcoxon_p']:>12.2g}{t['wilcoxon_n']:>5}"
-        lines.append(f"{s:<8}{L:>5}{f'{pa}/{n}':>9}{f'{pb}/{n}':>9}{da:>8}{db:>8}"
-                     f"{t['mcnemar_p']:>11.2g}" + wil)
-    return lines + ['']
+    return lines + [test_line(s, L, t, 8) for s, L, t in rows] + ['']
+
+
+def test_line(name, L, t, width):
+    """One paired test's row: name, L, both arms' passes, the discordant pairs, McNemar p, then
+    the mean key log-likelihood difference, Wilcoxon p and its n (- without log-likelihoods)."""
+    (pa, pb), (da, db), n = t['passed'], t['discordant'], t['n']
+    wil = f"{'-':>9}{'-':>12}{'-':>5}"
+    if 'wilcoxon_p' in t:
+        wil = f"{t['mean_dlogp']:>+9.2f}{t['wilcoxon_p']:>12.2g}{t['wilcoxon_n']:>5}"
+    return (f"{name:<{width}}{L:>5}{f'{pa}/{n}':>9}{f'{pb}/{n}':>9}{da:>8}{db:>8}"
+            f"{t['mcnemar_p']:>11.2g}" + wil)
+
+
+def versus_tests(runs, others=('full', 'randpos')):
+    """{method: {L: compare_paired}}: PoSE vs each other fine-tune that every seed has, pooled
+    over the seeds, at each length past L_c."""
+    return {b: paired_tests(runs, 'pose', b)['pooled'] for b in others
+            if all('pose' in r and b in r for r in runs.values())}
+
+
+def versus_lines(vs, several):
+    """The paired tests of PoSE vs Full-length and RandPos (versus_tests), pooled over the seeds
+    when there are several."""
+    rows = [(LABELS[b], L, t) for b, tests in vs.items() for L, t in tests.items()]
+    if not rows:
+        return []
+    return ['PoSE vs the other fine-tunes on the same trials past L_c'
+            + (', pooled over the seeds' if several else '') + ' (columns as above;',
+            'd = PoSE - other):',
+            f"{'other':<12}{'L':>5}{'PoSE':>9}{'other':>9}{'P only':>8}{'O only':>8}"
+            f"{'McNemar p':>11}{'mean d':>9}{'Wilcoxon p':>12}{'n':>5}"] \
+        + [test_line(name, L, t, 12) for name, L, t in rows] + ['']
 
 
 def header_lines(runs, meta):
@@ -606,6 +631,7 @@ def report_lines(runs, labels, meta=None):
              f"trials; lower is better){over}:")
     lines += mean_section(runs, labels, title, 'nll', '.2f')
     lines += paired_lines(tests, seed_list)
+    lines += versus_lines(versus_tests(runs), len(runs) > 1)
     title = 'Training step time (train.py log, mean over the steps after the first):'
     lines += mean_section(runs, labels, title, 'step_ms', '.0f')
     per_seed = {s: claims(r, tests.get(s, {})) for s, r in runs.items()}
@@ -649,6 +675,8 @@ def results_json(runs, labels, meta, per_seed, tests):
             'pooled': pooled,
             'paired_pose_vs_contig': {str(s): {str(L): t for L, t in d.items()}
                                       for s, d in tests.items()},
+            'paired_pose_vs_pooled': {b: {str(L): t for L, t in d.items()}
+                                      for b, d in versus_tests(runs).items()},
             'claims': {str(s): c for s, c in per_seed.items()},
             'claim_pooled_pose_above_contig': above(tests['pooled'])}
 

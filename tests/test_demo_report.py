@@ -174,6 +174,16 @@ def test_report_counts_intervals_paired_tests_and_claims(tmp_path, monkeypatch, 
         assert pooled['discordant'] == [9, 1] and math.isclose(pooled['mcnemar_p'], P_MCNEMAR_9_1)
         assert pooled['wilcoxon_n'] == 12  # the 8 zero differences dropped
     assert '128' not in paired['1']  # L_c itself is not past L_c
+    # PoSE vs Full-length (every trial passes, key log-lik. -1), pooled: passes 12 vs 20, so 8
+    # discordant pairs all Full-length's; d = 0 except seed 1's trial 9 (-4), seed 2's trial 5 (-6)
+    # and trials 6-9 (-2 each): 6 nonzero, sum -18
+    full = res['paired_pose_vs_pooled']['full']
+    for L in map(str, PAST):
+        assert full[L]['passed'] == [12, 20] and full[L]['discordant'] == [0, 8]
+        assert math.isclose(full[L]['mcnemar_p'], 2 / 2 ** 8)  # B(8, 1/2): P(X <= 0), doubled
+        assert full[L]['wilcoxon_n'] == 6 and math.isclose(full[L]['mean_dlogp'], -18 / 20)
+    row = next(line for line in lines if line.startswith('Full-length') and ' 512 ' in line)
+    assert row.split()[1:6] == ['512', '12/20', '20/20', '0', '8']
     assert res['claim_pooled_pose_above_contig'] is True
     assert os.path.isfile(tmp_path / 'results.txt')
 
