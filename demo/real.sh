@@ -240,8 +240,8 @@ jobs_in_order() {
     done
   done
   for r in pose16k-s$first contig16k-s$first yarn2 linear2; do echo "ppl $r prose"; done
-  for r in original yarn4 yarn2 linear2 pose32k-s$first contig32k-s$first pose16k-s$first \
-      contig16k-s$first; do
+  for r in original yarn4 yarn2 linear2 pose32k-s$first contig32k-s$first lorapose32k-s$first \
+      pose16k-s$first contig16k-s$first; do
     echo "ppl $r stdlib"
   done
 }
