@@ -612,7 +612,7 @@ num_values = 4  # multivalue: values of the one key, all asked
 num_queries = 2  # multiquery: needles asked at once (the first num_queries of the num_needles)
 out = ''  # JSON results path ('' = out/<task>-<model>[-<rope override>].json)
 overwrite = False  # replace an existing `out` (else: refuse before evaluating)
-# keep the trials of an existing `out` made with the same settings but fewer num_trials, run the rest
+# keep the trials of an existing `out` with the same settings but fewer num_trials; run the rest
 extend = False
 plot = ''  # heatmap PNG path ('' = none)
 CONFIG_TYPES = {'rope_scaling': dict, 'max_position_embeddings': int, 'tokenizer': str,

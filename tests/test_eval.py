@@ -33,7 +33,7 @@ TASK = ("There is an important info hidden inside a lot of irrelevant text. Find
         "them. I will quiz you about the important information there.")
 ENGLISH = """It was a bright cold day in April, and the clocks were striking thirteen.
 The quick brown fox jumps over the lazy dog while the farmer sleeps under the old oak tree.
-Call me Ishmael. Some years ago, never mind how long precisely, I thought I would sail about a little.
+Call me Ishmael. Some years ago, never mind how long precisely, I thought I would sail about.
 In a hole in the ground there lived a hobbit, not a nasty dirty wet hole filled with worms.
 What is the pass key? The pass key is a number that you must remember until the end of the text.
 Remember it well, because I will ask you about it, and you will answer with the number only.
