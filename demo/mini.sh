@@ -30,7 +30,9 @@
 #   PY=python       the interpreter
 #   SEEDS="1 2 3"   the extension seeds (default "1")
 #   BASE=dir        extend this pretrained Original (an HF dir, e.g. a committed demo/base/; a
-#                   model.safetensors.sha256 beside its weights is checked); BASE="a b": candidates
+#                   model.safetensors.sha256 beside its weights is checked); BASE="a b": candidates;
+#                   dir:S records its pretraining seed S in the report (e.g. out-demo/pretrain-3/
+#                   original/hf:3)
 #   BASE_SEED=3     without BASE: pretrain with this seed; BASE_SEED="1 2 3": candidates
 #   TRIALS=30       passkey trials per length;  JOBS=N: jobs at a time
 #   QUICK=1         5 training steps per run, 4 passkey trials: a smoke test of the pipeline
@@ -77,7 +79,9 @@ if [ ! -f $D/short/meta.json ]; then
   step "1/5 data: stdlib split + tokenizer sample"
   $PY demo/mini_report.py --stage=sources --src_dir=$D/src
   if [ -n "$BASE" ]; then  # a given base brings its tokenizer: the data must be tokenized with it
-    mkdir -p $D/tok && cp "${BASE%% *}/tokenizer.model" $D/tok/tokenizer.model
+    first=${BASE%% *}
+    [[ $first =~ ^(.*):[0-9]+$ ]] && first=${BASH_REMATCH[1]}
+    mkdir -p $D/tok && cp "$first/tokenizer.model" $D/tok/tokenizer.model
   else
     $PY prepare_data.py --input=$D/src/tok.jsonl --train_tokenizer=1024 --out_dir=$D/tok
   fi
@@ -179,7 +183,11 @@ pool() {
 # the candidates: "model-dir pretraining-seed" (-1: not known)
 cands=()
 if [ -n "$BASE" ]; then
-  for b in $BASE; do cands+=("$b -1"); done
+  for b in $BASE; do
+    seed=-1  # not known, unless given as dir:S
+    if [[ $b =~ :([0-9]+)$ ]]; then seed=${BASH_REMATCH[1]}; b=${b%:*}; fi
+    cands+=("$b $seed")
+  done
 else
   step "2/5 base: pretrain the Original, seed(s) $BASE_SEED, $JOBS jobs at a time, one thread each"
   for b in $BASE_SEED; do echo "pretrain $b"; done | pool $O
