@@ -551,10 +551,10 @@ def paired_lines(tests, seed_list):
              '(d = PoSE - Contiguous, nats):',
              f"{'seed':<8}{'L':>5}{'PoSE':>9}{'Contig':>9}{'P only':>8}{'C only':>8}"
              f"{'McNemar p':>11}{'mean d':>9}{'Wilcoxon p':>12}{'n':>5}"]
-    return lines + [test_line(s, L, t, 8) for s, L, t in rows] + ['']
+    return lines + [paired_row(s, L, t, 8) for s, L, t in rows] + ['']
 
 
-def test_line(name, L, t, width):
+def paired_row(name, L, t, width):
     """One paired test's row: name, L, both arms' passes, the discordant pairs, McNemar p, then
     the mean key log-likelihood difference, Wilcoxon p and its n (- without log-likelihoods)."""
     (pa, pb), (da, db), n = t['passed'], t['discordant'], t['n']
@@ -583,7 +583,7 @@ def versus_lines(vs, several):
             'd = PoSE - other):',
             f"{'other':<12}{'L':>5}{'PoSE':>9}{'other':>9}{'P only':>8}{'O only':>8}"
             f"{'McNemar p':>11}{'mean d':>9}{'Wilcoxon p':>12}{'n':>5}"] \
-        + [test_line(name, L, t, 12) for name, L, t in rows] + ['']
+        + [paired_row(name, L, t, 12) for name, L, t in rows] + ['']
 
 
 def header_lines(runs, meta):

@@ -702,6 +702,24 @@ def test_eval_result_name_is_claimed_for_the_run(run, tmp_path):
     assert files(tmp_path) == ['data', 'ppl.json']
 
 
+def test_eval_settings_are_refused_before_the_result_name_is_claimed(run, tmp_path):
+    """While this process holds --out's claim, a run with a bad setting is refused for the
+    setting (not for the lock), and a good one for the lock."""
+    res = str(tmp_path / 'r.json')
+    errors.claim(res)
+    try:
+        ppl = ('eval_ppl.py', f"--model={run['hf']}", f"--data_dir={run['data']}", '--split=train',
+               '--device=cpu', f'--out={res}')
+        passkey = ('eval_passkey.py', f"--model={run['hf']}", '--lengths=[64]', '--num_trials=1',
+                   '--device=cpu', f'--out={res}')
+        refused_all([((*ppl, '--doc_tokens=16', '--lengths=[64]'), ['doc_tokens=16', 'L=64']),
+                     ((*passkey, '--depths=[2]'), ['depths=[2]']),
+                     ((*ppl, '--lengths=[64]'), [f"out='{res}'", 'another run is writing it'])])
+    finally:
+        errors.release(res)
+    assert files(tmp_path) == []
+
+
 def test_eval_refuses_or_says_what_would_mislabel_a_result(run, tmp_path):
     res = str(tmp_path / 'r.json')
     common = ('eval_ppl.py', f"--model={run['hf']}", f"--data_dir={run['data']}", '--split=train',
