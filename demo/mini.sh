@@ -67,6 +67,12 @@ for m in $METHODS; do
   [[ $m =~ ^(full|pose|contig|randpos)$ ]] \
     || die "METHODS='$METHODS': '$m' is not one of full pose contig randpos"
 done
+# the base candidates: "model-dir pretraining-seed" (-1: not known); a given BASE's dir:S gives S
+cands=()
+for b in $BASE; do
+  if [[ $b =~ ^(.*):([0-9]+)$ ]]; then cands+=("${BASH_REMATCH[1]} ${BASH_REMATCH[2]}")
+  else cands+=("$b -1"); fi
+done
 TRAIN_ARGS=()
 if [ "${QUICK:-0}" = 1 ]; then
   TRAIN_ARGS=(--max_iters=5 --warmup_iters=1); TRIALS=4; O=out-demo-quick
@@ -79,9 +85,7 @@ if [ ! -f $D/short/meta.json ]; then
   step "1/5 data: stdlib split + tokenizer sample"
   $PY demo/mini_report.py --stage=sources --src_dir=$D/src
   if [ -n "$BASE" ]; then  # a given base brings its tokenizer: the data must be tokenized with it
-    first=${BASE%% *}
-    [[ $first =~ ^(.*):[0-9]+$ ]] && first=${BASH_REMATCH[1]}
-    mkdir -p $D/tok && cp "$first/tokenizer.model" $D/tok/tokenizer.model
+    mkdir -p $D/tok && cp "${cands[0]% *}/tokenizer.model" $D/tok/tokenizer.model
   else
     $PY prepare_data.py --input=$D/src/tok.jsonl --train_tokenizer=1024 --out_dir=$D/tok
   fi
@@ -180,15 +184,7 @@ pool() {
   wait
 }
 
-# the candidates: "model-dir pretraining-seed" (-1: not known)
-cands=()
-if [ -n "$BASE" ]; then
-  for b in $BASE; do
-    seed=-1  # not known, unless given as dir:S
-    if [[ $b =~ :([0-9]+)$ ]]; then seed=${BASH_REMATCH[1]}; b=${b%:*}; fi
-    cands+=("$b $seed")
-  done
-else
+if [ -z "$BASE" ]; then
   step "2/5 base: pretrain the Original, seed(s) $BASE_SEED, $JOBS jobs at a time, one thread each"
   for b in $BASE_SEED; do echo "pretrain $b"; done | pool $O
   for b in $BASE_SEED; do cands+=("$O/pretrain-$b/original/hf $b"); done

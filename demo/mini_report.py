@@ -548,10 +548,14 @@ def paired_lines(tests, seed_list):
         return []
     lines = ['PoSE vs Contiguous on the same trials past L_c: exact McNemar on the verdicts',
              '(passes, then the discordant pairs), Wilcoxon signed-rank on the key log-likelihoods',
-             '(d = PoSE - Contiguous, nats):',
-             f"{'seed':<8}{'L':>5}{'PoSE':>9}{'Contig':>9}{'P only':>8}{'C only':>8}"
-             f"{'McNemar p':>11}{'mean d':>9}{'Wilcoxon p':>12}{'n':>5}"]
+             '(d = PoSE - Contiguous, nats):', paired_header('seed', 8, 'Contig', 'C only')]
     return lines + [paired_row(s, L, t, 8) for s, L, t in rows] + ['']
+
+
+def paired_header(name, width, other, other_only):
+    """The column heads of paired_row's rows."""
+    return (f"{name:<{width}}{'L':>5}{'PoSE':>9}{other:>9}{'P only':>8}{other_only:>8}"
+            f"{'McNemar p':>11}{'mean d':>9}{'Wilcoxon p':>12}{'n':>5}")
 
 
 def paired_row(name, L, t, width):
@@ -580,9 +584,7 @@ def versus_lines(vs, several):
         return []
     return ['PoSE vs the other fine-tunes on the same trials past L_c'
             + (', pooled over the seeds' if several else '') + ' (columns as above;',
-            'd = PoSE - other):',
-            f"{'other':<12}{'L':>5}{'PoSE':>9}{'other':>9}{'P only':>8}{'O only':>8}"
-            f"{'McNemar p':>11}{'mean d':>9}{'Wilcoxon p':>12}{'n':>5}"] \
+            'd = PoSE - other):', paired_header('other', 12, 'other', 'O only')] \
         + [paired_row(name, L, t, 12) for name, L, t in rows] + ['']
 
 
@@ -618,10 +620,11 @@ def header_lines(runs, meta):
 
 
 def report_lines(runs, labels, meta=None):
-    """{seed: {method: row}} -> (the report's lines, {seed: claims}, paired tests): the tables, the
-    paired tests of PoSE vs Contiguous, then the claims per extension seed and pooled over them."""
+    """{seed: {method: row}} -> (the report's lines, {seed: claims}, paired tests of PoSE vs
+    Contiguous, pooled ones vs the other fine-tunes): the tables, the paired tests, then the claims
+    per extension seed and pooled over them."""
     seed_list = list(runs)
-    tests = paired_tests(runs)
+    tests, vs = paired_tests(runs), versus_tests(runs)
     over = ', mean (min-max) over the extension seeds' if len(runs) > 1 else ''
     lines = header_lines(runs, meta)
     title = f'Perplexity on held-out stdlib files (eval_ppl.py), window length L{over}:'
@@ -631,7 +634,7 @@ def report_lines(runs, labels, meta=None):
              f"trials; lower is better){over}:")
     lines += mean_section(runs, labels, title, 'nll', '.2f')
     lines += paired_lines(tests, seed_list)
-    lines += versus_lines(versus_tests(runs), len(runs) > 1)
+    lines += versus_lines(vs, len(runs) > 1)
     title = 'Training step time (train.py log, mean over the steps after the first):'
     lines += mean_section(runs, labels, title, 'step_ms', '.0f')
     per_seed = {s: claims(r, tests.get(s, {})) for s, r in runs.items()}
@@ -645,7 +648,7 @@ def report_lines(runs, labels, meta=None):
                       if c.startswith('PoSE above Contiguous'))
         claim.insert(at, f"  {mark(v):<{max(len(seed_list), 5)}} {name:<{nw}}  "
                      + ('unmeasured' if v is None else 'holds' if v else 'fails'))
-    return lines + claim, per_seed, tests
+    return lines + claim, per_seed, tests, vs
 
 
 def claim_lines(per_seed, seed_list):
@@ -657,7 +660,7 @@ def claim_lines(per_seed, seed_list):
     return lines
 
 
-def results_json(runs, labels, meta, per_seed, tests):
+def results_json(runs, labels, meta, per_seed, tests, vs):
     """What results.json holds: the base, each seed's cells (passkey with counts and Wilson
     intervals), the pooled counts, the paired tests and the claims."""
     def row(r):
@@ -676,7 +679,7 @@ def results_json(runs, labels, meta, per_seed, tests):
             'paired_pose_vs_contig': {str(s): {str(L): t for L, t in d.items()}
                                       for s, d in tests.items()},
             'paired_pose_vs_pooled': {b: {str(L): t for L, t in d.items()}
-                                      for b, d in versus_tests(runs).items()},
+                                      for b, d in vs.items()},
             'claims': {str(s): c for s, c in per_seed.items()},
             'claim_pooled_pose_above_contig': above(tests['pooled'])}
 
@@ -696,12 +699,12 @@ def stage_report():
     if not any(rows for r in runs.values() for rows in r.values()):
         raise UserError(f"out_dir={out_dir!r} holds no eval results of {labels} for seeds "
                         f"{seed_list} (passkey-*.json / ppl-*.json, here or in seed-S/)")
-    lines, per_seed, tests = report_lines(runs, labels, meta)
+    lines, per_seed, tests, vs = report_lines(runs, labels, meta)
     table = '\n'.join(lines)
     print(table)
     write_text_atomic(os.path.join(out_dir, 'results.txt'), table + '\n')
     write_json_atomic(os.path.join(out_dir, 'results.json'),
-                      results_json(runs, labels, meta, per_seed, tests))
+                      results_json(runs, labels, meta, per_seed, tests, vs))
     plot(runs, labels)
 
 
